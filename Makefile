@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv on first use
+# and reuse it afterwards (the stamp file is refreshed only when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sdrt-installed
+DEMO_DIR ?= build/demo
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the CPU wheel; then the project with its export and test extras.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[export,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m sdrt.cli.demo $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build
