@@ -1,0 +1,187 @@
+"""One export descriptor per component: I/O names, dynamic axes, sample inputs, the module to trace.
+
+Names and dims follow optimum's ONNX layout (../shared/reference/ort_optimum.md §4) so that folders
+are interchangeable with `optimum-cli export onnx`. Differences, both deliberate: every text encoder also
+exports `hidden_states.0..L` (SD 2.x clip-skip and SDXL's penultimate layer need them), and the UNet's
+`timestep` stays float32 in fp16 exports (diffusers computes the timestep embedding in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+SEQUENCE_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One trace/gate shape: batch and latent height/width."""
+
+    batch: int
+    latent_height: int
+    latent_width: int
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict
+    make_module: Callable[[object], torch.nn.Module]  # pipeline → module whose forward takes the inputs
+    make_inputs: Callable[[object, Shape, torch.dtype], tuple]  # pipeline, shape, dtype → sample inputs
+    float_inputs_fp32: tuple[str, ...] = ()  # float inputs kept fp32 in an fp16 export
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):  # [B, 77] int64
+        out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return (out.last_hidden_state, pooled, *out.hidden_states)
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, unet, with_added_cond: bool):
+        super().__init__()
+        self.unet = unet
+        self.with_added_cond = with_added_cond
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.with_added_cond else None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):  # [B, 4, h, w] → [B, 3, h·f, w·f]; latents already / scaling_factor
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class _VaeEncoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):  # [B, 3, H, W] → [B, 8, H/f, W/f]: mean ‖ logvar, not sampled
+        return self.vae.quant_conv(self.vae.encoder(sample))
+
+
+def vae_scale_factor(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def _text_spec(name: str) -> ComponentSpec:
+    def make_module(pipe):
+        encoder = getattr(pipe, name)
+        encoder.set_attn_implementation("eager")  # the SDPA path traces fp32 casts into fp16 graphs
+        return _TextEncoder(encoder)
+
+    def make_inputs(pipe, shape: Shape, dtype):
+        vocab = getattr(pipe, name).config.vocab_size
+        g = torch.Generator().manual_seed(shape.batch)
+        return (torch.randint(0, vocab, (shape.batch, SEQUENCE_LENGTH), generator=g),)
+
+    return ComponentSpec(name, ("input_ids",), (), {}, make_module, make_inputs)
+
+
+def text_output_names(pipe, name: str) -> tuple[str, ...]:
+    layers = getattr(pipe, name).config.num_hidden_layers
+    pooled = "text_embeds" if name == "text_encoder_2" else "pooler_output"
+    return ("last_hidden_state", pooled) + tuple(f"hidden_states.{i}" for i in range(layers + 1))
+
+
+def _unet_spec(with_added_cond: bool) -> ComponentSpec:
+    inputs = ("sample", "timestep", "encoder_hidden_states") + (("text_embeds", "time_ids") if with_added_cond else ())
+
+    def make_module(pipe):
+        return _UNet(pipe.unet, with_added_cond)
+
+    def make_inputs(pipe, shape: Shape, dtype):
+        cfg = pipe.unet.config
+        g = torch.Generator().manual_seed(shape.batch * 1000 + shape.latent_height)
+        b, h, w = shape.batch, shape.latent_height, shape.latent_width
+        args = [
+            torch.randn(b, cfg.in_channels, h, w, generator=g).to(dtype),
+            torch.tensor(float(torch.randint(0, 1000, (1,), generator=g))),  # rank-0 float32
+            torch.randn(b, SEQUENCE_LENGTH, cfg.cross_attention_dim, generator=g).to(dtype),
+        ]
+        if with_added_cond:
+            text_dim = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim * _time_ids(pipe)
+            pixel = float(h * vae_scale_factor(pipe))
+            ids = [pixel, pixel, 0.0, 0.0] + ([6.0] if _time_ids(pipe) == 5 else [pixel, pixel])
+            args += [torch.randn(b, text_dim, generator=g).to(dtype), torch.tensor([ids] * b).to(dtype)]
+        return tuple(args)
+
+    axes = {
+        "sample": {0: "batch_size", 2: "height", 3: "width"},
+        "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+        "out_sample": {0: "batch_size", 2: "height", 3: "width"},
+    }
+    if with_added_cond:
+        axes |= {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}}
+    return ComponentSpec("unet", inputs, ("out_sample",), axes, make_module, make_inputs, ("timestep",))
+
+
+def _time_ids(pipe) -> int:
+    """SDXL base conditions on 6 time ids, the refiner on 5 (aesthetic score instead of target size)."""
+    return 5 if pipe.config.get("requires_aesthetics_score", False) else 6
+
+
+def _vae_decoder_spec() -> ComponentSpec:
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        channels = pipe.vae.config.latent_channels
+        return (torch.randn(shape.batch, channels, shape.latent_height, shape.latent_width, generator=g).to(dtype),)
+
+    axes = {
+        "latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+        "sample": {0: "batch_size", 2: "height", 3: "width"},
+    }
+    return ComponentSpec("vae_decoder", ("latent_sample",), ("sample",), axes, lambda p: _VaeDecoder(p.vae), make_inputs)
+
+
+def _vae_encoder_spec() -> ComponentSpec:
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        f = vae_scale_factor(pipe)
+        h, w = shape.latent_height * f, shape.latent_width * f
+        return ((torch.rand(shape.batch, 3, h, w, generator=g) * 2 - 1).to(dtype),)
+
+    axes = {
+        "sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
+        "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+    }
+    return ComponentSpec("vae_encoder", ("sample",), ("latent_parameters",), axes, lambda p: _VaeEncoder(p.vae), make_inputs)
+
+
+def component_specs(pipe) -> dict[str, ComponentSpec]:
+    """The components this pipeline has, in export order."""
+    specs = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            base = _text_spec(name)
+            outputs = text_output_names(pipe, name)
+            axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
+            axes |= {o: {0: "batch_size"} | ({1: "sequence_length"} if o != outputs[1] else {}) for o in outputs}
+            specs[name] = ComponentSpec(name, base.input_names, outputs, axes, base.make_module, base.make_inputs)
+    specs["unet"] = _unet_spec(with_added_cond=pipe.unet.config.addition_embed_type == "text_time")
+    specs["vae_decoder"] = _vae_decoder_spec()
+    specs["vae_encoder"] = _vae_encoder_spec()
+    return specs
+
+
+def gate_shapes(pipe) -> tuple[Shape, Shape]:
+    """Two shapes for the parity gate: batch 1 square and batch 2 non-square, small enough for a CPU."""
+    m = 2 ** (len(pipe.unet.config.block_out_channels) - 1)  # latent multiple the UNet's down/up path needs
+    return Shape(1, 2 * m, 2 * m), Shape(2, 3 * m, 2 * m)

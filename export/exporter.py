@@ -1,0 +1,291 @@
+"""`sdrt export`: a diffusers pipeline → an optimum-compatible ONNX engine directory with a manifest.
+
+The directory appears whole or not at all: everything is written into a hidden sibling and renamed into
+place at the end. A re-run reuses components whose export key and file hashes still match.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.family import detect
+from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+
+from . import gate
+from .components import COMPONENT_NAMES, component_specs, gate_shapes, vae_scale_factor
+from .load import load_pipeline
+from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
+
+EXPORT_REVISION = "1"  # bump when the exported graphs change for the same source
+PRECISIONS = ("fp32", "fp16")
+VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows in fp16 and decodes black "
+                   "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
+
+
+class GateFailed(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str
+    output: Path
+    precision: str = "fp16"
+    components: tuple[str, ...] | None = None  # None: every component the pipeline has
+    vae: str | None = None
+    family: str | None = None  # for single files whose family cannot be inferred
+    single_file_config: str | None = None  # diffusers folder/hub id with the configs for a single file
+    force: bool = False
+
+
+Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "polygraphy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_output(cfg: ExportConfig, source_sha: str) -> dict | None:
+    """The existing manifest to resume from, or None; refuses an output that holds something else."""
+    out = cfg.output
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another -o/--output")
+    manifest = read_manifest(out) if (out / MANIFEST_NAME).exists() else None
+    if cfg.force:
+        return None
+    if manifest is None:
+        if any(out.iterdir()):
+            raise UserError(f"{out} holds files that are not an sdrt engine directory; choose an empty or new "
+                            "directory, or pass --force to replace it")
+        return None
+    if manifest["source"]["sha256"] != source_sha:
+        raise UserError(f"{out} holds an export of another model ({manifest['source']['location']}); pass --force "
+                        "to replace it or choose another directory")
+    return manifest
+
+
+def _clean_stale_temps(out: Path) -> None:
+    """Remove temporary siblings left by exports that were killed (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.sdrt-tmp-*"):
+        pid = int(tmp.name.rsplit("-", 1)[-1]) if tmp.name.rsplit("-", 1)[-1].isdigit() else 0
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, ValueError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def _write_pipeline_files(pipe, tmp: Path, names: list[str]) -> None:
+    """model_index.json, scheduler, tokenizers and a config.json per component, as optimum lays them out."""
+    (tmp / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2, default=str))
+    pipe.scheduler.save_pretrained(tmp / "scheduler")
+    for tok in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, tok, None) is not None:
+            getattr(pipe, tok).save_pretrained(tmp / tok)
+    for name in names:
+        folder = tmp / name
+        folder.mkdir(exist_ok=True)
+        module = pipe.vae if name.startswith("vae") else getattr(pipe, name)
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def _model_index(pipe) -> dict:
+    import diffusers
+
+    entries = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pipe.config.items() if not k.startswith("_")}
+    return {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__, **entries}
+
+
+def _component_key(source_sha: str, name: str, precision: str) -> str:
+    return hashlib.sha256(f"{source_sha}|{name}|{precision}|{OPSET}|{EXPORT_REVISION}".encode()).hexdigest()
+
+
+def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
+    entry = (old or {}).get("components", {}).get(name)
+    if not entry or entry.get("key") != key or not entry["gate"]["passed"]:
+        return None
+    for rel, digest in entry["sha256"].items():
+        path = out / name / rel
+        if not path.exists() or _sha256(path) != digest:
+            return None
+    return entry
+
+
+def _module_for(pipe, name):
+    return pipe.vae if name.startswith("vae") else getattr(pipe, name)
+
+
+def _export_one(pipe, spec, precision: str, tmp: Path, shapes) -> dict:
+    started = time.perf_counter()
+    module_owner = _module_for(pipe, spec.name)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    fp32_weights = tmp / f".{spec.name}.fp32.pt"
+    if dtype == torch.float16:  # keep the fp32 weights on disk for the gate's reference, not in memory
+        torch.save(module_owner.state_dict(), fp32_weights)
+        module_owner.half()
+    wrapper = spec.make_module(pipe).eval()
+    raw = tmp / f".{spec.name}.raw"
+    raw.mkdir()
+    torch_to_onnx(wrapper, spec.make_inputs(pipe, shapes[0], dtype), raw / "model.onnx",
+                  spec.input_names, spec.output_names, spec.dynamic_axes)
+    files, passes = run_passes(raw, tmp / spec.name)
+    shutil.rmtree(raw)
+    if dtype == torch.float16:
+        module_owner.load_state_dict(torch.load(fp32_weights, mmap=True, weights_only=True), assign=True)
+        fp32_weights.unlink()
+    gc.collect()
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(tmp / spec.name / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    reference = spec.make_module(pipe).eval()
+    cases = []
+    for shape in shapes:
+        figures = gate.run_case(session, reference, spec.make_inputs(pipe, shape, dtype),
+                                spec.input_names, spec.output_names)
+        cases.append({"shape": asdict(shape), "outputs": [asdict(f) for f in figures]})
+    del session
+    all_figures = [gate.OutputFigures(**o) for c in cases for o in c["outputs"]]
+    spec_io = io_specs(tmp / spec.name / "model.onnx")
+    return {
+        "files": files,
+        "precision": precision,
+        "opset": spec_io["opset"],
+        "inputs": spec_io["inputs"],
+        "outputs": spec_io["outputs"],
+        "sha256": {f: _sha256(tmp / spec.name / f) for f in files},
+        "gate": {"bound": gate.bound_text(precision), "passed": gate.passes(precision, all_figures), "cases": cases},
+        "passes": ["torch.onnx.export(do_constant_folding)"] + passes,
+        "export_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _worst(entry: dict) -> str:
+    outs = [o for c in entry["gate"]["cases"] for o in c["outputs"]]
+    if entry["precision"] == "fp32":
+        w = max(outs, key=lambda o: o["rel_error"])
+        return f"relative error {w['rel_error']:.3g} on '{w['name']}'"
+    w = min(outs, key=lambda o: o["psnr_db"])
+    return f"PSNR {w['psnr_db']:.1f} dB on '{w['name']}'"
+
+
+def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) -> dict:
+    """Export cfg.model into cfg.output and return the manifest."""
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {cfg.precision!r}; choose fp32 or fp16")
+    if cfg.components:
+        unknown = [c for c in cfg.components if c not in COMPONENT_NAMES]
+        if unknown:
+            raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENT_NAMES)}")
+    output = Path(cfg.output).expanduser().absolute()
+    cfg = ExportConfig(**{**asdict(cfg), "output": output})
+    _check_output_parent(output)
+    pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config)
+    info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
+    old = _check_output(cfg, source.sha256)
+    specs = component_specs(pipe)
+    names = [n for n in specs if cfg.components is None or n in cfg.components]
+    if not names:
+        raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
+    shapes = gate_shapes(pipe)
+    _clean_stale_temps(output)
+    tmp = output.parent / f".{output.name}.sdrt-tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _write_pipeline_files(pipe, tmp, names)
+        components = {}
+        for name in names:
+            precision = cfg.precision
+            kept = None
+            if name.startswith("vae") and precision == "fp16" and pipe.vae.config.get("force_upcast", False):
+                precision, kept = "fp32", VAE_FP32_REASON
+            key = _component_key(source.sha256, name, precision)
+            entry = _reusable(old, output, name, key)
+            if entry is not None:
+                for rel in entry["files"]:
+                    os.link(output / name / rel, tmp / name / rel)
+                components[name] = entry
+                progress(name, "skipped")
+                continue
+            progress(name, "start")
+            entry = _export_one(pipe, specs[name], precision, tmp, shapes)
+            entry |= {"key": key, "kept_fp32_reason": kept}
+            if not entry["gate"]["passed"]:
+                raise GateFailed(f"parity gate failed for {name} ({precision}): {_worst(entry)}, "
+                                 f"bound {entry['gate']['bound']}")
+            components[name] = entry
+            progress(name, "exported")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "sdrt_version": versions().get("sdrt", "0"),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": asdict(source),
+            "family": info.family.value,
+            "inpaint": info.inpaint,
+            "prediction_type": info.prediction_type,
+            "pipeline_class": info.pipeline_class,
+            "scheduler": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
+            "precision": cfg.precision,
+            "latent_multiple": 2 ** (len(pipe.unet.config.block_out_channels) - 1),
+            "vae_scale_factor": vae_scale_factor(pipe),
+            "components": components,
+            "trt": [],
+            "versions": versions(),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_output_parent(output: Path) -> None:
+    if not output.parent.exists():
+        raise UserError(f"cannot write {output}: the folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {output}: no write permission in {output.parent}")
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.parent / f".{output.name}.sdrt-old-{os.getpid()}"
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)

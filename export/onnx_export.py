@@ -1,0 +1,86 @@
+"""torch module → ONNX file, then the passes that leave a clean graph for TensorRT and ONNX Runtime.
+
+The TorchScript-based exporter (dynamo=False) is used: it handles diffusers' UNet with dynamic batch,
+height and width, as optimum does. Passes: constant folding (in the exporter, then polygraphy's folder,
+which evaluates constant subgraphs with ONNX Runtime) and ONNX shape inference. Graphs over 2 GB keep
+their weights in one external file, `model.onnx_data`, as optimum writes it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+OPSET = 17
+EXTERNAL_DATA_NAME = "model.onnx_data"
+_TWO_GB = 2**31 - 1
+
+
+def torch_to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
+    """Trace `module(*args)` into `path` (ONNX, opset OPSET)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings on shape-dependent Python branches
+        torch.onnx.export(
+            module, args, str(path), input_names=list(input_names), output_names=list(output_names),
+            dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
+
+
+def _byte_size(model: onnx.ModelProto) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def run_passes(raw_dir: Path, out_dir: Path) -> tuple[list[str], list[str]]:
+    """Load the exporter's output from raw_dir/model.onnx, fold constants, infer shapes, save into out_dir.
+
+    Returns the files written (relative to out_dir) and the passes applied.
+    """
+    model = onnx.load(str(raw_dir / "model.onnx"), load_external_data=True)
+    passes = []
+    if _byte_size(model) < _TWO_GB:
+        import onnxruntime
+        from polygraphy.backend.onnx import fold_constants
+        from polygraphy.logger import G_LOGGER
+
+        G_LOGGER.module_severity = G_LOGGER.ERROR
+        onnxruntime.set_default_logger_severity(3)
+        model = fold_constants(model, num_passes=2, fold_shapes=True, error_ok=False)
+        passes.append("polygraphy.fold_constants")
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        passes.append("onnx.infer_shapes")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(out_dir / "model.onnx"))
+        return ["model.onnx"], passes
+    # Over 2 GB: shape inference must go through files (onnx's in-memory API is limited to 2 GB protos).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        tmp = Path(scratch) / "model.onnx"
+        onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=EXTERNAL_DATA_NAME)
+        del model
+        onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp))
+        passes.append("onnx.infer_shapes_path")
+        for name in ("model.onnx", EXTERNAL_DATA_NAME):
+            os.replace(Path(scratch) / name, out_dir / name)
+    return ["model.onnx", EXTERNAL_DATA_NAME], passes
+
+
+def io_specs(path: Path) -> dict:
+    """Inputs and outputs of an ONNX file: name, element type and (symbolic) dims, read from the graph."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output), "opset": opset}

@@ -1,0 +1,127 @@
+"""Tiny diffusers pipelines of every family sdrt supports: the project's test and demo models.
+
+Each is made of the real diffusers/transformers classes, scaled down, with random weights from a seed,
+and a CLIP-format BPE tokenizer trained locally (tiny_tokenizer.py). `write_tiny_pipeline` saves a
+diffusers folder that `DiffusionPipeline.from_pretrained(folder)` loads. Images from these models are
+noise: the weights are random.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .tiny_tokenizer import EOS, write_clip_tokenizer
+
+FAMILIES = ("sd15", "sd21v", "sdxl", "sdxl-refiner", "sd15-inpaint", "sdxl-lightning")
+
+# Scheduler configs as the real models ship them (scaled_linear 0.00085→0.012, 1000 steps, offset 1).
+_BASE_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+}
+_TEXT_WIDTH = 32
+_PROJECTION = 32
+
+
+def _text_config(vocab_size: int, eos_id: int, hidden_act: str, layers: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=_TEXT_WIDTH, intermediate_size=37, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act,
+        projection_dim=_PROJECTION, bos_token_id=eos_id - 1, eos_token_id=eos_id, pad_token_id=1,
+    )
+
+
+def _text_encoders(root: Path, with_first: bool, sd2: bool = False):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = {}
+    if with_first:
+        vocab = write_clip_tokenizer(root / "tokenizer", pad_token=EOS)
+        act = "gelu" if sd2 else "quick_gelu"
+        parts["text_encoder"] = CLIPTextModel(_text_config(vocab, vocab - 1, act, 3 if sd2 else 4))
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    return parts, CLIPTextModelWithProjection, CLIPTokenizer
+
+
+def _unet(cross_dim: int, in_channels: int = 4, linear_proj: bool = False, text_time: int | None = None):
+    from diffusers import UNet2DConditionModel
+
+    kwargs = dict(
+        sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+        attention_head_dim=(2, 4), use_linear_projection=linear_proj, norm_num_groups=32,
+    )
+    if text_time is not None:  # SDXL: add_embedding over [text_embeds ‖ fourier(time_ids)]
+        kwargs.update(
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=_PROJECTION + 8 * text_time,
+            transformer_layers_per_block=(1, 2),
+        )
+    return UNet2DConditionModel(**kwargs)
+
+
+def _vae(scaling_factor: float, force_upcast: bool):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=32,
+        scaling_factor=scaling_factor, force_upcast=force_upcast,
+    )
+
+
+def build_tiny_pipeline(family: str, root: Path, seed: int = 0):
+    """Build the diffusers pipeline object of a tiny family; `root` holds its tokenizer files."""
+    import diffusers
+    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    if family in ("sd15", "sd15-inpaint", "sd21v"):
+        sd2 = family == "sd21v"
+        parts, _, _ = _text_encoders(root, with_first=True, sd2=sd2)
+        unet = _unet(_TEXT_WIDTH, in_channels=9 if family == "sd15-inpaint" else 4, linear_proj=sd2)
+        if sd2:
+            scheduler = DDIMScheduler(**_BASE_SCHEDULER, clip_sample=False, set_alpha_to_one=False,
+                                      prediction_type="v_prediction")
+        else:
+            scheduler = PNDMScheduler(**_BASE_SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False)
+        cls = diffusers.StableDiffusionInpaintPipeline if family == "sd15-inpaint" else diffusers.StableDiffusionPipeline
+        return cls(vae=_vae(0.18215, False), unet=unet, scheduler=scheduler, safety_checker=None,
+                   feature_extractor=None, requires_safety_checker=False, **parts)
+
+    refiner = family == "sdxl-refiner"
+    parts, with_proj, tokenizer_cls = _text_encoders(root, with_first=not refiner)
+    vocab = write_clip_tokenizer(root / "tokenizer_2", pad_token="!")
+    parts["text_encoder_2"] = with_proj(_text_config(vocab, vocab - 1, "gelu", 4))
+    parts["tokenizer_2"] = tokenizer_cls.from_pretrained(root / "tokenizer_2")
+    spacing = "trailing" if family == "sdxl-lightning" else "leading"
+    scheduler = EulerDiscreteScheduler(**_BASE_SCHEDULER, timestep_spacing=spacing, prediction_type="epsilon")
+    cross = _TEXT_WIDTH if refiner else 2 * _TEXT_WIDTH
+    unet = _unet(cross, linear_proj=True, text_time=5 if refiner else 6)
+    vae = _vae(0.13025, force_upcast=True)
+    if refiner:
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, tokenizer=None,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, **parts)
+    return diffusers.StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=scheduler, **parts)
+
+
+def write_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
+    """Save a tiny pipeline as a diffusers folder (safetensors weights) and return the folder."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        pipe = build_tiny_pipeline(family, Path(scratch), seed)
+        pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,60 @@
+"""Which Stable Diffusion family a pipeline folder holds, read from its configs (no diffusers import).
+
+Used by the exporter (on the pipeline's config dicts) and by the runtime (on folders exported by
+optimum, which carry no manifest). Rules follow ../shared/reference/ort_optimum.md §4 (checklist).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import UserError
+
+
+class Family(str, Enum):
+    SD15 = "sd15"
+    SD21 = "sd21"
+    SDXL = "sdxl"
+    SDXL_REFINER = "sdxl-refiner"
+
+
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+)
+SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner and their inpainting variants"
+
+
+class UnsupportedModel(UserError):
+    """The folder or checkpoint is not a pipeline sdrt can export or run."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: Family
+    inpaint: bool  # a 9-channel UNet (latents ‖ mask ‖ masked-image latents)
+    prediction_type: str  # epsilon | v_prediction | sample
+    pipeline_class: str
+
+
+def detect(model_index: dict, unet_config: dict, scheduler_config: dict) -> ModelInfo:
+    """Family from model_index.json, unet/config.json and scheduler/scheduler_config.json."""
+    cls = model_index.get("_class_name", "")
+    if cls not in SUPPORTED_PIPELINES:
+        raise UnsupportedModel(f"pipeline class {cls or '(none)'} is not supported; sdrt supports {SUPPORTED_TEXT}")
+    if unet_config.get("addition_embed_type") == "text_time":
+        text_encoder = model_index.get("text_encoder")
+        has_first_encoder = bool(text_encoder) and text_encoder[0] is not None
+        refiner = model_index.get("requires_aesthetics_score", False) or not has_first_encoder
+        family = Family.SDXL_REFINER if refiner else Family.SDXL
+    elif unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
+        family = Family.SD21  # SD 2.x: OpenCLIP-H context (1024) and linear projections in the transformers
+    else:
+        family = Family.SD15
+    return ModelInfo(
+        family=family,
+        inpaint=unet_config.get("in_channels", 4) == 9,
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        pipeline_class=cls,
+    )
