@@ -107,11 +107,20 @@ def _clean_stale_temps(out: Path) -> None:
 
 
 def _write_pipeline_files(pipe, tmp: Path, names: list[str]) -> None:
-    """model_index.json, scheduler, tokenizers and a config.json per component, as optimum lays them out."""
+    """model_index.json, scheduler, tokenizers and a config.json per component, as optimum lays them out.
+
+    Tokenizer folders are copied from the source when it is a folder (transformers 5 would save only
+    tokenizer.json; the source's vocab.json/merges.txt are what other tools read).
+    """
+    source_dir = Path(str(pipe.config.get("_name_or_path", "") or pipe.name_or_path or ""))
     (tmp / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2, default=str))
     pipe.scheduler.save_pretrained(tmp / "scheduler")
     for tok in ("tokenizer", "tokenizer_2"):
-        if getattr(pipe, tok, None) is not None:
+        if getattr(pipe, tok, None) is None:
+            continue
+        if source_dir.is_dir() and (source_dir / tok).is_dir():
+            shutil.copytree(source_dir / tok, tmp / tok)
+        else:
             getattr(pipe, tok).save_pretrained(tmp / tok)
     for name in names:
         folder = tmp / name
@@ -224,7 +233,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     shapes = gate_shapes(pipe)
     _clean_stale_temps(output)
     tmp = output.parent / f".{output.name}.sdrt-tmp-{os.getpid()}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write into {output.parent}: {e.strerror}") from None
     try:
         _write_pipeline_files(pipe, tmp, names)
         components = {}

@@ -124,4 +124,7 @@ def write_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         pipe = build_tiny_pipeline(family, Path(scratch), seed)
         pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):  # transformers 5 saves tokenizer.json only; add CLIP's own files
+        if (folder / name).is_dir():
+            write_clip_tokenizer(folder / name, pad_token="!" if name == "tokenizer_2" else EOS)
     return folder

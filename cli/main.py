@@ -1,0 +1,121 @@
+"""The `sdrt` command line: thin; turns options into config dataclasses and calls the library."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sdrt.runtime.errors import UserError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Stable Diffusion inference runtime: export to ONNX/TensorRT, generate, benchmark.")
+console = Console(stderr=True)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds through the exporter's cleanup like Ctrl-C
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="hub id, local diffusers folder, or .safetensors/.ckpt file"),
+    output: Path = typer.Option(None, "-o", "--output", help="engine directory to write [default: ./<model name>-<precision>]"),
+    precision: str = typer.Option("fp16", help="fp16 (baked into the ONNX, as TensorRT's strongly typed networks need) or fp32"),
+    components: Optional[str] = typer.Option(None, help="comma-separated subset: text_encoder,text_encoder_2,unet,vae_decoder,vae_encoder"),
+    vae: Optional[str] = typer.Option(None, help="another VAE (folder, hub id or single file), e.g. the SDXL fp16-fix VAE"),
+    family: Optional[str] = typer.Option(None, help="family of a single-file checkpoint when it cannot be inferred"),
+    config: Optional[str] = typer.Option(None, help="diffusers folder or hub id holding the configs for a single file"),
+    force: bool = typer.Option(False, help="redo every component and replace whatever the output holds"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary of the manifest on stdout"),
+) -> None:
+    """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from sdrt.export.exporter import ExportConfig, export as run_export
+
+    if output is None:
+        output = Path(f"{Path(model.rstrip('/')).stem}-{precision}")
+    cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
+                       components=tuple(c.strip() for c in components.split(",")) if components else None,
+                       single_file_config=config, force=force)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, status: str) -> None:
+            if status == "start":
+                tasks[name] = bar.add_task(f"{name}: exporting and checking parity", total=1)
+            elif status == "skipped":
+                bar.add_task(f"{name}: unchanged, skipped", total=1, completed=1)
+            else:
+                bar.update(tasks[name], completed=1, description=f"{name}: exported, parity gate passed")
+
+        manifest = run_export(cfg, progress)
+    summary = summarize(manifest, output)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(f"engine directory: [bold]{Path(output).absolute()}[/] ({manifest['family']}, {manifest['precision']})")
+
+
+def summarize(manifest: dict, engine_dir: Path) -> dict:
+    return {
+        "engine_dir": str(Path(engine_dir).absolute()),
+        "family": manifest["family"],
+        "inpaint": manifest["inpaint"],
+        "prediction_type": manifest["prediction_type"],
+        "precision": manifest["precision"],
+        "components": {
+            name: {
+                "precision": c["precision"],
+                "files": c["files"],
+                "gate_passed": c["gate"]["passed"],
+                "gate_bound": c["gate"]["bound"],
+                "worst_rel_error": max(o["rel_error"] for case in c["gate"]["cases"] for o in case["outputs"]),
+                "worst_psnr_db": min(o["psnr_db"] for case in c["gate"]["cases"] for o in case["outputs"]),
+                "kept_fp32_reason": c.get("kept_fp32_reason"),
+            }
+            for name, c in manifest["components"].items()
+        },
+    }
+
+
+@app.command()
+def info(engine_dir: Path = typer.Argument(..., help="an engine directory written by `sdrt export` or optimum-cli")) -> None:
+    """Print what an engine directory holds and which backends this machine can run it on."""
+    from rich.table import Table
+
+    from sdrt.cli.describe import describe
+
+    d = describe(engine_dir)
+    out = Console()
+    out.print(f"[bold]{d['engine_dir']}[/]  family {d['family']}{' (inpaint)' if d['inpaint'] else ''}, "
+              f"prediction {d['prediction_type']}, written by {d['writer']}")
+    table = Table("component", "precision", "files", "parity gate", "worst figure")
+    for name, c in d["components"].items():
+        table.add_row(name, c["precision"], ", ".join(c["files"]), c["gate"], c["figure"])
+    out.print(table)
+    out.print(f"TensorRT plans: {', '.join(d['plans']) if d['plans'] else 'none built'}")
+    out.print(f"backends on this machine: {', '.join(d['backends'])}")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; nothing was left on disk", highlight=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
