@@ -45,16 +45,17 @@ def export(
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as bar:
+                  transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def progress(name: str, status: str) -> None:
             if status == "start":
                 tasks[name] = bar.add_task(f"{name}: exporting and checking parity", total=1)
-            elif status == "skipped":
-                bar.add_task(f"{name}: unchanged, skipped", total=1, completed=1)
-            else:
-                bar.update(tasks[name], completed=1, description=f"{name}: exported, parity gate passed")
+                return
+            if name in tasks:
+                bar.remove_task(tasks.pop(name))
+            text = "unchanged, skipped" if status == "skipped" else "exported, parity gate passed"
+            bar.console.print(f"{name}: {text}", highlight=False)
 
         manifest = run_export(cfg, progress)
     summary = summarize(manifest, output)
@@ -103,6 +104,56 @@ def info(engine_dir: Path = typer.Argument(..., help="an engine directory writte
     out.print(table)
     out.print(f"TensorRT plans: {', '.join(d['plans']) if d['plans'] else 'none built'}")
     out.print(f"backends on this machine: {', '.join(d['backends'])}")
+
+
+@app.command()
+def run(
+    engine_dir: Path = typer.Argument(..., help="engine directory written by `sdrt export` (or optimum-cli)"),
+    prompt: list[str] = typer.Argument(..., help="one or more prompts"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (used when guidance > 1)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps [default: 30, or the preset's]"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale; <= 1 turns it off [default: 7.5]"),
+    guidance_rescale: float = typer.Option(0.0, help="guidance rescale (0 = off)"),
+    sampler: Optional[str] = typer.Option(None, help="euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, lcm [default: the model's]"),
+    karras: bool = typer.Option(False, help="Karras sigmas"),
+    seed: int = typer.Option(0, help="seed of the CPU torch.Generator (same seed, same image as diffusers)"),
+    width: Optional[int] = typer.Option(None, help="image width in pixels"),
+    height: Optional[int] = typer.Option(None, help="image height in pixels"),
+    batch: int = typer.Option(1, help="images per prompt"),
+    init_image: Optional[Path] = typer.Option(None, help="image to start from (img2img, inpaint)"),
+    strength: Optional[float] = typer.Option(None, help="img2img strength in (0, 1]"),
+    mask: Optional[Path] = typer.Option(None, help="inpainting mask (white = repaint); needs --init-image"),
+    refiner: Optional[Path] = typer.Option(None, help="SDXL refiner engine directory to hand off to"),
+    refiner_start: float = typer.Option(0.8, help="fraction of denoising done by the base before the refiner"),
+    preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
+    out: Path = typer.Option(Path("sdrt.png"), "-o", "--out", help="PNG to write (index appended for several images)"),
+) -> None:
+    """Generate images from an engine directory."""
+    import logging
+
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sdrt.cli.generate import RunOptions, generate
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    options = RunOptions(engine_dir=engine_dir, prompts=tuple(prompt), negative_prompt=negative_prompt, steps=steps,
+                         guidance=guidance, guidance_rescale=guidance_rescale, sampler=sampler, karras=karras, seed=seed,
+                         width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
+                         refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_step(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        written = generate(options, on_step)
+    for path in written:
+        print(path)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 
 from . import gate
 from .components import COMPONENT_NAMES, component_specs, gate_shapes, vae_scale_factor
-from .load import load_pipeline
+from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
 
 EXPORT_REVISION = "1"  # bump when the exported graphs change for the same source
@@ -223,6 +223,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     output = Path(cfg.output).expanduser().absolute()
     cfg = ExportConfig(**{**asdict(cfg), "output": output})
     _check_output_parent(output)
+    early_hash = local_source_hash(cfg.model, cfg.vae)
+    if early_hash is not None:  # refuse a bad output before spending minutes loading a model
+        _check_output(cfg, early_hash)
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
     old = _check_output(cfg, source.sha256)

@@ -36,7 +36,10 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> OutputFigures:
     scale = max(float(np.abs(ref).max()), 1e-12)
     mse = float((err**2).mean())
     peak = max(float(ref.max() - ref.min()), 1e-12)
-    psnr = float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+    if not np.isfinite(mse):
+        psnr = float("-inf")
+    else:
+        psnr = float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
     return OutputFigures(name, float(err.max()), float(err.max()) / scale, min(psnr, 999.0))
 
 

@@ -116,10 +116,25 @@ def resolve_source(model: str, vae: str | None = None) -> tuple[str, Path | None
                     "file, or a hub id like stabilityai/sdxl-turbo)")
 
 
+def local_source_hash(model: str, vae: str | None = None) -> str | None:
+    """The source hash of a local folder or file, computed without loading it; None for hub ids."""
+    kind, path = resolve_source(model)
+    if kind == "folder":
+        return _folder_hash(path, vae)
+    if kind == "single_file":
+        return _source_hash([path], path.parent, vae)
+    return None
+
+
 def load_pipeline(model: str, *, vae: str | None = None, family: str | None = None, config: str | None = None):
     """Return (pipeline in fp32 on the CPU, Source). Raises UserError for anything a user can fix."""
     import diffusers
+    import transformers
 
+    diffusers.utils.logging.set_verbosity_error()  # the CLI reports failures itself, in one line
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     kind, path = resolve_source(model)
     try:
         if kind == "folder":
@@ -141,9 +156,12 @@ def load_pipeline(model: str, *, vae: str | None = None, family: str | None = No
     except UserError:
         raise
     except OSError as e:
-        where = "the Hugging Face hub" if kind != "folder" else str(path)
+        if kind == "hub":
+            raise UserError(f"cannot load {model}: it is not in the local Hugging Face cache and the hub cannot be "
+                            "reached (offline?); download it where the hub is reachable, or give a local diffusers "
+                            "folder or checkpoint file") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {model} from {where}: {first} (offline? give a local diffusers folder)") from None
+        raise UserError(f"cannot load {model}: {first}") from None
     if vae:
         pipe.vae = _load_vae(vae)
     return pipe, Source(kind, str(path or model), digest, vae)

@@ -1,0 +1,60 @@
+"""Full-size SD 1.5 / SDXL architectures from their published configs (bench/configs/*.json), random weights.
+
+Speed and memory do not depend on weight values, so benchmarks need no download. The tokenizer is the
+small locally trained CLIP tokenizer (ids stay below the real 49408-entry embedding table).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+ARCHITECTURES = ("sd15", "sdxl")
+
+
+def config(arch: str) -> dict:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return json.loads(files("sdrt.bench").joinpath("configs", f"{arch}.json").read_text())
+
+
+def build(arch: str, seed: int = 0):
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdrt.export.tiny_tokenizer import EOS, write_clip_tokenizer
+
+    cfg = config(arch)
+    torch.manual_seed(seed)
+    parts = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for enc, tok, cls in (("text_encoder", "tokenizer", CLIPTextModel),
+                              ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
+            if enc not in cfg:
+                continue
+            vocab = write_clip_tokenizer(Path(scratch) / tok, pad_token="!" if enc == "text_encoder_2" else EOS)
+            text_cfg = CLIPTextConfig(**{**cfg[enc], "bos_token_id": vocab - 2, "eos_token_id": vocab - 1})
+            parts[enc] = cls(text_cfg)
+            parts[tok] = CLIPTokenizer.from_pretrained(Path(scratch) / tok)
+    unet = diffusers.UNet2DConditionModel(**cfg["unet"])
+    vae = diffusers.AutoencoderKL(**cfg["vae"])
+    scheduler_cfg = dict(cfg["scheduler"])
+    scheduler = getattr(diffusers, scheduler_cfg.pop("_class_name"))(**scheduler_cfg)
+    pipeline_cls = getattr(diffusers, cfg["pipeline_class"])
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
+        if cfg["pipeline_class"] == "StableDiffusionPipeline" else {}
+    return pipeline_cls(unet=unet, vae=vae, scheduler=scheduler, **parts, **extra)
+
+
+def write(arch: str, folder: Path, seed: int = 0) -> Path:
+    from sdrt.export.tiny_tokenizer import EOS, write_clip_tokenizer
+
+    build(arch, seed).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        if (Path(folder) / name).is_dir():
+            write_clip_tokenizer(Path(folder) / name, pad_token="!" if name == "tokenizer_2" else EOS)
+    return Path(folder)

@@ -1,0 +1,84 @@
+"""Opening an engine directory (sdrt's or optimum's layout): configs, tokenizers and one engine per component."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .family import Family, ModelInfo, detect
+from .manifest import read_manifest
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the engine directory is incomplete (re-export it)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}); re-export the engine directory") from None
+
+
+def model_info(engine_dir: Path) -> ModelInfo:
+    engine_dir = Path(engine_dir)
+    return detect(_json(engine_dir / "model_index.json"), _json(engine_dir / "unet" / "config.json"),
+                  _json(engine_dir / "scheduler" / "scheduler_config.json"))
+
+
+@dataclass(frozen=True)
+class EngineDir:
+    """What the runtime needs to know about a directory before opening any engine."""
+
+    path: Path
+    info: ModelInfo
+    model_index: dict
+    scheduler_config: dict
+    unet_config: dict
+    vae_config: dict
+    manifest: dict | None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sizes must be multiples of this (the UNet's down/up-sampling path, traced at export)."""
+        return 2 ** (len(self.unet_config["block_out_channels"]) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet_config.get("sample_size", 64)) * self.vae_scale_factor
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        names = ["text_encoder", "text_encoder_2"] if self.info.family in (Family.SDXL, Family.SDXL_REFINER) \
+            else ["text_encoder"]
+        return [n for n in names if (self.path / n / "model.onnx").exists()]
+
+    def onnx_path(self, component: str) -> Path:
+        path = self.path / component / "model.onnx"
+        if not path.is_file():
+            raise UserError(f"{path} is missing; export this component (sdrt export --components {component})")
+        return path
+
+
+def open_dir(path: str | Path) -> EngineDir:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; give an engine directory written by `sdrt export`")
+    manifest = read_manifest(path)
+    if manifest is None and not (path / "model_index.json").exists():
+        raise UserError(f"{path} is not an engine directory (no manifest.json or model_index.json); "
+                        "create one with `sdrt export MODEL -o DIR`")
+    vae_config_path = path / "vae_decoder" / "config.json"
+    return EngineDir(
+        path=path,
+        info=model_info(path),
+        model_index=_json(path / "model_index.json"),
+        scheduler_config=_json(path / "scheduler" / "scheduler_config.json"),
+        unet_config=_json(path / "unet" / "config.json"),
+        vae_config=_json(vae_config_path),
+        manifest=manifest,
+    )

@@ -1,0 +1,28 @@
+"""Few-step presets, set the way the models' authors prescribe (reference/fewstep_perf.md §1.1-1.2).
+
+SDXL-Lightning (ByteDance model card): Euler, timestep_spacing "trailing", guidance 0, steps equal to the
+checkpoint's; the 1-step checkpoint predicts x0 (prediction_type "sample"). SDXL-Turbo: Euler ancestral,
+trailing, 1 step, guidance 0 (its Hub scheduler config; diffusers' sdxl_turbo doc).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    sampler: str
+    timestep_spacing: str
+    steps: int
+    guidance: float
+    prediction_type: str | None = None
+
+
+PRESETS = {
+    "lightning-1step": Preset("euler", "trailing", 1, 0.0, prediction_type="sample"),
+    "lightning-2step": Preset("euler", "trailing", 2, 0.0),
+    "lightning-4step": Preset("euler", "trailing", 4, 0.0),
+    "lightning-8step": Preset("euler", "trailing", 8, 0.0),
+    "turbo": Preset("euler_a", "trailing", 1, 0.0),
+}
