@@ -156,6 +156,46 @@ def run(
         print(path)
 
 
+@app.command()
+def build(
+    engine_dir: Path = typer.Argument(..., help="engine directory written by `sdrt export`"),
+    resolution: list[str] = typer.Option([], help="WIDTHxHEIGHT for a static profile (repeatable)"),
+    dynamic: Optional[str] = typer.Option(None, help="MIN-MAX pixel range for one dynamic profile, e.g. 512-1024"),
+    batch: str = typer.Option("1", help="images per call: N (static) or MIN-MAX"),
+    guidance: bool = typer.Option(True, help="build the UNet for classifier-free guidance (batch doubles); "
+                                            "--no-guidance for Lightning/Turbo presets"),
+    components: Optional[str] = typer.Option(None, help="comma-separated subset of components"),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimization level 0-5"),
+    refittable: bool = typer.Option(False, help="build refittable plans (for later weight swaps such as LoRA)"),
+    show_plan: bool = typer.Option(False, "--plan", help="print the plans a build would make, build nothing"),
+    compute_capability: Optional[str] = typer.Option(None, help="with --plan on a machine without a GPU: target, e.g. 9.0"),
+    trt_version: Optional[str] = typer.Option(None, help="with --plan without TensorRT: target version, e.g. 10.13.0"),
+) -> None:
+    """Build fp16 TensorRT plans per resolution profile for an engine directory."""
+    from sdrt.engines import trt_dir, trt_profiles
+    from sdrt.runtime.loader import open_dir
+
+    d = open_dir(engine_dir)
+    multiple = d.vae_scale_factor * d.latent_multiple
+    profiles = trt_profiles.profiles(resolution, dynamic, batch, guidance, multiple)
+    wanted = tuple(c.strip() for c in components.split(",")) if components else None
+    if show_plan:
+        cc = tuple(int(v) for v in compute_capability.split(".")) if compute_capability else None
+        planned = trt_dir.plan(engine_dir, profiles, wanted, cc, trt_version)
+        for p in planned:
+            print(f"{p.component:<15} {p.profile.name():<28} {'exists ' if p.exists else 'to build'} {p.file}")
+        return
+    from sdrt.engines.tensorrt import device_info
+    from sdrt.engines.trt_build import BuildOptions
+
+    cc, version = device_info()
+    planned = trt_dir.plan(engine_dir, profiles, wanted, cc, version)
+    options = BuildOptions(optimization_level=optimization_level, refittable=refittable,
+                           timing_cache=Path(engine_dir) / "trt" / f"timing_cache_sm{cc[0]}{cc[1]}_trt{version}.cache")
+    trt_dir.build(engine_dir, planned, options, cc, version,
+                  lambda p, status: console.print(f"{p.component} {p.profile.name()}: {status}", highlight=False))
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.family import detect
+from sdrt.runtime.family import Family, detect
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 
 from . import gate
@@ -128,6 +128,12 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str]) -> None:
         module = pipe.vae if name.startswith("vae") else getattr(pipe, name)
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def _vae_needs_fp32(pipe, info) -> bool:
+    """SDXL pipelines upcast a force_upcast VAE (its fp16 activations overflow); SD 1.x/2.x ones never do."""
+    sdxl = info.family in (Family.SDXL, Family.SDXL_REFINER)
+    return sdxl and bool(pipe.vae.config.get("force_upcast", False))
 
 
 def _model_index(pipe) -> dict:
@@ -246,7 +252,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         for name in names:
             precision = cfg.precision
             kept = None
-            if name.startswith("vae") and precision == "fp16" and pipe.vae.config.get("force_upcast", False):
+            if name.startswith("vae") and precision == "fp16" and _vae_needs_fp32(pipe, info):
                 precision, kept = "fp32", VAE_FP32_REASON
             key = _component_key(source.sha256, name, precision)
             entry = _reusable(old, output, name, key)

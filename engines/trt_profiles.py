@@ -1,0 +1,167 @@
+"""TensorRT shape profiles, plan keys and plan selection: pure logic, tested on the CPU.
+
+One plan per (component, profile). A static profile (min = opt = max) is the fastest and the only kind
+CUDA graphs can replay; a dynamic one covers a range with the optimum in the middle. The UNet's batch
+doubles under classifier-free guidance, so a profile records whether guidance will be used (Lightning and
+Turbo presets run without it and get batch-B UNets). Keys carry the GPU's compute capability and the
+TensorRT version: a plan is never loaded on another GPU or TensorRT (reference/tensorrt_demo.md §2.8, §5).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sdrt.runtime.errors import UserError
+
+TEXT_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def covers(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+    def text(self) -> str:
+        return str(self.min) if self.min == self.max else f"{self.min}-{self.max}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Image batch and pixel height/width ranges; `guidance` doubles the UNet's batch."""
+
+    batch: Range
+    height: Range
+    width: Range
+    guidance: bool
+
+    @property
+    def static(self) -> bool:
+        return all(r.min == r.max for r in (self.batch, self.height, self.width))
+
+    def name(self) -> str:
+        cfg = "cfg" if self.guidance else "nocfg"
+        return f"b{self.batch.text()}_h{self.height.text()}_w{self.width.text()}_{cfg}"
+
+    def covers(self, batch: int, height: int, width: int, guidance: bool) -> bool:
+        return (self.guidance == guidance and self.batch.covers(batch) and self.height.covers(height)
+                and self.width.covers(width))
+
+
+def parse_resolution(text: str, multiple: int) -> tuple[int, int]:
+    """'1024x768' → (height, width) = (768, 1024): WIDTHxHEIGHT, as image tools write sizes."""
+    m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", text)
+    if not m:
+        raise UserError(f"resolution {text!r} is not WIDTHxHEIGHT, e.g. 1024x1024")
+    width, height = int(m.group(1)), int(m.group(2))
+    for value in (width, height):
+        if value <= 0 or value % multiple:
+            raise UserError(f"resolution {text}: width and height must be positive multiples of {multiple}")
+    return height, width
+
+
+def parse_range(text: str, what: str, multiple: int = 1) -> Range:
+    """'512-1024' → Range(512, opt, 1024) with opt the midpoint rounded to `multiple`; '4' → static."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not m:
+        raise UserError(f"{what} {text!r} is not N or MIN-MAX")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if lo <= 0 or hi < lo:
+        raise UserError(f"{what} {text!r}: need 0 < MIN <= MAX")
+    if lo % multiple or hi % multiple:
+        raise UserError(f"{what} {text!r}: both ends must be multiples of {multiple}")
+    opt = (lo + hi) // 2 // multiple * multiple
+    return Range(lo, max(opt, lo), hi)
+
+
+def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: bool, multiple: int) -> list[Profile]:
+    """Profiles for `--resolution WxH ...` (static each) and/or `--dynamic MIN-MAX` (square range)."""
+    batch_range = parse_range(batch, "batch")
+    out = []
+    for text in resolutions:
+        h, w = parse_resolution(text, multiple)
+        out.append(Profile(batch_range, Range(h, h, h), Range(w, w, w), guidance))
+    if dynamic:
+        r = parse_range(dynamic, "dynamic size range", multiple)
+        out.append(Profile(batch_range, r, r, guidance))
+    if not out:
+        raise UserError("give at least one --resolution WxH or a --dynamic MIN-MAX range")
+    return out
+
+
+def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_factor: int) -> dict[str, tuple]:
+    """{input name: (min, opt, max) shapes} for one component's ONNX inputs under a profile.
+
+    `inputs` maps input names to their ONNX dims (ints or symbolic names), as in the manifest.
+    """
+    f = vae_scale_factor
+    per_image = 2 if (component == "unet" and profile.guidance) else 1
+    text_batch = 2 if profile.guidance else 1  # text encoders see cond and uncond prompts
+
+    def dims(batch: int, height: int, width: int) -> dict[str, int]:
+        b = batch * (per_image if component == "unet" else text_batch if component.startswith("text") else 1)
+        return {"batch_size": b, "sequence_length": TEXT_LENGTH, "height": height // f, "width": width // f,
+                "latent_height": height // f, "latent_width": width // f, "sample_height": height,
+                "sample_width": width}
+
+    picks = [dims(profile.batch.min, profile.height.min, profile.width.min),
+             dims(profile.batch.opt, profile.height.opt, profile.width.opt),
+             dims(profile.batch.max, profile.height.max, profile.width.max)]
+    shapes = {}
+    for name, onnx_dims in inputs.items():
+        if not onnx_dims:  # rank-0 (timestep)
+            shapes[name] = ((), (), ())
+            continue
+        shapes[name] = tuple(tuple(d if isinstance(d, int) else pick[d] for d in onnx_dims) for pick in picks)
+    return shapes
+
+
+def plan_file(component: str, profile: Profile, precision: str, compute_capability: tuple[int, int],
+              trt_version: str) -> str:
+    """trt/<component>__<profile>__<precision>__sm<cc>__trt<version>.plan"""
+    sm = f"{compute_capability[0]}{compute_capability[1]}"
+    return f"{component}__{profile.name()}__{precision}__sm{sm}__trt{trt_version}.plan"
+
+
+def select(plans: list[dict], component: str, batch: int, height: int, width: int, guidance: bool,
+           compute_capability: tuple[int, int], trt_version: str) -> dict:
+    """The best plan for a request: it must cover the shape and match this GPU and TensorRT.
+
+    Among those covering the request, a static plan wins, then the one whose optimum is nearest.
+    Raises UserError listing what the directory covers when nothing does.
+    """
+    mine = [p for p in plans if p["component"] == component]
+    if not mine:
+        raise UserError(f"no TensorRT plan for {component}; build one with `sdrt build ENGINE_DIR --resolution WxH`")
+    foreign = [p for p in mine if tuple(p["compute_capability"]) != tuple(compute_capability)
+               or p["trt_version"] != trt_version]
+    usable = [p for p in mine if p not in foreign]
+    covering = [p for p in usable if _profile(p).covers(batch, height, width, guidance)]
+    if not covering:
+        listed = "; ".join(f"{_profile(p).name()} (sm{''.join(map(str, p['compute_capability']))}, TensorRT "
+                           f"{p['trt_version']})" for p in mine)
+        why = "" if usable else (f" none was built for this GPU (sm{compute_capability[0]}{compute_capability[1]}) "
+                                 f"and TensorRT {trt_version}; rebuild with `sdrt build`.")
+        raise UserError(f"no {component} plan covers batch {batch}, {width}x{height}, "
+                        f"{'with' if guidance else 'without'} guidance;{why} the directory has: {listed}")
+
+    def distance(p: dict) -> tuple:
+        prof = _profile(p)
+        return (not prof.static, abs(prof.height.opt - height) + abs(prof.width.opt - width) + abs(prof.batch.opt - batch))
+
+    return min(covering, key=distance)
+
+
+def _profile(p: dict) -> Profile:
+    return Profile(Range(*p["batch"]), Range(*p["height"]), Range(*p["width"]), p["guidance"])
+
+
+def profile_record(profile: Profile) -> dict:
+    return {"batch": [profile.batch.min, profile.batch.opt, profile.batch.max],
+            "height": [profile.height.min, profile.height.opt, profile.height.max],
+            "width": [profile.width.min, profile.width.opt, profile.width.max],
+            "guidance": profile.guidance}

@@ -1,0 +1,135 @@
+"""TensorRT logic that runs without TensorRT: profiles, input shapes, plan keys, selection, `sdrt build --plan`.
+
+Nothing here builds or runs a plan; the GPU tests (test_gpu.py) do that where TensorRT is importable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import run_sdrt
+from sdrt.engines import trt_dir
+from sdrt.engines import trt_profiles as tp
+from sdrt.runtime.errors import UserError
+
+
+def test_resolution_and_range_parsing():
+    assert tp.parse_resolution("1216x832", 64) == (832, 1216)
+    assert tp.parse_range("512-1024", "size", 64) == tp.Range(512, 768, 1024)
+    assert tp.parse_range("4", "batch") == tp.Range(4, 4, 4)
+    with pytest.raises(UserError, match="multiples of 64"):
+        tp.parse_resolution("1000x1000", 64)
+    with pytest.raises(UserError, match="WIDTHxHEIGHT"):
+        tp.parse_resolution("big", 8)
+    with pytest.raises(UserError, match="MIN <= MAX"):
+        tp.parse_range("1024-512", "size", 64)
+    with pytest.raises(UserError, match="at least one"):
+        tp.profiles([], None, "1", True, 64)
+
+
+def test_profiles_static_and_dynamic():
+    static, dynamic = tp.profiles(["1024x1024"], "512-1024", "1-4", False, 64)
+    assert static.static is False  # batch 1-4 is a range
+    assert static.name() == "b1-4_h1024_w1024_nocfg"
+    assert dynamic.height == tp.Range(512, 768, 1024)
+    only = tp.profiles(["832x1216"], None, "1", True, 64)[0]
+    assert only.static and only.name() == "b1_h1216_w832_cfg"
+    assert only.covers(1, 1216, 832, True) and not only.covers(1, 1216, 832, False)
+
+
+def test_unet_batch_doubles_under_guidance_and_latents_scale():
+    inputs = {"sample": ["batch_size", 4, "height", "width"], "timestep": [],
+              "encoder_hidden_states": ["batch_size", "sequence_length", 2048],
+              "text_embeds": ["batch_size", 1280], "time_ids": ["batch_size", 6]}
+    profile = tp.profiles(["1024x768"], None, "1-2", True, 64)[0]
+    shapes = tp.input_shapes("unet", inputs, profile, 8)
+    assert shapes["sample"] == ((2, 4, 96, 128), (2, 4, 96, 128), (4, 4, 96, 128))
+    assert shapes["encoder_hidden_states"][2] == (4, 77, 2048)
+    assert shapes["timestep"] == ((), (), ())
+    no_cfg = tp.profiles(["1024x1024"], None, "1", False, 64)[0]
+    assert tp.input_shapes("unet", inputs, no_cfg, 8)["sample"][1] == (1, 4, 128, 128)
+    vae = tp.input_shapes("vae_decoder", {"latent_sample": ["batch_size", 4, "latent_height", "latent_width"]},
+                          profile, 8)
+    assert vae["latent_sample"][2] == (2, 4, 96, 128)  # the VAE decodes images, not the CFG batch
+    enc = tp.input_shapes("vae_encoder", {"sample": ["batch_size", 3, "sample_height", "sample_width"]}, profile, 8)
+    assert enc["sample"][0] == (1, 3, 768, 1024)
+    text = tp.input_shapes("text_encoder", {"input_ids": ["batch_size", "sequence_length"]}, profile, 8)
+    assert text["input_ids"] == ((2, 77), (2, 77), (4, 77))
+
+
+def _record(profile: tp.Profile, cc=(9, 0), version="10.13.0", component="unet") -> dict:
+    return {"component": component, **tp.profile_record(profile), "compute_capability": list(cc),
+            "trt_version": version, "file": tp.plan_file(component, profile, "fp16", cc, version)}
+
+
+def test_plan_keys_carry_component_profile_precision_gpu_and_version():
+    profile = tp.profiles(["1024x1024"], None, "1", False, 64)[0]
+    name = tp.plan_file("unet", profile, "fp16", (8, 9), "10.13.0")
+    assert name == "unet__b1_h1024_w1024_nocfg__fp16__sm89__trt10.13.0.plan"
+
+
+def test_selection_prefers_static_then_nearest_and_refuses_foreign_plans():
+    static = tp.profiles(["1024x1024"], None, "1", False, 64)[0]
+    dynamic = tp.profiles([], "512-1536", "1", False, 64)[0]
+    plans = [_record(dynamic), _record(static)]
+    assert tp.select(plans, "unet", 1, 1024, 1024, False, (9, 0), "10.13.0")["file"] == plans[1]["file"]
+    assert tp.select(plans, "unet", 1, 768, 768, False, (9, 0), "10.13.0")["file"] == plans[0]["file"]
+    with pytest.raises(UserError, match="covers batch 1, 2048x2048") as e:
+        tp.select(plans, "unet", 1, 2048, 2048, False, (9, 0), "10.13.0")
+    assert "b1_h512-1536_w512-1536_nocfg" in str(e.value)
+    with pytest.raises(UserError, match="without guidance|with guidance"):
+        tp.select(plans, "unet", 1, 1024, 1024, True, (9, 0), "10.13.0")
+    with pytest.raises(UserError, match="none was built for this GPU"):
+        tp.select(plans, "unet", 1, 1024, 1024, False, (8, 0), "10.13.0")
+    with pytest.raises(UserError, match="TensorRT 10.14"):
+        tp.select(plans, "unet", 1, 1024, 1024, False, (9, 0), "10.14.0")
+    with pytest.raises(UserError, match="no TensorRT plan for vae_decoder"):
+        tp.select(plans, "vae_decoder", 1, 1024, 1024, False, (9, 0), "10.13.0")
+
+
+def test_directory_plan_lists_every_component_and_what_exists(exported):
+    engine_dir = exported("sdxl-lightning", "fp16")
+    profiles = tp.profiles(["32x32", "48x32"], None, "1", False, 4)
+    planned = trt_dir.plan(engine_dir, profiles, None, (9, 0), "10.13.0")
+    assert [p.component for p in planned][::2] == ["text_encoder", "text_encoder_2", "unet", "vae_decoder",
+                                                    "vae_encoder"]
+    assert not any(p.exists for p in planned)
+    unet = next(p for p in planned if p.component == "unet")
+    assert unet.file == "trt/unet__b1_h32_w32_nocfg__fp16__sm90__trt10.13.0.plan"
+    assert unet.shapes["sample"][0] == (1, 4, 16, 16)
+    vae = next(p for p in planned if p.component == "vae_decoder")
+    assert "__fp32__" in vae.file  # the SDXL VAE was kept fp32 at export
+    (engine_dir / "trt").mkdir(exist_ok=True)
+    (engine_dir / unet.file).write_bytes(b"")
+    try:
+        again = trt_dir.plan(engine_dir, profiles, ("unet",), (9, 0), "10.13.0")
+        assert [p.exists for p in again] == [True, False]
+    finally:
+        (engine_dir / unet.file).unlink()
+    with pytest.raises(UserError, match="not in"):
+        trt_dir.plan(engine_dir, profiles, ("controlnet",), (9, 0), "10.13.0")
+
+
+def test_build_plan_command_works_without_tensorrt(exported):
+    engine_dir = exported("sdxl-lightning", "fp16")
+    result = run_sdrt("build", str(engine_dir), "--plan", "--resolution", "32x32", "--dynamic", "16-48",
+                      "--no-guidance", "--compute-capability", "8.9", "--trt-version", "10.13.0")
+    assert result.returncode == 0, result.stderr
+    assert "unet__b1_h32_w32_nocfg__fp16__sm89__trt10.13.0.plan" in result.stdout.replace("\n", "")
+
+
+def test_build_plan_rejects_bad_resolution(exported):
+    result = run_sdrt("build", str(exported("sdxl-lightning", "fp16")), "--plan", "--resolution", "30x30")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: resolution 30x30: width and height must be positive "
+                                                  "multiples of 4"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_build_without_tensorrt_says_how_to_install_it(exported):
+    result = run_sdrt("build", str(exported("sdxl-lightning", "fp16")), "--resolution", "32x32")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install tensorrt" in lines[0]
