@@ -8,7 +8,7 @@ seed gives diffusers' image (pipelines in diffusers/pipelines/stable_diffusion{,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -70,7 +70,7 @@ class _Prepared:
     guidance: Guidance
     extra_channels: torch.Tensor | None = None  # 9-channel inpaint: mask ‖ masked-image latents, [N(·2), 5, h, w]
     blend: tuple | None = None  # 4-channel inpaint: (mask [N,1,h,w], image latents, noise)
-    sigmas: list = field(default_factory=list)
+    generator: torch.Generator | None = None
 
 
 class Pipeline:
@@ -128,8 +128,12 @@ class Pipeline:
             raise UserError("give at least one prompt")
 
     def sampler_name(self, request: Request) -> str:
-        cls = self.dir.scheduler_config.get("_class_name", "")
-        return request.sampler or DEFAULT_SAMPLERS.get(cls, "euler")
+        if request.sampler:
+            return request.sampler
+        cfg = self.dir.scheduler_config
+        if cfg.get("algorithm_type") == "sde-dpmsolver++":
+            return "dpmpp_2m_sde"
+        return DEFAULT_SAMPLERS.get(cfg.get("_class_name", ""), "euler")
 
     def scheduler_config(self, request: Request):
         overrides = {}
@@ -162,14 +166,19 @@ class Pipeline:
             return prep.guidance.combine(feed.run(unet, **inputs)["out_sample"])
 
         denoise_fn = make_denoiser(model, prep.schedule, cfg.prediction_type)
-        generator = self._generator
-        run = samplers.SAMPLERS[prep.sampler](denoise_fn, prep.x, prep.schedule, generator)
-        for i, x in enumerate(run):
-            if prep.blend is not None:
+        run = samplers.SAMPLERS[prep.sampler](denoise_fn, prep.x, prep.schedule, prep.generator)
+        x = next(run, None)
+        for i in range(prep.steps_to_run):
+            if x is None:
+                return
+            if prep.blend is not None:  # the blended latent goes back into the sampler's state
                 x = self._blend(x, i, prep)
             yield x
-            if i + 1 >= prep.steps_to_run:
-                break
+            if i + 1 < prep.steps_to_run:
+                try:
+                    x = run.send(x)
+                except StopIteration:
+                    return
 
     def _blend(self, x: torch.Tensor, i: int, prep: _Prepared) -> torch.Tensor:
         """Ordinary (4-channel) UNets inpaint by re-imposing the noised original outside the mask each step."""
@@ -177,6 +186,12 @@ class Pipeline:
         next_sigma = float(prep.schedule.sigmas[i + 1]) if i + 1 < len(prep.schedule.sigmas) else 0.0
         proper = image_latents + noise * next_sigma
         return (1 - mask) * proper + mask * x
+
+    def steps_to_run(self, request: Request) -> int:
+        """How many latents `denoise(request)` yields (model evaluations after img2img/hand-off windows)."""
+        cfg = self.scheduler_config(request)
+        schedule = schedules.make_schedule(cfg, self.sampler_name(request), request.steps, request.karras)
+        return self._window(request, schedule)[1]
 
     def generate(self, request: Request) -> list[Image.Image]:
         latents = None
@@ -191,18 +206,18 @@ class Pipeline:
         return image_io.to_pil(out, fp16_vae=vae.inputs["latent_sample"].dtype == "float16")
 
     # ---- preparation --------------------------------------------------------------------------------
-    def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
+    def _encode_image(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """[1, 3, H, W] in [-1, 1] → scaled latents, sampled from the posterior with the request's generator."""
         params = feed.run(self.engines["vae_encoder"], sample=image)["latent_parameters"]
         mean, logvar = params.chunk(2, dim=1)  # diffusers DiagonalGaussianDistribution
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        sample = mean + std * torch.randn(mean.shape, generator=self._generator, dtype=mean.dtype)
+        sample = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return sample * float(self.dir.vae_config.get("scaling_factor", 0.18215))
 
     def _prepare(self, request: Request) -> _Prepared:
         family = self.dir.info.family
         height, width = self._size(request)
-        self._generator = torch.Generator().manual_seed(request.seed)
+        generator = torch.Generator().manual_seed(request.seed)
         guidance = Guidance(request.guidance, request.guidance_rescale)
         prompts = list(request.prompt)
         negative = list(request.negative_prompt) if request.negative_prompt is not None else None
@@ -222,43 +237,46 @@ class Pipeline:
         shape = (n, 4, height // f, width // f)
         start, steps_to_run = self._window(request, schedule)
         schedule = schedules.from_index(schedule, start)
+        common = dict(schedule=schedule, sampler=sampler, steps_to_run=steps_to_run, cond=cond, guidance=guidance,
+                      generator=generator)
 
         if request.init_latents is not None:  # refiner after a base: continue from the base's latents
             x = request.init_latents.float().repeat_interleave(n // request.init_latents.shape[0], dim=0)
-            return _Prepared(x, schedule, sampler, steps_to_run, cond, guidance)
+            return _Prepared(x, **common)
         if request.init_image is None:
-            noise = torch.randn(shape, generator=self._generator, dtype=torch.float32)
-            return _Prepared(samplers.initial_latents(noise, schedule), schedule, sampler, steps_to_run, cond, guidance)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            return _Prepared(samplers.initial_latents(noise, schedule), **common)
 
         image = image_io.to_tensor(request.init_image, width, height)
         sigma0 = float(schedule.sigmas[0])
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
-            image_latents = self._encode_image(image).repeat(n, 1, 1, 1)
-            noise = torch.randn(shape, generator=self._generator, dtype=torch.float32)
-            return _Prepared(image_latents + noise * sigma0, schedule, sampler, steps_to_run, cond, guidance)
-        return self._prepare_inpaint(request, image, shape, schedule, sampler, steps_to_run, cond, guidance)
+            image_latents = self._encode_image(image, generator).repeat(n, 1, 1, 1)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            return _Prepared(image_latents + noise * sigma0, **common)
+        return self._prepare_inpaint(request, image, shape, common)
 
-    def _prepare_inpaint(self, request, image, shape, schedule, sampler, steps_to_run, cond, guidance) -> _Prepared:
+    def _prepare_inpaint(self, request: Request, image: torch.Tensor, shape: tuple, common: dict) -> _Prepared:
         # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG)
         n, _, h, w = shape
+        schedule, guidance, generator = common["schedule"], common["guidance"], common["generator"]
         mask = image_io.mask_to_tensor(request.mask, image.shape[-1], image.shape[-2])
         masked_image = image * (mask < 0.5)
         strength = 1.0 if request.strength is None else request.strength
         nine_channel = self.dir.info.inpaint
         image_latents = None
         if not nine_channel or strength < 1.0:
-            image_latents = self._encode_image(image).repeat(n, 1, 1, 1)
-        noise = torch.randn(shape, generator=self._generator, dtype=torch.float32)
+            image_latents = self._encode_image(image, generator).repeat(n, 1, 1, 1)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         if strength >= 1.0:
             x = samplers.initial_latents(noise, schedule)
         else:
             x = image_latents + noise * float(schedule.sigmas[0])
         latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
-        masked_latents = self._encode_image(masked_image).repeat(n, 1, 1, 1)
+        masked_latents = self._encode_image(masked_image, generator).repeat(n, 1, 1, 1)
         if nine_channel:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
-            return _Prepared(x, schedule, sampler, steps_to_run, cond, guidance, extra_channels=extra)
-        return _Prepared(x, schedule, sampler, steps_to_run, cond, guidance, blend=(latent_mask, image_latents, noise))
+            return _Prepared(x, **common, extra_channels=extra)
+        return _Prepared(x, **common, blend=(latent_mask, image_latents, noise))
 
     def _window(self, request: Request, schedule) -> tuple[int, int]:
         """(first schedule index, number of steps to run) for img2img strength and base/refiner hand-off."""
