@@ -196,6 +196,15 @@ def build(
                   lambda p, status: console.print(f"{p.component} {p.profile.name()}: {status}", highlight=False))
 
 
+def _register_bench() -> None:
+    from sdrt.cli.bench_cmd import bench  # options only; the harness is imported when the command runs
+
+    app.command(name="bench")(bench)
+
+
+_register_bench()
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

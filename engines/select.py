@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sdrt.runtime.errors import UserError
 
 BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu", "torch")
@@ -21,15 +23,36 @@ def resolve_backend(requested: str, available: list[str]) -> str:
     return requested
 
 
-def open_engine(onnx_path: Path, backend: str = "auto", ort_config=None):
+_TRT_SHARED = None
+
+
+def open_engine(onnx_path: Path, backend: str = "auto", ort_config=None, cuda_graph: bool = False):
     from .ort import OrtConfig, OrtEngine, available_backends
 
-    # TensorRT plans are selected per shape by the TensorRT backend; until a directory holds plans,
-    # `auto` runs the ONNX graphs with ONNX Runtime.
-    available = [b for b in available_backends() if b != "tensorrt"] if backend == "auto" else available_backends()
+    # `auto` takes TensorRT only for a directory that holds plans for this component.
+    available = available_backends()
+    if backend == "auto" and not _has_plans(Path(onnx_path)):
+        available = [b for b in available if b != "tensorrt"]
     chosen = resolve_backend(backend, available)
     if chosen in ("ort-cpu", "ort-cuda"):
         base = ort_config or OrtConfig()
         config = OrtConfig(**{**base.__dict__, "provider": "cuda" if chosen == "ort-cuda" else "cpu"})
         return OrtEngine(onnx_path, config)
-    raise UserError(f"backend {chosen} is not wired into `sdrt run` yet; use ort-cpu or ort-cuda")
+    if chosen == "torch":
+        from .torch_ref import open_torch_engine
+
+        return open_torch_engine(Path(onnx_path).parent.parent, Path(onnx_path).parent.name)
+    from sdrt.runtime.manifest import read_manifest
+
+    from .tensorrt import SharedScratch, TensorRTComponent
+
+    global _TRT_SHARED
+    if _TRT_SHARED is None:  # one scratch buffer and one stream for every plan of the process
+        _TRT_SHARED = (SharedScratch(), torch.cuda.Stream())
+    engine_dir = Path(onnx_path).parent.parent
+    return TensorRTComponent(engine_dir, Path(onnx_path).parent.name, read_manifest(engine_dir), *_TRT_SHARED,
+                             cuda_graph=cuda_graph)
+
+
+def _has_plans(onnx_path: Path) -> bool:
+    return any((onnx_path.parent.parent / "trt").glob(f"{onnx_path.parent.name}__*.plan"))

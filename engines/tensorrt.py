@@ -141,3 +141,37 @@ class TensorRTEngine:
         torch.cuda.current_stream().wait_stream(self.stream)
         self.stream.synchronize()
         return outputs
+
+
+class TensorRTComponent:
+    """Engine protocol over all plans of one component: each call runs the plan whose profile covers it
+    (trt_profiles.select), loading plans on first use. Output ownership as in TensorRTEngine."""
+
+    def __init__(self, engine_dir: Path, component: str, manifest: dict, scratch: SharedScratch,
+                 stream: torch.cuda.Stream, cuda_graph: bool = False):
+        from . import trt_profiles
+
+        self._select = trt_profiles.select
+        self.engine_dir = Path(engine_dir)
+        self.component = component
+        self.plans = manifest.get("trt", [])
+        entry = manifest["components"][component]
+        self._onnx_dims = {i["name"]: i["shape"] for i in entry["inputs"]}
+        self.inputs = {i["name"]: TensorSpec(i["dtype"], tuple(i["shape"])) for i in entry["inputs"]}
+        self.outputs = {o["name"]: TensorSpec(o["dtype"], tuple(o["shape"])) for o in entry["outputs"]}
+        self._vae_scale_factor = manifest["vae_scale_factor"]
+        self._cc, self._version = device_info()
+        self._scratch, self._stream, self._cuda_graph = scratch, stream, cuda_graph
+        self._loaded: dict[str, TensorRTEngine] = {}
+        self.device = "cuda"
+
+    def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        shapes = {n: tuple(x.shape) for n, x in feed.items()}
+        plan = self._select(self.plans, self.component, self._onnx_dims, shapes, self._vae_scale_factor,
+                            self._cc, self._version)
+        if plan["file"] not in self._loaded:
+            static = plan["batch"][0] == plan["batch"][2] and plan["height"][0] == plan["height"][2] \
+                and plan["width"][0] == plan["width"][2]
+            self._loaded[plan["file"]] = TensorRTEngine(self.engine_dir / plan["file"], self._scratch, self._stream,
+                                                        cuda_graph=self._cuda_graph and static)
+        return self._loaded[plan["file"]](feed)

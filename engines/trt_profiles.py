@@ -93,18 +93,25 @@ def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: 
     return out
 
 
+def component_batch(component: str, profile: Profile, images: int) -> int:
+    """The batch a component sees for `images` images: the UNet runs cond+uncond together under guidance;
+    text encoders run the two prompt sets in separate calls; the VAE encoder encodes one init image."""
+    if component == "unet" and profile.guidance:
+        return 2 * images
+    if component == "vae_encoder" and images == profile.batch.min:
+        return 1
+    return images
+
+
 def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_factor: int) -> dict[str, tuple]:
     """{input name: (min, opt, max) shapes} for one component's ONNX inputs under a profile.
 
     `inputs` maps input names to their ONNX dims (ints or symbolic names), as in the manifest.
     """
     f = vae_scale_factor
-    per_image = 2 if (component == "unet" and profile.guidance) else 1
-    text_batch = 2 if profile.guidance else 1  # text encoders see cond and uncond prompts
 
     def dims(batch: int, height: int, width: int) -> dict[str, int]:
-        b = batch * (per_image if component == "unet" else text_batch if component.startswith("text") else 1)
-        return {"batch_size": b, "sequence_length": TEXT_LENGTH, "height": height // f, "width": width // f,
+        return {"batch_size": component_batch(component, profile, batch), "sequence_length": TEXT_LENGTH, "height": height // f, "width": width // f,
                 "latent_height": height // f, "latent_width": width // f, "sample_height": height,
                 "sample_width": width}
 
@@ -127,31 +134,41 @@ def plan_file(component: str, profile: Profile, precision: str, compute_capabili
     return f"{component}__{profile.name()}__{precision}__sm{sm}__trt{trt_version}.plan"
 
 
-def select(plans: list[dict], component: str, batch: int, height: int, width: int, guidance: bool,
+def select(plans: list[dict], component: str, inputs: dict, feed_shapes: dict[str, tuple], vae_scale_factor: int,
            compute_capability: tuple[int, int], trt_version: str) -> dict:
-    """The best plan for a request: it must cover the shape and match this GPU and TensorRT.
+    """The best plan for one call: its profile must cover every input shape (TensorRT's own rule) and it
+    must have been built for this GPU and TensorRT. `inputs` holds the component's ONNX dims.
 
-    Among those covering the request, a static plan wins, then the one whose optimum is nearest.
+    Among covering plans a static one wins, then the one whose optimum shapes are nearest.
     Raises UserError listing what the directory covers when nothing does.
     """
     mine = [p for p in plans if p["component"] == component]
     if not mine:
         raise UserError(f"no TensorRT plan for {component}; build one with `sdrt build ENGINE_DIR --resolution WxH`")
-    foreign = [p for p in mine if tuple(p["compute_capability"]) != tuple(compute_capability)
-               or p["trt_version"] != trt_version]
-    usable = [p for p in mine if p not in foreign]
-    covering = [p for p in usable if _profile(p).covers(batch, height, width, guidance)]
+    usable = [p for p in mine if tuple(p["compute_capability"]) == tuple(compute_capability)
+              and p["trt_version"] == trt_version]
+
+    def bounds(p: dict) -> dict:
+        return input_shapes(component, inputs, _profile(p), vae_scale_factor)
+
+    def covers(p: dict) -> bool:
+        b = bounds(p)
+        return all(len(shape) == len(b[n][0]) and all(lo <= d <= hi for d, lo, hi in zip(shape, b[n][0], b[n][2]))
+                   for n, shape in feed_shapes.items())
+
+    covering = [p for p in usable if covers(p)]
     if not covering:
-        listed = "; ".join(f"{_profile(p).name()} (sm{''.join(map(str, p['compute_capability']))}, TensorRT "
+        listed = "; ".join(f"{p['profile']} (sm{''.join(map(str, p['compute_capability']))}, TensorRT "
                            f"{p['trt_version']})" for p in mine)
         why = "" if usable else (f" none was built for this GPU (sm{compute_capability[0]}{compute_capability[1]}) "
-                                 f"and TensorRT {trt_version}; rebuild with `sdrt build`.")
-        raise UserError(f"no {component} plan covers batch {batch}, {width}x{height}, "
-                        f"{'with' if guidance else 'without'} guidance;{why} the directory has: {listed}")
+                                 f"and TensorRT {trt_version}; rebuild with `sdrt build`;")
+        shapes = ", ".join(f"{n} {list(s)}" for n, s in feed_shapes.items())
+        raise UserError(f"no {component} plan covers {shapes};{why} the directory has: {listed}")
 
     def distance(p: dict) -> tuple:
-        prof = _profile(p)
-        return (not prof.static, abs(prof.height.opt - height) + abs(prof.width.opt - width) + abs(prof.batch.opt - batch))
+        opt = bounds(p)
+        return (not _profile(p).static,
+                sum(abs(d - o) for n, shape in feed_shapes.items() for d, o in zip(shape, opt[n][1])))
 
     return min(covering, key=distance)
 

@@ -11,5 +11,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": tor
 
 
 def run(engine, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
-    cast = {name: x.to(TORCH_DTYPES[engine.inputs[name].dtype]) for name, x in feed.items()}
+    """Inputs move to the engine's device (attribute `device`, default CPU) in the dtype its graph declares."""
+    device = getattr(engine, "device", "cpu")
+    cast = {name: x.to(device=device, dtype=TORCH_DTYPES[engine.inputs[name].dtype]) for name, x in feed.items()}
     return {k: (v.float() if v.is_floating_point() else v) for k, v in engine(cast).items()}

@@ -27,7 +27,7 @@ def to_pil(decoded: torch.Tensor, fp16_vae: bool) -> list[Image.Image]:
         hint = (" the VAE ran in fp16 and overflowed; re-export with an fp16-safe VAE (--vae) or keep the VAE fp32"
                 if fp16_vae else " the latents were already non-finite (check the UNet precision)")
         raise VaeOverflow(f"the VAE decoder produced NaN/inf values:{hint}")
-    images = (decoded.float() / 2 + 0.5).clamp(0, 1)  # diffusers: denormalize, then clamp
+    images = (decoded.float().cpu() / 2 + 0.5).clamp(0, 1)  # diffusers: denormalize, then clamp
     arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arrays]
 

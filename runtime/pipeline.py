@@ -78,6 +78,7 @@ class Pipeline:
         self.dir = engine_dir
         self.engines = engines
         self.tokenizers = tokenizers
+        self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
@@ -206,12 +207,16 @@ class Pipeline:
         return image_io.to_pil(out, fp16_vae=vae.inputs["latent_sample"].dtype == "float16")
 
     # ---- preparation --------------------------------------------------------------------------------
+    def _randn(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+        """diffusers' randn_tensor with a CPU generator: drawn on the CPU, then moved to the latents' device."""
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
     def _encode_image(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """[1, 3, H, W] in [-1, 1] → scaled latents, sampled from the posterior with the request's generator."""
         params = feed.run(self.engines["vae_encoder"], sample=image)["latent_parameters"]
         mean, logvar = params.chunk(2, dim=1)  # diffusers DiagonalGaussianDistribution
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        sample = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        sample = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return sample * float(self.dir.vae_config.get("scaling_factor", 0.18215))
 
     def _prepare(self, request: Request) -> _Prepared:
@@ -241,17 +246,17 @@ class Pipeline:
                       generator=generator)
 
         if request.init_latents is not None:  # refiner after a base: continue from the base's latents
-            x = request.init_latents.float().repeat_interleave(n // request.init_latents.shape[0], dim=0)
+            x = request.init_latents.to(self.device, torch.float32).repeat_interleave(n // request.init_latents.shape[0], dim=0)
             return _Prepared(x, **common)
         if request.init_image is None:
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            noise = self._randn(shape, generator)
             return _Prepared(samplers.initial_latents(noise, schedule), **common)
 
-        image = image_io.to_tensor(request.init_image, width, height)
+        image = image_io.to_tensor(request.init_image, width, height).to(self.device)
         sigma0 = float(schedule.sigmas[0])
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
             image_latents = self._encode_image(image, generator).repeat(n, 1, 1, 1)
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            noise = self._randn(shape, generator)
             return _Prepared(image_latents + noise * sigma0, **common)
         return self._prepare_inpaint(request, image, shape, common)
 
@@ -259,14 +264,14 @@ class Pipeline:
         # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG)
         n, _, h, w = shape
         schedule, guidance, generator = common["schedule"], common["guidance"], common["generator"]
-        mask = image_io.mask_to_tensor(request.mask, image.shape[-1], image.shape[-2])
+        mask = image_io.mask_to_tensor(request.mask, image.shape[-1], image.shape[-2]).to(self.device)
         masked_image = image * (mask < 0.5)
         strength = 1.0 if request.strength is None else request.strength
         nine_channel = self.dir.info.inpaint
         image_latents = None
         if not nine_channel or strength < 1.0:
             image_latents = self._encode_image(image, generator).repeat(n, 1, 1, 1)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = self._randn(shape, generator)
         if strength >= 1.0:
             x = samplers.initial_latents(noise, schedule)
         else:

@@ -56,12 +56,23 @@ def test_unet_batch_doubles_under_guidance_and_latents_scale():
     enc = tp.input_shapes("vae_encoder", {"sample": ["batch_size", 3, "sample_height", "sample_width"]}, profile, 8)
     assert enc["sample"][0] == (1, 3, 768, 1024)
     text = tp.input_shapes("text_encoder", {"input_ids": ["batch_size", "sequence_length"]}, profile, 8)
-    assert text["input_ids"] == ((2, 77), (2, 77), (4, 77))
+    assert text["input_ids"] == ((1, 77), (1, 77), (2, 77))  # cond and uncond prompts are separate calls
+
+
+UNET_INPUTS = {"sample": ["batch_size", 4, "height", "width"], "timestep": [],
+               "encoder_hidden_states": ["batch_size", "sequence_length", 2048],
+               "text_embeds": ["batch_size", 1280], "time_ids": ["batch_size", 6]}
 
 
 def _record(profile: tp.Profile, cc=(9, 0), version="10.13.0", component="unet") -> dict:
-    return {"component": component, **tp.profile_record(profile), "compute_capability": list(cc),
-            "trt_version": version, "file": tp.plan_file(component, profile, "fp16", cc, version)}
+    return {"component": component, "profile": profile.name(), **tp.profile_record(profile),
+            "compute_capability": list(cc), "trt_version": version,
+            "file": tp.plan_file(component, profile, "fp16", cc, version)}
+
+
+def _unet_call(batch: int, height: int, width: int) -> dict:
+    return {"sample": (batch, 4, height // 8, width // 8), "timestep": (),
+            "encoder_hidden_states": (batch, 77, 2048), "text_embeds": (batch, 1280), "time_ids": (batch, 6)}
 
 
 def test_plan_keys_carry_component_profile_precision_gpu_and_version():
@@ -70,23 +81,27 @@ def test_plan_keys_carry_component_profile_precision_gpu_and_version():
     assert name == "unet__b1_h1024_w1024_nocfg__fp16__sm89__trt10.13.0.plan"
 
 
-def test_selection_prefers_static_then_nearest_and_refuses_foreign_plans():
+def test_selection_by_call_shapes_prefers_static_then_nearest_and_refuses_foreign_plans():
     static = tp.profiles(["1024x1024"], None, "1", False, 64)[0]
     dynamic = tp.profiles([], "512-1536", "1", False, 64)[0]
-    plans = [_record(dynamic), _record(static)]
-    assert tp.select(plans, "unet", 1, 1024, 1024, False, (9, 0), "10.13.0")["file"] == plans[1]["file"]
-    assert tp.select(plans, "unet", 1, 768, 768, False, (9, 0), "10.13.0")["file"] == plans[0]["file"]
-    with pytest.raises(UserError, match="covers batch 1, 2048x2048") as e:
-        tp.select(plans, "unet", 1, 2048, 2048, False, (9, 0), "10.13.0")
+    guided = tp.profiles(["1024x1024"], None, "1", True, 64)[0]
+    plans = [_record(dynamic), _record(static), _record(guided)]
+
+    def pick(call, cc=(9, 0), version="10.13.0"):
+        return tp.select(plans, "unet", UNET_INPUTS, call, 8, cc, version)["file"]
+
+    assert pick(_unet_call(1, 1024, 1024)) == plans[1]["file"]  # static beats dynamic
+    assert pick(_unet_call(1, 768, 768)) == plans[0]["file"]
+    assert pick(_unet_call(2, 1024, 1024)) == plans[2]["file"]  # cond+uncond batch → the guided plan
+    with pytest.raises(UserError, match=r"no unet plan covers sample \[1, 4, 256, 256\]") as e:
+        pick(_unet_call(1, 2048, 2048))
     assert "b1_h512-1536_w512-1536_nocfg" in str(e.value)
-    with pytest.raises(UserError, match="without guidance|with guidance"):
-        tp.select(plans, "unet", 1, 1024, 1024, True, (9, 0), "10.13.0")
     with pytest.raises(UserError, match="none was built for this GPU"):
-        tp.select(plans, "unet", 1, 1024, 1024, False, (8, 0), "10.13.0")
+        pick(_unet_call(1, 1024, 1024), cc=(8, 0))
     with pytest.raises(UserError, match="TensorRT 10.14"):
-        tp.select(plans, "unet", 1, 1024, 1024, False, (9, 0), "10.14.0")
+        pick(_unet_call(1, 1024, 1024), version="10.14.0")
     with pytest.raises(UserError, match="no TensorRT plan for vae_decoder"):
-        tp.select(plans, "vae_decoder", 1, 1024, 1024, False, (9, 0), "10.13.0")
+        tp.select(plans, "vae_decoder", {}, {}, 8, (9, 0), "10.13.0")
 
 
 def test_directory_plan_lists_every_component_and_what_exists(exported):
