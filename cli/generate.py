@@ -79,8 +79,7 @@ def output_paths(out: Path, count: int) -> list[Path]:
 def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> list[Path]:
     request = build_request(o)
     paths = output_paths(o.out, len(request.prompt) * request.images_per_prompt)
-    if not paths[0].parent.exists():
-        raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
+    image_io.check_writable(paths[0])
     pipe = Pipeline.load(o.engine_dir, backend=o.backend)
     pipe.check(request)
     latents = _run(pipe, request, "base" if o.refiner else "denoise", on_step)

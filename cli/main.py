@@ -90,20 +90,16 @@ def summarize(manifest: dict, engine_dir: Path) -> dict:
 @app.command()
 def info(engine_dir: Path = typer.Argument(..., help="an engine directory written by `sdrt export` or optimum-cli")) -> None:
     """Print what an engine directory holds and which backends this machine can run it on."""
-    from rich.table import Table
-
     from sdrt.cli.describe import describe
 
     d = describe(engine_dir)
-    out = Console()
-    out.print(f"[bold]{d['engine_dir']}[/]  family {d['family']}{' (inpaint)' if d['inpaint'] else ''}, "
-              f"prediction {d['prediction_type']}, written by {d['writer']}")
-    table = Table("component", "precision", "files", "parity gate", "worst figure")
+    print(f"{d['engine_dir']}")
+    print(f"family {d['family']}{' (inpaint)' if d['inpaint'] else ''}, prediction {d['prediction_type']}, "
+          f"written by {d['writer']}")
     for name, c in d["components"].items():
-        table.add_row(name, c["precision"], ", ".join(c["files"]), c["gate"], c["figure"])
-    out.print(table)
-    out.print(f"TensorRT plans: {', '.join(d['plans']) if d['plans'] else 'none built'}")
-    out.print(f"backends on this machine: {', '.join(d['backends'])}")
+        print(f"  {name:<15} {c['precision']:<17} gate {c['gate']}, worst {c['figure']}; files {', '.join(c['files'])}")
+    print(f"TensorRT plans: {', '.join(d['plans']) if d['plans'] else 'none built'}")
+    print(f"backends on this machine: {', '.join(d['backends'])}")
 
 
 @app.command()
@@ -132,18 +128,17 @@ def run(
     """Generate images from an engine directory."""
     import logging
 
-    from rich.logging import RichHandler
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sdrt.cli.generate import RunOptions, generate
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     options = RunOptions(engine_dir=engine_dir, prompts=tuple(prompt), negative_prompt=negative_prompt, steps=steps,
                          guidance=guidance, guidance_rescale=guidance_rescale, sampler=sampler, karras=karras, seed=seed,
                          width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+                  console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def on_step(stage: str, done: int, total: int) -> None:

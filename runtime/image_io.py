@@ -86,6 +86,19 @@ class GenerationParameters:
         return "\n".join(lines)
 
 
+def check_writable(path: Path) -> None:
+    """Fail before any work when the PNG could not be written (missing folder, no permission, read-only)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def save_png(image: Image.Image, path: Path, parameters: GenerationParameters) -> Path:
     """Write the PNG atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
