@@ -181,7 +181,11 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
     return specs
 
 
-def gate_shapes(pipe) -> tuple[Shape, Shape]:
-    """Two shapes for the parity gate: batch 1 square and batch 2 non-square, small enough for a CPU."""
-    m = 2 ** (len(pipe.unet.config.block_out_channels) - 1)  # latent multiple the UNet's down/up path needs
+def gate_shapes(pipe, component: str) -> tuple[Shape, Shape]:
+    """Two shapes for the parity gate: batch 1 square and batch 2 non-square, small enough for a CPU.
+
+    The UNet's latents must be multiples of its down/up-sampling factor; the VAE takes any latent size,
+    and small ones keep its fp16 gate fast (ONNX Runtime's CPU provider runs fp16 convolutions slowly).
+    """
+    m = 2 ** (len(pipe.unet.config.block_out_channels) - 1) if component == "unet" else 4
     return Shape(1, 2 * m, 2 * m), Shape(2, 3 * m, 2 * m)

@@ -239,7 +239,6 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     names = [n for n in specs if cfg.components is None or n in cfg.components]
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
-    shapes = gate_shapes(pipe)
     _clean_stale_temps(output)
     tmp = output.parent / f".{output.name}.sdrt-tmp-{os.getpid()}"
     try:
@@ -263,7 +262,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 progress(name, "skipped")
                 continue
             progress(name, "start")
-            entry = _export_one(pipe, specs[name], precision, tmp, shapes)
+            entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name))
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
                 raise GateFailed(f"parity gate failed for {name} ({precision}): {_worst(entry)}, "
