@@ -129,3 +129,25 @@ def test_rerun_skips_unchanged_components_and_force_redoes_them(tiny_pipeline, t
     export(ExportConfig(**{**cfg.__dict__, "force": True}), lambda name, status: events.append((name, status)))
     assert [s for _, s in events if s != "start"] == ["exported", "exported"]
     assert not list(tmp_path.glob(".engine.sdrt-*"))
+
+
+def test_vae_swap_with_an_fp16_safe_vae_exports_it_in_fp16_and_json_summary(tiny_pipeline, tmp_path):
+    """--vae with a VAE whose config clears force_upcast (like sdxl-vae-fp16-fix) lifts the fp32 fallback."""
+    from diffusers import AutoencoderKL
+
+    from conftest import run_sdrt
+
+    vae_dir = tmp_path / "fp16-fix-vae"
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline("sdxl") / "vae")
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(vae_dir)
+    out = tmp_path / "engine"
+    result = run_sdrt("export", str(tiny_pipeline("sdxl")), "-o", str(out), "--vae", str(vae_dir),
+                      "--components", "vae_decoder", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["family"] == "sdxl" and summary["precision"] == "fp16"
+    assert summary["components"]["vae_decoder"]["precision"] == "fp16"
+    assert summary["components"]["vae_decoder"]["kept_fp32_reason"] is None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["vae"] == str(vae_dir)

@@ -182,3 +182,12 @@ def test_python_api_loads_once_and_generates_many(exported):
     assert np.array_equal(np.asarray(first), np.asarray(second))
     steps = list(pipe.denoise(request))
     assert len(steps) == 2 and steps[-1].shape == (1, 4, 16, 16)
+
+
+def test_torch_reference_backend_gives_the_same_image(exported):
+    engine_dir = exported("sdxl-lightning", "fp32")
+    request = Request(prompt=("a horse",), steps=2, guidance=0.0, sampler="euler", timestep_spacing="trailing",
+                      seed=5, width=32, height=32)
+    ort_image = np.asarray(Pipeline.load(engine_dir, backend="ort-cpu").generate(request)[0]).astype(int)
+    torch_image = np.asarray(Pipeline.load(engine_dir, backend="torch").generate(request)[0]).astype(int)
+    assert np.abs(ort_image - torch_image).max() <= 1
