@@ -33,11 +33,24 @@ def export(
     config: Optional[str] = typer.Option(None, help="diffusers folder or hub id holding the configs for a single file"),
     force: bool = typer.Option(False, help="redo every component and replace whatever the output holds"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary of the manifest on stdout"),
+    trt: bool = typer.Option(False, "--trt", help="then build TensorRT plans (needs TensorRT and a GPU)"),
+    resolution: list[str] = typer.Option([], help="with --trt: WIDTHxHEIGHT of a static profile (repeatable)"),
+    dynamic: Optional[str] = typer.Option(None, help="with --trt: MIN-MAX pixel range of a dynamic profile"),
+    batch: str = typer.Option("1", help="with --trt: images per call, N or MIN-MAX"),
+    guidance: bool = typer.Option(True, help="with --trt: UNet plans for classifier-free guidance (--no-guidance "
+                                            "for Lightning/Turbo)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from sdrt.export.exporter import ExportConfig, export as run_export
+
+    if trt:  # fail before minutes of export when the build could not run here
+        from sdrt.engines.tensorrt import device_info
+
+        if not resolution and not dynamic:
+            raise UserError("--trt needs at least one --resolution WIDTHxHEIGHT or a --dynamic MIN-MAX range")
+        device_info()
 
     if output is None:
         output = Path(f"{Path(model.rstrip('/')).stem}-{precision}")
@@ -58,6 +71,8 @@ def export(
             bar.console.print(f"{name}: {text}", highlight=False)
 
         manifest = run_export(cfg, progress)
+    if trt:
+        _build_plans(output, resolution, dynamic, batch, guidance, None, 3, False)
     summary = summarize(manifest, output)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -167,24 +182,35 @@ def build(
     trt_version: Optional[str] = typer.Option(None, help="with --plan without TensorRT: target version, e.g. 10.13.0"),
 ) -> None:
     """Build fp16 TensorRT plans per resolution profile for an engine directory."""
-    from sdrt.engines import trt_dir, trt_profiles
+    wanted = tuple(c.strip() for c in components.split(",")) if components else None
+    if not show_plan:
+        _build_plans(engine_dir, resolution, dynamic, batch, guidance, wanted, optimization_level, refittable)
+        return
+    from sdrt.engines import trt_dir
+
+    cc = tuple(int(v) for v in compute_capability.split(".")) if compute_capability else None
+    for p in trt_dir.plan(engine_dir, _profiles(engine_dir, resolution, dynamic, batch, guidance), wanted, cc,
+                          trt_version):
+        print(f"{p.component:<15} {p.profile.name():<28} {'exists ' if p.exists else 'to build'} {p.file}")
+
+
+def _profiles(engine_dir: Path, resolution: list[str], dynamic: str | None, batch: str, guidance: bool):
+    from sdrt.engines import trt_profiles
     from sdrt.runtime.loader import open_dir
 
     d = open_dir(engine_dir)
-    multiple = d.vae_scale_factor * d.latent_multiple
-    profiles = trt_profiles.profiles(resolution, dynamic, batch, guidance, multiple)
-    wanted = tuple(c.strip() for c in components.split(",")) if components else None
-    if show_plan:
-        cc = tuple(int(v) for v in compute_capability.split(".")) if compute_capability else None
-        planned = trt_dir.plan(engine_dir, profiles, wanted, cc, trt_version)
-        for p in planned:
-            print(f"{p.component:<15} {p.profile.name():<28} {'exists ' if p.exists else 'to build'} {p.file}")
-        return
+    return trt_profiles.profiles(resolution, dynamic, batch, guidance, d.vae_scale_factor * d.latent_multiple)
+
+
+def _build_plans(engine_dir: Path, resolution: list[str], dynamic: str | None, batch: str, guidance: bool,
+                 components: tuple[str, ...] | None, optimization_level: int, refittable: bool) -> None:
+    from sdrt.engines import trt_dir
     from sdrt.engines.tensorrt import device_info
     from sdrt.engines.trt_build import BuildOptions
 
+    profiles = _profiles(engine_dir, resolution, dynamic, batch, guidance)
     cc, version = device_info()
-    planned = trt_dir.plan(engine_dir, profiles, wanted, cc, version)
+    planned = trt_dir.plan(engine_dir, profiles, components, cc, version)
     options = BuildOptions(optimization_level=optimization_level, refittable=refittable,
                            timing_cache=Path(engine_dir) / "trt" / f"timing_cache_sm{cc[0]}{cc[1]}_trt{version}.cache")
     trt_dir.build(engine_dir, planned, options, cc, version,

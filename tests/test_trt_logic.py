@@ -148,3 +148,13 @@ def test_build_without_tensorrt_says_how_to_install_it(exported):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install tensorrt" in lines[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_export_with_trt_fails_before_exporting_without_tensorrt(tiny_pipeline, tmp_path):
+    result = run_sdrt("export", str(tiny_pipeline("sd15")), "-o", str(tmp_path / "out"), "--trt",
+                      "--resolution", "32x32")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install tensorrt" in lines[0]
+    assert not list(tmp_path.iterdir())
