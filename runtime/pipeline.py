@@ -8,7 +8,7 @@ seed gives diffusers' image (pipelines in diffusers/pipelines/stable_diffusion{,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
