@@ -162,7 +162,7 @@ def _module_for(pipe, name):
     return pipe.vae if name.startswith("vae") else getattr(pipe, name)
 
 
-def _export_one(pipe, spec, precision: str, tmp: Path, shapes) -> dict:
+def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) -> dict:
     started = time.perf_counter()
     module_owner = _module_for(pipe, spec.name)
     dtype = torch.float16 if precision == "fp16" else torch.float32
@@ -182,17 +182,18 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes) -> dict:
         fp32_weights.unlink()
     gc.collect()
 
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(tmp / spec.name / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    reference = spec.make_module(pipe).eval()
-    cases = []
-    for shape in shapes:
-        figures = gate.run_case(session, reference, spec.make_inputs(pipe, shape, dtype),
-                                spec.input_names, spec.output_names)
-        cases.append({"shape": asdict(shape), "outputs": [asdict(f) for f in figures]})
+    # Reference outputs first, then the torch module is released (when nothing later needs it) before
+    # ONNX Runtime loads the graph: the two never hold a full-size UNet's weights at the same time.
+    inputs = [spec.make_inputs(pipe, shape, dtype) for shape in shapes]
+    references = [gate.reference_outputs(spec.make_module(pipe).eval(), x) for x in inputs]
+    if release:
+        setattr(pipe, spec.name, None)
+    del module_owner
+    gc.collect()
+    session = gate.cpu_session(tmp / spec.name / "model.onnx")
+    cases = [{"shape": asdict(shape),
+              "outputs": [asdict(f) for f in gate.compare_outputs(session, x, ref, spec.input_names, spec.output_names)]}
+             for shape, x, ref in zip(shapes, inputs, references)]
     del session
     all_figures = [gate.OutputFigures(**o) for c in cases for o in c["outputs"]]
     spec_io = io_specs(tmp / spec.name / "model.onnx")
@@ -237,6 +238,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     old = _check_output(cfg, source.sha256)
     specs = component_specs(pipe)
     names = [n for n in specs if cfg.components is None or n in cfg.components]
+    latent_multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -262,7 +264,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 progress(name, "skipped")
                 continue
             progress(name, "start")
-            entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name))
+            release = name not in ("vae_decoder", "vae_encoder")  # the two VAE halves share one module
+            entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name), release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
                 raise GateFailed(f"parity gate failed for {name} ({precision}): {_worst(entry)}, "
@@ -280,7 +283,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "pipeline_class": info.pipeline_class,
             "scheduler": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
             "precision": cfg.precision,
-            "latent_multiple": 2 ** (len(pipe.unet.config.block_out_channels) - 1),
+            "latent_multiple": latent_multiple,
             "vae_scale_factor": vae_scale_factor(pipe),
             "components": components,
             "trt": [],

@@ -55,15 +55,27 @@ def bound_text(precision: str) -> str:
     return f"relative error <= {FP32_MAX_REL_ERROR:g}" if precision == "fp32" else f"PSNR >= {FP16_MIN_PSNR_DB:g} dB"
 
 
-def run_case(session, module_fp32: torch.nn.Module, inputs: tuple, input_names, output_names) -> list[OutputFigures]:
-    """Run ORT and the fp32 torch module on the same inputs; figures per output."""
+def reference_outputs(module: torch.nn.Module, inputs: tuple) -> list[np.ndarray]:
+    """The fp32 torch module's outputs (inputs upcast: an fp16 export is compared with the fp32 model)."""
     with torch.no_grad():
-        ref = module_fp32(*[x.float() if x.is_floating_point() else x for x in inputs])
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        out = module(*[x.float() if x.is_floating_point() else x for x in inputs])
+    return [o.float().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+def cpu_session(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_outputs(session, inputs: tuple, references: list[np.ndarray], input_names, output_names) -> list[OutputFigures]:
+    """Run ORT on the same inputs (cast to the graph's declared dtypes); figures per output."""
     declared = {i.name: i.type for i in session.get_inputs()}
     feed = {}
     for name, x in zip(input_names, inputs):
         arr = x.numpy()
         feed[name] = arr.astype(np.float16) if declared[name] == "tensor(float16)" else arr
     got = session.run(list(output_names), feed)
-    return [compare(n, g, r.float().numpy()) for n, g, r in zip(output_names, got, refs)]
+    return [compare(n, g, r) for n, g, r in zip(output_names, got, references)]
