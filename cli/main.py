@@ -228,6 +228,8 @@ _register_bench()
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell that starts us in the background sets SIGINT to "ignore"; Ctrl-C / kill -INT must still stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except UserError as e:
