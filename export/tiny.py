@@ -39,16 +39,16 @@ def _text_config(vocab_size: int, eos_id: int, hidden_act: str, layers: int):
     )
 
 
-def _text_encoders(root: Path, with_first: bool, sd2: bool = False):
+def _text_encoder(root: Path, name: str, hidden_act: str, layers: int) -> dict:
+    """{text_encoder[_2]: model, tokenizer[_2]: tokenizer}; encoder 2 has SDXL's projection and pads with "!"."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    parts = {}
-    if with_first:
-        vocab = write_clip_tokenizer(root / "tokenizer", pad_token=EOS)
-        act = "gelu" if sd2 else "quick_gelu"
-        parts["text_encoder"] = CLIPTextModel(_text_config(vocab, vocab - 1, act, 3 if sd2 else 4))
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    return parts, CLIPTextModelWithProjection, CLIPTokenizer
+    second = name == "text_encoder_2"
+    tok_name = "tokenizer_2" if second else "tokenizer"
+    vocab = write_clip_tokenizer(root / tok_name, pad_token="!" if second else EOS)
+    cls = CLIPTextModelWithProjection if second else CLIPTextModel
+    return {name: cls(_text_config(vocab, vocab - 1, hidden_act, layers)),
+            tok_name: CLIPTokenizer.from_pretrained(root / tok_name)}
 
 
 def _unet(cross_dim: int, in_channels: int = 4, linear_proj: bool = False, text_time: int | None = None):
@@ -90,7 +90,7 @@ def build_tiny_pipeline(family: str, root: Path, seed: int = 0):
     torch.manual_seed(seed)
     if family in ("sd15", "sd15-inpaint", "sd21v"):
         sd2 = family == "sd21v"
-        parts, _, _ = _text_encoders(root, with_first=True, sd2=sd2)
+        parts = _text_encoder(root, "text_encoder", "gelu" if sd2 else "quick_gelu", 3 if sd2 else 4)
         unet = _unet(_TEXT_WIDTH, in_channels=9 if family == "sd15-inpaint" else 4, linear_proj=sd2)
         if sd2:
             scheduler = DDIMScheduler(**_BASE_SCHEDULER, clip_sample=False, set_alpha_to_one=False,
@@ -102,10 +102,8 @@ def build_tiny_pipeline(family: str, root: Path, seed: int = 0):
                    feature_extractor=None, requires_safety_checker=False, **parts)
 
     refiner = family == "sdxl-refiner"
-    parts, with_proj, tokenizer_cls = _text_encoders(root, with_first=not refiner)
-    vocab = write_clip_tokenizer(root / "tokenizer_2", pad_token="!")
-    parts["text_encoder_2"] = with_proj(_text_config(vocab, vocab - 1, "gelu", 4))
-    parts["tokenizer_2"] = tokenizer_cls.from_pretrained(root / "tokenizer_2")
+    parts = {} if refiner else _text_encoder(root, "text_encoder", "quick_gelu", 4)
+    parts |= _text_encoder(root, "text_encoder_2", "gelu", 4)
     spacing = "trailing" if family == "sdxl-lightning" else "leading"
     scheduler = EulerDiscreteScheduler(**_BASE_SCHEDULER, timestep_spacing=spacing, prediction_type="epsilon")
     cross = _TEXT_WIDTH if refiner else 2 * _TEXT_WIDTH
