@@ -233,7 +233,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     early_hash = local_source_hash(cfg.model, cfg.vae)
     if early_hash is not None:  # refuse a bad output before spending minutes loading a model
         _check_output(cfg, early_hash)
-    pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config)
+    pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
+                                 source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
     old = _check_output(cfg, source.sha256)
     specs = component_specs(pipe)

@@ -126,8 +126,12 @@ def local_source_hash(model: str, vae: str | None = None) -> str | None:
     return None
 
 
-def load_pipeline(model: str, *, vae: str | None = None, family: str | None = None, config: str | None = None):
-    """Return (pipeline in fp32 on the CPU, Source). Raises UserError for anything a user can fix."""
+def load_pipeline(model: str, *, vae: str | None = None, family: str | None = None, config: str | None = None,
+                  source_hash: str | None = None):
+    """Return (pipeline in fp32 on the CPU, Source). Raises UserError for anything a user can fix.
+
+    source_hash: local_source_hash(model, vae) when the caller already computed it (hashing GBs twice is slow).
+    """
     import diffusers
     import transformers
 
@@ -140,7 +144,7 @@ def load_pipeline(model: str, *, vae: str | None = None, family: str | None = No
         if kind == "folder":
             extra = {"safety_checker": None} if _has_safety_checker(path) else {}
             pipe = diffusers.DiffusionPipeline.from_pretrained(path, **extra)
-            digest = _folder_hash(path, vae)
+            digest = source_hash or _folder_hash(path, vae)
         elif kind == "hub":
             pipe = diffusers.DiffusionPipeline.from_pretrained(model)
             digest = _folder_hash(Path(pipe.config._name_or_path), vae) if Path(pipe.config._name_or_path).is_dir() \
@@ -152,7 +156,7 @@ def load_pipeline(model: str, *, vae: str | None = None, family: str | None = No
                                 f"({', '.join(SINGLE_FILE_CLASSES)})")
             cls = getattr(diffusers, SINGLE_FILE_CLASSES[family])
             pipe = cls.from_single_file(str(path), config=config) if config else cls.from_single_file(str(path))
-            digest = _source_hash([path], path.parent, vae)
+            digest = source_hash or _source_hash([path], path.parent, vae)
     except UserError:
         raise
     except OSError as e:
