@@ -1,8 +1,74 @@
-"""`sdrt bench`: placeholder replaced by the benchmark harness (issue 5)."""
+"""`sdrt bench`: options → Scenario + HarnessConfig → sdrt.bench.harness; the harness is imported when it runs."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
-def bench() -> None:
-    """Latency benchmark stage by stage, side by side with diffusers."""
-    raise typer.Exit(2)
+def bench(
+    model: Optional[str] = typer.Argument(None, help="engine directory, or a full-size architecture built with random "
+                                                     "weights: sd15, sd21, sdxl (default: the preset's)"),
+    preset: str = typer.Option("lightning-4step", help="lightning-4step | lightning-1step | turbo | sd15-classic"),
+    backend: list[str] = typer.Option([], help="ort-cpu, ort-cuda, tensorrt, diffusers, diffusers-compile (repeatable "
+                                               "or comma-separated) (default: all that run here; tensorrt only when named)"),
+    resolution: Optional[str] = typer.Option(None, help="N or WIDTHxHEIGHT (default: the preset's, for Lightning 1024 on "
+                                                        "a GPU, 512 on a CPU)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the preset's)"),
+    sampler: Optional[str] = typer.Option(None, help="euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, lcm"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale; <= 1 turns it off"),
+    batch: int = typer.Option(1, help="images per run"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 (default: fp16 on a GPU, fp32 on a CPU)"),
+    warmup: int = typer.Option(1, help="warm-up runs per backend, not counted"),
+    runs: int = typer.Option(5, help="timed runs per backend"),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads = torch threads (0: physical cores)"),
+    prompt: Optional[str] = typer.Option(None, help="prompt (default: a fixed one)"),
+    seed: int = typer.Option(0, help="seed"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="results folder (default: "
+                                                                 "bench/results/<preset>-<timestamp>/)"),
+    workdir: Path = typer.Option(Path("build/bench"), help="where random-weight models, their exports and the "
+                                                           "FLOP-count cache are kept between runs"),
+    isolate: bool = typer.Option(True, help="run each backend in its own process (own peak RSS); --no-isolate "
+                                            "runs them in this one"),
+) -> None:
+    """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sdrt.bench import report
+    from sdrt.bench.harness import run
+    from sdrt.bench.scenarios import DEFAULT_PROMPT, HarnessConfig, Overrides, check_config, resolve
+
+    scenario = resolve(preset, Overrides(model=model, resolution=resolution, steps=steps, sampler=sampler,
+                                         guidance=guidance, batch=batch, precision=precision,
+                                         backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed))
+    config = check_config(HarnessConfig(warmup=warmup, runs=runs, threads=threads, workdir=workdir, isolate=isolate))
+    folder = out or report.default_folder(scenario.name)
+    command = " ".join(["sdrt", "bench"] + [shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:]]) \
+        if "bench" in sys.argv else ""
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            if total == 0:
+                bar.console.print(what, highlight=False)
+                return
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done)
+
+        result = run(scenario, config, on_progress, command)
+    paths = report.write_all(result, folder)
+    Console().print(report.rich_table(result))
+    for warning in result["warnings"]:
+        err.print(f"warning: {warning}", highlight=False)
+    print(f"results: {paths['json'].parent}")
+    if report.failed_backends(result):
+        raise typer.Exit(1)

@@ -1,0 +1,185 @@
+"""`sdrt bench` on the tiny models: every preset end to end, the result's structure, stage arithmetic, FLOP counts
+against reference/fewstep_perf.md §2.3, and bad input (one line on stderr, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import run_sdrt
+from sdrt.bench.harness import EngineCall, Sample, stage_times
+from sdrt.bench.scenarios import PRESETS, HarnessConfig, Overrides, resolve
+from sdrt.runtime.errors import UserError
+
+SIZE = "32"  # tiny models: VAE factor 2, UNet factor 2 → 16² latents
+FAMILY_OF_PRESET = {"lightning-4step": "sdxl-lightning", "lightning-1step": "sdxl-lightning", "turbo": "sdxl-lightning",
+                    "sd15-classic": "sd15"}
+
+
+@pytest.fixture(scope="module")
+def bench_workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-work")  # FLOP-count cache shared by the runs below
+
+
+def check_result(result: dict, preset: str, runs: int, warmup: int) -> None:
+    p = PRESETS[preset]
+    s = result["scenario"]
+    assert result["schema"] == "sdrt-bench/1"
+    assert (s["name"], s["steps"], s["sampler"], s["guidance"], s["width"], s["height"]) == \
+        (preset, p.steps, p.sampler, p.guidance, 32, 32)
+    assert s["backends"] == ["ort-cpu", "diffusers"]
+    assert {"cpu", "cores_logical", "cores_physical", "memory_gib", "gpu"} <= set(result["machine"])
+    assert {"sdrt", "torch", "onnxruntime", "diffusers"} <= set(result["versions"])
+    assert result["peak"]["flops_per_second"] == max(result["peak"]["probes_flops_per_second"]) > 1e8
+    assert len(result["peak"]["probes_flops_per_second"]) == 2  # before and after the backends
+    assert isinstance(result["warnings"], list) and "load_average_before" in result["conditions"]
+    per_image = result["flops"]["per_image"]
+    encoders = {"text_encoder", "text_encoder_2"} if "lightning" in preset or preset == "turbo" else {"text_encoder"}
+    assert set(per_image) == encoders | {"unet", "vae_decoder"} and all(v > 0 for v in per_image.values())
+
+    unet_batch = 2 if p.guidance > 1 else 1  # classifier-free guidance doubles the UNet batch
+    for name, b in result["backends"].items():
+        assert b["status"] == "ok", b.get("error")
+        assert len(b["warmup"]) == warmup and len(b["samples"]) == runs
+        for sample in b["warmup"] + b["samples"]:
+            parts = sample["text_encoding"] + sample["unet"] + sample["vae_decode"] + sample["runtime_overhead"]
+            assert parts == pytest.approx(sample["end_to_end"], rel=1e-9, abs=1e-12)
+            assert sum(sample["unet_steps"]) == pytest.approx(sample["unet"], rel=1e-9)
+            assert len(sample["unet_steps"]) == p.steps
+            assert 0 <= sample["runtime_overhead"] < sample["end_to_end"]  # engine calls lie inside the run
+            assert min(sample["text_encoding"], sample["vae_decode"], *sample["unet_steps"]) > 0
+            unet_calls = [c for c in sample["calls"] if c[0] == "unet"]
+            assert len(unet_calls) == p.steps and all(c[1] == unet_batch for c in unet_calls), name
+            assert [c[0] for c in sample["calls"]].count("vae_decoder") == 1
+        st = b["stats"]
+        for stage in ("text_encoding", "unet", "vae_decode", "runtime_overhead", "end_to_end"):
+            assert st[stage]["min"] <= st[stage]["median"] <= st[stage]["p90"] <= st[stage]["max"]
+            assert st[stage]["n"] == runs
+        assert len(st["unet_steps"]) == p.steps
+        assert b["images_per_second"] == pytest.approx(1 / st["end_to_end"]["median"])
+        assert b["memory"]["peak_rss_gib"] > 0.05
+        unet = b["achieved"]["unet"]
+        assert unet["flops"] == p.steps * unet_batch * per_image["unet"]
+        assert unet["flops_per_second"] == pytest.approx(unet["flops"] / st["unet"]["median"])
+        assert unet["fraction_of_peak"] == pytest.approx(unet["flops_per_second"] / result["peak"]["flops_per_second"])
+
+
+def check_files(folder: Path) -> dict:
+    result = json.loads((folder / "result.json").read_text())
+    md = (folder / "result.md").read_text()
+    assert "| stage | GFLOP | ort-cpu | diffusers |" in md and "runtime overhead" in md
+    with Image.open(folder / "stages.png") as chart:
+        assert chart.format == "PNG" and chart.width >= 800
+    return result
+
+
+def test_bench_cli_isolated_lightning_4step(exported, bench_workdir, tmp_path):
+    """The real console entry point, each backend in its own worker process."""
+    out = tmp_path / "results"
+    proc = run_sdrt("bench", str(exported("sdxl-lightning", "fp32")), "--preset", "lightning-4step",
+                    "--backend", "ort-cpu,diffusers", "--resolution", SIZE, "--warmup", "1", "--runs", "2",
+                    "--workdir", str(bench_workdir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"results: {out}" in proc.stdout and "end to end" in proc.stdout
+    result = check_files(out)
+    check_result(result, "lightning-4step", runs=2, warmup=1)
+    assert result["command"].startswith("sdrt bench ") and "--preset lightning-4step" in result["command"]
+    assert all(b["memory"]["peak_rss_scope"] == "this backend's process" for b in result["backends"].values())
+
+
+    from sdrt.bench import report  # a backend that failed is reported beside the others, not hidden
+    result["backends"]["tensorrt"] = {"backend": "tensorrt", "status": "failed", "error": "no plan for 32x32"}
+    paths = report.write_all(result, tmp_path / "with-failure")
+    assert "## tensorrt: failed" in paths["markdown"].read_text() and paths["chart"].is_file()
+
+
+@pytest.mark.parametrize("preset", ["lightning-1step", "turbo", "sd15-classic"])
+def test_bench_each_preset_in_process(preset, exported, bench_workdir, tmp_path):
+    from sdrt.cli.main import app
+
+    out = tmp_path / "results"
+    args = ["bench", str(exported(FAMILY_OF_PRESET[preset], "fp32")), "--preset", preset, "--backend", "ort-cpu",
+            "--backend", "diffusers", "--resolution", SIZE, "--warmup", "1", "--runs", "2", "--no-isolate",
+            "--workdir", str(bench_workdir), "--out", str(out)]
+    invoked = CliRunner().invoke(app, args)
+    assert invoked.exit_code == 0, (invoked.output, invoked.exception)
+    check_result(check_files(out), preset, runs=2, warmup=1)
+
+
+def test_stages_of_one_run_split_by_step_marks():
+    calls = (EngineCall("text_encoder", 1, 0.01), EngineCall("text_encoder_2", 1, 0.02),
+             EngineCall("unet", 2, 0.1), EngineCall("unet", 2, 0.2), EngineCall("unet", 2, 0.3),
+             EngineCall("vae_decoder", 1, 0.4))
+    t = stage_times(Sample(end_to_end=1.5, calls=calls, step_marks=(1, 3)))  # heun-like: 1 then 2 calls
+    assert t["text_encoding"] == pytest.approx(0.03) and t["vae_decode"] == pytest.approx(0.4)
+    assert t["unet_steps"] == pytest.approx([0.1, 0.5]) and t["unet"] == pytest.approx(0.6)
+    assert t["runtime_overhead"] == pytest.approx(1.5 - 1.03)
+
+
+def test_flop_counts_match_the_reference_for_sd15():
+    """reference/fewstep_perf.md §2.3: SD1.5 UNet 803.3 GFLOPs at 64² latents, VAE decoder 2514.5, CLIP-L 13.3."""
+    from sdrt.bench.flops import ModelConfigs, per_image_flops
+    from sdrt.bench.fullsize import config
+
+    cfg = config("sd15")
+    configs = ModelConfigs(unet=cfg["unet"], vae=cfg["vae"],
+                           text_encoders={"text_encoder": {**cfg["text_encoder"], "architectures": ["CLIPTextModel"]}})
+    flops = per_image_flops(configs, (64, 64))
+    assert flops["unet"] / 1e9 == pytest.approx(803.3, abs=0.05)
+    assert flops["vae_decoder"] / 1e9 == pytest.approx(2514.5, abs=0.05)
+    assert flops["text_encoder"] / 1e9 == pytest.approx(13.3, abs=0.05)
+
+
+def test_bench_command_module_imports_only_typer():
+    code = ("import sys, sdrt.cli.bench_cmd\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'onnxruntime') "
+            "or m.startswith('sdrt.bench')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_bad_input_is_one_line_and_exit_2():
+    proc = run_sdrt("bench", "sd15", "--preset", "lightning-9step")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: unknown preset 'lightning-9step'"), proc.stderr
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (Overrides(model="sd14"), "neither an engine directory nor an architecture"),
+    (Overrides(model="sd15", backends=("ort-cpu,onnx-magic",)), "unknown backend 'onnx-magic'"),
+    (Overrides(model="sd15", backends=("diffusers-compile",)), "GPU"),
+    (Overrides(model="sd15", backends=("tensorrt",)), "TensorRT"),
+    (Overrides(model="sd15", resolution="500x512"), "multiples of 8"),
+    (Overrides(model="sd15", resolution="big"), "WIDTHxHEIGHT"),
+    (Overrides(model="sd15", precision="int4"), "precision"),
+    (Overrides(model="sd15", sampler="plms"), "unknown sampler"),
+    (Overrides(model="sd15", batch=0), "--batch"),
+])
+def test_bad_scenarios_are_user_errors(overrides, fragment):
+    with pytest.raises(UserError, match=fragment):
+        resolve("sd15-classic", overrides, gpu=False)
+
+
+def test_size_is_checked_against_the_architecture_before_building(tmp_path):
+    from sdrt.bench.harness import run
+
+    scenario = resolve("sd15-classic", Overrides(model="sd15", resolution="520", backends=("ort-cpu",)), gpu=False)
+    with pytest.raises(UserError, match="multiples of 64"):
+        run(scenario, HarnessConfig(workdir=tmp_path / "work"))
+    assert not (tmp_path / "work").exists()
+
+
+def test_engine_dir_precision_must_match(exported):
+    from sdrt.bench.harness import prepare_model
+
+    scenario = resolve("turbo", Overrides(model=str(exported("sdxl-lightning", "fp32")), precision="fp16"), gpu=False)
+    with pytest.raises(UserError, match="exported in fp32"):
+        prepare_model(scenario, Path("unused"))
