@@ -198,6 +198,9 @@ class Pipeline:
         latents = None
         for latents in self.denoise(request):
             pass
+        if latents is None:  # as diffusers, which needs int(steps * strength) >= 1
+            raise UserError(f"{request.steps} steps at this strength leave no denoising step; raise --steps or "
+                            "--strength")
         return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
