@@ -22,7 +22,7 @@ ARCHITECTURES = ("sd15", "sd21", "sdxl")  # full-size, random weights, built by 
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 
-# sdrt sampler name → (diffusers scheduler class, from_config overrides); same table as tests/test_parity.py
+# sdrt sampler name → (diffusers scheduler class, from_config overrides); the parity tests use it too
 DIFFUSERS_SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),

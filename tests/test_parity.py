@@ -20,15 +20,8 @@ FIGURES: dict[str, int] = {}
 def diffusers_scheduler(pipe, sampler: str, karras: bool = False, **overrides):
     import diffusers
 
-    classes = {
-        "euler": ("EulerDiscreteScheduler", {}),
-        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-        "heun": ("HeunDiscreteScheduler", {}),
-        "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-        "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-        "ddim": ("DDIMScheduler", {}),
-        "lcm": ("LCMScheduler", {}),
-    }
+    from sdrt.bench.scenarios import DIFFUSERS_SCHEDULERS as classes
+
     name, extra = classes[sampler]
     kwargs = {**extra, **overrides}
     if karras:

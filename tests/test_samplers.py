@@ -29,6 +29,7 @@ from sdrt.runtime import samplers, schedules  # noqa: E402
 from sdrt.runtime.denoiser import make_denoiser, timestep_lookup  # noqa: E402
 from sdrt.runtime.errors import UserError  # noqa: E402
 from sdrt.runtime.schedules import SchedulerConfig, make_schedule  # noqa: E402
+from sdrt.bench.scenarios import DIFFUSERS_SCHEDULERS
 
 RTOL = 1e-5
 SHAPE = (1, 4, 8, 8)
@@ -39,15 +40,7 @@ SPACINGS = ("leading", "trailing", "linspace")
 SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
 
-DIFFUSERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+DIFFUSERS = DIFFUSERS_SCHEDULERS  # sdrt sampler name → (diffusers scheduler class, from_config overrides)
 EULER_FAMILY = ("euler", "euler_a", "heun")
 
 
