@@ -71,10 +71,11 @@ class _VaeDecoder(torch.nn.Module):
 class _VaeEncoder(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
-        self.vae = vae
+        self.encoder = vae.encoder  # only what is traced: export rewrites walk this module's children
+        self.quant_conv = vae.quant_conv
 
     def forward(self, sample):  # [B, 3, H, W] → [B, 8, H/f, W/f]: mean ‖ logvar, not sampled
-        return self.vae.quant_conv(self.vae.encoder(sample))
+        return self.quant_conv(self.encoder(sample))
 
 
 def vae_scale_factor(pipe) -> int:

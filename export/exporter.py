@@ -27,8 +27,9 @@ from . import gate
 from .components import COMPONENT_NAMES, component_specs, gate_shapes, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
+from .rewrites import SUBPIXEL_PASS, subpixel_upsampling
 
-EXPORT_REVISION = "1"  # bump when the exported graphs change for the same source
+EXPORT_REVISION = "2"  # bump when the exported graphs change for the same source
 PRECISIONS = ("fp32", "fp16")
 VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows in fp16 and decodes black "
                    "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
@@ -173,8 +174,10 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
     wrapper = spec.make_module(pipe).eval()
     raw = tmp / f".{spec.name}.raw"
     raw.mkdir()
-    torch_to_onnx(wrapper, spec.make_inputs(pipe, shapes[0], dtype), raw / "model.onnx",
-                  spec.input_names, spec.output_names, spec.dynamic_axes)
+    with subpixel_upsampling(wrapper) as rewritten:
+        torch_to_onnx(wrapper, spec.make_inputs(pipe, shapes[0], dtype), raw / "model.onnx",
+                      spec.input_names, spec.output_names, spec.dynamic_axes)
+    rewrites = [f"{SUBPIXEL_PASS} ({rewritten} upsamplers)"] if rewritten else []
     files, passes = run_passes(raw, tmp / spec.name)
     shutil.rmtree(raw)
     if dtype == torch.float16:
@@ -205,7 +208,7 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
         "outputs": spec_io["outputs"],
         "sha256": {f: _sha256(tmp / spec.name / f) for f in files},
         "gate": {"bound": gate.bound_text(precision), "passed": gate.passes(precision, all_figures), "cases": cases},
-        "passes": ["torch.onnx.export(do_constant_folding)"] + passes,
+        "passes": rewrites + ["torch.onnx.export(do_constant_folding)"] + passes,
         "export_seconds": round(time.perf_counter() - started, 2),
     }
 
