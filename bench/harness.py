@@ -332,23 +332,38 @@ def measure_backend(job: Job, on_progress: Progress = _silent, peak_reset: bool 
             torch.cuda.reset_peak_memory_stats()
     except ImportError:
         pass
-    what = job.backend
-    on_progress(f"{what}: loading", 0, 0)
+    session = open_backend(job, on_progress)
+    warmup = [_warm_up(session, job, i, on_progress) for i in range(job.warmup)]
+    samples = [_timed_run(session, job, i, on_progress) for i in range(job.runs)]
+    scope = "this backend's process" if not peak_reset else \
+        ("since this backend started (VmHWM reset)" if reset else "whole process so far")
+    return backend_record(job, session, warmup, samples, scope)
+
+
+def open_backend(job: Job, on_progress: Progress = _silent) -> Session:
+    on_progress(f"{job.backend}: loading", 0, 0)
     if job.backend in DIFFUSERS_BACKENDS:
         if job.source_dir is None:
             raise UserError(f"backend {job.backend} needs the diffusers folder the engine directory was exported "
                             "from, and its manifest names none that exists here")
-        session = open_diffusers(job.scenario, Path(job.source_dir), job.threads, job.backend == "diffusers-compile")
-    else:
-        session = open_sdrt(job.scenario, job.backend, Path(job.engine_dir), job.threads)
-    warmup, samples = [], []
-    for i in range(job.warmup):
-        warmup.append(session.run_once())
-        on_progress(f"{what}: warm-up", i + 1, job.warmup)
-    for i in range(job.runs):
-        gc.collect()
-        samples.append(session.run_once())
-        on_progress(f"{what}: runs", i + 1, job.runs)
+        return open_diffusers(job.scenario, Path(job.source_dir), job.threads, job.backend == "diffusers-compile")
+    return open_sdrt(job.scenario, job.backend, Path(job.engine_dir), job.threads)
+
+
+def _warm_up(session: Session, job: Job, i: int, on_progress: Progress) -> Sample:
+    sample = session.run_once()
+    on_progress(f"{job.backend}: warm-up", i + 1, job.warmup)
+    return sample
+
+
+def _timed_run(session: Session, job: Job, i: int, on_progress: Progress) -> Sample:
+    gc.collect()
+    sample = session.run_once()
+    on_progress(f"{job.backend}: runs", i + 1, job.runs)
+    return sample
+
+
+def backend_record(job: Job, session: Session, warmup: list[Sample], samples: list[Sample], rss_scope: str) -> dict:
     return {
         "backend": job.backend,
         "status": "ok",
@@ -357,11 +372,33 @@ def measure_backend(job: Job, on_progress: Progress = _silent, peak_reset: bool 
         "load_seconds": session.load_seconds,
         "warmup": [sample_record(s) for s in warmup],
         "samples": [sample_record(s) for s in samples],
-        "memory": {"peak_rss_gib": peak_rss_bytes() / 2**30,
-                   "peak_rss_scope": "this backend's process" if not peak_reset else
-                   ("since this backend started (VmHWM reset)" if reset else "whole process so far"),
-                   **gpu_memory()},
+        "memory": {"peak_rss_gib": peak_rss_bytes() / 2**30, "peak_rss_scope": rss_scope, **gpu_memory()},
     }
+
+
+def _failure(backend: str, error: BaseException) -> dict:
+    text = " ".join(str(error).split()) if isinstance(error, UserError) else traceback.format_exc(limit=-4)
+    return {"backend": backend, "status": "failed", "error": text}
+
+
+def measure_interleaved(jobs: list[Job], on_progress: Progress = _silent) -> dict[str, dict]:
+    """Every backend loaded in this process, each warmed up, then timed runs in turn (A B A B ...): a machine
+    whose speed drifts (shared host, clocks) slows every backend alike instead of whichever ran last.
+    Peak RSS is then the whole process's, all backends together."""
+    sessions, raws = {}, {}
+    for job in jobs:
+        try:
+            sessions[job.backend] = (job, open_backend(job, on_progress))
+        except Exception as e:  # a backend that cannot run this is reported, and the others still run
+            raws[job.backend] = _failure(job.backend, e)
+    warmups = {b: [_warm_up(s, job, i, on_progress) for i in range(job.warmup)] for b, (job, s) in sessions.items()}
+    samples: dict[str, list[Sample]] = {b: [] for b in sessions}
+    for i in range(max((job.runs for job in jobs), default=0)):
+        for b, (job, s) in sessions.items():
+            samples[b].append(_timed_run(s, job, i, on_progress))
+    for b, (job, s) in sessions.items():
+        raws[b] = backend_record(job, s, warmups[b], samples[b], "the whole process: all backends, interleaved")
+    return {job.backend: raws[job.backend] for job in jobs}
 
 
 def run_isolated(job: Job, on_progress: Progress = _silent) -> dict:
@@ -597,16 +634,14 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _sile
     on_progress("measuring the machine's matmul peak", 0, 0)
     peaks = [measure_peak(config.threads, gpu=gpu, precision=scenario.precision, size=config.peak_matmul_size)]
 
-    raws = {}
-    for backend in scenario.backends:
-        job = Job(scenario, backend, str(paths.engine_dir), str(paths.source_dir) if paths.source_dir else None,
-                  config.warmup, config.runs, config.threads)
+    jobs = [Job(scenario, backend, str(paths.engine_dir), str(paths.source_dir) if paths.source_dir else None,
+                config.warmup, config.runs, config.threads) for backend in scenario.backends]
+    raws = measure_interleaved(jobs, on_progress) if config.interleave else {}
+    for job in jobs if not config.interleave else []:
         try:
-            raws[backend] = run_isolated(job, on_progress) if config.isolate else measure_backend(job, on_progress)
-        except UserError as e:  # a backend that cannot run this is reported, and the others still run
-            raws[backend] = {"backend": backend, "status": "failed", "error": " ".join(str(e).split())}
-        except Exception:
-            raws[backend] = {"backend": backend, "status": "failed", "error": traceback.format_exc(limit=-4)}
+            raws[job.backend] = run_isolated(job, on_progress) if config.isolate else measure_backend(job, on_progress)
+        except Exception as e:  # a backend that cannot run this is reported, and the others still run
+            raws[job.backend] = _failure(job.backend, e)
     on_progress("measuring the machine's matmul peak again", 0, 0)
     peaks.append(measure_peak(config.threads, gpu=gpu, precision=scenario.precision, size=config.peak_matmul_size))
     peak = max(peaks, key=lambda p: p.flops_per_second)  # another process busy during one probe only lowers it
@@ -617,7 +652,8 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _sile
         "command": command,
         "scenario": scenario.as_dict(),
         "config": {"warmup": config.warmup, "runs": config.runs, "threads": config.threads,
-                   "isolate": config.isolate, "workdir": str(config.workdir)},
+                   "isolate": config.isolate and not config.interleave, "interleave": config.interleave,
+                   "workdir": str(config.workdir)},
         "model": {"engine_dir": str(paths.engine_dir), "source_dir": str(paths.source_dir) if paths.source_dir else None,
                   "latent": [latent_hw[0], latent_hw[1]]},
         "machine": machine_info(),

@@ -89,6 +89,7 @@ class HarnessConfig:
     threads: int = 0  # 0: physical cores; ORT intra-op threads = torch threads
     workdir: Path = Path("build/bench")  # random-weight folders, their exports, the FLOP-count cache
     isolate: bool = True  # each backend in its own process: clean peak RSS, no shared thread pools
+    interleave: bool = False  # all backends in this process, timed runs alternating: a drifting machine hits all alike
     peak_matmul_size: int = 2048
 
 

@@ -34,6 +34,9 @@ def bench(
                                                            "FLOP-count cache are kept between runs"),
     isolate: bool = typer.Option(True, help="run each backend in its own process (own peak RSS); --no-isolate "
                                             "runs them in this one"),
+    interleave: bool = typer.Option(False, help="load every backend in this process and alternate their timed "
+                                                "runs, so that a machine whose speed drifts slows all alike "
+                                                "(peak RSS is then the process's)"),
 ) -> None:
     """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
     from rich.console import Console
@@ -46,7 +49,8 @@ def bench(
     scenario = resolve(preset, Overrides(model=model, resolution=resolution, steps=steps, sampler=sampler,
                                          guidance=guidance, batch=batch, precision=precision,
                                          backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed))
-    config = check_config(HarnessConfig(warmup=warmup, runs=runs, threads=threads, workdir=workdir, isolate=isolate))
+    config = check_config(HarnessConfig(warmup=warmup, runs=runs, threads=threads, workdir=workdir, isolate=isolate,
+                                        interleave=interleave))
     folder = out or report.default_folder(scenario.name)
     command = " ".join(["sdrt", "bench"] + [shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:]]) \
         if "bench" in sys.argv else ""

@@ -183,3 +183,36 @@ def test_engine_dir_precision_must_match(exported):
     scenario = resolve("turbo", Overrides(model=str(exported("sdxl-lightning", "fp32")), precision="fp16"), gpu=False)
     with pytest.raises(UserError, match="exported in fp32"):
         prepare_model(scenario, Path("unused"))
+
+
+def test_op_profile_groups_every_kernel_and_counts_gemm_flops(exported, tmp_path):
+    from sdrt.bench.op_profile import main, node_flops
+
+    assert node_flops("Conv", [[1, 4, 8, 8], [8, 4, 3, 3], [8]], [[1, 8, 8, 8]]) == 2 * 8 * 64 * 4 * 9
+    assert node_flops("MatMul", [[1, 8, 64, 40], [1, 8, 40, 64]], [[1, 8, 64, 64]]) == 2 * 8 * 64 * 64 * 40
+    assert node_flops("FusedMatMul", [[1, 512, 4096]], [[1, 4096, 512]]) == 2 * 4096 * 512 * 512  # transA, weight not listed
+    assert node_flops("Softmax", [[1, 8, 64, 64]], [[1, 8, 64, 64]]) == 0
+    result = main([str(exported("sd15")), "--resolution", SIZE, "--warmup", "1", "-o", str(tmp_path)])
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert saved["components"].keys() == {"unet", "vae_decoder"} and saved["resolution"] == int(SIZE)
+    for comp in result["components"].values():
+        groups = {g["group"]: g for g in comp["groups"]}
+        assert abs(sum(g["ms"] for g in groups.values()) - sum(n["ms"] for n in comp["nodes"])) < 1e-6
+        assert "upsampling (GEMM)" in groups and groups["upsampling (GEMM)"]["gflop"] > 0  # the rewritten 2x2 convs
+    assert "self-attention (GEMM)" in {g["group"] for g in result["components"]["unet"]["groups"]}
+    assert "## unet" in (tmp_path / "profile.md").read_text()
+
+
+def test_interleaved_backends_alternate_their_timed_runs(exported, bench_workdir):
+    from sdrt.bench.harness import run
+
+    events = []
+    scenario = resolve("lightning-4step", Overrides(model=str(exported("sdxl-lightning", "fp32")), resolution=SIZE,
+                                                    backends=("ort-cpu", "diffusers")))
+    config = HarnessConfig(warmup=1, runs=2, workdir=bench_workdir, interleave=True)
+    result = run(scenario, config, lambda what, done, total: events.append((what, done)))
+    timed = [e for e in events if e[0].endswith(": runs")]
+    assert timed == [("ort-cpu: runs", 1), ("diffusers: runs", 1), ("ort-cpu: runs", 2), ("diffusers: runs", 2)]
+    check_result(result, "lightning-4step", runs=2, warmup=1)
+    assert result["config"]["interleave"] and not result["config"]["isolate"]
+    assert "interleaved" in result["backends"]["diffusers"]["memory"]["peak_rss_scope"]
