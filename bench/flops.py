@@ -18,7 +18,9 @@ from pathlib import Path
 
 METHOD = ("2×MAC of matmul/conv/attention (aten mm, addmm, bmm, convolution, SDPA) counted by "
           "torch.utils.flop_counter.FlopCounterMode on meta-device modules built from the engine directory's "
-          "configs, per image (batch 1, 77 tokens); norms, activations, softmax excluded")
+          "configs, per image (batch 1, 77 tokens); norms, activations, softmax excluded. The diffusers model's "
+          "count, used for every backend: sdrt's exported upsamplers execute 4 taps instead of 9, so its GFLOP/s "
+          "are effective rates (python -m sdrt.bench.op_profile counts the FLOPs its graphs execute)")
 TOKENS = 77
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 

@@ -376,6 +376,13 @@ def backend_record(job: Job, session: Session, warmup: list[Sample], samples: li
     }
 
 
+def _measure_alone(job: Job, isolate: bool, on_progress: Progress) -> dict:
+    try:
+        return run_isolated(job, on_progress) if isolate else measure_backend(job, on_progress)
+    except Exception as e:  # a backend that cannot run this is reported, and the others still run
+        return _failure(job.backend, e)
+
+
 def _failure(backend: str, error: BaseException) -> dict:
     text = " ".join(str(error).split()) if isinstance(error, UserError) else traceback.format_exc(limit=-4)
     return {"backend": backend, "status": "failed", "error": text}
@@ -384,20 +391,26 @@ def _failure(backend: str, error: BaseException) -> dict:
 def measure_interleaved(jobs: list[Job], on_progress: Progress = _silent) -> dict[str, dict]:
     """Every backend loaded in this process, each warmed up, then timed runs in turn (A B A B ...): a machine
     whose speed drifts (shared host, clocks) slows every backend alike instead of whichever ran last.
-    Peak RSS is then the whole process's, all backends together."""
-    sessions, raws = {}, {}
-    for job in jobs:
+    Peak RSS is then the whole process's, all backends together. A backend that fails leaves the rotation."""
+    raws: dict[str, dict] = {}
+    live: dict[str, tuple[Job, Session, list[Sample], list[Sample]]] = {}
+
+    def attempt(job: Job, action) -> None:
         try:
-            sessions[job.backend] = (job, open_backend(job, on_progress))
-        except Exception as e:  # a backend that cannot run this is reported, and the others still run
+            action()
+        except Exception as e:  # reported beside the others, which go on
             raws[job.backend] = _failure(job.backend, e)
-    warmups = {b: [_warm_up(s, job, i, on_progress) for i in range(job.warmup)] for b, (job, s) in sessions.items()}
-    samples: dict[str, list[Sample]] = {b: [] for b in sessions}
+            live.pop(job.backend, None)
+
+    for job in jobs:
+        attempt(job, lambda: live.__setitem__(job.backend, (job, open_backend(job, on_progress), [], [])))
+    for job, session, warmup, _ in list(live.values()):
+        attempt(job, lambda: warmup.extend(_warm_up(session, job, i, on_progress) for i in range(job.warmup)))
     for i in range(max((job.runs for job in jobs), default=0)):
-        for b, (job, s) in sessions.items():
-            samples[b].append(_timed_run(s, job, i, on_progress))
-    for b, (job, s) in sessions.items():
-        raws[b] = backend_record(job, s, warmups[b], samples[b], "the whole process: all backends, interleaved")
+        for job, session, _, samples in list(live.values()):
+            attempt(job, lambda: samples.append(_timed_run(session, job, i, on_progress)))
+    for job, session, warmup, samples in live.values():
+        raws[job.backend] = backend_record(job, session, warmup, samples, "the whole process: all backends, interleaved")
     return {job.backend: raws[job.backend] for job in jobs}
 
 
@@ -636,12 +649,10 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _sile
 
     jobs = [Job(scenario, backend, str(paths.engine_dir), str(paths.source_dir) if paths.source_dir else None,
                 config.warmup, config.runs, config.threads) for backend in scenario.backends]
-    raws = measure_interleaved(jobs, on_progress) if config.interleave else {}
-    for job in jobs if not config.interleave else []:
-        try:
-            raws[job.backend] = run_isolated(job, on_progress) if config.isolate else measure_backend(job, on_progress)
-        except Exception as e:  # a backend that cannot run this is reported, and the others still run
-            raws[job.backend] = _failure(job.backend, e)
+    if config.interleave:
+        raws = measure_interleaved(jobs, on_progress)
+    else:
+        raws = {job.backend: _measure_alone(job, config.isolate, on_progress) for job in jobs}
     on_progress("measuring the machine's matmul peak again", 0, 0)
     peaks.append(measure_peak(config.threads, gpu=gpu, precision=scenario.precision, size=config.peak_matmul_size))
     peak = max(peaks, key=lambda p: p.flops_per_second)  # another process busy during one probe only lowers it

@@ -216,3 +216,16 @@ def test_interleaved_backends_alternate_their_timed_runs(exported, bench_workdir
     check_result(result, "lightning-4step", runs=2, warmup=1)
     assert result["config"]["interleave"] and not result["config"]["isolate"]
     assert "interleaved" in result["backends"]["diffusers"]["memory"]["peak_rss_scope"]
+
+
+def test_interleaved_backend_that_fails_is_reported_and_the_others_go_on(exported):
+    from sdrt.bench.harness import Job, measure_interleaved
+    from sdrt.bench.scenarios import with_threads
+
+    engine = str(exported("sdxl-lightning", "fp32"))
+    scenario = resolve("lightning-1step", Overrides(model=engine, resolution=SIZE, backends=("ort-cpu",)))  # resolve refuses ort-cuda here
+    threads = with_threads(HarnessConfig()).threads
+    raws = measure_interleaved([Job(scenario, b, engine, None, 0, 2, threads) for b in ("ort-cuda", "ort-cpu")])
+    assert list(raws) == ["ort-cuda", "ort-cpu"]
+    assert raws["ort-cuda"]["status"] == "failed" and raws["ort-cuda"]["error"]  # no GPU / no onnxruntime-gpu here
+    assert raws["ort-cpu"]["status"] == "ok" and len(raws["ort-cpu"]["samples"]) == 2
