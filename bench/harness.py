@@ -9,7 +9,10 @@ with wrappers around `pipe.text_encoder(_2).forward`, `pipe.unet.forward` and `p
 which covers work on any stream (ONNX Runtime's, TensorRT's, torch's).
 
 By default each backend runs in a child process (`python -m sdrt.bench.harness SPEC`): its peak RSS is its
-own, and thread pools and allocator caches of one backend do not leak into the next.
+own, and thread pools and allocator caches of one backend do not leak into the next. On a machine whose speed
+drifts, backends measured one after the other see different machines: `interleave` loads all of them in this
+process and alternates their timed runs; `alternate` does the same with a fresh child process per run, for
+models two backends cannot hold in memory together.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -414,6 +417,44 @@ def measure_interleaved(jobs: list[Job], on_progress: Progress = _silent) -> dic
     return {job.backend: raws[job.backend] for job in jobs}
 
 
+def measure_alternating(jobs: list[Job], on_progress: Progress = _silent) -> dict[str, dict]:
+    """Timed runs in turn (A B A B ...) like measure_interleaved, but each run in a fresh child process after
+    its own load and warm-up: for a model that two backends cannot hold in memory at once (SDXL in fp32 on a
+    24 GiB machine). Peak RSS is the largest of one backend's processes. A backend that fails leaves the turn."""
+    runs: dict[str, list[dict]] = {job.backend: [] for job in jobs}
+    failed: dict[str, dict] = {}
+    for i in range(max((job.runs for job in jobs), default=0)):
+        for job in jobs:
+            if job.backend in failed or i >= job.runs:
+                continue
+
+            def renumbered(what: str, done: int, total: int, i=i, job=job) -> None:
+                if what.endswith(": runs"):
+                    done, total = i + 1, job.runs
+                on_progress(what, done, total)
+
+            raw = run_isolated(replace(job, runs=1), renumbered)
+            if raw["status"] == "ok":
+                runs[job.backend].append(raw)
+            else:
+                failed[job.backend] = raw
+    return {job.backend: failed.get(job.backend) or merged_runs(runs[job.backend]) for job in jobs}
+
+
+def merged_runs(records: list[dict]) -> dict:
+    """One backend's record from several one-run processes: their samples in order, the median load time,
+    the largest peak memory."""
+    import numpy as np
+
+    largest = max(records, key=lambda r: r["memory"]["peak_rss_gib"])
+    return {**records[0],
+            "load_seconds": float(np.median([r["load_seconds"] for r in records])),
+            "warmup": [w for r in records for w in r["warmup"]],
+            "samples": [s for r in records for s in r["samples"]],
+            "memory": {**largest["memory"],
+                       "peak_rss_scope": f"the largest of this backend's {len(records)} processes, one per timed run"}}
+
+
 def run_isolated(job: Job, on_progress: Progress = _silent) -> dict:
     """measure_backend in a child process; its progress and result come back as marked JSON lines."""
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -651,6 +692,8 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _sile
                 config.warmup, config.runs, config.threads) for backend in scenario.backends]
     if config.interleave:
         raws = measure_interleaved(jobs, on_progress)
+    elif config.alternate:
+        raws = measure_alternating(jobs, on_progress)
     else:
         raws = {job.backend: _measure_alone(job, config.isolate, on_progress) for job in jobs}
     on_progress("measuring the machine's matmul peak again", 0, 0)
@@ -664,6 +707,7 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _sile
         "scenario": scenario.as_dict(),
         "config": {"warmup": config.warmup, "runs": config.runs, "threads": config.threads,
                    "isolate": config.isolate and not config.interleave, "interleave": config.interleave,
+                   "alternate": config.alternate,
                    "workdir": str(config.workdir)},
         "model": {"engine_dir": str(paths.engine_dir), "source_dir": str(paths.source_dir) if paths.source_dir else None,
                   "latent": [latent_hw[0], latent_hw[1]]},

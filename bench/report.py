@@ -35,7 +35,8 @@ def scenario_line(result: dict) -> str:
     return (f"{s['name']}: {Path(s['model']).name} {s['width']}x{s['height']}, {s['steps']} steps "
             f"{s['sampler']}{spacing}, {guidance}, batch {s['batch']}, {s['precision']} — "
             f"{c['runs']} runs after {c['warmup']} warm-up, {c['threads']} threads"
-            f"{', backends interleaved in one process' if c.get('interleave') else ''}")
+            f"{', backends interleaved in one process' if c.get('interleave') else ''}"
+            f"{', backends alternating, a fresh process per run' if c.get('alternate') else ''}")
 
 
 def machine_line(result: dict) -> str:

@@ -90,6 +90,7 @@ class HarnessConfig:
     workdir: Path = Path("build/bench")  # random-weight folders, their exports, the FLOP-count cache
     isolate: bool = True  # each backend in its own process: clean peak RSS, no shared thread pools
     interleave: bool = False  # all backends in this process, timed runs alternating: a drifting machine hits all alike
+    alternate: bool = False  # timed runs alternating as with interleave, each in a fresh process after its own warm-up
     peak_matmul_size: int = 2048
 
 
@@ -206,6 +207,9 @@ def check_config(c: HarnessConfig) -> HarnessConfig:
         raise UserError(f"--warmup must be 0 or more (got {c.warmup})")
     if c.threads < 0:
         raise UserError(f"--threads must be 0 (physical cores) or more (got {c.threads})")
+    if c.interleave and c.alternate:
+        raise UserError("--interleave and --alternate are two ways to alternate the backends' runs; pick one "
+                        "(--alternate, a process per run, when the backends do not fit in memory together)")
     return c
 
 

@@ -37,6 +37,9 @@ def bench(
     interleave: bool = typer.Option(False, help="load every backend in this process and alternate their timed "
                                                 "runs, so that a machine whose speed drifts slows all alike "
                                                 "(peak RSS is then the process's)"),
+    alternate: bool = typer.Option(False, help="alternate the backends' timed runs like --interleave, each run in a "
+                                               "fresh process after its own load and warm-up: for models the "
+                                               "backends cannot hold in memory together"),
 ) -> None:
     """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
     from rich.console import Console
@@ -50,7 +53,7 @@ def bench(
                                          guidance=guidance, batch=batch, precision=precision,
                                          backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed))
     config = check_config(HarnessConfig(warmup=warmup, runs=runs, threads=threads, workdir=workdir, isolate=isolate,
-                                        interleave=interleave))
+                                        interleave=interleave, alternate=alternate))
     folder = out or report.default_folder(scenario.name)
     command = " ".join(["sdrt", "bench"] + [shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:]]) \
         if "bench" in sys.argv else ""

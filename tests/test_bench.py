@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import run_sdrt
 from sdrt.bench.harness import EngineCall, Sample, stage_times
-from sdrt.bench.scenarios import PRESETS, HarnessConfig, Overrides, resolve
+from sdrt.bench.scenarios import PRESETS, HarnessConfig, Overrides, check_config, resolve
 from sdrt.runtime.errors import UserError
 
 SIZE = "32"  # tiny models: VAE factor 2, UNet factor 2 → 16² latents
@@ -216,6 +216,29 @@ def test_interleaved_backends_alternate_their_timed_runs(exported, bench_workdir
     check_result(result, "lightning-4step", runs=2, warmup=1)
     assert result["config"]["interleave"] and not result["config"]["isolate"]
     assert "interleaved" in result["backends"]["diffusers"]["memory"]["peak_rss_scope"]
+
+
+def test_alternating_backends_take_turns_in_fresh_processes(exported, bench_workdir):
+    from sdrt.bench.harness import run
+
+    events = []
+    scenario = resolve("lightning-1step", Overrides(model=str(exported("sdxl-lightning", "fp32")), resolution=SIZE,
+                                                    backends=("ort-cpu", "diffusers")))
+    config = HarnessConfig(warmup=1, runs=2, workdir=bench_workdir, alternate=True)
+    result = run(scenario, config, lambda what, done, total: events.append((what, done, total)))
+    timed = [e for e in events if e[0].endswith(": runs")]
+    assert timed == [("ort-cpu: runs", 1, 2), ("diffusers: runs", 1, 2), ("ort-cpu: runs", 2, 2),
+                     ("diffusers: runs", 2, 2)]
+    assert [e[0] for e in events].count("diffusers: loading") == 2  # one process, one load, per timed run
+    check_result(result, "lightning-1step", runs=2, warmup=2)  # a warm-up in each process
+    for b in result["backends"].values():
+        assert "2 processes" in b["memory"]["peak_rss_scope"]
+    assert result["config"]["alternate"]
+
+
+def test_interleave_and_alternate_together_are_refused():
+    with pytest.raises(UserError, match="pick one"):
+        check_config(HarnessConfig(interleave=True, alternate=True))
 
 
 def test_interleaved_backend_that_fails_is_reported_and_the_others_go_on(exported):
