@@ -252,3 +252,13 @@ def test_interleaved_backend_that_fails_is_reported_and_the_others_go_on(exporte
     assert list(raws) == ["ort-cuda", "ort-cpu"]
     assert raws["ort-cuda"]["status"] == "failed" and raws["ort-cuda"]["error"]  # no GPU / no onnxruntime-gpu here
     assert raws["ort-cpu"]["status"] == "ok" and len(raws["ort-cpu"]["samples"]) == 2
+
+
+def test_rates_above_the_peak_are_flagged_with_their_possible_causes():
+    from sdrt.bench.harness import warnings_about
+
+    over = {"status": "ok", "achieved": {"vae_decode": {"fraction_of_peak": 1.2}, "unet": {"fraction_of_peak": 0.9}}}
+    sdrt, diffusers = warnings_about({"ort-cpu": over, "diffusers": over})
+    assert sdrt.startswith("ort-cpu: vae_decode ran above") and "sub-pixel" in sdrt
+    assert diffusers.startswith("diffusers: vae_decode ran above") and "sub-pixel" not in diffusers
+    assert warnings_about({"ort-cpu": {"status": "ok", "achieved": {"unet": {"fraction_of_peak": 0.9}}}}) == []
