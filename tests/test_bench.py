@@ -262,3 +262,19 @@ def test_rates_above_the_peak_are_flagged_with_their_possible_causes():
     assert sdrt.startswith("ort-cpu: vae_decode ran above") and "sub-pixel" in sdrt
     assert diffusers.startswith("diffusers: vae_decode ran above") and "sub-pixel" not in diffusers
     assert warnings_about({"ort-cpu": {"status": "ok", "achieved": {"unet": {"fraction_of_peak": 0.9}}}}) == []
+
+
+def test_alternating_backend_that_fails_leaves_the_turn(exported):
+    from sdrt.bench.harness import Job, measure_alternating
+    from sdrt.bench.scenarios import with_threads
+
+    engine = str(exported("sdxl-lightning", "fp32"))
+    scenario = resolve("lightning-1step", Overrides(model=engine, resolution=SIZE, backends=("ort-cpu",)))
+    threads = with_threads(HarnessConfig()).threads
+    events = []
+    raws = measure_alternating([Job(scenario, b, engine, None, 0, 2, threads) for b in ("ort-cuda", "ort-cpu")],
+                               lambda what, done, total: events.append(what))
+    assert list(raws) == ["ort-cuda", "ort-cpu"]
+    assert raws["ort-cuda"]["status"] == "failed" and raws["ort-cuda"]["error"]  # no GPU / no onnxruntime-gpu here
+    assert events.count("ort-cuda: loading") == 1  # not tried again in the second turn
+    assert raws["ort-cpu"]["status"] == "ok" and len(raws["ort-cpu"]["samples"]) == 2
