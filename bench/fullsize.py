@@ -1,4 +1,4 @@
-"""Full-size SD 1.5 / SDXL architectures from their published configs (bench/configs/*.json), random weights.
+"""Full-size SD 1.5 / SD 2.1 / SDXL architectures from their published configs (bench/configs/*.json), random weights.
 
 Speed and memory do not depend on weight values, so benchmarks need no download. The tokenizer is the
 small locally trained CLIP tokenizer (ids stay below the real 49408-entry embedding table).
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURES = ("sd15", "sdxl")
+ARCHITECTURES = ("sd15", "sd21", "sdxl")
 
 
 def config(arch: str) -> dict:
@@ -22,11 +22,18 @@ def config(arch: str) -> dict:
     return json.loads(files("sdrt.bench").joinpath("configs", f"{arch}.json").read_text())
 
 
+def pad_token(cfg: dict, tokenizer: str) -> str:
+    """The published tokenizers pad with "<|endoftext|>" (CLIP-L), or "!" (OpenCLIP: SD 2.x, SDXL's second)."""
+    from sdrt.export.tiny_tokenizer import EOS
+
+    return cfg.get("pad_tokens", {}).get(tokenizer, "!" if tokenizer == "tokenizer_2" else EOS)
+
+
 def build(arch: str, seed: int = 0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdrt.export.tiny_tokenizer import EOS, write_clip_tokenizer
+    from sdrt.export.tiny_tokenizer import write_clip_tokenizer
 
     cfg = config(arch)
     torch.manual_seed(seed)
@@ -36,7 +43,7 @@ def build(arch: str, seed: int = 0):
                               ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
             if enc not in cfg:
                 continue
-            vocab = write_clip_tokenizer(Path(scratch) / tok, pad_token="!" if enc == "text_encoder_2" else EOS)
+            vocab = write_clip_tokenizer(Path(scratch) / tok, pad_token=pad_token(cfg, tok))
             text_cfg = CLIPTextConfig(**{**cfg[enc], "bos_token_id": vocab - 2, "eos_token_id": vocab - 1})
             parts[enc] = cls(text_cfg)
             parts[tok] = CLIPTokenizer.from_pretrained(Path(scratch) / tok)
@@ -51,10 +58,10 @@ def build(arch: str, seed: int = 0):
 
 
 def write(arch: str, folder: Path, seed: int = 0) -> Path:
-    from sdrt.export.tiny_tokenizer import EOS, write_clip_tokenizer
+    from sdrt.export.tiny_tokenizer import write_clip_tokenizer
 
     build(arch, seed).save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
         if (Path(folder) / name).is_dir():
-            write_clip_tokenizer(Path(folder) / name, pad_token="!" if name == "tokenizer_2" else EOS)
+            write_clip_tokenizer(Path(folder) / name, pad_token=pad_token(config(arch), name))
     return Path(folder)

@@ -136,6 +136,31 @@ def test_flop_counts_match_the_reference_for_sd15():
     assert flops["text_encoder"] / 1e9 == pytest.approx(13.3, abs=0.05)
 
 
+def test_flop_counts_match_the_reference_for_sd21():
+    """reference/fewstep_perf.md §2.3: SD2.1 UNet 804.3 / 2149.1 GFLOPs at 64² / 96² latents, OpenCLIP-H 45.1."""
+    from sdrt.bench.flops import ModelConfigs, per_image_flops
+    from sdrt.bench.fullsize import config
+
+    cfg = config("sd21")
+    configs = ModelConfigs(unet=cfg["unet"], vae=cfg["vae"],
+                           text_encoders={"text_encoder": {**cfg["text_encoder"], "architectures": ["CLIPTextModel"]}})
+    assert per_image_flops(configs, (64, 64))["unet"] / 1e9 == pytest.approx(804.3, abs=0.05)
+    flops = per_image_flops(configs, (96, 96))
+    assert flops["unet"] / 1e9 == pytest.approx(2149.1, abs=0.05)
+    assert flops["text_encoder"] / 1e9 == pytest.approx(45.1, abs=0.05)
+
+
+def test_every_architecture_the_cli_names_has_a_builder_with_the_published_pad_tokens():
+    from sdrt.bench import fullsize, scenarios
+    from sdrt.export.tiny_tokenizer import EOS
+
+    assert fullsize.ARCHITECTURES == scenarios.ARCHITECTURES
+    pads = {arch: {tok: fullsize.pad_token(fullsize.config(arch), tok) for tok in ("tokenizer", "tokenizer_2")}
+            for arch in fullsize.ARCHITECTURES}
+    assert pads["sd15"]["tokenizer"] == EOS and pads["sdxl"] == {"tokenizer": EOS, "tokenizer_2": "!"}
+    assert pads["sd21"]["tokenizer"] == "!"  # OpenCLIP's tokenizer
+
+
 def test_bench_command_module_imports_only_typer():
     code = ("import sys, sdrt.cli.bench_cmd\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'onnxruntime') "
