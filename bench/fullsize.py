@@ -29,6 +29,15 @@ def pad_token(cfg: dict, tokenizer: str) -> str:
     return cfg.get("pad_tokens", {}).get(tokenizer, "!" if tokenizer == "tokenizer_2" else EOS)
 
 
+def build_scheduler(cfg: dict):
+    """from_config, like loading the published folder: it ignores keys another scheduler class wrote
+    (SD 2.1's DDIM config carries PNDM's skip_prk_steps)."""
+    import diffusers
+
+    scheduler_cfg = dict(cfg["scheduler"])
+    return getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
+
+
 def build(arch: str, seed: int = 0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -49,8 +58,7 @@ def build(arch: str, seed: int = 0):
             parts[tok] = CLIPTokenizer.from_pretrained(Path(scratch) / tok)
     unet = diffusers.UNet2DConditionModel(**cfg["unet"])
     vae = diffusers.AutoencoderKL(**cfg["vae"])
-    scheduler_cfg = dict(cfg["scheduler"])
-    scheduler = getattr(diffusers, scheduler_cfg.pop("_class_name"))(**scheduler_cfg)
+    scheduler = build_scheduler(cfg)
     pipeline_cls = getattr(diffusers, cfg["pipeline_class"])
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
         if cfg["pipeline_class"] == "StableDiffusionPipeline" else {}

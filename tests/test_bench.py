@@ -150,7 +150,7 @@ def test_flop_counts_match_the_reference_for_sd21():
     assert flops["text_encoder"] / 1e9 == pytest.approx(45.1, abs=0.05)
 
 
-def test_every_architecture_the_cli_names_has_a_builder_with_the_published_pad_tokens():
+def test_every_architecture_the_cli_names_has_a_builder_with_the_published_tokenizers_and_scheduler():
     from sdrt.bench import fullsize, scenarios
     from sdrt.export.tiny_tokenizer import EOS
 
@@ -159,6 +159,10 @@ def test_every_architecture_the_cli_names_has_a_builder_with_the_published_pad_t
             for arch in fullsize.ARCHITECTURES}
     assert pads["sd15"]["tokenizer"] == EOS and pads["sdxl"] == {"tokenizer": EOS, "tokenizer_2": "!"}
     assert pads["sd21"]["tokenizer"] == "!"  # OpenCLIP's tokenizer
+    schedulers = {arch: fullsize.build_scheduler(fullsize.config(arch)) for arch in fullsize.ARCHITECTURES}
+    assert {a: (type(s).__name__, s.config.prediction_type) for a, s in schedulers.items()} == {
+        "sd15": ("PNDMScheduler", "epsilon"), "sd21": ("DDIMScheduler", "v_prediction"),
+        "sdxl": ("EulerDiscreteScheduler", "epsilon")}
 
 
 def test_bench_command_module_imports_only_typer():
