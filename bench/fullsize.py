@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURES = ("sd15", "sd21", "sdxl")
+from .scenarios import ARCHITECTURES
 
 
 def config(arch: str) -> dict:
@@ -23,10 +23,8 @@ def config(arch: str) -> dict:
 
 
 def pad_token(cfg: dict, tokenizer: str) -> str:
-    """The published tokenizers pad with "<|endoftext|>" (CLIP-L), or "!" (OpenCLIP: SD 2.x, SDXL's second)."""
-    from sdrt.export.tiny_tokenizer import EOS
-
-    return cfg.get("pad_tokens", {}).get(tokenizer, "!" if tokenizer == "tokenizer_2" else EOS)
+    """As the published tokenizer pads: "<|endoftext|>" (CLIP-L) or "!" (OpenCLIP: SD 2.x, SDXL's second)."""
+    return cfg["pad_tokens"][tokenizer]
 
 
 def build_scheduler(cfg: dict):

@@ -531,9 +531,6 @@ def _manifest(engine_dir: Path) -> dict | None:
 def _prepare_architecture(arch: str, precision: str, workdir: Path, on_progress: Progress) -> ModelPaths:
     from . import fullsize
 
-    if arch not in fullsize.ARCHITECTURES:
-        raise UserError(f"architecture {arch} has no builder in sdrt.bench.fullsize yet (it has "
-                        f"{', '.join(fullsize.ARCHITECTURES)}); give an engine directory instead")
     folder = workdir / arch / "model"
     engine_dir = workdir / arch / f"engine-{precision}"
     if not (folder / "model_index.json").is_file():

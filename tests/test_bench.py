@@ -155,8 +155,10 @@ def test_every_architecture_the_cli_names_has_a_builder_with_the_published_token
     from sdrt.export.tiny_tokenizer import EOS
 
     assert fullsize.ARCHITECTURES == scenarios.ARCHITECTURES
-    pads = {arch: {tok: fullsize.pad_token(fullsize.config(arch), tok) for tok in ("tokenizer", "tokenizer_2")}
-            for arch in fullsize.ARCHITECTURES}
+    configs = {arch: fullsize.config(arch) for arch in fullsize.ARCHITECTURES}
+    pads = {arch: {tok: fullsize.pad_token(cfg, tok) for tok, enc in (("tokenizer", "text_encoder"),
+                                                                      ("tokenizer_2", "text_encoder_2")) if enc in cfg}
+            for arch, cfg in configs.items()}
     assert pads["sd15"]["tokenizer"] == EOS and pads["sdxl"] == {"tokenizer": EOS, "tokenizer_2": "!"}
     assert pads["sd21"]["tokenizer"] == "!"  # OpenCLIP's tokenizer
     schedulers = {arch: fullsize.build_scheduler(fullsize.config(arch)) for arch in fullsize.ARCHITECTURES}
