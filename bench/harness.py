@@ -35,7 +35,7 @@ from typing import Callable
 
 from sdrt.runtime.errors import UserError
 
-from .scenarios import (DIFFUSERS_BACKENDS, DIFFUSERS_SCHEDULERS, HarnessConfig, Scenario, check_config,
+from .scenarios import (DIFFUSERS_BACKENDS, HarnessConfig, Scenario, check_config,
                         gpu_present, with_threads)
 
 SCHEMA = "sdrt-bench/1"
@@ -251,7 +251,10 @@ def diffusers_scheduler(config, scenario: Scenario):
     """The diffusers scheduler that matches sdrt's sampler, spacing and prediction type."""
     import diffusers
 
-    name, kwargs = DIFFUSERS_SCHEDULERS[scenario.sampler]
+    from sdrt.runtime.sampler_registry import get
+
+    spec = get(scenario.sampler)
+    name, kwargs = spec.diffusers_class, dict(spec.diffusers_config)
     overrides = dict(kwargs)
     if scenario.timestep_spacing:
         overrides["timestep_spacing"] = scenario.timestep_spacing

@@ -22,18 +22,6 @@ ARCHITECTURES = ("sd15", "sd21", "sdxl")  # full-size, random weights, built by 
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 
-# sdrt sampler name → (diffusers scheduler class, from_config overrides); the parity tests use it too
-DIFFUSERS_SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
-
-
 @dataclass(frozen=True)
 class BenchPreset:
     sampler: str
@@ -185,8 +173,9 @@ def resolve(preset_name: str, o: Overrides, gpu: bool | None = None) -> Scenario
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose fp32 or fp16")
     sampler = o.sampler or preset.sampler
-    if sampler not in DIFFUSERS_SCHEDULERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(DIFFUSERS_SCHEDULERS)}")
+    from sdrt.runtime.sampler_registry import resolve
+
+    sampler, _ = resolve(sampler)
     steps = preset.steps if o.steps is None else o.steps
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")

@@ -3,13 +3,15 @@
     sampler(denoise, x, schedule, generator) -> Iterator[Tensor]
 
 `denoise(x, sigma) -> x0` (runtime/denoiser.py); `x` is the float32 starting latent in sigma space
-(`initial_latents` for txt2img, x0 + sigma0*noise for img2img); `generator` is a CPU torch.Generator from which
-per-step noise is drawn in diffusers' order, shape and dtype (randn_tensor on CPU == torch.randn). Each sampler
+(`initial_latents` for txt2img, x0 + sigma0*noise for img2img); `generator` is a list of CPU torch.Generators,
+one per image (or one generator for the batch), from which per-step noise is drawn in diffusers' order, shape and
+dtype (runtime/noise.py, diffusers' randn_tensor). Each sampler
 yields the latent after every model evaluation (what diffusers' pipeline holds after each `scheduler.step`);
 the last one is what diffusers decodes. A caller may `send()` a replacement for the latent just yielded
 (inpainting re-imposes the known region) and the sampler continues from it. Multistep history is a local.
 
-Each equals the diffusers scheduler named in its docstring (schedules: runtime/schedules.py); formulas are
+Each equals the diffusers scheduler named in its docstring (schedules: runtime/schedules.py; the registry of
+names, schedule builders and diffusers classes: runtime/sampler_registry.py); formulas are
 restated in sigma space from ../shared/reference/fewstep_perf.md §1.3-1.4.
 """
 
@@ -21,10 +23,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .schedules import SAMPLER_NAMES, Schedule, ScheduleError, input_scale
+from .noise import Generators, randn_like
+from .schedules import Schedule, ScheduleError, input_scale
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
-Sampler = Callable[[Denoise, torch.Tensor, Schedule, "torch.Generator | None"], Iterator[torch.Tensor]]
+Sampler = Callable[[Denoise, torch.Tensor, Schedule, "Generators | torch.Generator | None"], Iterator[torch.Tensor]]
 
 
 def initial_latents(noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
@@ -35,9 +38,9 @@ def initial_latents(noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     return noise.float() * schedule.init_noise_sigma
 
 
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    # diffusers randn_tensor: drawn on the generator's device (CPU), then moved
-    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
+def _randn(like: torch.Tensor, generator) -> torch.Tensor:
+    # diffusers randn_tensor: drawn on the CPU (one generator per image, or one for all), then moved
+    return randn_like(like, generator)
 
 
 def _sqrt(v) -> np.float32:
@@ -206,22 +209,3 @@ def lcm(denoise: Denoise, x: torch.Tensor, schedule: Schedule,
         sent = yield x
         if sent is not None:
             x = sent
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "euler": euler,
-    "euler_a": euler_ancestral,
-    "heun": heun,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "ddim": ddim,
-    "lcm": lcm,
-}
-assert tuple(SAMPLERS) == SAMPLER_NAMES
-
-
-def get_sampler(name: str) -> Sampler:
-    """The sampler registered under `name`."""
-    if name not in SAMPLERS:
-        raise ScheduleError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]

@@ -12,7 +12,7 @@ arrays are bit-identical, not merely close.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 
 import numpy as np
@@ -20,27 +20,14 @@ import torch
 
 from .errors import UserError
 
-SAMPLER_NAMES = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "lcm")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-KARRAS_SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-
-# diffusers' __init__ defaults that differ between the scheduler classes behind each sampler
-# (EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, DPMSolverMultistep, DDIM, LCM).
-_CLASS_DEFAULTS = {
-    "euler": dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", timestep_spacing="linspace"),
-    "euler_a": dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", timestep_spacing="linspace"),
-    "heun": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", timestep_spacing="linspace",
-                 clip_sample=False),
-    "dpmpp_2m": dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", timestep_spacing="linspace"),
-    "dpmpp_2m_sde": dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", timestep_spacing="linspace"),
-    "ddim": dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", timestep_spacing="leading",
-                 set_alpha_to_one=True, clip_sample=True),
-    "lcm": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
-                set_alpha_to_one=True, clip_sample=False),
-}
-
+# Sigma schedules a request may choose (reference/customization.md §5): "default" keeps the model's config;
+# karras / exponential / beta replace the sigmas (diffusers' use_*_sigmas); sgm_uniform and its alias simple are
+# diffusers' timestep_spacing "trailing" (its scheduler overview table).
+SIGMA_SCHEDULES = ("default", "karras", "exponential", "beta", "sgm_uniform", "simple")
+SIGMA_CONVERSIONS = ("karras", "exponential", "beta")
 
 class ScheduleError(UserError, ValueError):
     """An unsupported scheduler setting or sampler choice; the message names the valid choices."""
@@ -118,11 +105,29 @@ class SchedulerConfig:
                 given[k] = int(given[k])
         return cls(**given)
 
-    def resolved(self, sampler: str) -> "SchedulerConfig":
-        """This config with the absent keys set to the defaults of the sampler's diffusers class."""
-        _choice("sampler", sampler, SAMPLER_NAMES)
-        absent = {k: v for k, v in _CLASS_DEFAULTS[sampler].items() if getattr(self, k) is None}
+    def resolved(self, class_defaults: Mapping) -> "SchedulerConfig":
+        """This config with the absent keys set to `class_defaults` (those of the sampler's diffusers class)."""
+        absent = {k: v for k, v in class_defaults.items() if getattr(self, k, None) is None}
         return replace(self, **absent)
+
+    @property
+    def sigma_conversion(self) -> str | None:
+        """karras | exponential | beta when the config asks for converted sigmas (diffusers allows one), else None."""
+        chosen = [k for k, on in (("karras", self.use_karras_sigmas), ("exponential", self.use_exponential_sigmas),
+                                  ("beta", self.use_beta_sigmas)) if on]
+        if len(chosen) > 1:
+            raise ScheduleError(f"the scheduler config asks for {' and '.join(chosen)} sigmas; diffusers allows one")
+        return chosen[0] if chosen else None
+
+    def with_sigma_schedule(self, name: str) -> "SchedulerConfig":
+        """This config with a request's sigma schedule applied (SIGMA_SCHEDULES)."""
+        _choice("schedule", name, SIGMA_SCHEDULES)
+        if name == "default":
+            return self
+        if name in ("sgm_uniform", "simple"):
+            return replace(self, timestep_spacing="trailing")
+        return replace(self, use_karras_sigmas=name == "karras", use_exponential_sigmas=name == "exponential",
+                       use_beta_sigmas=name == "beta")
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +152,9 @@ class Schedule:
     c_skip: np.ndarray | None = None  # LCM boundary condition per step, float32 [n]
     c_out: np.ndarray | None = None
     num_train_timesteps: int = 1000
+    # Whatever else one sampler's schedule builder hands to its sampler (name → value). Arrays with one entry
+    # per evaluation ([n]) are cut by from_index like the fields above; anything else is passed as is.
+    extra: Mapping = field(default_factory=dict)
 
 
 def num_steps(schedule: Schedule) -> int:
@@ -164,9 +172,11 @@ def from_index(schedule: Schedule, start: int) -> Schedule:
     if start == 0:
         return schedule
     cut = (lambda a: None if a is None else a[start:])
+    extra = {k: v[start:] if isinstance(v, (np.ndarray, tuple)) and len(v) == n else v
+             for k, v in schedule.extra.items()}
     return replace(schedule, sigmas=schedule.sigmas[start:], timesteps=schedule.timesteps[start:],
                    targets=schedule.targets[start:], solver_orders=schedule.solver_orders[start:],
-                   c_skip=cut(schedule.c_skip), c_out=cut(schedule.c_out))
+                   c_skip=cut(schedule.c_skip), c_out=cut(schedule.c_out), extra=extra)
 
 
 # ---- training schedule -------------------------------------------------------------------------------
@@ -254,10 +264,66 @@ def sigma_to_t(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def _karras(cfg: SchedulerConfig, ends: np.ndarray, n: int) -> np.ndarray:
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """diffusers _convert_to_exponential: log-uniform from sigma_max to sigma_min, float64 [n]."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def _incomplete_beta(x: float, a: float, b: float) -> float:
+    """Regularized incomplete beta I_x(a, b) by its continued fraction (modified Lentz), float64 to ~1e-16."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast below the mean; use the symmetry above it
+        return 1.0 - _incomplete_beta(1.0 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * f / a
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Inverse of I_x(a, b) (scipy.stats.beta.ppf), by bisection to the last float64 bit."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if _incomplete_beta(mid, a, b) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """diffusers _convert_to_beta (Lee et al. 2024, arXiv 2407.12173): sigma_min + ppf(1 - u) (sigma_max - sigma_min)."""
+    return np.array([sigma_min + beta_ppf(float(q), alpha, beta) * (sigma_max - sigma_min)
+                     for q in 1 - np.linspace(0, 1, n)])
+
+
+def convert_sigmas(kind: str, cfg: SchedulerConfig, ends: np.ndarray, n: int) -> np.ndarray:
+    """karras | exponential | beta sigmas between the config's sigma_min/max, else the ends of `ends` (descending)."""
     lo = cfg.sigma_min if cfg.sigma_min is not None else float(ends[-1])
     hi = cfg.sigma_max if cfg.sigma_max is not None else float(ends[0])
-    return karras_sigmas(lo, hi, n)
+    return {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}[kind](lo, hi, n)
 
 
 def input_scale(sigma: float) -> float:
@@ -273,13 +339,14 @@ def _alpha_space_init(sigma0: np.float32) -> float:
 
 # ---- one builder per sampler family ------------------------------------------------------------------
 
-def _euler_family(cfg: SchedulerConfig, abar: torch.Tensor, n: int, karras: bool, sampler: str) -> Schedule:
+def euler_family(cfg: SchedulerConfig, abar: torch.Tensor, n: int, sampler: str) -> Schedule:
     # diffusers EulerDiscreteScheduler / EulerAncestralDiscreteScheduler / HeunDiscreteScheduler.set_timesteps
     train = _train_sigmas(abar)
     t = _spaced(cfg, n, np.float32)
     sig = np.interp(t, np.arange(0, len(train)), train)
-    if karras:
-        sig = _karras(cfg, sig, n)
+    kind = cfg.sigma_conversion
+    if kind is not None:  # the interpolated sigmas' ends bound the converted ones (Euler-type schedulers)
+        sig = convert_sigmas(kind, cfg, sig, n)
         t = sigma_to_t(sig, train)
     final = 0.0
     if sampler == "euler" and cfg.final_sigmas_type == "sigma_min":
@@ -302,17 +369,18 @@ def _euler_family(cfg: SchedulerConfig, abar: torch.Tensor, n: int, karras: bool
                     num_train_timesteps=cfg.num_train_timesteps)
 
 
-def _dpm(cfg: SchedulerConfig, abar: torch.Tensor, n: int, karras: bool) -> Schedule:
+def dpm_multistep(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
     # diffusers DPMSolverMultistepScheduler.set_timesteps
     train = _train_sigmas(abar)
     lam = torch.log(torch.sqrt(abar)) - torch.log(torch.sqrt(1 - abar))
     clipped = int(torch.searchsorted(torch.flip(lam, [0]), cfg.lambda_min_clipped))
     last = cfg.num_train_timesteps - clipped
     t = _spaced_dpm(cfg, n, last)
-    if karras:
-        sig = _karras(cfg, train[::-1], n)
+    kind = cfg.sigma_conversion
+    if kind is not None:  # the whole training table's ends bound the converted sigmas (multistep solvers)
+        sig = convert_sigmas(kind, cfg, train[::-1], n)
         t = sigma_to_t(sig, train)
-        if cfg.beta_schedule != "squaredcos_cap_v2":
+        if kind == "karras" and cfg.beta_schedule != "squaredcos_cap_v2":
             t = t.round()
     else:
         sig = np.interp(t, np.arange(0, len(train)), train)
@@ -328,7 +396,7 @@ def _dpm(cfg: SchedulerConfig, abar: torch.Tensor, n: int, karras: bool) -> Sche
                     solver_type=cfg.solver_type, num_train_timesteps=cfg.num_train_timesteps)
 
 
-def _ddim(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
+def ddim(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
     # diffusers DDIMScheduler.set_timesteps / step (eta = 0)
     t_count = cfg.num_train_timesteps
     if n > t_count:
@@ -345,7 +413,7 @@ def _ddim(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
                     num_train_timesteps=t_count)
 
 
-def _lcm(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
+def lcm(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
     # diffusers LCMScheduler.set_timesteps (strength 1) / get_scalings_for_boundary_condition_discrete
     t_count, original = cfg.num_train_timesteps, cfg.original_inference_steps
     if original > t_count:
@@ -364,57 +432,17 @@ def _lcm(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
                     c_skip=c_skip.numpy(), c_out=c_out.numpy(), num_train_timesteps=t_count)
 
 
-def _refuse_unsupported(cfg: SchedulerConfig, sampler: str, karras: bool) -> None:
-    if karras and sampler not in KARRAS_SAMPLERS:
-        raise ScheduleError(f"karras sigmas are not available for {sampler}; "
-                            f"they are for {', '.join(KARRAS_SAMPLERS)}")
-    if sampler == "euler_a" and cfg.prediction_type == "sample":
-        raise ScheduleError("euler_a does not support prediction_type 'sample' (diffusers neither); "
-                            "choose euler, heun, dpmpp_2m, dpmpp_2m_sde, ddim or lcm")
-    if sampler in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde") and (cfg.use_exponential_sigmas
-                                                                     or cfg.use_beta_sigmas):
-        raise ScheduleError("exponential and beta sigmas are not supported; use karras sigmas or the default sigmas")
-    if sampler == "euler":
-        _choice("interpolation_type", cfg.interpolation_type, ("linear",))
-        _choice("timestep_type", cfg.timestep_type, ("discrete", "continuous"))
-        _choice("final_sigmas_type", cfg.final_sigmas_type, ("zero", "sigma_min"))
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-        _choice("solver_order", cfg.solver_order, (1, 2))
-        _choice("solver_type", cfg.solver_type, ("midpoint", "heun"))
-        _choice("final_sigmas_type", cfg.final_sigmas_type, ("zero", "sigma_min"))
-        if cfg.variance_type in ("learned", "learned_range"):
-            raise ScheduleError("learned-variance UNets (6 output channels) are not supported; "
-                                "sdrt runs UNets that predict epsilon, v or the sample")
-        if cfg.use_lu_lambdas or cfg.use_flow_sigmas or cfg.use_dynamic_shifting:
-            raise ScheduleError("DPM-Solver lu-lambdas, flow sigmas and dynamic shifting are not supported; "
-                                "use karras sigmas or the default sigmas")
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde", "ddim", "lcm") and cfg.thresholding:
-        raise ScheduleError("dynamic thresholding is not supported; set thresholding to false (clip_sample works)")
-    if sampler in ("ddim", "lcm") and cfg.rescale_betas_zero_snr:
-        raise ScheduleError(f"rescale_betas_zero_snr puts the first {sampler} sigma at infinity; "
-                            "use euler, euler_a or dpmpp_2m with it")
-
-
-def make_schedule(cfg: SchedulerConfig, sampler: str, steps: int, karras: bool = False) -> Schedule:
+def make_schedule(cfg: SchedulerConfig, sampler: str, steps: int, schedule: str | bool = "default") -> Schedule:
     """The schedule diffusers' scheduler for `sampler` builds with `set_timesteps(steps)`.
 
-    karras (or the config's use_karras_sigmas) selects Karras sigmas where diffusers offers them
-    (euler, heun, dpmpp_2m, dpmpp_2m_sde).
+    `schedule` is one of SIGMA_SCHEDULES (True/False: karras/default, the older form); the registry
+    (runtime/sampler_registry.py) knows which each sampler's diffusers class offers.
     """
-    _choice("sampler", sampler, SAMPLER_NAMES)
-    if steps < 1:
-        raise ScheduleError(f"steps must be at least 1 (got {steps})")
-    c = cfg.resolved(sampler)
-    _refuse_unsupported(c, sampler, karras)
-    karras = karras or (c.use_karras_sigmas and sampler in KARRAS_SAMPLERS)
-    abar = alphas_cumprod(c, sampler)
-    if sampler in ("euler", "euler_a", "heun"):
-        return _euler_family(c, abar, steps, karras, sampler)
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-        return _dpm(c, abar, steps, karras)
-    if sampler == "ddim":
-        return _ddim(c, abar, steps)
-    return _lcm(c, abar, steps)
+    from .sampler_registry import build_schedule
+
+    if isinstance(schedule, bool):
+        schedule = "karras" if schedule else "default"
+    return build_schedule(cfg, sampler, steps, schedule)
 
 
 # ---- img2img and base/refiner windows ----------------------------------------------------------------

@@ -20,9 +20,9 @@ FIGURES: dict[str, int] = {}
 def diffusers_scheduler(pipe, sampler: str, karras: bool = False, **overrides):
     import diffusers
 
-    from sdrt.bench.scenarios import DIFFUSERS_SCHEDULERS as classes
+    from sdrt.runtime.sampler_registry import get
 
-    name, extra = classes[sampler]
+    name, extra = get(sampler).diffusers_class, dict(get(sampler).diffusers_config)
     kwargs = {**extra, **overrides}
     if karras:
         kwargs["use_karras_sigmas"] = True

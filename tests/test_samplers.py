@@ -29,7 +29,7 @@ from sdrt.runtime import samplers, schedules  # noqa: E402
 from sdrt.runtime.denoiser import make_denoiser, timestep_lookup  # noqa: E402
 from sdrt.runtime.errors import UserError  # noqa: E402
 from sdrt.runtime.schedules import SchedulerConfig, make_schedule  # noqa: E402
-from sdrt.bench.scenarios import DIFFUSERS_SCHEDULERS
+from sdrt.runtime import sampler_registry
 
 RTOL = 1e-5
 SHAPE = (1, 4, 8, 8)
@@ -40,7 +40,9 @@ SPACINGS = ("leading", "trailing", "linspace")
 SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
 
-DIFFUSERS = DIFFUSERS_SCHEDULERS  # sdrt sampler name → (diffusers scheduler class, from_config overrides)
+CLASSIC = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "lcm")
+DIFFUSERS = {n: (s.diffusers_class, dict(s.diffusers_config)) for n, s in sampler_registry.REGISTRY.items()
+             if n in CLASSIC}  # sdrt sampler name → (diffusers scheduler class, from_config overrides)
 EULER_FAMILY = ("euler", "euler_a", "heun")
 
 
@@ -102,7 +104,7 @@ def run_sdrt(sampler, config, steps, karras=False, seed=0, image=None, strength=
     else:
         schedule = schedules.from_index(schedule, schedules.strength_start_index(schedule, steps, strength))
         x = image + noise * float(schedule.sigmas[0])
-    run = samplers.SAMPLERS[sampler](make_denoiser(stand_in, schedule, cfg.prediction_type), x, schedule, g)
+    run = sampler_registry.get_sampler(sampler)(make_denoiser(stand_in, schedule, cfg.prediction_type), x, schedule, g)
     count = schedules.num_steps(schedule) if stop is None else stop
     x = next(run)
     for i in range(count):
@@ -140,7 +142,7 @@ def assert_same_schedule(sampler: str, sched, schedule: schedules.Schedule) -> N
 def _grid():
     for sampler in DIFFUSERS:
         spacings = ("leading",) if sampler == "lcm" else SPACINGS  # LCM's own schedule ignores the spacing
-        karras_options = (False, True) if sampler in schedules.KARRAS_SAMPLERS else (False,)
+        karras_options = (False, True) if "karras" in sampler_registry.get(sampler).conversions else (False,)
         predictions = ("epsilon", "v_prediction") if sampler == "euler_a" else schedules.PREDICTION_TYPES
         for spacing in spacings:
             for karras in karras_options:
@@ -251,7 +253,7 @@ def _cfg(**overrides) -> SchedulerConfig:
 
 
 def test_training_schedule_constants():
-    abar = schedules.alphas_cumprod(_cfg().resolved("euler"), "euler").numpy()
+    abar = schedules.alphas_cumprod(_cfg().resolved(sampler_registry.get("euler").class_defaults), "euler").numpy()
     sigma = np.sqrt((1 - abar) / abar)
     np.testing.assert_allclose([abar[0], abar[-1]], [0.99915, 0.0046601], rtol=1e-4)
     np.testing.assert_allclose([sigma[0], sigma[-1]], [0.029168, 14.6146], rtol=1e-4)
@@ -300,14 +302,14 @@ def test_ddim_steps_to_t_minus_T_over_N_whatever_the_spacing():
     # trailing N=3: timesteps 999, 666, 332 but the steps land on 666, 333 (not 332), then the final alpha
     schedule = make_schedule(_cfg(timestep_spacing="trailing"), "ddim", 3)
     np.testing.assert_array_equal(schedule.timesteps, [999, 666, 332])
-    abar = schedules.alphas_cumprod(_cfg().resolved("ddim"), "ddim").numpy()
+    abar = schedules.alphas_cumprod(_cfg().resolved(sampler_registry.get("ddim").class_defaults), "ddim").numpy()
     landed = np.sqrt((1 - abar[[666, 333, 0]]) / abar[[666, 333, 0]])  # set_alpha_to_one false: abar_0 at the end
     np.testing.assert_allclose(schedule.targets, landed, rtol=1e-6)
     assert schedule.targets[1] != schedule.sigmas[2]
 
 
 def test_dpmpp_2m_karras_20_golden():
-    schedule = make_schedule(_cfg(), "dpmpp_2m", 20, karras=True)
+    schedule = make_schedule(_cfg(), "dpmpp_2m", 20, "karras")
     np.testing.assert_array_equal(schedule.timesteps, [999, 962, 921, 876, 827, 772, 710, 640, 561, 474, 380, 285,
                                                        197, 123, 69, 35, 15, 6, 2, 0])
     assert schedule.sigmas[0] == pytest.approx(14.6146, abs=1e-4)
@@ -398,7 +400,7 @@ def test_base_to_refiner_hand_off_matches_diffusers(sampler):
     assert_close(ours / schedules.input_scale(schedule.sigmas[stop]) if alpha_space else ours, handed)
     schedule = schedules.from_index(schedule, schedules.denoising_start_index(schedule, split, cfg))
     g = torch.Generator().manual_seed(5)
-    for ours in samplers.SAMPLERS[sampler](make_denoiser(stand_in, schedule, cfg.prediction_type), ours, schedule, g):
+    for ours in sampler_registry.get_sampler(sampler)(make_denoiser(stand_in, schedule, cfg.prediction_type), ours, schedule, g):
         pass
     assert_close(ours, theirs)
 
@@ -419,7 +421,7 @@ def test_inpaint_blend_sent_back_into_the_sampler_matches_diffusers(sampler):
 # ---- adapter and errors -------------------------------------------------------------------------------
 
 def test_denoiser_pairs_each_sigma_with_its_own_timestep():
-    schedule = make_schedule(_cfg(), "heun", 4, karras=True)  # interleaved sigmas, fractional timesteps
+    schedule = make_schedule(_cfg(), "heun", 4, "karras")  # interleaved sigmas, fractional timesteps
     pairs = timestep_lookup(schedule)
     assert len(pairs) == 4
     seen = []
@@ -443,10 +445,10 @@ def test_v_prediction_x0_identity():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: make_schedule(_cfg(), "plms", 4), "choose one of euler, euler_a, heun"),
+    (lambda: make_schedule(_cfg(), "k_dpm_fast", 4), "choose one of euler, euler_a, heun"),
     (lambda: make_schedule(_cfg(prediction_type="sample"), "euler_a", 4), "euler_a does not support"),
-    (lambda: make_schedule(_cfg(), "ddim", 4, karras=True), "karras sigmas are not available for ddim"),
-    (lambda: make_schedule(_cfg(), "euler_a", 4, karras=True), "karras sigmas are not available"),
+    (lambda: make_schedule(_cfg(), "ddim", 4, "karras"), "karras sigmas are not available for ddim"),
+    (lambda: make_schedule(_cfg(), "euler_a", 4, "karras"), "karras sigmas are not available"),
     (lambda: make_schedule(_cfg(thresholding=True), "ddim", 4), "thresholding"),
     (lambda: make_schedule(_cfg(solver_order=3), "dpmpp_2m", 4), "solver_order 3"),
     (lambda: make_schedule(_cfg(rescale_betas_zero_snr=True), "lcm", 4), "rescale_betas_zero_snr"),
@@ -456,7 +458,7 @@ def test_v_prediction_x0_identity():
     (lambda: _cfg(prediction_type="flow_prediction"), "prediction_type 'flow_prediction'"),
     (lambda: _cfg(timestep_spacing="uniform"), "timestep_spacing 'uniform'"),
     (lambda: make_denoiser(stand_in, make_schedule(_cfg(), "euler", 2), "x0"), "prediction_type 'x0'"),
-    (lambda: samplers.get_sampler("dpm_fast"), "unknown sampler 'dpm_fast'"),
+    (lambda: sampler_registry.get_sampler("dpm_fast"), "unknown sampler 'dpm_fast'"),
     (lambda: schedules.strength_start_index(make_schedule(_cfg(), "euler", 4), 4, 0.1), "runs no step"),
     (lambda: schedules.denoising_start_index(make_schedule(_cfg(), "euler", 4), 1.0), r"denoising_start must be"),
     (lambda: schedules.from_index(make_schedule(_cfg(), "heun", 4), 1), "splits a Heun step"),
