@@ -70,7 +70,7 @@ def main() -> None:
             export(ExportConfig(model=str(model), output=engine_dir, precision="fp16"))
         if can_run["tensorrt"] is None:
             build_plans(engine_dir, guidance > 1)
-        request = Request(prompt=("a photo of a cat",), steps=4, guidance=guidance, seed=1, width=SIZE, height=SIZE)
+        request = Request.of(prompt=("a photo of a cat",), steps=4, guidance=guidance, seed=1, width=SIZE, height=SIZE)
         images = {}
         for backend, reason in can_run.items():
             if reason:

@@ -168,11 +168,11 @@ def open_sdrt(scenario: Scenario, backend: str, engine_dir: Path, threads: int) 
     load_seconds = clock.now() - started
     recorder = CallRecorder()
     pipe.engines = {name: TimedEngine(e, name, recorder, clock) for name, e in pipe.engines.items()}
-    request = Request(prompt=(scenario.prompt,), steps=scenario.steps, guidance=scenario.guidance,
+    request = Request.of(prompt=(scenario.prompt,), steps=scenario.steps, guidance=scenario.guidance,
                       sampler=scenario.sampler, timestep_spacing=scenario.timestep_spacing,
                       prediction_type=scenario.prediction_type, seed=scenario.seed, width=scenario.width,
                       height=scenario.height, images_per_prompt=scenario.batch)
-    pipe.check(request)
+    request = pipe.validate(request)
 
     def run_once() -> Sample:
         recorder.calls.clear()
@@ -240,7 +240,8 @@ def open_diffusers(scenario: Scenario, source_dir: Path, threads: int, compiled:
             return callback_kwargs
 
         start = clock.now()
-        pipe(**kwargs, generator=torch.Generator().manual_seed(scenario.seed), callback_on_step_end=on_step)
+        generators = [torch.Generator().manual_seed(scenario.seed + i) for i in range(scenario.batch)]  # per-image seeds
+        pipe(**kwargs, generator=generators, callback_on_step_end=on_step)
         end_to_end = clock.now() - start
         return Sample(end_to_end, tuple(recorder.calls), tuple(marks))
 

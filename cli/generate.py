@@ -1,4 +1,4 @@
-"""`sdrt run`: options → Request(s) → Pipeline → PNG files with their generation parameters."""
+"""`sdrt run`: options → one Request → validated Job → Pipeline → PNG files with their generation parameters."""
 
 from __future__ import annotations
 
@@ -8,10 +8,25 @@ from typing import Callable
 
 from sdrt.runtime import image_io
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.pipeline import Pipeline, Request
+from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.presets import PRESETS
+from sdrt.runtime.request import Request
+from sdrt.runtime.loader import open_dir
+from sdrt.runtime.validate import InvalidRequest, Job, validate
 
 OnStep = Callable[[str, int, int], None]  # (stage, steps done, total)
+
+# request field → how `sdrt run` spells it (InvalidRequest names fields, the CLI names its own flags)
+FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_prompt": "--batch"}
+
+
+def flag(field: str) -> str:
+    name = field.split(".")[-1]
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def as_cli_error(e: InvalidRequest) -> UserError:
+    return UserError(f"{flag(e.field)} {e.message}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +38,7 @@ class RunOptions:
     guidance: float | None = None
     guidance_rescale: float = 0.0
     sampler: str | None = None
+    schedule: str | None = None
     karras: bool = False
     seed: int = 0
     width: int | None = None
@@ -36,30 +52,29 @@ class RunOptions:
     preset: str | None = None
     backend: str = "auto"
     out: Path = Path("sdrt.png")
+    as_json: bool = False
 
 
 def build_request(o: RunOptions) -> Request:
     if o.preset is not None and o.preset not in PRESETS:
-        raise UserError(f"unknown preset {o.preset!r}; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"--preset {o.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     preset = PRESETS.get(o.preset)
-    if o.batch < 1:
-        raise UserError(f"--batch must be at least 1 (got {o.batch})")
-    if o.mask is not None and o.init_image is None:
-        raise UserError("a mask needs an init image (--init-image) to inpaint")
-    return Request(
+    if o.karras and o.schedule not in (None, "karras"):
+        raise UserError(f"--karras and --schedule {o.schedule} contradict each other; give one")
+    return Request.of(
         prompt=o.prompts,
-        negative_prompt=(o.negative_prompt,) if o.negative_prompt is not None else None,
+        negative_prompt=o.negative_prompt,
         steps=o.steps if o.steps is not None else (preset.steps if preset else 30),
         guidance=o.guidance if o.guidance is not None else (preset.guidance if preset else 7.5),
         guidance_rescale=o.guidance_rescale,
         sampler=o.sampler or (preset.sampler if preset else None),
-        karras=o.karras,
+        schedule="karras" if o.karras else o.schedule,
         timestep_spacing=preset.timestep_spacing if preset else None,
         prediction_type=preset.prediction_type if preset else None,
         seed=o.seed,
         width=o.width,
         height=o.height,
-        images_per_prompt=o.batch,
+        batch=o.batch,
         init_image=image_io.load_image(o.init_image) if o.init_image else None,
         strength=o.strength,
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
@@ -76,40 +91,51 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> list[Path]:
+@dataclass(frozen=True)
+class Written:
+    path: Path
+    seed: int
+    prompt: str
+
+
+def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> tuple[Job, list[Written]]:
     request = build_request(o)
-    paths = output_paths(o.out, len(request.prompt) * request.images_per_prompt)
+    try:  # before any engine loads: bad input costs nothing and leaves nothing behind
+        job = validate(request, open_dir(o.engine_dir))
+    except InvalidRequest as e:
+        raise as_cli_error(e) from None
+    paths = output_paths(o.out, job.count)
     image_io.check_writable(paths[0])
     pipe = Pipeline.load(o.engine_dir, backend=o.backend)
-    pipe.check(request)
-    latents = _run(pipe, request, "base" if o.refiner else "denoise", on_step)
+    latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step)
     decoder = pipe
     if o.refiner:
         refiner = Pipeline.load(o.refiner, backend=o.backend)
-        follow = Request(prompt=request.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
-                         guidance=request.guidance, guidance_rescale=request.guidance_rescale,
-                         sampler=request.sampler, karras=request.karras, seed=request.seed,
-                         init_latents=latents, denoising_start=o.refiner_start)
-        latents = _run(refiner, follow, "refiner", on_step)
+        follow = Request.of(prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+                            guidance=job.guidance, guidance_rescale=job.guidance_rescale, sampler=job.sampler,
+                            schedule=job.schedule, seed=job.seed, init_latents=latents,
+                            denoising_start=o.refiner_start)
+        try:
+            follow_job = refiner.validate(follow)
+        except InvalidRequest as e:
+            raise as_cli_error(e) from None
+        latents = _run(refiner, follow_job, "refiner", on_step)
         decoder = refiner
     images = decoder.decode(latents)
     width, height = images[0].size
-    sampler = pipe.sampler_name(request) + (" Karras" if request.karras else "")
     written = []
     for i, (image, path) in enumerate(zip(images, paths)):
+        prompt = job.prompt[i // job.images_per_prompt]
         params = image_io.GenerationParameters(
-            prompt=request.prompt[i // request.images_per_prompt],
-            negative_prompt=o.negative_prompt or "", steps=request.steps, sampler=sampler,
-            cfg_scale=request.guidance, seed=request.seed, width=width, height=height,
-            model=Path(o.engine_dir).name)
-        written.append(image_io.save_png(image, path, params))
-    return written
+            prompt=prompt, negative_prompt=o.negative_prompt or "", steps=job.steps, sampler=job.sampler_label,
+            cfg_scale=job.guidance, seed=job.seeds[i], width=width, height=height, model=Path(o.engine_dir).name)
+        written.append(Written(image_io.save_png(image, path, params), job.seeds[i], prompt))
+    return job, written
 
 
-def _run(pipe: Pipeline, request: Request, stage: str, on_step: OnStep):
+def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep):
     latents = None
-    total = None
-    for done, latents in enumerate(pipe.denoise(request), start=1):
-        total = total or pipe.steps_to_run(request)
+    total = pipe.steps_to_run(job)
+    for done, latents in enumerate(pipe.denoise(job), start=1):
         on_step(stage, done, total)
     return latents

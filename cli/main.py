@@ -125,9 +125,14 @@ def run(
     steps: Optional[int] = typer.Option(None, help="denoising steps [default: 30, or the preset's]"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale; <= 1 turns it off [default: 7.5]"),
     guidance_rescale: float = typer.Option(0.0, help="guidance rescale (0 = off)"),
-    sampler: Optional[str] = typer.Option(None, help="euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, lcm [default: the model's]"),
-    karras: bool = typer.Option(False, help="Karras sigmas"),
-    seed: int = typer.Option(0, help="seed of the CPU torch.Generator (same seed, same image as diffusers)"),
+    sampler: Optional[str] = typer.Option(None, help="sdrt's or AUTOMATIC1111's name: euler, euler_a, dpmpp_2m, unipc, "
+                                           "'Euler a', 'DPM++ 2M Karras', … (`sdrt samplers` lists them) "
+                                           "[default: the model's own scheduler]"),
+    schedule: Optional[str] = typer.Option(None, help="sigma schedule: default, karras, exponential, beta, "
+                                           "sgm_uniform, simple [default: the model's, or what --sampler names]"),
+    karras: bool = typer.Option(False, help="Karras sigmas (same as --schedule karras)"),
+    seed: int = typer.Option(0, help="image i uses seed + i (AUTOMATIC1111's convention), its own CPU torch.Generator; "
+                                     "-1 picks a random seed [0 … 2**64-1]"),
     width: Optional[int] = typer.Option(None, help="image width in pixels"),
     height: Optional[int] = typer.Option(None, help="image height in pixels"),
     batch: int = typer.Option(1, help="images per prompt"),
@@ -139,8 +144,13 @@ def run(
     preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
     backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
     out: Path = typer.Option(Path("sdrt.png"), "-o", "--out", help="PNG to write (index appended for several images)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of the images written, each with its seed"),
 ) -> None:
-    """Generate images from an engine directory."""
+    """Generate images from an engine directory.
+
+    Seeds are per image: image i of a run seeded s uses seed s + i, so a batch gives the same images as
+    separate runs. Sizes: any multiple of the VAE scale factor (8) that fits the memory limit.
+    """
     import logging
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -149,9 +159,11 @@ def run(
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     options = RunOptions(engine_dir=engine_dir, prompts=tuple(prompt), negative_prompt=negative_prompt, steps=steps,
-                         guidance=guidance, guidance_rescale=guidance_rescale, sampler=sampler, karras=karras, seed=seed,
+                         guidance=guidance, guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, karras=karras,
+                         seed=seed,
                          width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
-                         refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out)
+                         refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
+                         as_json=as_json)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -161,9 +173,14 @@ def run(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
 
-        written = generate(options, on_step)
-    for path in written:
-        print(path)
+        job, written = generate(options, on_step)
+    if as_json:
+        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "sampler": job.sampler,
+                           "schedule": job.schedule, "steps": job.steps, "guidance": job.guidance,
+                           "width": job.width, "height": job.height} for w in written], indent=2))
+        return
+    for w in written:
+        print(w.path)
 
 
 @app.command()

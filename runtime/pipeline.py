@@ -2,8 +2,10 @@
 
 Load once, generate many times. `denoise(request)` is a generator yielding the latents after every
 step (the CLI draws its progress bar from it, the bench times it); `generate(request)` runs it and
-decodes. Randomness is drawn from one CPU torch.Generator in the order and shapes diffusers uses, so a
-seed gives diffusers' image (pipelines in diffusers/pipelines/stable_diffusion{,_xl}/).
+decodes. A Request (runtime/request.py) is validated once into a Job (runtime/validate.py). Randomness is
+drawn per image (DESIGN.md §4a): image i of a request seeded s has its own CPU torch.Generator seeded s + i,
+used in the order and shapes diffusers uses with a list of generators, so an image is the same alone or
+batched and equals diffusers' (pipelines in diffusers/pipelines/stable_diffusion{,_xl}/).
 """
 
 from __future__ import annotations
@@ -15,50 +17,17 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, samplers, schedules
+from . import feed, image_io, noise, sampler_registry, samplers, schedules
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .denoiser import make_denoiser
 from .errors import UserError
 from .family import Family
 from .guidance import Guidance
+from .limits import Limits
 from .loader import EngineDir, open_dir
+from .request import Request
 from .tokenizer import ClipTokenizer
-
-# The sampler diffusers runs for a model's own scheduler class; others (PNDM, LMS, …) fall back to euler.
-DEFAULT_SAMPLERS = {
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DDIMScheduler": "ddim",
-    "LCMScheduler": "lcm",
-}
-
-
-@dataclass(frozen=True, eq=False)
-class Request:
-    prompt: tuple[str, ...]
-    negative_prompt: tuple[str, ...] | None = None  # None: diffusers' default ("" or SDXL's zeros)
-    steps: int = 30
-    guidance: float = 7.5
-    guidance_rescale: float = 0.0
-    sampler: str | None = None  # None: the sampler matching the model's scheduler config
-    karras: bool = False
-    timestep_spacing: str | None = None  # override the model's spacing (presets use "trailing")
-    prediction_type: str | None = None  # override (SDXL-Lightning 1-step predicts x0: "sample")
-    seed: int = 0
-    width: int | None = None
-    height: int | None = None
-    images_per_prompt: int = 1
-    init_image: Image.Image | None = None
-    strength: float | None = None  # None: diffusers' default (img2img 0.8, SDXL refiner 0.3, inpaint 1.0)
-    mask: Image.Image | None = None  # white = repaint
-    init_latents: torch.Tensor | None = None  # base → refiner hand-off (with denoising_start)
-    denoising_start: float | None = None
-    denoising_end: float | None = None
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
-
+from .validate import Job, validate
 
 @dataclass
 class _Prepared:
@@ -70,19 +39,20 @@ class _Prepared:
     guidance: Guidance
     extra_channels: torch.Tensor | None = None  # 9-channel inpaint: mask ‖ masked-image latents, [N(·2), 5, h, w]
     blend: tuple | None = None  # 4-channel inpaint: (mask [N,1,h,w], image latents, noise)
-    generator: torch.Generator | None = None
+    generator: list | None = None  # one CPU torch.Generator per image
 
 
 class Pipeline:
-    def __init__(self, engine_dir: EngineDir, engines: dict, tokenizers: dict):
+    def __init__(self, engine_dir: EngineDir, engines: dict, tokenizers: dict, limits: Limits = Limits()):
         self.dir = engine_dir
         self.engines = engines
         self.tokenizers = tokenizers
+        self.limits = limits
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
-             components: tuple[str, ...] | None = None) -> "Pipeline":
+             components: tuple[str, ...] | None = None, limits: Limits = Limits()) -> "Pipeline":
         from sdrt.engines.select import open_engine
 
         d = open_dir(path)
@@ -93,63 +63,30 @@ class Pipeline:
         for enc in d.text_encoder_names:
             tok = "tokenizer" if enc == "text_encoder" else "tokenizer_2"
             tokenizers[enc] = ClipTokenizer.from_folder(d.path / tok)
-        return cls(d, engines, tokenizers)
+        return cls(d, engines, tokenizers, limits)
 
     # ---- request validation -------------------------------------------------------------------------
-    def _size(self, request: Request) -> tuple[int, int]:
-        if request.init_latents is not None:
-            h, w = request.init_latents.shape[-2:]
-            return h * self.dir.vae_scale_factor, w * self.dir.vae_scale_factor
-        if request.init_image is not None and (request.width is None or request.height is None):
-            w, h = request.init_image.size
-            m = self.dir.vae_scale_factor * self.dir.latent_multiple
-            return request.height or h // m * m, request.width or w // m * m
-        return request.height or self.dir.default_size, request.width or self.dir.default_size
+    def validate(self, request: Request | Job) -> Job:
+        """The request checked against this model and the pipeline's limits (InvalidRequest otherwise)."""
+        return request if isinstance(request, Job) else validate(request, self.dir, self.limits)
 
-    def check(self, request: Request) -> None:
-        multiple = self.dir.vae_scale_factor * self.dir.latent_multiple
-        height, width = self._size(request)
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise UserError(f"width and height must be positive multiples of {multiple} for this model "
-                            f"(got {width}x{height})")
-        if request.steps < 1:
-            raise UserError(f"steps must be at least 1 (got {request.steps})")
-        sampler = self.sampler_name(request)
-        if sampler not in samplers.SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
-        if request.strength is not None and not 0 < request.strength <= 1:
-            raise UserError(f"strength must be in (0, 1] (got {request.strength})")
-        if request.mask is not None and request.init_image is None:
-            raise UserError("a mask needs an init image (--init-image) to inpaint")
-        if self.dir.info.family == Family.SDXL_REFINER and request.init_image is None and request.init_latents is None:
-            raise UserError("the SDXL refiner refines an image: give --init-image, or use it with --refiner after a base")
-        if self.dir.info.inpaint and request.mask is None:
-            raise UserError("this is an inpainting model: give --init-image and --mask")
-        if not request.prompt:
-            raise UserError("give at least one prompt")
-
-    def sampler_name(self, request: Request) -> str:
-        if request.sampler:
-            return request.sampler
-        cfg = self.dir.scheduler_config
-        if cfg.get("algorithm_type") == "sde-dpmsolver++":
-            return "dpmpp_2m_sde"
-        return DEFAULT_SAMPLERS.get(cfg.get("_class_name", ""), "euler")
-
-    def scheduler_config(self, request: Request):
+    def scheduler_config(self, job: Job):
         overrides = {}
-        if request.timestep_spacing:
-            overrides["timestep_spacing"] = request.timestep_spacing
-        if request.prediction_type:
-            overrides["prediction_type"] = request.prediction_type
+        if job.timestep_spacing:
+            overrides["timestep_spacing"] = job.timestep_spacing
+        if job.prediction_type:
+            overrides["prediction_type"] = job.prediction_type
         return schedules.SchedulerConfig.from_diffusers_json({**self.dir.scheduler_config, **overrides})
 
+    def _schedule(self, job: Job):
+        return schedules.make_schedule(self.scheduler_config(job), job.sampler, job.steps, job.schedule)
+
     # ---- the loop -----------------------------------------------------------------------------------
-    def denoise(self, request: Request) -> Iterator[torch.Tensor]:
+    def denoise(self, request: Request | Job) -> Iterator[torch.Tensor]:
         """Yield the latents (sigma space, fp32 [N, 4, h, w]) after each step."""
-        self.check(request)
-        prep = self._prepare(request)
-        cfg = self.scheduler_config(request)
+        job = self.validate(request)
+        prep = self._prepare(job)
+        cfg = self.scheduler_config(job)
         unet = self.engines["unet"]
         has_added = "text_embeds" in unet.inputs
         timestep_rank = len(unet.inputs["timestep"].shape)
@@ -167,7 +104,7 @@ class Pipeline:
             return prep.guidance.combine(feed.run(unet, **inputs)["out_sample"])
 
         denoise_fn = make_denoiser(model, prep.schedule, cfg.prediction_type)
-        run = samplers.SAMPLERS[prep.sampler](denoise_fn, prep.x, prep.schedule, prep.generator)
+        run = sampler_registry.get_sampler(prep.sampler)(denoise_fn, prep.x, prep.schedule, prep.generator)
         x = next(run, None)
         for i in range(prep.steps_to_run):
             if x is None:
@@ -188,19 +125,19 @@ class Pipeline:
         proper = image_latents + noise * next_sigma
         return (1 - mask) * proper + mask * x
 
-    def steps_to_run(self, request: Request) -> int:
+    def steps_to_run(self, request: Request | Job) -> int:
         """How many latents `denoise(request)` yields (model evaluations after img2img/hand-off windows)."""
-        cfg = self.scheduler_config(request)
-        schedule = schedules.make_schedule(cfg, self.sampler_name(request), request.steps, request.karras)
-        return self._window(request, schedule)[1]
+        job = self.validate(request)
+        return self._window(job, self._schedule(job))[1]
 
-    def generate(self, request: Request) -> list[Image.Image]:
+    def generate(self, request: Request | Job) -> list[Image.Image]:
+        job = self.validate(request)
         latents = None
-        for latents in self.denoise(request):
+        for latents in self.denoise(job):
             pass
         if latents is None:  # as diffusers, which needs int(steps * strength) >= 1
-            raise UserError(f"{request.steps} steps at this strength leave no denoising step; raise --steps or "
-                            "--strength")
+            raise UserError(f"{job.steps} steps at this strength leave no denoising step; raise the steps or "
+                            "the strength")
         return self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -210,27 +147,26 @@ class Pipeline:
         return image_io.to_pil(out, fp16_vae=vae.inputs["latent_sample"].dtype == "float16")
 
     # ---- preparation --------------------------------------------------------------------------------
-    def _randn(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
-        """diffusers' randn_tensor with a CPU generator: drawn on the CPU, then moved to the latents' device."""
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+    def _randn(self, shape: tuple, generators: list) -> torch.Tensor:
+        """diffusers' randn_tensor with a list of CPU generators: one draw per image, then moved to the device."""
+        return noise.randn(shape, generators, self.device)
 
-    def _encode_image(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """[1, 3, H, W] in [-1, 1] → scaled latents, sampled from the posterior with the request's generator."""
+    def _encode_image(self, image: torch.Tensor, generators: list) -> torch.Tensor:
+        """[1, 3, H, W] in [-1, 1] → scaled latents [N, 4, h, w]: the posterior sampled once per image, each with
+        its own generator (diffusers' img2img with a list of generators: retrieve_latents(..., generator[i]))."""
         params = feed.run(self.engines["vae_encoder"], sample=image)["latent_parameters"]
         mean, logvar = params.chunk(2, dim=1)  # diffusers DiagonalGaussianDistribution
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        sample = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return sample * float(self.dir.vae_config.get("scaling_factor", 0.18215))
+        eps = noise.randn((len(generators), *mean.shape[1:]), generators, mean.device, mean.dtype)
+        return (mean + std * eps) * float(self.dir.vae_config.get("scaling_factor", 0.18215))
 
-    def _prepare(self, request: Request) -> _Prepared:
+    def _prepare(self, request: Job) -> _Prepared:
         family = self.dir.info.family
-        height, width = self._size(request)
-        generator = torch.Generator().manual_seed(request.seed)
+        width, height = request.width, request.height
+        generator = noise.generators(request.seeds)
         guidance = Guidance(request.guidance, request.guidance_rescale)
         prompts = list(request.prompt)
         negative = list(request.negative_prompt) if request.negative_prompt is not None else None
-        if negative is not None and len(negative) == 1 and len(prompts) > 1:
-            negative = negative * len(prompts)
         sizes = SdxlSizes(original=(height, width), crop=(0, 0), target=(height, width),
                           aesthetic_score=request.aesthetic_score,
                           negative_aesthetic_score=request.negative_aesthetic_score)
@@ -238,9 +174,9 @@ class Pipeline:
         cond = condition(family, encoders, prompts, negative, request.images_per_prompt, guidance.enabled,
                          bool(self.dir.model_index.get("force_zeros_for_empty_prompt", True)), sizes)
 
-        sampler = self.sampler_name(request)
-        schedule = schedules.make_schedule(self.scheduler_config(request), sampler, request.steps, request.karras)
-        n = len(prompts) * request.images_per_prompt
+        sampler = request.sampler
+        schedule = self._schedule(request)
+        n = request.count
         f = self.dir.vae_scale_factor
         shape = (n, 4, height // f, width // f)
         start, steps_to_run = self._window(request, schedule)
@@ -252,19 +188,20 @@ class Pipeline:
             x = request.init_latents.to(self.device, torch.float32).repeat_interleave(n // request.init_latents.shape[0], dim=0)
             return _Prepared(x, **common)
         if request.init_image is None:
-            noise = self._randn(shape, generator)
-            return _Prepared(samplers.initial_latents(noise, schedule), **common)
+            return _Prepared(samplers.initial_latents(self._randn(shape, generator), schedule), **common)
 
         image = image_io.to_tensor(request.init_image, width, height).to(self.device)
         sigma0 = float(schedule.sigmas[0])
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
-            image_latents = self._encode_image(image, generator).repeat(n, 1, 1, 1)
-            noise = self._randn(shape, generator)
-            return _Prepared(image_latents + noise * sigma0, **common)
+            image_latents = self._encode_image(image, generator)
+            drawn = self._randn(shape, generator)
+            return _Prepared(image_latents + drawn * sigma0, **common)
         return self._prepare_inpaint(request, image, shape, common)
 
-    def _prepare_inpaint(self, request: Request, image: torch.Tensor, shape: tuple, common: dict) -> _Prepared:
-        # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG)
+    def _prepare_inpaint(self, request: Job, image: torch.Tensor, shape: tuple, common: dict) -> _Prepared:
+        # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG).
+        # Each image samples its own posteriors with its own generator: for one image that is diffusers' draw;
+        # diffusers' batches sample the shared encodings with generator[0] only, which would tie image i to seed s.
         n, _, h, w = shape
         schedule, guidance, generator = common["schedule"], common["guidance"], common["generator"]
         mask = image_io.mask_to_tensor(request.mask, image.shape[-1], image.shape[-2]).to(self.device)
@@ -273,20 +210,20 @@ class Pipeline:
         nine_channel = self.dir.info.inpaint
         image_latents = None
         if not nine_channel or strength < 1.0:
-            image_latents = self._encode_image(image, generator).repeat(n, 1, 1, 1)
-        noise = self._randn(shape, generator)
+            image_latents = self._encode_image(image, generator)
+        drawn = self._randn(shape, generator)
         if strength >= 1.0:
-            x = samplers.initial_latents(noise, schedule)
+            x = samplers.initial_latents(drawn, schedule)
         else:
-            x = image_latents + noise * float(schedule.sigmas[0])
+            x = image_latents + drawn * float(schedule.sigmas[0])
         latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
-        masked_latents = self._encode_image(masked_image, generator).repeat(n, 1, 1, 1)
+        masked_latents = self._encode_image(masked_image, generator)
         if nine_channel:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
             return _Prepared(x, **common, extra_channels=extra)
-        return _Prepared(x, **common, blend=(latent_mask, image_latents, noise))
+        return _Prepared(x, **common, blend=(latent_mask, image_latents, drawn))
 
-    def _window(self, request: Request, schedule) -> tuple[int, int]:
+    def _window(self, request: Job, schedule) -> tuple[int, int]:
         """(first schedule index, number of steps to run) for img2img strength and base/refiner hand-off."""
         total = schedules.num_steps(schedule)
         start = 0

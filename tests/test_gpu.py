@@ -32,7 +32,7 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-REQUEST = Request(prompt=("a photo of a cat",), steps=4, guidance=0.0, sampler="euler", timestep_spacing="trailing",
+REQUEST = Request.of(prompt=("a photo of a cat",), steps=4, guidance=0.0, sampler="euler", timestep_spacing="trailing",
                   seed=3, width=32, height=32)
 
 
@@ -68,7 +68,7 @@ def test_tensorrt_builds_and_matches_ort_cpu(exported, tmp_path, cuda_graph):
     pipe.device = "cuda"
     assert psnr(pipe.generate(REQUEST)[0], cpu) >= 35
     with pytest.raises(UserError, match="no unet plan covers"):
-        pipe.generate(Request(prompt=("a cat",), steps=1, guidance=0.0, seed=1, width=48, height=48))
+        pipe.generate(Request.of(prompt=("a cat",), steps=1, guidance=0.0, seed=1, width=48, height=48))
 
 
 @requires_tensorrt

@@ -1,0 +1,174 @@
+"""What a caller asks for, as plain data grouped by concern (DESIGN.md §4a), round-trippable through JSON.
+
+    Request(prompt="a cat")                                        # one prompt, everything else default
+    Request.of(prompt=["a cat", "a dog"], steps=8, sampler="DPM++ 2M Karras", width=520, seed=7, batch=2)
+    Request.from_dict(json.loads(body)) / request.to_dict(encode_images=True)
+
+Nothing here is checked: `runtime/validate.py` turns a Request into a typed `Job` (or raises InvalidRequest
+naming the field), once, against the model and the `Limits`. Images are PIL at the Python edge and base64 PNG
+strings in JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Mapping, Sequence
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str | Sequence[str] = ""  # a str is ONE prompt; a list is one prompt per entry
+    negative: str | Sequence[str] | None = None  # None: diffusers' default ("" or SDXL's zeroed negatives)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    steps: int = 30
+    guidance: float = 7.5  # classifier-free guidance scale; <= 1 turns guidance off (as diffusers)
+    guidance_rescale: float = 0.0
+    sampler: str | None = None  # sdrt's or AUTOMATIC1111's name ("DPM++ 2M Karras"); None: the model's own
+    schedule: str | None = None  # default | karras | exponential | beta | sgm_uniform | simple; None: as named
+    timestep_spacing: str | None = None  # override the model's spacing (few-step presets use "trailing")
+    prediction_type: str | None = None  # override (SDXL-Lightning 1-step predicts the sample)
+
+
+@dataclass(frozen=True)
+class Size:
+    width: int | None = None  # None: the model's default (or the init image's size)
+    height: int | None = None
+    batch: int = 1  # images per prompt
+
+
+@dataclass(frozen=True)
+class Seeds:
+    seed: int = 0  # image i uses seed + i (AUTOMATIC1111's convention); -1 draws a random seed, reported back
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    init_image: Any = None  # PIL image (img2img, inpaint)
+    strength: float | None = None  # None: diffusers' default (img2img 0.8, SDXL refiner 0.3, inpaint 1.0)
+    mask: Any = None  # PIL image, white = repaint
+
+
+@dataclass(frozen=True)
+class Refine:
+    """SDXL base → refiner hand-off and SDXL's aesthetic conditioning."""
+
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    init_latents: Any = field(default=None, compare=False)  # torch tensor from a base (Python only, not JSON)
+
+
+GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
+          "refine": Refine}
+# flat key → (group, field); the flat form is what CLI options and most JSON clients send
+FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
+FLAT["prompt"] = ("prompt", "text")
+FLAT["negative_prompt"] = ("prompt", "negative")
+FLAT["images_per_prompt"] = ("size", "batch")
+_IMAGE_FIELDS = ("init_image", "mask")
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: Prompt | str | Sequence[str]
+    sampling: Sampling = Sampling()
+    size: Size = Size()
+    seeds: Seeds = Seeds()
+    images: ImageInputs = ImageInputs()
+    refine: Refine = Refine()
+
+    @property
+    def prompt_group(self) -> Prompt:
+        return self.prompt if isinstance(self.prompt, Prompt) else Prompt(self.prompt)
+
+    @classmethod
+    def of(cls, **flat) -> "Request":
+        """A request from flat keywords (prompt=, negative_prompt=, steps=, sampler=, width=, seed=, batch=, …)."""
+        return cls.from_dict(flat)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Request":
+        """From nested groups ({"sampling": {"steps": 8}}) or flat keys ({"steps": 8}), or both.
+
+        Unknown keys raise InvalidRequest naming the key; values are checked later, by validate().
+        """
+        from .validate import InvalidRequest
+
+        if not isinstance(data, Mapping):
+            raise InvalidRequest("request", f"must be a JSON object, not {type(data).__name__}")
+        parts: dict[str, dict] = {g: {} for g in GROUPS}
+        for key, value in data.items():
+            if key in GROUPS and key != "prompt" and isinstance(value, Mapping):
+                known = {f.name for f in fields(GROUPS[key])}
+                for k, v in value.items():
+                    if k not in known:
+                        raise InvalidRequest(f"{key}.{k}", f"is not a field of {key}; known: {', '.join(sorted(known))}")
+                    parts[key][k] = v
+            elif key == "prompt" and isinstance(value, Mapping):
+                for k, v in value.items():
+                    if k not in ("text", "negative"):
+                        raise InvalidRequest(f"prompt.{k}", "is not a field of prompt; known: negative, text")
+                    parts["prompt"][k] = v
+            elif key == "karras":  # the older boolean form of schedule="karras"
+                if value:
+                    parts["sampling"].setdefault("schedule", "karras")
+            elif key in FLAT:
+                group, name = FLAT[key]
+                parts[group][name] = value
+            else:
+                raise InvalidRequest(key, "is not a request field; known: " + ", ".join(sorted(set(FLAT) | set(GROUPS))))
+        for group in ("images",):
+            for name in _IMAGE_FIELDS:
+                if isinstance(parts[group].get(name), str):
+                    parts[group][name] = decode_image(parts[group][name], name)
+        if "text" not in parts["prompt"]:
+            raise InvalidRequest("prompt", "is required: a string, or a list of strings")
+        return cls(**{g: GROUPS[g](**parts[g]) for g in GROUPS})
+
+    def to_dict(self, encode_images: bool = False) -> dict:
+        """Nested plain data; with encode_images, PIL images become base64 PNG strings (JSON-safe)."""
+        out = {}
+        for g in GROUPS:
+            value = self.prompt_group if g == "prompt" else getattr(self, g)
+            d = {f.name: getattr(value, f.name) for f in fields(value)}
+            if g == "refine":
+                if d.pop("init_latents") is not None and encode_images:
+                    raise ValueError("init_latents (a base → refiner hand-off) cannot be written to JSON")
+            for k, v in d.items():
+                if isinstance(v, tuple):
+                    d[k] = list(v)
+                if encode_images and k in _IMAGE_FIELDS and v is not None:
+                    d[k] = encode_image(v)
+            defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(GROUPS[g])}
+            out[g] = {k: v for k, v in d.items() if k == "text" or v != defaults.get(k)}
+        return {g: d for g, d in out.items() if d or g == "prompt"}
+
+
+def encode_image(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_image(text: str, name: str) -> Image.Image:
+    from .validate import InvalidRequest
+
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        image.load()
+        return image
+    except Exception as e:  # binascii.Error, PIL.UnidentifiedImageError, OSError, …
+        raise InvalidRequest(name, f"is not a base64-encoded PNG/JPEG/WebP image ({type(e).__name__})") from None
+
+
+__all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "asdict"]

@@ -1,0 +1,265 @@
+"""The one validation of a Request against a model and the Limits: typed `Job` out, or InvalidRequest(field, …).
+
+Every interface (CLI, HTTP, Triton, Python) calls this once and phrases `field` its own way; messages say what
+was wrong and what would be right, and never name CLI flags.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from . import sampler_registry
+from .errors import UserError
+from .family import Family
+from .limits import GIB, Limits, estimate_bytes, memory_budget
+from .request import Request
+from .schedules import SIGMA_SCHEDULES, ScheduleError, SchedulerConfig
+
+MAX_SEED = 2 ** 64 - 1
+MAX_GUIDANCE = 100.0
+
+
+class InvalidRequest(UserError, ValueError):
+    """A request field with a bad value: `field` names it (dotted for nested groups), `message` says why."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """A validated request: every value typed, defaulted and resolved for one model."""
+
+    prompt: tuple[str, ...]
+    negative_prompt: tuple[str, ...] | None
+    steps: int
+    guidance: float
+    guidance_rescale: float
+    sampler: str  # a registry name
+    schedule: str  # one of SIGMA_SCHEDULES
+    timestep_spacing: str | None
+    prediction_type: str | None
+    width: int
+    height: int
+    images_per_prompt: int
+    seeds: tuple[int, ...]  # one per image, in batch order (prompt-major)
+    init_image: Image.Image | None
+    strength: float | None
+    mask: Image.Image | None
+    init_latents: Any
+    denoising_start: float | None
+    denoising_end: float | None
+    aesthetic_score: float
+    negative_aesthetic_score: float
+    estimated_bytes: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.prompt) * self.images_per_prompt
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
+
+    @property
+    def sampler_label(self) -> str:
+        """What AUTOMATIC1111 would show: its display name with the schedule suffix, else sdrt's name."""
+        spec = sampler_registry.get(self.sampler)
+        base = spec.a1111[0] if spec.a1111 else spec.name
+        return base if self.schedule == "default" else f"{base} {self.schedule.replace('_', ' ').title()}"
+
+
+# ---- field checks ----------------------------------------------------------------------------------------
+
+def _int(field: str, value, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise InvalidRequest(field, f"must be an integer, not {value!r}")
+    if lo is not None and value < lo:
+        raise InvalidRequest(field, f"must be at least {lo} (got {value}){what}")
+    if hi is not None and value > hi:
+        raise InvalidRequest(field, f"must be at most {hi} (got {value}){what}")
+    return value
+
+
+def _float(field: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(field, f"must be a number, not {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidRequest(field, f"must be a finite number (got {value})")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise InvalidRequest(field, f"must be {'above' if lo_open else 'at least'} {lo:g} (got {value:g})")
+    if hi is not None and value > hi:
+        raise InvalidRequest(field, f"must be at most {hi:g} (got {value:g})")
+    return value
+
+
+def _texts(field: str, value, allow_empty_list: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)  # one prompt, never its characters
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if not value and not allow_empty_list:
+            raise InvalidRequest(field, "must hold at least one prompt")
+        return tuple(value)
+    raise InvalidRequest(field, f"must be a string or a list of strings, not {type(value).__name__}"
+                                + (" holding non-strings" if isinstance(value, (list, tuple)) else ""))
+
+
+def _image(field: str, value, mode: str) -> Image.Image | None:
+    if value is None:
+        return None
+    if not isinstance(value, Image.Image):
+        raise InvalidRequest(field, f"must be an image (PIL in Python, base64 in JSON), not {type(value).__name__}")
+    if value.width < 8 or value.height < 8:
+        raise InvalidRequest(field, f"is {value.width}x{value.height}; it must be at least 8x8 pixels")
+    try:
+        return value.convert(mode)
+    except (ValueError, OSError) as e:
+        raise InvalidRequest(field, f"has mode {value.mode!r}, which cannot be converted to {mode} ({e})") from None
+
+
+def _seeds(value, count: int) -> tuple[int, ...]:
+    seed = _int("seed", value)
+    if seed == -1:
+        seed = secrets.randbelow(MAX_SEED - count + 2)
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest("seed", f"must be in 0 … 2**64 − 1 = {MAX_SEED}, or -1 for a random seed (got {seed})")
+    if seed + count - 1 > MAX_SEED:
+        raise InvalidRequest("seed", f"image i uses seed + i; with {count} images the seed must be at most "
+                                     f"{MAX_SEED - count + 1} (got {seed})")
+    return tuple(seed + i for i in range(count))
+
+
+def _sampler(sampling, model_dir) -> tuple[str, str]:
+    schedule = sampling.schedule
+    if schedule is not None and schedule not in SIGMA_SCHEDULES:
+        raise InvalidRequest("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
+    if sampling.sampler is None:
+        name, implied = sampler_registry.default_for(model_dir.scheduler_config), None
+    else:
+        if not isinstance(sampling.sampler, str):
+            raise InvalidRequest("sampler", f"must be a sampler name, not {sampling.sampler!r}")
+        try:
+            name, implied = sampler_registry.resolve(sampling.sampler)
+        except ScheduleError as e:
+            raise InvalidRequest("sampler", str(e)) from None
+    if implied is not None and schedule not in (None, "default", implied):
+        raise InvalidRequest("schedule", f"{sampling.sampler!r} already selects the {implied} schedule; "
+                                         f"drop the schedule or choose the sampler's plain name")
+    return name, schedule or implied or "default"
+
+
+def _size(request: Request, model_dir) -> tuple[int, int]:
+    size = request.size
+    scale = model_dir.vae_scale_factor
+    multiple = scale * model_dir.latent_multiple
+    width = None if size.width is None else _int("width", size.width, 1)
+    height = None if size.height is None else _int("height", size.height, 1)
+    latents = request.refine.init_latents
+    if latents is not None:
+        return latents.shape[-1] * scale, latents.shape[-2] * scale
+    init = request.images.init_image
+    if isinstance(init, Image.Image) and (width is None or height is None):
+        w, h = init.size
+        width, height = width or max(w // multiple * multiple, multiple), height or max(h // multiple * multiple, multiple)
+    width, height = width or model_dir.default_size, height or model_dir.default_size
+    for name, v in (("width", width), ("height", height)):
+        if v % multiple:
+            lower, upper = v // multiple * multiple, (v // multiple + 1) * multiple
+            raise InvalidRequest(name, f"must be a multiple of {multiple} for this model (got {v}; "
+                                       f"{lower or upper} or {upper} would do)")
+    return width, height
+
+
+def validate(request: Request, model_dir, limits: Limits = Limits()) -> Job:
+    """Check every field of `request` for the model in `model_dir` (runtime/loader.EngineDir) and the limits."""
+    if not isinstance(request, Request):
+        raise InvalidRequest("request", f"must be a Request, not {type(request).__name__}")
+    p, s, images, refine = request.prompt_group, request.sampling, request.images, request.refine
+    prompts = _texts("prompt", p.text)
+    negative = None if p.negative is None else _texts("negative_prompt", p.negative)
+    if negative is not None and len(negative) not in (1, len(prompts)):
+        raise InvalidRequest("negative_prompt", f"give one negative prompt or one per prompt ({len(prompts)}), "
+                                                f"not {len(negative)}")
+    if negative is not None and len(negative) == 1 and len(prompts) > 1:
+        negative = negative * len(prompts)
+
+    batch = _int("batch", request.size.batch, 1, limits.max_batch)
+    count = len(prompts) * batch
+    if count > limits.max_batch:
+        raise InvalidRequest("batch", f"{len(prompts)} prompts × {batch} images = {count} images; at most "
+                                      f"{limits.max_batch} per request")
+    guidance = _float("guidance", s.guidance, 0.0, MAX_GUIDANCE)
+    rescale = _float("guidance_rescale", s.guidance_rescale, 0.0, 1.0)
+    sampler, schedule = _sampler(s, model_dir)
+    for name in ("timestep_spacing", "prediction_type"):
+        if getattr(s, name) is not None and not isinstance(getattr(s, name), str):
+            raise InvalidRequest(name, f"must be a string, not {getattr(s, name)!r}")
+    config = dict(model_dir.scheduler_config)
+    if s.timestep_spacing:
+        config["timestep_spacing"] = s.timestep_spacing
+    if s.prediction_type:
+        config["prediction_type"] = s.prediction_type
+    try:
+        cfg = SchedulerConfig.from_diffusers_json(config)
+    except ScheduleError as e:
+        raise InvalidRequest("timestep_spacing" if "spacing" in str(e) else "prediction_type", str(e)) from None
+    ceiling = min(limits.max_steps, sampler_registry.max_steps(cfg, sampler))
+    steps = _int("steps", s.steps, 1, ceiling,
+                 f"; {sampler} on this model's schedule runs at most {ceiling} steps (its training timesteps "
+                 "or the configured limit)")
+    try:
+        sampler_registry.build_schedule(cfg, sampler, steps, schedule)
+    except ScheduleError as e:
+        raise InvalidRequest("sampler", str(e)) from None
+
+    width, height = _size(request, model_dir)
+    if width * height > limits.max_pixels:
+        raise InvalidRequest("width", f"{width}x{height} is {width * height:,} pixels; at most "
+                                      f"{limits.max_pixels:,} per image (Limits.max_pixels)")
+    seeds = _seeds(request.seeds.seed, count)
+
+    init_image = _image("init_image", images.init_image, "RGB")
+    mask = _image("mask", images.mask, "L")
+    strength = None if images.strength is None else _float("strength", images.strength, 0.0, 1.0, lo_open=True)
+    if mask is not None and init_image is None:
+        raise InvalidRequest("mask", "needs an init image to inpaint")
+    info = model_dir.info
+    if info.family == Family.SDXL_REFINER and init_image is None and refine.init_latents is None:
+        raise InvalidRequest("init_image", "the SDXL refiner refines an image: give an init image, or use it "
+                                           "after a base")
+    if info.inpaint and mask is None:
+        raise InvalidRequest("mask", "this is an inpainting model: give an init image and a mask")
+    starts = [None if v is None else _float(n, v, 0.0, 1.0, lo_open=True)
+              for n, v in (("denoising_start", refine.denoising_start), ("denoising_end", refine.denoising_end))]
+    for name, v in zip(("denoising_start", "denoising_end"), starts):
+        if v is not None and v >= 1.0:
+            raise InvalidRequest(name, f"must be below 1 (got {v:g})")
+    aesthetic = _float("aesthetic_score", refine.aesthetic_score)
+    negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
+
+    unet_batch = count * (2 if guidance > 1.0 else 1)
+    estimate = estimate_bytes(model_dir.unet_config, model_dir.vae_config, count, unet_batch, height, width,
+                              model_dir.vae_scale_factor)
+    budget = memory_budget(limits)
+    if budget is not None and estimate > budget:
+        raise InvalidRequest("width", f"{count} image(s) of {width}x{height} need an estimated "
+                                      f"{estimate / GIB:,.1f} GiB (attention and VAE buffers), more than the "
+                                      f"{budget / GIB:,.1f} GiB this machine allows a request; lower the size "
+                                      "or the batch")
+    return Job(prompt=prompts, negative_prompt=negative, steps=steps, guidance=guidance, guidance_rescale=rescale,
+               sampler=sampler, schedule=schedule, timestep_spacing=s.timestep_spacing,
+               prediction_type=s.prediction_type, width=width, height=height, images_per_prompt=batch, seeds=seeds,
+               init_image=init_image, strength=strength, mask=mask, init_latents=refine.init_latents,
+               denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
+               negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate)
