@@ -132,7 +132,7 @@ _CLASSIC = (
 )
 
 # Modules that add samplers: each defines SPECS, a tuple of SamplerSpec. Order here is the order listed.
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("samplers_multistep",)
 
 
 def _collect() -> dict[str, SamplerSpec]:
@@ -259,16 +259,17 @@ def max_steps(cfg: SchedulerConfig, sampler: str) -> int:
     return c.num_train_timesteps
 
 
-# The default sampler for a model's scheduler class (its scheduler_config.json `_class_name`); a class that
-# several entries share is told apart by `from_config` overrides in the config (e.g. algorithm_type).
+# The default sampler for a model's scheduler class (its scheduler_config.json `_class_name`). Entries that share
+# a class are told apart by their `from_config` overrides: an entry is out when the json sets one of its keys to
+# another value; of the rest, the one with most of its keys present in the json wins, then registry order.
 def default_for(scheduler_config: Mapping) -> str:
     class_name = scheduler_config.get("_class_name", "")
-    candidates = [s for s in REGISTRY.values() if s.diffusers_class == class_name]
-    for spec in candidates:
-        if spec.diffusers_config and all(scheduler_config.get(k, v if k != "algorithm_type" else "dpmsolver++") == v
-                                         for k, v in spec.diffusers_config.items()):
-            return spec.name
-    plain = [s for s in candidates if not s.diffusers_config]
-    if plain:
-        return plain[0].name
-    return candidates[0].name if candidates else "euler"
+    candidates = []
+    for order, spec in enumerate(REGISTRY.values()):
+        if spec.diffusers_class != class_name:
+            continue
+        items = spec.diffusers_config.items()
+        if any(k in scheduler_config and scheduler_config[k] != v for k, v in items):
+            continue
+        candidates.append((-sum(k in scheduler_config for k, _ in items), order, spec.name))
+    return min(candidates)[2] if candidates else "euler"
