@@ -183,10 +183,21 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
 
 
 def gate_shapes(pipe, component: str) -> tuple[Shape, Shape]:
-    """Two shapes for the parity gate: batch 1 square and batch 2 non-square, small enough for a CPU.
+    """Two shapes for the parity gate: batch 1 and batch 2, non-square, small enough for a CPU. The first is
+    also the one traced.
 
-    The UNet's latents must be multiples of its down/up-sampling factor; the VAE takes any latent size,
+    The UNet's first shape is not a multiple of its down/up-sampling factor m (2m - 1 × 2m + 1), so that
+    diffusers' forward passes each up-sampler its skip connection's size and the traced graph takes any latent
+    size (export/rewrites.py); the gate then checks that graph both there (sides 2n - 1 at some up-samplers,
+    2n at others) and at a multiple (3m × 2m, every up-sampler doubling). The VAE takes any latent size,
     and small ones keep its fp16 gate fast (ONNX Runtime's CPU provider runs fp16 convolutions slowly).
     """
-    m = 2 ** (len(pipe.unet.config.block_out_channels) - 1) if component == "unet" else 4
-    return Shape(1, 2 * m, 2 * m), Shape(2, 3 * m, 2 * m)
+    if component == "unet":
+        m = unet_factor(pipe)
+        return Shape(1, 2 * m - 1, 2 * m + 1), Shape(2, 3 * m, 2 * m)
+    return Shape(1, 8, 8), Shape(2, 12, 8)
+
+
+def unet_factor(pipe) -> int:
+    """The UNet's overall down-sampling factor: diffusers doubles at every block but the last."""
+    return 2 ** (len(pipe.unet.config.block_out_channels) - 1)

@@ -24,12 +24,12 @@ from sdrt.runtime.family import Family, detect
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 
 from . import gate
-from .components import COMPONENT_NAMES, component_specs, gate_shapes, vae_scale_factor
+from .components import COMPONENT_NAMES, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
-from .rewrites import SUBPIXEL_PASS, subpixel_upsampling
+from .rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
 
-EXPORT_REVISION = "2"  # bump when the exported graphs change for the same source
+EXPORT_REVISION = "3"  # bump when the exported graphs change for the same source (3: UNet takes any latent size)
 PRECISIONS = ("fp32", "fp16")
 VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows in fp16 and decodes black "
                    "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
@@ -177,7 +177,10 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
     with subpixel_upsampling(wrapper) as rewritten:
         torch_to_onnx(wrapper, spec.make_inputs(pipe, shapes[0], dtype), raw / "model.onnx",
                       spec.input_names, spec.output_names, spec.dynamic_axes)
+        sized, upsamplers = upsamplers_sized(wrapper)
     rewrites = [f"{SUBPIXEL_PASS} ({rewritten} upsamplers)"] if rewritten else []
+    if sized and sized == upsamplers:  # each up-sampler resizes to its skip connection: any latent size runs
+        rewrites.append(f"{SKIP_SIZE_PASS} ({sized} upsamplers)")
     files, passes = run_passes(raw, tmp / spec.name)
     shutil.rmtree(raw)
     if dtype == torch.float16:
@@ -242,7 +245,6 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     old = _check_output(cfg, source.sha256)
     specs = component_specs(pipe)
     names = [n for n in specs if cfg.components is None or n in cfg.components]
-    latent_multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -287,7 +289,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "pipeline_class": info.pipeline_class,
             "scheduler": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
             "precision": cfg.precision,
-            "latent_multiple": latent_multiple,
+            "latent_multiple": _latent_multiple(pipe, components.get("unet")),
             "vae_scale_factor": vae_scale_factor(pipe),
             "components": components,
             "trt": [],
@@ -299,6 +301,14 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _latent_multiple(pipe, unet_entry: dict | None) -> int:
+    """1 when the exported UNet resizes every up-sampler to its skip connection (any latent size runs), else
+    its down-sampling factor (a UNet traced at a multiple of it doubles at every up-sampler)."""
+    if unet_entry is not None and any(p.startswith(SKIP_SIZE_PASS) for p in unet_entry["passes"]):
+        return 1
+    return unet_factor(pipe)
 
 
 def _check_output_parent(output: Path) -> None:

@@ -44,7 +44,13 @@ class EngineDir:
 
     @property
     def latent_multiple(self) -> int:
-        """Latent sizes must be multiples of this (the UNet's down/up-sampling path, traced at export)."""
+        """Latent sizes must be multiples of this. sdrt's manifest records it: 1 for UNets exported to resize
+        each up-sampler to its skip connection (any size, as diffusers), the UNet's down-sampling factor for
+        earlier exports. Folders without a manifest (optimum's) keep that factor: their UNets were traced at a
+        multiple of it and double at every up-sampler."""
+        recorded = (self.manifest or {}).get("latent_multiple")
+        if isinstance(recorded, int) and recorded >= 1:
+            return recorded
         return 2 ** (len(self.unet_config["block_out_channels"]) - 1)
 
     @property

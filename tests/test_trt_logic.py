@@ -136,10 +136,11 @@ def test_build_plan_command_works_without_tensorrt(exported):
 
 
 def test_build_plan_rejects_bad_resolution(exported):
-    result = run_sdrt("build", str(exported("sdxl-lightning", "fp16")), "--plan", "--resolution", "30x30")
+    # The UNet takes any latent size (manifest latent_multiple 1): sizes are multiples of the VAE's factor, 2 here.
+    result = run_sdrt("build", str(exported("sdxl-lightning", "fp16")), "--plan", "--resolution", "31x30")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: resolution 30x30: width and height must be positive "
-                                                  "multiples of 4"]
+    assert result.stderr.strip().splitlines() == ["error: resolution 31x30: width and height must be positive "
+                                                  "multiples of 2"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
