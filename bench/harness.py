@@ -565,9 +565,10 @@ def size_multiple(engine_dir: Path) -> int:
 
 
 def size_multiple_of_architecture(arch: str) -> int:
-    """Latent downsampling (UNet) × VAE factor from the published configs, before anything is built."""
+    """The VAE factor from the published configs, before anything is built: sdrt's exports take any latent size
+    (the UNet resizes each up-sampler to its skip connection, as diffusers does)."""
     cfg = json.loads((Path(__file__).parent / "configs" / f"{arch}.json").read_text())
-    return 2 ** (len(cfg["unet"]["block_out_channels"]) - 1) * 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    return 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
 
 
 def check_size(scenario: Scenario, multiple: int) -> None:
