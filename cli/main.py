@@ -234,6 +234,82 @@ def _build_plans(engine_dir: Path, resolution: list[str], dynamic: str | None, b
                   lambda p, status: console.print(f"{p.component} {p.profile.name()}: {status}", highlight=False))
 
 
+@app.command()
+def samplers(as_json: bool = typer.Option(False, "--json", help="print the table as JSON")) -> None:
+    """List the samplers: sdrt's name, AUTOMATIC1111's names, the diffusers scheduler each equals, and more.
+
+    --sampler takes any name in the first two columns (case and spacing do not matter). A name with a schedule
+    suffix ("DPM++ 2M Karras") selects that schedule; otherwise --schedule does (default: the model's).
+    """
+    from rich.table import Table
+
+    from sdrt.runtime.sampler_registry import REGISTRY, display_names
+
+    rows = [{"name": s.name, "a1111": list(display_names(s)), "diffusers": s.diffusers_class,
+             "diffusers_config": dict(s.diffusers_config), "stochastic": s.stochastic,
+             "schedules": ["default", "sgm_uniform", *s.conversions], "description": s.description}
+            for s in REGISTRY.values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="sdrt samplers", caption="every sampler also takes --schedule default and sgm_uniform "
+                                                 "(= simple); `sdrt samplers --json` has the diffusers configs")
+    for column in ("name", "AUTOMATIC1111 names", "diffusers scheduler", "noise", "sigma schedules"):
+        table.add_column(column, no_wrap=column == "name")
+    for r in rows:
+        config = " ".join(f"{k}={v}" for k, v in r["diffusers_config"].items())
+        table.add_row(r["name"], "\n".join(r["a1111"]) or "-",
+                      r["diffusers"].removesuffix("Scheduler") + (f"\n{config}" if config else ""),
+                      "random" if r["stochastic"] else "-", ", ".join(r["schedules"][2:]) or "-")
+    Console().print(table)
+
+
+@app.command()
+def grid(
+    engine_dir: Path = typer.Argument(..., help="engine directory written by `sdrt export`"),
+    prompt: str = typer.Argument(..., help="the prompt (an axis `prompt=…` replaces it per cell)"),
+    x: Optional[str] = typer.Option(None, "--x", help="FIELD=V1,V2,… across the columns, e.g. sampler=\"Euler a,UniPC\""),
+    y: Optional[str] = typer.Option(None, "--y", help="FIELD=V1,V2,… down the rows, e.g. steps=4,8,20"),
+    z: Optional[str] = typer.Option(None, "--z", help="FIELD=V1,V2,…: one sub-grid per value, e.g. seed=1,2"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt"),
+    steps: Optional[int] = typer.Option(None, help="steps where no axis sets them [default: 30, or the preset's]"),
+    guidance: Optional[float] = typer.Option(None, help="guidance scale [default: 7.5, or the preset's]"),
+    sampler: Optional[str] = typer.Option(None, help="sampler where no axis sets it (`sdrt samplers`)"),
+    schedule: Optional[str] = typer.Option(None, help="sigma schedule where no axis sets it"),
+    seed: int = typer.Option(0, help="seed where no axis sets it"),
+    width: Optional[int] = typer.Option(None, help="image width in pixels"),
+    height: Optional[int] = typer.Option(None, help="image height in pixels"),
+    preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
+    max_batch: int = typer.Option(4, help="images per engine batch (compatible cells share batches)"),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
+    out: Path = typer.Option(Path("grid.png"), "-o", "--out", help="grid PNG; the cells go to <name>-cells/"),
+) -> None:
+    """AUTOMATIC1111's X/Y/Z plot: every combination of the axes' values, one labelled grid."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sdrt.cli.generate import RunOptions, build_request
+    from sdrt.cli.grid import parse_axis, run_grid
+    from sdrt.runtime.pipeline import Pipeline
+
+    if max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1 (got {max_batch})")
+    axes = [parse_axis(f"--{name}", text) for name, text in (("x", x), ("y", y), ("z", z)) if text]
+    if not axes:
+        raise UserError("give at least one axis: --x FIELD=V1,V2,… (and --y, --z)")
+    base_request = build_request(RunOptions(engine_dir=engine_dir, prompts=(prompt,), negative_prompt=negative_prompt,
+                                            steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
+                                            seed=seed, width=width, height=height, preset=preset))
+    base = {k: v for group in base_request.to_dict().values() for k, v in group.items()}
+    base = {("prompt" if k == "text" else "negative_prompt" if k == "negative" else k): v for k, v in base.items()}
+    pipe = Pipeline.load(engine_dir, backend=backend)
+    with Progress(TextColumn("cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("cells", total=None)
+        path, cells = run_grid(pipe, base, axes, out, Path(engine_dir).name, max_batch,
+                               lambda done, total: bar.update(task, completed=done, total=total))
+    print(path)
+
+
 def _register_bench() -> None:
     from sdrt.cli.bench_cmd import bench  # options only; the harness is imported when the command runs
 

@@ -99,13 +99,13 @@ def check_writable(path: Path) -> None:
     os.unlink(tmp)
 
 
-def save_png(image: Image.Image, path: Path, parameters: GenerationParameters) -> Path:
-    """Write the PNG atomically (temporary file in the same folder, then rename)."""
+def save_png(image: Image.Image, path: Path, parameters: GenerationParameters | str) -> Path:
+    """Write the PNG atomically (temporary file in the same folder, then rename) with a `parameters` text chunk."""
     path = Path(path)
     if not path.parent.exists():
         raise UserError(f"cannot write {path}: the folder {path.parent} does not exist")
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters.a1111_text())
+    info.add_text("parameters", parameters if isinstance(parameters, str) else parameters.a1111_text())
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
