@@ -132,7 +132,7 @@ _CLASSIC = (
 )
 
 # Modules that add samplers: each defines SPECS, a tuple of SamplerSpec. Order here is the order listed.
-_MODULES: tuple[str, ...] = ("samplers_multistep",)
+_MODULES: tuple[str, ...] = ("samplers_multistep", "samplers_discrete")
 
 
 def _collect() -> dict[str, SamplerSpec]:
