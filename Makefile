@@ -13,11 +13,11 @@ venv: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned to the CPU wheel; then the project with its export and test extras.
+# torch first, pinned to the CPU wheel; then the project with its export, serve and test extras.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[export,test]'
+	$(BIN)/python -m pip install --quiet -e '.[export,serve,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -113,7 +113,7 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
         refiner = Pipeline.load(o.refiner, backend=o.backend)
         follow = Request.of(prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                             guidance=job.guidance, guidance_rescale=job.guidance_rescale, sampler=job.sampler,
-                            schedule=job.schedule, seed=job.seed, init_latents=latents,
+                            schedule=job.schedule, seed=job.seed, batch=job.images_per_prompt, init_latents=latents,
                             denoising_start=o.refiner_start)
         try:
             follow_job = refiner.validate(follow)

@@ -27,7 +27,9 @@ class TensorSpec:
 class Engine(Protocol):
     """inputs/outputs describe the graph; __call__ validates the feed and runs it.
 
-    Implementations say in their docstring who owns the output tensors.
+    Implementations say in their docstring who owns the output tensors and whether calls from several
+    threads at once are safe. The runtime never relies on it: the batching service (runtime/service.py)
+    calls all engines of a pipeline from its one worker thread.
     """
 
     inputs: dict[str, TensorSpec]

@@ -5,6 +5,9 @@ arrays ONNX Runtime returns. CUDA: inputs are bound from torch CUDA tensors by p
 device memory that ONNX Runtime allocates and are handed to torch through DLPack, so latents never visit
 the host inside the sampler loop. The CUDA path needs onnxruntime-gpu 1.21+ (DLPack on OrtValue) and
 a GPU; tests/test_engines.py and tests/test_gpu.py run it where those exist.
+
+Threads: `InferenceSession.run` is safe to call concurrently (ONNX Runtime's documented guarantee), and the
+CUDA path makes a fresh IO binding per call, so neither path keeps per-call state on the engine.
 """
 
 from __future__ import annotations

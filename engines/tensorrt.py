@@ -5,6 +5,10 @@ execute_async_v3). TensorRT cannot be installed where sdrt is developed, so this
 everything it decides (profiles, keys, selection, buffer shapes) lives in trt_profiles.py and is tested.
 All engines of a pipeline share one scratch allocation sized to the largest (`SharedScratch`), as
 NVIDIA's demo does (reference/tensorrt_demo.md §2.6).
+
+Threads: not safe to call from two threads at once. The execution contexts, the per-shape output buffers,
+the CUDA stream and the shared scratch are state of the engine, reused by every call; one thread owns them
+(the batching service's worker, runtime/service.py), as TensorRT requires of an execution context.
 """
 
 from __future__ import annotations

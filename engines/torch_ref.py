@@ -4,6 +4,9 @@ The modules come from the pipeline the engine directory was exported from (manif
 wrapped exactly as the exporter traced them (sdrt.export.components), so inputs and outputs carry the
 ONNX names. Needs diffusers/transformers (the export extras); `sdrt run --backend torch` is the only
 run-time path that imports them.
+
+Threads: the modules run under torch.no_grad() and keep no state between calls; the service still calls
+them from its one worker thread.
 """
 
 from __future__ import annotations

@@ -85,7 +85,14 @@ class Pipeline:
     def denoise(self, request: Request | Job) -> Iterator[torch.Tensor]:
         """Yield the latents (sigma space, fp32 [N, 4, h, w]) after each step."""
         job = self.validate(request)
-        prep = self._prepare(job)
+        return self.steps(job, self.prepare(job))
+
+    def prepare(self, job: Job) -> "_Prepared":
+        """Text encoding, initial latents and schedule for a validated job (what `steps` then runs)."""
+        return self._prepare(job)
+
+    def steps(self, job: Job, prep: "_Prepared") -> Iterator[torch.Tensor]:
+        """The sampler loop over a prepared job: yields the latents after each step."""
         cfg = self.scheduler_config(job)
         unet = self.engines["unet"]
         has_added = "text_embeds" in unet.inputs

@@ -191,7 +191,7 @@ def test_bad_input_is_one_line_and_exit_2():
     (Overrides(model="sd15", resolution="500x512"), "multiples of 8"),
     (Overrides(model="sd15", resolution="big"), "WIDTHxHEIGHT"),
     (Overrides(model="sd15", precision="int4"), "precision"),
-    (Overrides(model="sd15", sampler="plms"), "unknown sampler"),
+    (Overrides(model="sd15", sampler="dpm_fast"), "unknown sampler"),
     (Overrides(model="sd15", batch=0), "--batch"),
 ])
 def test_bad_scenarios_are_user_errors(overrides, fragment):

@@ -175,3 +175,26 @@ def test_cli_json_reports_each_images_seed(sd15_dir, tmp_path):
     assert [o["seed"] for o in out] == [41, 42] and out[0]["sampler"] == "euler_a"
     assert "Seed: 42" in Image.open(out[1]["path"]).text["parameters"]
     assert "Sampler: Euler a" in Image.open(out[1]["path"]).text["parameters"]
+
+
+def test_run_help_lists_every_sampler_and_schedule():
+    from sdrt.runtime.sampler_registry import NAMES
+    from sdrt.runtime.schedules import SIGMA_SCHEDULES
+
+    result = run_sdrt("run", "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    for name in NAMES + SIGMA_SCHEDULES:
+        assert name in result.stdout, name
+
+
+def test_samplers_command_lists_the_registry():
+    from sdrt.runtime.sampler_registry import NAMES
+
+    result = run_sdrt("samplers", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert tuple(r["name"] for r in rows) == NAMES
+    assert next(r for r in rows if r["name"] == "dpmpp_2m")["a1111"] == ["DPM++ 2M", "DPM++ 2M Karras",
+                                                                         "DPM++ 2M Exponential"]
+    table = run_sdrt("samplers", env={"COLUMNS": "160"})
+    assert table.returncode == 0 and "DPMSolverMultistep" in table.stdout and "UniPC" in table.stdout

@@ -1,0 +1,340 @@
+"""The batching service (DESIGN.md §4a): the one way to generate concurrently.
+
+    service = Service("engine-dir", max_batch=4, max_wait_ms=10, queue_size=64)
+    future = service.submit(Request.of(prompt="a cat", seed=7))      # from any thread
+    result = future.result()                                         # images, seeds, timings, batch size
+    service.close()                                                  # drains what is queued
+
+Callers submit requests from any thread and get futures. One worker thread owns the pipeline and its engines
+(no engine is ever called from two threads). It waits up to `max_wait_ms` after the first queued request for
+compatible ones (runtime/batching.py: same size, steps, sampler, guidance, … ; prompts and seeds may differ)
+and runs them as one text-encoder, UNet and VAE batch of at most `max_batch` images; incompatible requests
+wait for their own batch, first come first served. Per-image seeds make each image the one its request would
+give alone.
+
+Cancellation (`future.cancel()` before the batch starts, a CancelToken at any time) and deadlines are checked
+between steps: the request fails with Cancelled / DeadlineExceeded at once and its batch-mates go on (its rows
+are computed to the end and dropped). An exception from an engine fails the requests of that batch; the worker
+goes on with the next. Validation happens in `submit` (InvalidRequest), as does admission (QueueFull).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from . import batching, image_io
+from .errors import UserError
+from .limits import Limits
+from .request import Request
+from .validate import Job, validate
+
+Progress = Callable[[int, int], None]  # (steps done, total)
+
+
+class QueueFull(UserError):
+    """The queue holds `queue_size` requests; retry later."""
+
+
+class DeadlineExceeded(UserError):
+    """The request's deadline passed before it finished."""
+
+
+class Cancelled(UserError):
+    """The request was cancelled (by its caller, or because its client went away)."""
+
+
+class ServiceClosed(UserError):
+    """The service is closing or closed and takes no new requests."""
+
+
+class CancelToken:
+    """Set from any thread; the worker checks it between steps."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds. Encode, steps and decode are those of the batch the request ran in."""
+
+    queue_wait: float
+    encode: float
+    steps: float
+    decode: float
+
+    @property
+    def total(self) -> float:
+        return self.queue_wait + self.encode + self.steps + self.decode
+
+
+@dataclass(frozen=True)
+class Result:
+    images: list[Image.Image]
+    seeds: tuple[int, ...]  # one per image
+    timings: Timings
+    batch_size: int  # images in the batch this request ran in
+    job: Job = field(repr=False)
+
+    def parameters(self, index: int, model: str) -> image_io.GenerationParameters:
+        """The PNG `parameters` of image `index`, as `sdrt run` writes them."""
+        job = self.job
+        return image_io.GenerationParameters(
+            prompt=job.prompt[index // job.images_per_prompt],
+            negative_prompt=(job.negative_prompt or ("",) * len(job.prompt))[index // job.images_per_prompt],
+            steps=job.steps, sampler=job.sampler_label, cfg_scale=job.guidance, seed=self.seeds[index],
+            width=job.width, height=job.height, model=model)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What the worker tells an observer (metrics) after each batch."""
+
+    images: int
+    requests: int
+    encode: float
+    steps: float
+    decode: float
+    failed: bool
+
+
+@dataclass(eq=False)
+class _Pending:
+    job: Job
+    future: Future
+    enqueued: float
+    deadline: float | None
+    token: CancelToken | None
+    progress: Progress | None
+    started: float = 0.0
+    done: bool = False
+
+    def stop_reason(self, now: float) -> UserError | None:
+        if self.future.cancelled() or (self.token is not None and self.token.cancelled):
+            return Cancelled("the request was cancelled")
+        if self.deadline is not None and now > self.deadline:
+            return DeadlineExceeded("the request's deadline passed before it finished")
+        return None
+
+
+class Service:
+    def __init__(self, pipeline_or_dir, limits: Limits = Limits(), max_batch: int = 4, max_wait_ms: float = 10.0,
+                 queue_size: int = 64, backend: str = "auto", warmup: bool = False,
+                 on_batch: Callable[[BatchReport], None] | None = None):
+        from .pipeline import Pipeline
+
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and queue_size must be at least 1 and max_wait_ms at least 0")
+        if isinstance(pipeline_or_dir, (str, Path)):
+            pipeline_or_dir = Pipeline.load(pipeline_or_dir, backend=backend, limits=limits)
+        self.pipeline = pipeline_or_dir
+        self.limits = limits
+        self.max_batch = min(max_batch, limits.max_batch)
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._ready = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="sdrt-service-worker", daemon=True)
+        self._warmup = warmup
+        self._worker.start()
+
+    # ---- callers' side (any thread) ----------------------------------------------------------------------
+    def validate(self, request: Request | Job) -> Job:
+        """The request checked against the model and the service's limits (InvalidRequest otherwise)."""
+        return request if isinstance(request, Job) else validate(request, self.pipeline.dir, self.limits)
+
+    def submit(self, request: Request | Job, *, timeout: float | None = None, cancel: CancelToken | None = None,
+               on_progress: Progress | None = None) -> Future:
+        """Queue a request; the future's result is a Result. Raises InvalidRequest, QueueFull, ServiceClosed.
+
+        `timeout` (seconds from now) is the deadline, checked while queued and between steps.
+        """
+        job = self.validate(request)
+        now = time.monotonic()
+        pending = _Pending(job, Future(), now, None if timeout is None else now + timeout, cancel, on_progress)
+        with self._cond:
+            if self._closing:
+                raise ServiceClosed("the service is shutting down and takes no new requests")
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(f"the queue holds {self.queue_size} requests; retry later")
+            self._queue.append(pending)
+            self._cond.notify()
+        return pending.future
+
+    def generate(self, request: Request | Job, **kwargs) -> Result:
+        """submit() and wait for the result (raises what the future raises)."""
+        return self.submit(request, **kwargs).result()
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def ready(self) -> bool:
+        """The engines are loaded (and warmed, if asked) and the worker is running."""
+        return self._ready.is_set() and self._worker.is_alive()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; finish the queued ones (drain) or cancel them; wait for the worker."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                while self._queue:
+                    self._fail(self._queue.popleft(), ServiceClosed("the service shut down before this request ran"))
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- the worker ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self._warmup:
+            try:
+                self.pipeline.generate(Request.of(prompt="warm-up", steps=1, guidance=0.0,
+                                                  width=self.pipeline.dir.default_size // 4 // 8 * 8 or 64,
+                                                  height=self.pipeline.dir.default_size // 4 // 8 * 8 or 64))
+            except Exception:  # a failing warm-up must not stop the service: requests will report the error
+                pass
+        self._ready.set()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while True:
+                self._drop_stopped()
+                if self._queue:
+                    break
+                if self._closing:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            wait_until = first.enqueued + self.max_wait
+            while not self._closing and time.monotonic() < wait_until and self._images_compatible(first) < self.max_batch:
+                self._cond.wait(max(0.0, wait_until - time.monotonic()))
+            self._drop_stopped()
+            if not self._queue:
+                return []
+            first = self._queue[0]
+            key, chosen, images = batching.compatibility_key(first.job), [], 0
+            for p in list(self._queue):
+                if batching.compatibility_key(p.job) == key and images + p.job.count <= self.max_batch:
+                    chosen.append(p)
+                    images += p.job.count
+            if not chosen:  # a request larger than max_batch runs alone
+                chosen = [first]
+            for p in chosen:
+                self._queue.remove(p)
+            return chosen
+
+    def _images_compatible(self, first: _Pending) -> int:
+        key = batching.compatibility_key(first.job)
+        return sum(p.job.count for p in self._queue if batching.compatibility_key(p.job) == key)
+
+    def _drop_stopped(self) -> None:
+        now = time.monotonic()
+        for p in [p for p in self._queue if p.stop_reason(now) is not None]:
+            self._queue.remove(p)
+            self._fail(p, p.stop_reason(now))
+
+    @staticmethod
+    def _fail(p: _Pending, error: BaseException) -> None:
+        if not p.done:
+            p.done = True
+            if not p.future.cancelled():
+                p.future.set_exception(error)
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        started = time.monotonic()
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        for p in live:
+            p.started = started
+        if not live:
+            return
+        encode = steps_time = decode = 0.0
+        try:
+            merged = batching.merge([p.job for p in live])
+            pipe = self.pipeline
+            t0 = time.monotonic()
+            prep = pipe.prepare(merged)
+            encode = time.monotonic() - t0
+            total = pipe.steps_to_run(merged)
+            t0 = time.monotonic()
+            latents = None
+            for done, latents in enumerate(pipe.steps(merged, prep), start=1):
+                now = time.monotonic()
+                for p in live:
+                    if p.done:
+                        continue
+                    reason = p.stop_reason(now)
+                    if reason is not None:
+                        self._fail(p, reason)
+                    elif p.progress is not None:
+                        try:
+                            p.progress(done, total)
+                        except Exception:  # a caller's callback never stops the batch
+                            pass
+                if all(p.done for p in live):
+                    break
+            steps_time = time.monotonic() - t0
+            if latents is None:
+                raise UserError(f"{merged.steps} steps at this strength leave no denoising step; raise the steps "
+                                "or the strength")
+            if all(p.done for p in live):
+                self._report(batch, encode, steps_time, decode, failed=False)
+                return
+            t0 = time.monotonic()
+            images = pipe.decode(latents)
+            decode = time.monotonic() - t0
+        except Exception as e:  # noqa: BLE001 — an engine error fails this batch, never the worker
+            for p in live:
+                self._fail(p, e)
+            self._report(batch, encode, steps_time, decode, failed=True)
+            return
+        count = sum(p.job.count for p in live)
+        for p, own in zip(live, batching.split(images, [p.job for p in live])):
+            if p.done:
+                continue
+            p.done = True
+            timings = Timings(p.started - p.enqueued, encode, steps_time, decode)
+            p.future.set_result(Result(own, p.job.seeds, timings, count, p.job))
+        self._report(batch, encode, steps_time, decode, failed=False)
+
+    def _report(self, batch, encode, steps_time, decode, failed) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(BatchReport(sum(p.job.count for p in batch), len(batch), encode, steps_time, decode,
+                                          failed))
+            except Exception:
+                pass
