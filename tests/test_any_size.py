@@ -173,12 +173,9 @@ def _reference(folder):
 
 
 def _request(**flat):
-    """A request from flat keywords, whichever request API this checkout has (grouped `Request.of` or flat)."""
-    try:
-        from sdrt.runtime.request import Request
-    except ImportError:
-        from sdrt.runtime.pipeline import Request
-    return Request.of(**flat) if hasattr(Request, "of") else Request(**flat)
+    from sdrt.runtime.request import Request
+
+    return Request.of(**flat)
 
 
 def _uint8(images) -> np.ndarray:
@@ -203,7 +200,8 @@ def engines():
 
 # (family, latent height, latent width): the tiny UNet down-samples once (factor 2), so 13 and 17 are odd at
 # its up-sampler (7 → 13, 9 → 17); 14×17 is exact in height only; 16×12 doubles everywhere.
-CASES = [("sd15", 13, 17), ("sd15", 14, 17), ("sd15", 16, 12), ("sd21v", 13, 17), ("sdxl", 13, 17), ("sdxl", 16, 12)]
+CASES = [("sd15", 13, 17), ("sd15", 14, 17), ("sd15", 16, 12), ("sd21v", 13, 17), ("sdxl", 13, 17), ("sdxl", 16, 12),
+         ("sdxl-lightning", 13, 17)]
 
 
 @pytest.mark.parametrize("family,latent_h,latent_w", CASES)
@@ -223,6 +221,38 @@ def test_odd_latent_sizes_equal_diffusers(exported, tiny_pipeline, engines, fami
     assert a.shape == b.shape == (1, height, width, 3)
     diff = int(np.abs(a - b).max())
     print(f"any-size {family} latents {latent_h}x{latent_w} ({width}x{height} px): max pixel difference {diff}/255")
+    assert diff <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("family", ["sd15-inpaint", "sdxl-refiner"])
+def test_odd_latent_sizes_with_an_init_image(exported, tiny_pipeline, engines, family):
+    """The families that start from an image: 9-channel inpainting and the SDXL refiner, latents 13x17."""
+    from PIL import Image
+
+    pipe = engines(exported(family, "fp32"))
+    f = pipe.dir.vae_scale_factor
+    height, width = 13 * f, 17 * f
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    ref = _reference(tiny_pipeline(family))
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(2),
+                  output_type="np")
+    extra = {}
+    if family == "sd15-inpaint":
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[4:20, 6:24] = 255
+        extra = dict(mask=Image.fromarray(mask))
+        theirs = ref("a door", image=image, mask_image=extra["mask"], height=height, width=width, **kwargs).images
+    else:
+        theirs = ref("a door", image=image, strength=0.5, **kwargs).images
+        extra = dict(strength=0.5)
+    ours = pipe.generate(_request(prompt="a door", init_image=image, steps=4, guidance=5.0, sampler="euler", seed=2,
+                                  width=width, height=height, **extra))
+    a, b = _uint8(ours).astype(int), _uint8(theirs).astype(int)
+    assert a.shape == b.shape == (1, height, width, 3)
+    diff = int(np.abs(a - b).max())
+    print(f"any-size {family} latents 13x17 ({width}x{height} px): max pixel difference {diff}/255")
     assert diff <= MAX_PIXEL_DIFF
 
 
