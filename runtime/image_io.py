@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -118,3 +119,34 @@ def save_png(image: Image.Image, path: Path, parameters: GenerationParameters | 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def image_bytes(image: Image.Image, parameters: GenerationParameters | str | None = None, fmt: str = "png",
+                 quality: int | None = None) -> bytes:
+    """The image as file bytes (png, jpeg or webp) carrying the same `parameters` text as `save_png` writes.
+
+    PNG: a `parameters` text chunk (what `save_png` writes). JPEG/WebP: the text in the EXIF UserComment
+    (UNICODE-prefixed UTF-16, where AUTOMATIC1111 puts it). `quality` (0-100) applies to JPEG and WebP.
+    """
+    kind = IMAGE_FORMATS.get(fmt.lower())
+    if kind is None:
+        raise UserError(f"cannot write images as {fmt!r}; choose one of png, jpeg, webp")
+    text = None if parameters is None else parameters if isinstance(parameters, str) else parameters.a1111_text()
+    buffer = io.BytesIO()
+    if kind == "PNG":
+        info = PngImagePlugin.PngInfo()
+        if text is not None:
+            info.add_text("parameters", text)
+        image.save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
+    options = {} if quality is None else {"quality": int(quality)}
+    if text is not None:
+        exif = Image.Exif()
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+        options["exif"] = exif.tobytes()
+    image.convert("RGB").save(buffer, format=kind, **options)
+    return buffer.getvalue()
