@@ -18,6 +18,7 @@ from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
 from .request import Request
+from .denoiser import timestep_lookup
 from .schedules import SIGMA_SCHEDULES, ScheduleError, SchedulerConfig
 
 MAX_SEED = 2 ** 64 - 1
@@ -219,9 +220,14 @@ def validate(request: Request, model_dir, limits: Limits = Limits()) -> Job:
                  f"; {sampler} on this model's schedule runs at most {ceiling} steps (its training timesteps "
                  "or the configured limit)")
     try:
-        sampler_registry.build_schedule(cfg, sampler, steps, schedule)
+        built = sampler_registry.build_schedule(cfg, sampler, steps, schedule)
     except ScheduleError as e:
         raise InvalidRequest("sampler", str(e)) from None
+    try:  # many steps can round two timesteps onto one float32 sigma, which the denoiser cannot tell apart
+        timestep_lookup(built)
+    except ScheduleError:
+        raise InvalidRequest("steps", f"{steps} steps of {sampler} on this model's schedule put two timesteps on "
+                                      "one sigma (float32); use fewer steps") from None
 
     width, height = _size(request, model_dir)
     if width * height > limits.max_pixels:

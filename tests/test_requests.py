@@ -78,6 +78,7 @@ BAD = [
     (dict(prompt="a", steps="8"), "steps", "integer"),
     (dict(prompt="a", steps=100000), "steps", "at most 1000"),
     (dict(prompt="a", sampler="lcm", steps=60), "steps", "at most 50"),
+    (dict(prompt="a", sampler="euler", steps=1000), "steps", "two timesteps on one sigma"),
     (dict(prompt="a", seed=99999999999999999999999), "seed", "2**64"),
     (dict(prompt="a", seed=-2), "seed", "-1 for a random seed"),
     (dict(prompt="a", seed=MAX_SEED, batch=2), "seed", "seed + i"),
