@@ -32,7 +32,7 @@ from PIL import Image
 
 from . import batching, image_io
 from .errors import UserError
-from .limits import Limits
+from .limits import Limits, memory_budget
 from .request import Request
 from .validate import Job, validate
 
@@ -245,11 +245,14 @@ class Service:
             if not self._queue:
                 return []
             first = self._queue[0]
-            key, chosen, images = batching.compatibility_key(first.job), [], 0
+            key, chosen, images, nbytes = batching.compatibility_key(first.job), [], 0, 0
+            budget = memory_budget(self.limits)  # batch-mates' estimates add up: the batch must fit as a whole
             for p in list(self._queue):
-                if batching.compatibility_key(p.job) == key and images + p.job.count <= self.max_batch:
+                fits = budget is None or nbytes + p.job.estimated_bytes <= budget
+                if batching.compatibility_key(p.job) == key and images + p.job.count <= self.max_batch and fits:
                     chosen.append(p)
                     images += p.job.count
+                    nbytes += p.job.estimated_bytes
             if not chosen:  # a request larger than max_batch runs alone
                 chosen = [first]
             for p in chosen:
