@@ -17,7 +17,8 @@ from sdrt.runtime.validate import InvalidRequest, Job, validate
 OnStep = Callable[[str, int, int], None]  # (stage, steps done, total)
 
 # request field → how `sdrt run` spells it (InvalidRequest names fields, the CLI names its own flags)
-FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_prompt": "--batch"}
+FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_prompt": "--batch", "loras": "--lora",
+         "embeddings": "--embedding"}
 
 
 def flag(field: str) -> str:
@@ -53,6 +54,12 @@ class RunOptions:
     backend: str = "auto"
     out: Path = Path("sdrt.png")
     as_json: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # (file or name, scale), applied at load (runtime/lora.py)
+    lora_dir: Path | None = None  # where LoRA names and <lora:NAME:SCALE> prompt tags are looked up
+    prompt_syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompt_encode.py)
+    clip_skip: int = 0
+    embeddings: tuple[Path, ...] = ()  # textual-inversion files (runtime/embeddings.py); trigger = file stem
+    embeddings_dir: Path | None = None  # every file in it is active, as in AUTOMATIC1111
 
 
 def build_request(o: RunOptions) -> Request:
@@ -79,6 +86,10 @@ def build_request(o: RunOptions) -> Request:
         strength=o.strength,
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
         denoising_end=o.refiner_start if o.refiner else None,
+        loras=o.loras,
+        prompt_syntax=o.prompt_syntax,
+        clip_skip=o.clip_skip,
+        embeddings=tuple(str(e) for e in o.embeddings),
     )
 
 
@@ -101,20 +112,23 @@ class Written:
 def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> tuple[Job, list[Written]]:
     request = build_request(o)
     try:  # before any engine loads: bad input costs nothing and leaves nothing behind
-        job = validate(request, open_dir(o.engine_dir))
+        job = validate(request, open_dir(o.engine_dir), lora_dir=o.lora_dir,
+                       embeddings_dir=o.embeddings_dir)
     except InvalidRequest as e:
         raise as_cli_error(e) from None
     paths = output_paths(o.out, job.count)
     image_io.check_writable(paths[0])
-    pipe = Pipeline.load(o.engine_dir, backend=o.backend)
+    pipe = Pipeline.load(o.engine_dir, backend=o.backend, lora_dir=o.lora_dir,
+                         embeddings_dir=o.embeddings_dir)
     latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step)
     decoder = pipe
     if o.refiner:
-        refiner = Pipeline.load(o.refiner, backend=o.backend)
+        refiner = Pipeline.load(o.refiner, backend=o.backend, embeddings_dir=o.embeddings_dir)
         follow = Request.of(prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                             guidance=job.guidance, guidance_rescale=job.guidance_rescale, sampler=job.sampler,
                             schedule=job.schedule, seed=job.seed, batch=job.images_per_prompt, init_latents=latents,
-                            denoising_start=o.refiner_start)
+                            denoising_start=o.refiner_start, prompt_syntax=job.syntax, clip_skip=job.clip_skip,
+                            embeddings=tuple(str(e) for e in o.embeddings))
         try:
             follow_job = refiner.validate(follow)
         except InvalidRequest as e:

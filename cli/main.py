@@ -39,6 +39,11 @@ def export(
     batch: str = typer.Option("1", help="with --trt: images per call, N or MIN-MAX"),
     guidance: bool = typer.Option(True, help="with --trt: UNet plans for classifier-free guidance (--no-guidance "
                                             "for Lightning/Turbo)"),
+    lora: list[str] = typer.Option([], "--lora", help="FILE[:SCALE]: a LoRA (.safetensors) fused into the exported "
+                                                     "weights (repeatable; the manifest records each file's sha256)"),
+    textual_inversion: bool = typer.Option(False, "--textual-inversion", help="also export each text encoder's "
+                                           "inputs_embeds variant, so that `sdrt run --embedding` works (a second "
+                                           "copy of the text encoders' weights)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -56,7 +61,8 @@ def export(
         output = Path(f"{Path(model.rstrip('/')).stem}-{precision}")
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
-                       single_file_config=config, force=force)
+                       single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
+                       textual_inversion=textual_inversion)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -80,6 +86,16 @@ def export(
         console.print(f"engine directory: [bold]{Path(output).absolute()}[/] ({manifest['family']}, {manifest['precision']})")
 
 
+def _lora_args(values: list[str], flag: str) -> tuple[tuple[str, float], ...]:
+    """`FILE[:SCALE]` options → (file, scale) pairs; a scale that is not a finite number is a one-line error."""
+    from sdrt.runtime.lora import LoraError, parse_lora_arg
+
+    try:
+        return tuple(parse_lora_arg(v) for v in values)
+    except LoraError as e:
+        raise UserError(f"{flag} {e}") from None
+
+
 def summarize(manifest: dict, engine_dir: Path) -> dict:
     return {
         "engine_dir": str(Path(engine_dir).absolute()),
@@ -87,6 +103,7 @@ def summarize(manifest: dict, engine_dir: Path) -> dict:
         "inpaint": manifest["inpaint"],
         "prediction_type": manifest["prediction_type"],
         "precision": manifest["precision"],
+        "loras": manifest.get("loras", []),
         "components": {
             name: {
                 "precision": c["precision"],
@@ -147,6 +164,19 @@ def run(
     backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
     out: Path = typer.Option(Path("sdrt.png"), "-o", "--out", help="PNG to write (index appended for several images)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of the images written, each with its seed"),
+    lora: list[str] = typer.Option([], "--lora", help="FILE[:SCALE] or NAME[:SCALE] (in --lora-dir): a LoRA applied "
+                                                     "at load, without re-exporting (repeatable)"),
+    lora_dir: Optional[Path] = typer.Option(None, help="folder of LoRA .safetensors files, for --lora NAME and "
+                                                       "<lora:NAME:SCALE> tags in prompts"),
+    prompt_syntax: str = typer.Option("a1111", help="a1111: (word:1.2), square brackets, BREAK, prompts over 75 tokens in "
+                                                    "chunks; compel: word++, (words)1.2, .blend(), .and(); plain: "
+                                                    "diffusers' (no syntax, truncated at 77 tokens)"),
+    clip_skip: int = typer.Option(0, help="use the text encoder's output this many layers before the last "
+                                          "(diffusers' numbering: AUTOMATIC1111's 'Clip skip 2' is 1)"),
+    embedding: list[Path] = typer.Option([], "--embedding", help="textual-inversion file (.safetensors, .pt, "
+                                                                ".bin), triggered by its file name (repeatable)"),
+    embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual-inversion files, all usable by "
+                                                             "their file names"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -165,7 +195,9 @@ def run(
                          seed=seed,
                          width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
-                         as_json=as_json)
+                         as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
+                         prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
+                         embeddings_dir=embeddings_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -199,35 +231,41 @@ def build(
     show_plan: bool = typer.Option(False, "--plan", help="print the plans a build would make, build nothing"),
     compute_capability: Optional[str] = typer.Option(None, help="with --plan on a machine without a GPU: target, e.g. 9.0"),
     trt_version: Optional[str] = typer.Option(None, help="with --plan without TensorRT: target version, e.g. 10.13.0"),
+    prompt_chunks: str = typer.Option("1", help="75-token prompt chunks the UNet plans take, N or MIN-MAX (long "
+                                                "prompts in the a1111/compel syntaxes need more than 1)"),
 ) -> None:
     """Build fp16 TensorRT plans per resolution profile for an engine directory."""
     wanted = tuple(c.strip() for c in components.split(",")) if components else None
     if not show_plan:
-        _build_plans(engine_dir, resolution, dynamic, batch, guidance, wanted, optimization_level, refittable)
+        _build_plans(engine_dir, resolution, dynamic, batch, guidance, wanted, optimization_level, refittable,
+                     prompt_chunks)
         return
     from sdrt.engines import trt_dir
 
     cc = tuple(int(v) for v in compute_capability.split(".")) if compute_capability else None
-    for p in trt_dir.plan(engine_dir, _profiles(engine_dir, resolution, dynamic, batch, guidance), wanted, cc,
-                          trt_version):
+    for p in trt_dir.plan(engine_dir, _profiles(engine_dir, resolution, dynamic, batch, guidance, prompt_chunks),
+                          wanted, cc, trt_version):
         print(f"{p.component:<15} {p.profile.name():<28} {'exists ' if p.exists else 'to build'} {p.file}")
 
 
-def _profiles(engine_dir: Path, resolution: list[str], dynamic: str | None, batch: str, guidance: bool):
+def _profiles(engine_dir: Path, resolution: list[str], dynamic: str | None, batch: str, guidance: bool,
+              prompt_chunks: str = "1"):
     from sdrt.engines import trt_profiles
     from sdrt.runtime.loader import open_dir
 
     d = open_dir(engine_dir)
-    return trt_profiles.profiles(resolution, dynamic, batch, guidance, d.vae_scale_factor * d.latent_multiple)
+    return trt_profiles.profiles(resolution, dynamic, batch, guidance, d.vae_scale_factor * d.latent_multiple,
+                                 prompt_chunks)
 
 
 def _build_plans(engine_dir: Path, resolution: list[str], dynamic: str | None, batch: str, guidance: bool,
-                 components: tuple[str, ...] | None, optimization_level: int, refittable: bool) -> None:
+                 components: tuple[str, ...] | None, optimization_level: int, refittable: bool,
+                 prompt_chunks: str = "1") -> None:
     from sdrt.engines import trt_dir
     from sdrt.engines.tensorrt import device_info
     from sdrt.engines.trt_build import BuildOptions
 
-    profiles = _profiles(engine_dir, resolution, dynamic, batch, guidance)
+    profiles = _profiles(engine_dir, resolution, dynamic, batch, guidance, prompt_chunks)
     cc, version = device_info()
     planned = trt_dir.plan(engine_dir, profiles, components, cc, version)
     options = BuildOptions(optimization_level=optimization_level, refittable=refittable,

@@ -118,7 +118,10 @@ class OrtEngine:
     Inputs are only read. On CUDA, inputs on another device (or the CPU) are copied to this engine's device.
     """
 
-    def __init__(self, path: str | Path, config: OrtConfig = OrtConfig()):
+    def __init__(self, path: str | Path, config: OrtConfig = OrtConfig(), initializers: dict | None = None):
+        """`initializers` ({name: numpy array}) replace the graph's external initializers of those names
+        (ONNX Runtime's add_external_initializers: before graph optimizations; same dims and dtype): how
+        runtime/lora.py builds a session with merged LoRA weights without re-exporting."""
         path = Path(path)
         if not path.is_file():
             state = "is not a file" if path.exists() else "is missing"
@@ -135,10 +138,17 @@ class OrtEngine:
             providers = [(_PROVIDERS["cuda"], {"device_id": config.device_id}), _PROVIDERS["cpu"]]
         else:
             providers = [_PROVIDERS["cpu"]]
+        options = session_options(config)
+        if initializers:  # the OrtValues only need to live until the session has copied them
+            values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
+            options.add_external_initializers(list(initializers), values)
         try:
-            self.session = ort.InferenceSession(str(path), session_options(config), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile/... types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if initializers:
+                raise EngineLoadError(f"{path}: ONNX Runtime did not take the merged LoRA weights ({first[:300]}); "
+                                      "the weights map does not fit this graph: re-export this component") from None
             raise EngineLoadError(f"{path} cannot be loaded by ONNX Runtime ({first[:300]}); it is damaged or "
                                   "incomplete (with external data, model.onnx_data must sit beside it): "
                                   "re-export this component") from None

@@ -168,6 +168,18 @@ class TensorRTComponent:
         self._scratch, self._stream, self._cuda_graph = scratch, stream, cuda_graph
         self._loaded: dict[str, TensorRTEngine] = {}
         self.device = "cuda"
+        self._refitted: dict = {}  # initializer → value pushed by a LoRA refit (engines/trt_refit.py)
+        self._refit_base = None
+
+    def refit(self, arrays: dict, base) -> None:
+        """Push new values of these initializers into every loaded plan, and into plans loaded later."""
+        from .trt_refit import refit_engine
+
+        for file, engine in self._loaded.items():
+            refit_engine(engine._trt, engine.engine, arrays, base, f"{self.component} plan {file}")
+            engine._graphs.clear()  # CUDA graphs captured before the refit are captured again
+        self._refitted.update(arrays)
+        self._refit_base = base
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shapes = {n: tuple(x.shape) for n, x in feed.items()}
@@ -176,6 +188,12 @@ class TensorRTComponent:
         if plan["file"] not in self._loaded:
             static = plan["batch"][0] == plan["batch"][2] and plan["height"][0] == plan["height"][2] \
                 and plan["width"][0] == plan["width"][2]
-            self._loaded[plan["file"]] = TensorRTEngine(self.engine_dir / plan["file"], self._scratch, self._stream,
-                                                        cuda_graph=self._cuda_graph and static)
+            engine = TensorRTEngine(self.engine_dir / plan["file"], self._scratch, self._stream,
+                                    cuda_graph=self._cuda_graph and static)
+            if self._refitted:  # a plan loaded after a LoRA switch gets the current weights first
+                from .trt_refit import refit_engine
+
+                refit_engine(engine._trt, engine.engine, self._refitted, self._refit_base,
+                             f"{self.component} plan {plan['file']}")
+            self._loaded[plan["file"]] = engine
         return self._loaded[plan["file"]](feed)

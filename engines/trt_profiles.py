@@ -38,14 +38,16 @@ class Profile:
     height: Range
     width: Range
     guidance: bool
+    text_chunks: Range = Range(1, 1, 1)  # 77-token prompt chunks: the UNet's sequence length is 77 · chunks
 
     @property
     def static(self) -> bool:
-        return all(r.min == r.max for r in (self.batch, self.height, self.width))
+        return all(r.min == r.max for r in (self.batch, self.height, self.width, self.text_chunks))
 
     def name(self) -> str:
         cfg = "cfg" if self.guidance else "nocfg"
-        return f"b{self.batch.text()}_h{self.height.text()}_w{self.width.text()}_{cfg}"
+        text = "" if self.text_chunks == Range(1, 1, 1) else f"_t{self.text_chunks.text()}"
+        return f"b{self.batch.text()}_h{self.height.text()}_w{self.width.text()}{text}_{cfg}"
 
     def covers(self, batch: int, height: int, width: int, guidance: bool) -> bool:
         return (self.guidance == guidance and self.batch.covers(batch) and self.height.covers(height)
@@ -78,16 +80,20 @@ def parse_range(text: str, what: str, multiple: int = 1) -> Range:
     return Range(lo, max(opt, lo), hi)
 
 
-def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: bool, multiple: int) -> list[Profile]:
-    """Profiles for `--resolution WxH ...` (static each) and/or `--dynamic MIN-MAX` (square range)."""
+def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: bool, multiple: int,
+             text_chunks: str = "1") -> list[Profile]:
+    """Profiles for `--resolution WxH ...` (static each) and/or `--dynamic MIN-MAX` (square range); `text_chunks`
+    (N or MIN-MAX, optimum at MIN) is the range of 77-token prompt chunks the UNet plans take."""
     batch_range = parse_range(batch, "batch")
+    chunks = parse_range(text_chunks, "prompt chunks")
+    chunks = Range(chunks.min, chunks.min, chunks.max)  # most prompts fit one chunk
     out = []
     for text in resolutions:
         h, w = parse_resolution(text, multiple)
-        out.append(Profile(batch_range, Range(h, h, h), Range(w, w, w), guidance))
+        out.append(Profile(batch_range, Range(h, h, h), Range(w, w, w), guidance, chunks))
     if dynamic:
         r = parse_range(dynamic, "dynamic size range", multiple)
-        out.append(Profile(batch_range, r, r, guidance))
+        out.append(Profile(batch_range, r, r, guidance, chunks))
     if not out:
         raise UserError("give at least one --resolution WxH or a --dynamic MIN-MAX range")
     return out
@@ -110,14 +116,17 @@ def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_facto
     """
     f = vae_scale_factor
 
-    def dims(batch: int, height: int, width: int) -> dict[str, int]:
-        return {"batch_size": component_batch(component, profile, batch), "sequence_length": TEXT_LENGTH, "height": height // f, "width": width // f,
+    def dims(batch: int, height: int, width: int, chunks: int) -> dict[str, int]:
+        # text encoders encode one 77-token chunk per call; the UNet sees all chunks of a prompt at once
+        text = TEXT_LENGTH * (chunks if component == "unet" else 1)
+        return {"batch_size": component_batch(component, profile, batch), "sequence_length": text, "height": height // f, "width": width // f,
                 "latent_height": height // f, "latent_width": width // f, "sample_height": height,
                 "sample_width": width}
 
-    picks = [dims(profile.batch.min, profile.height.min, profile.width.min),
-             dims(profile.batch.opt, profile.height.opt, profile.width.opt),
-             dims(profile.batch.max, profile.height.max, profile.width.max)]
+    c = profile.text_chunks
+    picks = [dims(profile.batch.min, profile.height.min, profile.width.min, c.min),
+             dims(profile.batch.opt, profile.height.opt, profile.width.opt, c.opt),
+             dims(profile.batch.max, profile.height.max, profile.width.max, c.max)]
     shapes = {}
     for name, onnx_dims in inputs.items():
         if not onnx_dims:  # rank-0 (timestep)
@@ -174,11 +183,13 @@ def select(plans: list[dict], component: str, inputs: dict, feed_shapes: dict[st
 
 
 def _profile(p: dict) -> Profile:
-    return Profile(Range(*p["batch"]), Range(*p["height"]), Range(*p["width"]), p["guidance"])
+    return Profile(Range(*p["batch"]), Range(*p["height"]), Range(*p["width"]), p["guidance"],
+                   Range(*p.get("text_chunks", (1, 1, 1))))  # plans built before long prompts: one chunk
 
 
 def profile_record(profile: Profile) -> dict:
     return {"batch": [profile.batch.min, profile.batch.opt, profile.batch.max],
             "height": [profile.height.min, profile.height.opt, profile.height.max],
             "width": [profile.width.min, profile.width.opt, profile.width.max],
-            "guidance": profile.guidance}
+            "guidance": profile.guidance,
+            "text_chunks": [profile.text_chunks.min, profile.text_chunks.opt, profile.text_chunks.max]}

@@ -13,7 +13,9 @@ from typing import Callable
 
 import torch
 
-COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "text_encoder_embeds",
+                   "text_encoder_2_embeds")
+EMBEDS = "_embeds"  # text_encoder[_2]_embeds: the same encoder taking token vectors (textual inversion); opt-in
 SEQUENCE_LENGTH = 77
 
 
@@ -44,6 +46,38 @@ class _TextEncoder(torch.nn.Module):
 
     def forward(self, input_ids):  # [B, 77] int64
         out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return (out.last_hidden_state, pooled, *out.hidden_states)
+
+
+class _Given(torch.nn.Module):
+    """Stands in for the token-embedding table while an `inputs_embeds` graph is traced: returns the vectors given."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, input_ids):
+        return self.value
+
+
+class _TextEncoderEmbeds(torch.nn.Module):
+    """The text encoder from its token vectors on: inputs_embeds [B, 77, D] are the rows the runtime looked up in
+    the token table (text_weights.npz) or took from an embedding file; input_ids [B, 77] still choose the pooled
+    position (the first EOS, or the largest id on configs that say eos_token_id 2), as in transformers."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, inputs_embeds):
+        embeddings = getattr(self.encoder, "text_model", self.encoder).embeddings
+        table = embeddings.token_embedding
+        embeddings.token_embedding = _Given(inputs_embeds)
+        try:
+            out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
+        finally:
+            embeddings.token_embedding = table
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return (out.last_hidden_state, pooled, *out.hidden_states)
 
@@ -96,7 +130,24 @@ def _text_spec(name: str) -> ComponentSpec:
     return ComponentSpec(name, ("input_ids",), (), {}, make_module, make_inputs)
 
 
+def _text_embeds_spec(name: str) -> ComponentSpec:
+    """`<name>_embeds`: (input_ids, inputs_embeds) → the outputs of `name`."""
+    base = _text_spec(name)
+
+    def make_module(pipe):
+        base.make_module(pipe)
+        return _TextEncoderEmbeds(getattr(pipe, name))
+
+    def make_inputs(pipe, shape: Shape, dtype):
+        (ids,) = base.make_inputs(pipe, shape, dtype)
+        table = getattr(getattr(pipe, name), "text_model", getattr(pipe, name)).embeddings.token_embedding.weight
+        return ids, table.detach()[ids].to(dtype)
+
+    return ComponentSpec(name + EMBEDS, ("input_ids", "inputs_embeds"), (), {}, make_module, make_inputs)
+
+
 def text_output_names(pipe, name: str) -> tuple[str, ...]:
+    name = name.removesuffix(EMBEDS)
     layers = getattr(pipe, name).config.num_hidden_layers
     pooled = "text_embeds" if name == "text_encoder_2" else "pooler_output"
     return ("last_hidden_state", pooled) + tuple(f"hidden_states.{i}" for i in range(layers + 1))
@@ -171,11 +222,16 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
     specs = {}
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
-            base = _text_spec(name)
             outputs = text_output_names(pipe, name)
-            axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
+            axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                    "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}
             axes |= {o: {0: "batch_size"} | ({1: "sequence_length"} if o != outputs[1] else {}) for o in outputs}
-            specs[name] = ComponentSpec(name, base.input_names, outputs, axes, base.make_module, base.make_inputs)
+            # the variant first: exporting `name` releases the module the variant is traced from
+            for base in (_text_embeds_spec(name), _text_spec(name)):
+                specs[base.name] = ComponentSpec(base.name, base.input_names, outputs,
+                                                 {k: v for k, v in axes.items() if k != "inputs_embeds"
+                                                  or base.name.endswith(EMBEDS)},
+                                                 base.make_module, base.make_inputs)
     specs["unet"] = _unet_spec(with_added_cond=pipe.unet.config.addition_embed_type == "text_time")
     specs["vae_decoder"] = _vae_decoder_spec()
     specs["vae_encoder"] = _vae_encoder_spec()

@@ -19,17 +19,21 @@ from typing import Callable
 
 import torch
 
+from sdrt.runtime import lora
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.family import Family, detect
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from sdrt.runtime.prompt_encode import write_text_weights
 
 from . import gate
-from .components import COMPONENT_NAMES, component_specs, gate_shapes, unet_factor, vae_scale_factor
+from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
+from .weights_map import LORA_COMPONENTS, Mapper
 from .rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
 
-EXPORT_REVISION = "3"  # bump when the exported graphs change for the same source (3: UNet takes any latent size)
+EXPORT_REVISION = "4"  # bump when the exported graphs change for the same source (3: UNet takes any latent size;
+# 4: UNet and text encoders keep their weights in model.onnx_data with a weights_map.json, for LoRAs at load)
 PRECISIONS = ("fp32", "fp16")
 VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows in fp16 and decodes black "
                    "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
@@ -49,6 +53,8 @@ class ExportConfig:
     family: str | None = None  # for single files whose family cannot be inferred
     single_file_config: str | None = None  # diffusers folder/hub id with the configs for a single file
     force: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
+    textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -107,7 +113,7 @@ def _clean_stale_temps(out: Path) -> None:
             continue
 
 
-def _write_pipeline_files(pipe, tmp: Path, names: list[str]) -> None:
+def _write_pipeline_files(pipe, tmp: Path, names: list[str], precision: str = "fp32") -> None:
     """model_index.json, scheduler, tokenizers and a config.json per component, as optimum lays them out.
 
     Tokenizer folders are copied from the source when it is a folder (transformers 5 would save only
@@ -126,9 +132,11 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str]) -> None:
     for name in names:
         folder = tmp / name
         folder.mkdir(exist_ok=True)
-        module = pipe.vae if name.startswith("vae") else getattr(pipe, name)
+        module = _module_for(pipe, name)
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if name.startswith("text_encoder"):  # final layer norm (clip skip); the variants: the token table too
+            write_text_weights(module, folder, table=name.endswith(EMBEDS), half=precision == "fp16")
 
 
 def _vae_needs_fp32(pipe, info) -> bool:
@@ -160,7 +168,7 @@ def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
 
 
 def _module_for(pipe, name):
-    return pipe.vae if name.startswith("vae") else getattr(pipe, name)
+    return pipe.vae if name.startswith("vae") else getattr(pipe, name.removesuffix(EMBEDS))
 
 
 def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) -> dict:
@@ -181,7 +189,9 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
     rewrites = [f"{SUBPIXEL_PASS} ({rewritten} upsamplers)"] if rewritten else []
     if sized and sized == upsamplers:  # each up-sampler resizes to its skip connection: any latent size runs
         rewrites.append(f"{SKIP_SIZE_PASS} ({sized} upsamplers)")
-    files, passes = run_passes(raw, tmp / spec.name)
+    mapper = Mapper(module_owner, spec.name) if spec.name in LORA_COMPONENTS else None  # LoRAs at load
+    files, passes = run_passes(raw, tmp / spec.name, mapper)
+    del mapper  # it holds the module, which is released below
     shutil.rmtree(raw)
     if dtype == torch.float16:
         module_owner.load_state_dict(torch.load(fp32_weights, mmap=True, weights_only=True), assign=True)
@@ -239,12 +249,17 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     early_hash = local_source_hash(cfg.model, cfg.vae)
     if early_hash is not None:  # refuse a bad output before spending minutes loading a model
         _check_output(cfg, early_hash)
+    for path, scale in cfg.loras:  # unreadable files and bad scales fail before the model loads
+        lora.check_scale(scale, path)
+        lora.read_header(Path(path).expanduser())
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
     old = _check_output(cfg, source.sha256)
+    lora_records = _fuse_loras(pipe, info, cfg.loras)
     specs = component_specs(pipe)
-    names = [n for n in specs if cfg.components is None or n in cfg.components]
+    names = [n for n in specs if (n in cfg.components if cfg.components is not None
+                                  else cfg.textual_inversion or not n.endswith(EMBEDS))]
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -254,14 +269,14 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     except OSError as e:
         raise UserError(f"cannot write into {output.parent}: {e.strerror}") from None
     try:
-        _write_pipeline_files(pipe, tmp, names)
+        _write_pipeline_files(pipe, tmp, names, cfg.precision)
         components = {}
         for name in names:
             precision = cfg.precision
             kept = None
             if name.startswith("vae") and precision == "fp16" and _vae_needs_fp32(pipe, info):
                 precision, kept = "fp32", VAE_FP32_REASON
-            key = _component_key(source.sha256, name, precision)
+            key = _component_key(source.sha256 + _lora_signature(lora_records), name, precision)
             entry = _reusable(old, output, name, key)
             if entry is not None:
                 for rel in entry["files"]:
@@ -291,6 +306,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "precision": cfg.precision,
             "latent_multiple": _latent_multiple(pipe, components.get("unet")),
             "vae_scale_factor": vae_scale_factor(pipe),
+            "loras": lora_records,
             "components": components,
             "trt": [],
             "versions": versions(),
@@ -301,6 +317,19 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _fuse_loras(pipe, info, loras) -> list[dict]:
+    """W += Σ scale · ΔW (fp32) in the pipeline's UNet and text encoders, before anything is traced."""
+    if not loras:
+        return []
+    modules = {n: getattr(pipe, n) for n in LORA_COMPONENTS if getattr(pipe, n, None) is not None}
+    model = lora.model_from_modules(modules, dict(pipe.unet.config), info.family.value)
+    return lora.fuse_into_modules(modules, model, loras)
+
+
+def _lora_signature(records: list[dict]) -> str:
+    return "".join(f"|lora:{r['sha256']}:{r['scale']!r}" for r in records)
 
 
 def _latent_multiple(pipe, unet_entry: dict | None) -> int:

@@ -3,7 +3,9 @@
 The TorchScript-based exporter (dynamo=False) is used: it handles diffusers' UNet with dynamic batch,
 height and width, as optimum does. Passes: constant folding (in the exporter, then polygraphy's folder,
 which evaluates constant subgraphs with ONNX Runtime) and ONNX shape inference. Graphs over 2 GB keep
-their weights in one external file, `model.onnx_data`, as optimum writes it.
+their weights in one external file, `model.onnx_data`, as optimum writes it; so do the UNet and the text
+encoders at any size, beside their weights_map.json (export/weights_map.py): ONNX Runtime can replace only
+external initializers, which is how LoRAs are applied at load.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ def _byte_size(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
-def run_passes(raw_dir: Path, out_dir: Path) -> tuple[list[str], list[str]]:
+def run_passes(raw_dir: Path, out_dir: Path, mapper=None) -> tuple[list[str], list[str]]:
     """Load the exporter's output from raw_dir/model.onnx, fold constants, infer shapes, save into out_dir.
 
+    With a weights-map `mapper` (export/weights_map.py: LoRA-targetable components), every mapped weight and
+    every initializer of 1 KiB or more go to model.onnx_data, and weights_map.json is written beside.
     Returns the files written (relative to out_dir) and the passes applied.
     """
     model = onnx.load(str(raw_dir / "model.onnx"), load_external_data=True)
@@ -58,10 +62,22 @@ def run_passes(raw_dir: Path, out_dir: Path) -> tuple[list[str], list[str]]:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         passes.append("onnx.infer_shapes")
         out_dir.mkdir(parents=True, exist_ok=True)
+        if mapper is None:
+            onnx.save(model, str(out_dir / "model.onnx"))
+            return ["model.onnx"], passes
+        from .weights_map import mark_external
+
+        mark_external(model, mapper.build(model), EXTERNAL_DATA_NAME)
         onnx.save(model, str(out_dir / "model.onnx"))
-        return ["model.onnx"], passes
+        _same_mode(out_dir)
+        return ["model.onnx", EXTERNAL_DATA_NAME, mapper.write(out_dir, EXTERNAL_DATA_NAME)], \
+            passes + ["sdrt.weights_map"]
     # Over 2 GB: shape inference must go through files (onnx's in-memory API is limited to 2 GB protos).
     out_dir.mkdir(parents=True, exist_ok=True)
+    if mapper is not None:
+        from .weights_map import mark_external
+
+        mark_external(model, mapper.build(model), EXTERNAL_DATA_NAME)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
         tmp = Path(scratch) / "model.onnx"
         onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -71,7 +87,16 @@ def run_passes(raw_dir: Path, out_dir: Path) -> tuple[list[str], list[str]]:
         passes.append("onnx.infer_shapes_path")
         for name in ("model.onnx", EXTERNAL_DATA_NAME):
             os.replace(Path(scratch) / name, out_dir / name)
+    _same_mode(out_dir)
+    if mapper is not None:
+        return ["model.onnx", EXTERNAL_DATA_NAME, mapper.write(out_dir, EXTERNAL_DATA_NAME)], \
+            passes + ["sdrt.weights_map"]
     return ["model.onnx", EXTERNAL_DATA_NAME], passes
+
+
+def _same_mode(out_dir: Path) -> None:
+    """onnx writes external data readable by its owner only (0600); give it model.onnx's mode (the umask's)."""
+    os.chmod(out_dir / EXTERNAL_DATA_NAME, (out_dir / "model.onnx").stat().st_mode & 0o777)
 
 
 def io_specs(path: Path) -> dict:

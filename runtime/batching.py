@@ -24,7 +24,10 @@ def compatibility_key(job: Job) -> tuple:
               id(job.init_latents) if job.init_latents is not None else None)
     return (job.sampler, job.schedule, job.steps, job.guidance, job.guidance_rescale, job.timestep_spacing,
             job.prediction_type, job.width, job.height, job.strength, job.denoising_start, job.denoising_end,
-            job.aesthetic_score, job.negative_aesthetic_score, job.negative_prompt is None, images)
+            job.aesthetic_score, job.negative_aesthetic_score, job.negative_prompt is None, images,
+            job.syntax, job.clip_skip, job.text_chunks,  # equal chunk counts: no prompt padded beyond its own run
+            tuple(id(e) for e in job.embeddings),  # one set of textual inversions (loaded once per file version)
+            tuple(r.key for r in job.loras))  # one LoRA set (files and scales) per batch: one set of engines
 
 
 def _per_image(job: Job, values: tuple | None) -> tuple | None:

@@ -3,24 +3,22 @@
 SD 1.x/2.x: the text encoder's last_hidden_state (diffusers ships SD 2.x's OpenCLIP with the last layer
 removed, so its last state is the "penultimate" layer). SDXL: each encoder's hidden_states[-2] (no final
 layer norm) concatenated on the channel axis, pooled `text_embeds` from encoder 2, and time ids.
+Prompt syntax, long prompts and clip skip change which states and how many chunks: runtime/prompt_encode.py.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from . import feed
 from .family import Family
-
-log = logging.getLogger("sdrt")
+from .prompt_encode import Encoder, TextOptions, encode
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    embeds: torch.Tensor  # [N, 77, C]; with guidance [2N, 77, C], uncond first
+    embeds: torch.Tensor  # [N, 77·k, C]; with guidance [2N, 77·k, C], uncond first
     pooled: torch.Tensor | None = None  # SDXL: [N(·2), P]
     time_ids: torch.Tensor | None = None  # SDXL: [N(·2), 6] base, [N(·2), 5] refiner
 
@@ -29,38 +27,8 @@ class Conditioning:
 class TextEncoder:
     tokenizer: object  # sdrt.runtime.tokenizer.ClipTokenizer
     engine: object  # Engine with input_ids → last_hidden_state, pooler_output|text_embeds, hidden_states.N
-
-
-def _tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
-    ids, truncated = tokenizer.encode(prompts)
-    for dropped in truncated:
-        if dropped:
-            log.warning("The following part of your input was truncated because CLIP can only handle sequences "
-                        "up to 77 tokens: %s", dropped)
-    return torch.from_numpy(ids).long()
-
-
-def _penultimate_name(engine) -> str:
-    layers = [int(n.split(".")[1]) for n in engine.outputs if n.startswith("hidden_states.")]
-    if not layers:
-        raise ValueError("this text encoder exports no hidden_states.N outputs; SDXL needs the penultimate layer")
-    return f"hidden_states.{max(layers) - 1}"
-
-
-def encode_sd(encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
-    """[N, 77, C] last_hidden_state."""
-    return feed.run(encoder.engine, input_ids=_tokens(encoder.tokenizer, prompts))["last_hidden_state"]
-
-
-def encode_sdxl(encoders: list[TextEncoder], prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """([N, 77, ΣC] penultimate states, [N, P] pooled text_embeds of the last encoder)."""
-    states, pooled = [], None
-    for enc in encoders:
-        out = feed.run(enc.engine, input_ids=_tokens(enc.tokenizer, prompts))
-        states.append(out[_penultimate_name(enc.engine)])
-        if "text_embeds" in out:
-            pooled = out["text_embeds"]
-    return torch.cat(states, dim=-1), pooled
+    folder: object = None  # the encoder's folder in the engine directory (clip skip reads its final layer norm)
+    variant: object = None  # () → its inputs_embeds variant engine (textual inversion), None where there is none
 
 
 def repeat_per_image(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -88,28 +56,29 @@ def time_ids(sizes: SdxlSizes, refiner: bool, negative: bool = False) -> torch.T
 
 
 def condition(family: Family, encoders: list[TextEncoder], prompts: list[str], negative: list[str] | None,
-              per_prompt: int, guided: bool, force_zeros_for_empty_prompt: bool, sizes: SdxlSizes | None) -> Conditioning:
-    """Everything the UNet needs besides the latents, for N = len(prompts)·per_prompt images."""
+              per_prompt: int, guided: bool, force_zeros_for_empty_prompt: bool, sizes: SdxlSizes | None,
+              text: TextOptions | None = None) -> Conditioning:
+    """Everything the UNet needs besides the latents, for N = len(prompts)·per_prompt images.
+
+    `text` chooses the prompt syntax, clip skip and chunk count (runtime/prompt_encode.py); None: plain,
+    diffusers' encoding."""
+    text = text if text is not None else TextOptions(syntax="plain")
+    views = [Encoder(e.tokenizer, e.engine, family, e.folder, e.variant, text.embeddings, i)
+             for i, e in enumerate(encoders)]
+    texts = encode(family, views, prompts, negative, guided, force_zeros_for_empty_prompt, text)
+    embeds = repeat_per_image(texts.positive, per_prompt)
     if family in (Family.SD15, Family.SD21):
-        embeds = repeat_per_image(encode_sd(encoders[0], prompts), per_prompt)
         if guided:
-            uncond = encode_sd(encoders[0], negative if negative is not None else [""] * len(prompts))
-            embeds = torch.cat([repeat_per_image(uncond, per_prompt), embeds])
+            embeds = torch.cat([repeat_per_image(texts.negative, per_prompt), embeds])
         return Conditioning(embeds)
 
     refiner = family == Family.SDXL_REFINER
-    embeds, pooled = encode_sdxl(encoders, prompts)
-    embeds, pooled = repeat_per_image(embeds, per_prompt), repeat_per_image(pooled, per_prompt)
+    pooled = repeat_per_image(texts.pooled, per_prompt)
     n = embeds.shape[0]
     ids = time_ids(sizes, refiner)
     if guided:
-        if negative is None and force_zeros_for_empty_prompt:
-            neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-        else:
-            neg_embeds, neg_pooled = encode_sdxl(encoders, negative if negative is not None else [""] * len(prompts))
-            neg_embeds, neg_pooled = repeat_per_image(neg_embeds, per_prompt), repeat_per_image(neg_pooled, per_prompt)
-        embeds = torch.cat([neg_embeds, embeds])
-        pooled = torch.cat([neg_pooled, pooled])
+        embeds = torch.cat([repeat_per_image(texts.negative, per_prompt), embeds])
+        pooled = torch.cat([repeat_per_image(texts.negative_pooled, per_prompt), pooled])
         # diffusers concatenates [neg, pos] and *then* repeats N times, so for N > 1 the rows alternate
         # neg, pos, neg, pos… while the embeddings are [neg×N, pos×N]. Reproduced for parity; it only
         # matters where neg ≠ pos (the refiner's aesthetic scores).

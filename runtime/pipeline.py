@@ -17,8 +17,9 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, noise, sampler_registry, samplers, schedules
+from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
+from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
 from .errors import UserError
 from .family import Family
@@ -49,13 +50,23 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.limits = limits
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
+        self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
+        self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompt_encode.py)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
-             components: tuple[str, ...] | None = None, limits: Limits = Limits()) -> "Pipeline":
+             components: tuple[str, ...] | None = None, limits: Limits = Limits(), loras=(),
+             lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+             embeddings=()) -> "Pipeline":
+        """`loras` ((file or name, scale) pairs, or "FILE:SCALE"): applied to every request (each request's own
+        come on top); names are looked up in `lora_dir`, which also serves `<lora:NAME:SCALE>` prompt tags.
+        `embeddings_dir` (all its files) and `embeddings` (files): textual inversions every prompt may use."""
         from sdrt.engines.select import open_engine
 
         d = open_dir(path)
+        base_loras = lora.resolve_at_load(d, loras, lora_dir)  # bad LoRAs fail before any engine loads
+        text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
+        text.check(d)  # so do bad embeddings
         names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder") + \
             (("vae_encoder",) if (d.path / "vae_encoder" / "model.onnx").exists() else ())
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
@@ -63,12 +74,20 @@ class Pipeline:
         for enc in d.text_encoder_names:
             tok = "tokenizer" if enc == "text_encoder" else "tokenizer_2"
             tokenizers[enc] = ClipTokenizer.from_folder(d.path / tok)
-        return cls(d, engines, tokenizers, limits)
+        pipe = cls(d, engines, tokenizers, limits)
+        pipe.adapters.use(base_loras, lora_dir)
+        pipe.text = text
+        return pipe
 
     # ---- request validation -------------------------------------------------------------------------
     def validate(self, request: Request | Job) -> Job:
         """The request checked against this model and the pipeline's limits (InvalidRequest otherwise)."""
-        return request if isinstance(request, Job) else validate(request, self.dir, self.limits)
+        return request if isinstance(request, Job) else validate(request, self.dir, self.limits,
+                                                                 self.adapters.lora_dir, **self.text.validate_args())
+
+    def engine(self, name: str, job: Job | None = None):
+        """Component `name`'s engine for this job's LoRA set (runtime/lora.py: rebuilt, never accumulated)."""
+        return self.adapters.engine(name, job.loras if job is not None else ())
 
     def scheduler_config(self, job: Job):
         overrides = {}
@@ -94,7 +113,7 @@ class Pipeline:
     def steps(self, job: Job, prep: "_Prepared") -> Iterator[torch.Tensor]:
         """The sampler loop over a prepared job: yields the latents after each step."""
         cfg = self.scheduler_config(job)
-        unet = self.engines["unet"]
+        unet = self.engine("unet", job)
         has_added = "text_embeds" in unet.inputs
         timestep_rank = len(unet.inputs["timestep"].shape)
 
@@ -177,9 +196,13 @@ class Pipeline:
         sizes = SdxlSizes(original=(height, width), crop=(0, 0), target=(height, width),
                           aesthetic_score=request.aesthetic_score,
                           negative_aesthetic_score=request.negative_aesthetic_score)
-        encoders = [TextEncoder(self.tokenizers[n], self.engines[n]) for n in self.dir.text_encoder_names]
+        loras = lora.combine(self.adapters.base, request.loras)
+        encoders = [TextEncoder(self.tokenizers[n], self.engine(n, request), self.dir.path / n,
+                                self.text.variant(self.dir, n, lora.touching(loras, n)))
+                    for n in self.dir.text_encoder_names]
         cond = condition(family, encoders, prompts, negative, request.images_per_prompt, guidance.enabled,
-                         bool(self.dir.model_index.get("force_zeros_for_empty_prompt", True)), sizes)
+                         bool(self.dir.model_index.get("force_zeros_for_empty_prompt", True)), sizes,
+                         TextOptions(request.syntax, request.clip_skip, request.text_chunks, request.embeddings))
 
         sampler = request.sampler
         schedule = self._schedule(request)

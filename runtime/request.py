@@ -23,6 +23,13 @@ from PIL import Image
 class Prompt:
     text: str | Sequence[str] = ""  # a str is ONE prompt; a list is one prompt per entry
     negative: str | Sequence[str] | None = None  # None: diffusers' default ("" or SDXL's zeroed negatives)
+    syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompt_encode.py)
+    clip_skip: int = 0  # diffusers' numbering: 0 = the model's usual layer; AUTOMATIC1111's "Clip skip 2" is 1
+    embeddings: tuple = ()  # textual-inversion files or names (runtime/embeddings.py); trigger = file stem
+
+    def __post_init__(self):  # a JSON list → a tuple, so the request equals itself after a round trip
+        if isinstance(self.embeddings, list):
+            object.__setattr__(self, "embeddings", tuple(self.embeddings))
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,24 @@ class Refine:
     init_latents: Any = field(default=None, compare=False)  # torch tensor from a base (Python only, not JSON)
 
 
+@dataclass(frozen=True)
+class Adapters:
+    """Weight adapters applied to this request only (runtime/lora.py); `<lora:NAME:SCALE>` prompt tags add to them."""
+
+    loras: tuple = ()  # ((name or path, scale), …): names are looked up in the LoRA folder; "NAME:SCALE" also works
+
+    def __post_init__(self):  # JSON lists → tuples, so a request equals itself after a round trip (never raises)
+        if isinstance(self.loras, list):
+            object.__setattr__(self, "loras", tuple(tuple(x) if isinstance(x, list) else x for x in self.loras))
+
+
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
-          "refine": Refine}
+          "refine": Refine, "adapters": Adapters}
 # flat key → (group, field); the flat form is what CLI options and most JSON clients send
 FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
 FLAT["prompt"] = ("prompt", "text")
 FLAT["negative_prompt"] = ("prompt", "negative")
+FLAT["prompt_syntax"] = ("prompt", "syntax")
 FLAT["images_per_prompt"] = ("size", "batch")
 _IMAGE_FIELDS = ("init_image", "mask")
 
@@ -84,6 +103,7 @@ class Request:
     seeds: Seeds = Seeds()
     images: ImageInputs = ImageInputs()
     refine: Refine = Refine()
+    adapters: Adapters = Adapters()
 
     @property
     def prompt_group(self) -> Prompt:
@@ -114,8 +134,9 @@ class Request:
                     parts[key][k] = v
             elif key == "prompt" and isinstance(value, Mapping):
                 for k, v in value.items():
-                    if k not in ("text", "negative"):
-                        raise InvalidRequest(f"prompt.{k}", "is not a field of prompt; known: negative, text")
+                    if k not in {f.name for f in fields(Prompt)}:
+                        raise InvalidRequest(f"prompt.{k}", "is not a field of prompt; known: "
+                                                            + ", ".join(sorted(f.name for f in fields(Prompt))))
                     parts["prompt"][k] = v
             elif key == "karras":  # the older boolean form of schedule="karras"
                 if value:
@@ -144,10 +165,11 @@ class Request:
                     raise ValueError("init_latents (a base → refiner hand-off) cannot be written to JSON")
             for k, v in d.items():
                 if isinstance(v, tuple):
-                    d[k] = list(v)
+                    d[k] = [list(x) if isinstance(x, tuple) else x for x in v]  # nested: adapters.loras pairs
                 if encode_images and k in _IMAGE_FIELDS and v is not None:
                     d[k] = encode_image(v)
             defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(GROUPS[g])}
+            defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # as d holds them
             out[g] = {k: v for k, v in d.items() if k == "text" or v != defaults.get(k)}
         return {g: d for g, d in out.items() if d or g == "prompt"}
 
@@ -171,4 +193,4 @@ def decode_image(text: str, name: str) -> Image.Image:
         raise InvalidRequest(name, f"is not a base64-encoded PNG/JPEG/WebP image ({type(e).__name__})") from None
 
 
-__all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "asdict"]
+__all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "asdict"]

@@ -135,13 +135,13 @@ class _Pending:
 class Service:
     def __init__(self, pipeline_or_dir, limits: Limits = Limits(), max_batch: int = 4, max_wait_ms: float = 10.0,
                  queue_size: int = 64, backend: str = "auto", warmup: bool = False,
-                 on_batch: Callable[[BatchReport], None] | None = None):
+                 on_batch: Callable[[BatchReport], None] | None = None, lora_dir: str | Path | None = None):
         from .pipeline import Pipeline
 
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be at least 1 and max_wait_ms at least 0")
         if isinstance(pipeline_or_dir, (str, Path)):
-            pipeline_or_dir = Pipeline.load(pipeline_or_dir, backend=backend, limits=limits)
+            pipeline_or_dir = Pipeline.load(pipeline_or_dir, backend=backend, limits=limits, lora_dir=lora_dir)
         self.pipeline = pipeline_or_dir
         self.limits = limits
         self.max_batch = min(max_batch, limits.max_batch)
@@ -159,7 +159,8 @@ class Service:
     # ---- callers' side (any thread) ----------------------------------------------------------------------
     def validate(self, request: Request | Job) -> Job:
         """The request checked against the model and the service's limits (InvalidRequest otherwise)."""
-        return request if isinstance(request, Job) else validate(request, self.pipeline.dir, self.limits)
+        return request if isinstance(request, Job) else validate(request, self.pipeline.dir, self.limits,
+                                                                 self.pipeline.adapters.lora_dir)  # LoRA names
 
     def submit(self, request: Request | Job, *, timeout: float | None = None, cancel: CancelToken | None = None,
                on_progress: Progress | None = None) -> Future:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +149,24 @@ class ClipTokenizer:
             raise TokenizerError(f"{folder / 'tokenizer_config.json'}: model_max_length {length!r} is not a length")
         length = MAX_LENGTH if length >= _UNSET_LENGTH else min(int(length), MAX_LENGTH)
         return cls(tok, ids["bos"], ids["eos"], ids["pad"], length)
+
+    def tokens(self, text: str) -> list[int]:
+        """The ids of `text` alone: no BOS/EOS, no truncation (what prompt-syntax chunking appends)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def token_text(self, token_id: int) -> str | None:
+        """The vocabulary entry of an id (",</w>"), None if there is none."""
+        return self.tokenizer.id_to_token(token_id)
+
+    def token_id(self, text: str) -> int | None:
+        return self.tokenizer.token_to_id(text)
+
+    def with_added(self, tokens: Sequence[str]) -> ClipTokenizer:
+        """A copy that also knows `tokens`, as transformers' add_tokens makes them (diffusers'
+        load_textual_inversion): new ids after the vocabulary, matched anywhere in the lower-cased text."""
+        clone = Tokenizer.from_str(self.tokenizer.to_str())
+        clone.add_tokens([AddedToken(t, normalized=True) for t in tokens])
+        return replace(self, tokenizer=clone)
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """ids int64 [B, max_length] and, per prompt, the text truncation dropped ("" when nothing was).

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import sampler_registry
+from . import lora, prompt_encode, sampler_registry
 from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
@@ -60,6 +60,11 @@ class Job:
     aesthetic_score: float
     negative_aesthetic_score: float
     estimated_bytes: int = 0
+    syntax: str = "a1111"  # prompt syntax (runtime/prompt_encode.py)
+    clip_skip: int = 0
+    text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
+    embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
+    loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
 
     @property
     def count(self) -> int:
@@ -182,7 +187,8 @@ def _size(request: Request, model_dir) -> tuple[int, int]:
     return width, height
 
 
-def validate(request: Request, model_dir, limits: Limits = Limits()) -> Job:
+def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=None,
+             embeddings_dir=None, embeddings=()) -> Job:
     """Check every field of `request` for the model in `model_dir` (runtime/loader.EngineDir) and the limits."""
     if not isinstance(request, Request):
         raise InvalidRequest("request", f"must be a Request, not {type(request).__name__}")
@@ -194,6 +200,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits()) -> Job:
                                                 f"not {len(negative)}")
     if negative is not None and len(negative) == 1 and len(prompts) > 1:
         negative = negative * len(prompts)
+    prompts, negative, loras = lora.request_loras(request, prompts, negative, model_dir, lora_dir)  # <lora:…> out
 
     batch = _int("batch", request.size.batch, 1, limits.max_batch)
     count = len(prompts) * batch
@@ -234,6 +241,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits()) -> Job:
         raise InvalidRequest("width", f"{width}x{height} is {width * height:,} pixels; at most "
                                       f"{limits.max_pixels:,} per image (Limits.max_pixels)")
     seeds = _seeds(request.seeds.seed, count)
+    text = prompt_encode.validate_text(p, model_dir, prompts, negative, embeddings_dir, embeddings)
 
     init_image = _image("init_image", images.init_image, "RGB")
     mask = _image("mask", images.mask, "L")
@@ -268,4 +276,5 @@ def validate(request: Request, model_dir, limits: Limits = Limits()) -> Job:
                prediction_type=s.prediction_type, width=width, height=height, images_per_prompt=batch, seeds=seeds,
                init_image=init_image, strength=strength, mask=mask, init_latents=refine.init_latents,
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
-               negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate)
+               negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
+               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras)

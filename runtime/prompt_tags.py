@@ -1,0 +1,51 @@
+"""AUTOMATIC1111's `<lora:NAME:SCALE>` tags inside prompts: taken out before the prompt is parsed or tokenized.
+
+    strip_lora_tags("a castle <lora:ink_style:0.8>, detailed") → ("a castle , detailed", [("ink_style", 0.8)])
+
+AUTOMATIC1111 removes every `<kind:args>` extra-network tag from the prompt text (modules/extra_networks.py)
+and applies the networks to the whole batch; the text left behind (spaces and commas included) is what the
+prompt parser sees. Only `lora` (and LyCORIS' `lyco` alias) tags are taken here: others stay in the text.
+`<lora:NAME>` means scale 1. AUTOMATIC1111's separate text-encoder/UNet multipliers (`<lora:NAME:0.8:0.5>`,
+`te=`, `unet=`, `dyn=`) are refused with a message: sdrt applies one scale to every component of a LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+TAG = re.compile(r"<(lora|lyco):([^>]*)>", re.IGNORECASE)
+
+
+class TagError(ValueError):
+    """A malformed tag; the message quotes it and says what would be right."""
+
+
+def strip_lora_tags(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """(the prompt without its LoRA tags, [(name, scale), …] in the order they appear)."""
+    found: list[tuple[str, float]] = []
+
+    def take(match: re.Match) -> str:
+        found.append(_parse(match.group(0), match.group(2)))
+        return ""
+
+    return TAG.sub(take, text), found
+
+
+def _parse(tag: str, body: str) -> tuple[str, float]:
+    items = [item.strip() for item in body.split(":")]
+    name = items[0]
+    if not name:
+        raise TagError(f"{tag} names no LoRA; write <lora:NAME> or <lora:NAME:SCALE>")
+    if len(items) == 1:
+        return name, 1.0
+    if len(items) > 2 or "=" in items[1]:
+        raise TagError(f"{tag}: separate text-encoder/UNet multipliers are not supported; give one scale, "
+                       f"as in <lora:{name}:0.8>")
+    try:
+        scale = float(items[1])
+    except ValueError:
+        raise TagError(f"{tag}: the scale {items[1]!r} is not a number; write e.g. <lora:{name}:0.8>") from None
+    if not math.isfinite(scale):
+        raise TagError(f"{tag}: the scale must be a finite number (got {items[1]})")
+    return name, scale
