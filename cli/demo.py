@@ -25,8 +25,10 @@ def main(folder: Path) -> None:
     engine_dir = folder / "engine"
     export(ExportConfig(model=str(model), output=engine_dir, precision="fp16"),
            lambda name, status: console.print(f"  export {name}: {status}"))
-    [png] = generate(RunOptions(engine_dir=engine_dir, prompts=("a photo of an astronaut riding a horse",),
-                                preset="lightning-4step", seed=42, width=64, height=64, out=folder / "demo.png"))
+    _, [written] = generate(RunOptions(engine_dir=engine_dir, prompts=("a photo of an astronaut riding a horse",),
+                                       preset="lightning-4step", seed=42, width=64, height=64,
+                                       out=folder / "demo.png"))
+    png = written.path
     console.print(f"engine directory: {engine_dir.absolute()}")
     console.print(f"image: {png.absolute()} (random tiny weights: expect noise)")
 
