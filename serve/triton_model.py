@@ -149,6 +149,7 @@ class TritonPythonModel:
         elif backend == "auto":
             backend = "ort-cpu"
         self.max_batch = max(int(config.get("max_batch_size", 1) or 1), 1)
+        self.warmed: list[int] = []  # image counts of the warm-up batches run in initialize()
         self.request_timeout = float(params.get("request_timeout_s") or 300)
         pipeline = Pipeline.load(engine, backend=backend, ort_config=ort_config)
         # Triton's dynamic batcher has gathered the batch already: the service only needs to see all of one
@@ -156,9 +157,18 @@ class TritonPythonModel:
         self.service = Service(pipeline, max_batch=self.max_batch, max_wait_ms=float(params.get("max_wait_ms") or 5),
                                queue_size=max(4 * self.max_batch, 16))
         self.service.wait_ready(60)
+        warmup = params.get("warmup")
+        if warmup:  # Triton reports ready only after initialize() returns: ready means warm
+            from sdrt.runtime.request import Request
+
+            width, height = (int(v) for v in warmup.split("x"))
+            for images in sorted({1, self.max_batch}):
+                self.service.generate(Request.of(prompt="warm-up", steps=1, guidance=0.0, width=width,
+                                                 height=height, batch=images))
+                self.warmed.append(images)
         if pb_utils is not None and hasattr(pb_utils, "Logger"):
             pb_utils.Logger.log_info(f"sdrt: {args.get('model_instance_name')} serves {engine} on {backend}, "
-                                     f"{self.max_batch} images per engine batch")
+                                     f"{self.max_batch} images per engine batch; warm-up batches {self.warmed}")
 
     # ---- one Triton batch ------------------------------------------------------------------------------------
     def _inputs(self, request) -> dict[str, np.ndarray]:

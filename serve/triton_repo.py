@@ -6,9 +6,8 @@ writes
 
     models/sd15/config.pbtxt     backend "python", max_batch_size, dynamic batching whose queue rejects on timeout,
                                  instance_group, the inputs and outputs below, parameters (engine_dir, backend, …),
-                                 model_warmup (so that "ready" means warm)
+                                 a warm-up size (initialize() warms up: "ready" means warm)
     models/sd15/1/model.py       serve/triton_model.py: drives runtime/service.py in-process
-    models/sd15/warmup/*         the warm-up request's inputs, in Triton's raw format
     models/sd15/1/engine/        a copy of the engine directory (only with copy_engine; otherwise config.pbtxt
                                  names the engine directory by its absolute path)
 
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,31 +140,11 @@ def render_config(name: str, options: RepoOptions, engine_dir: str, warmup_size:
               "request_timeout_s": f"{options.queue_timeout_s:g}"}
     for key, value in params.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {_pbtxt_string(value)} }} }}')
-    if options.warmup:
+    if options.warmup:  # initialize() generates these before it returns, so Triton's "ready" means warm
         width, height = warmup_size
-        lines.append("# ready means warm: one image (and a full batch) of 1 step at the model's default size")
-        lines.append("model_warmup [")
-        batches = [1] + ([options.max_batch] if options.max_batch > 1 else [])
-        for i, batch in enumerate(batches):
-            lines.append(f'  {{ name: "warmup-batch{batch}" batch_size: {batch} count: 1')
-            for input_name, dtype in (("prompt", "TYPE_STRING"), ("steps", "TYPE_INT32"), ("width", "TYPE_INT32"),
-                                      ("height", "TYPE_INT32")):
-                lines.append(f'    inputs {{ key: "{input_name}" value: {{ data_type: {dtype} dims: [ 1 ] '
-                             f'input_data_file: "{input_name}" }} }}')
-            lines.append("  }" + ("," if i < len(batches) - 1 else ""))
-        lines.append("]")
-        lines.append(f"# warm-up request: prompt 'warm-up', steps 1, {width}x{height} (files in warmup/)")
+        lines.append(f'parameters {{ key: "warmup" value: {{ string_value: "{width}x{height}" }} }}')
+        lines.append(f"# ready means warm: initialize() draws one image and a full batch, 1 step, {width}x{height}")
     return "\n".join(lines) + "\n"
-
-
-def _warmup_files(folder: Path, size: tuple[int, int]) -> None:
-    """Triton's raw input format: STRING elements as a 4-byte little-endian length + bytes; INT32 little-endian."""
-    folder.mkdir()
-    text = b"warm-up"
-    (folder / "prompt").write_bytes(struct.pack("<I", len(text)) + text)
-    (folder / "steps").write_bytes(struct.pack("<i", 1))
-    (folder / "width").write_bytes(struct.pack("<i", size[0]))
-    (folder / "height").write_bytes(struct.pack("<i", size[1]))
 
 
 def _check_repo(repo: Path, name: str, force: bool) -> None:
@@ -209,8 +187,6 @@ def write_repo(options: RepoOptions) -> WrittenRepo:
         else:
             engine_ref = str(engine.resolve())
         shutil.copyfile(MODEL_SOURCE, version / "model.py")
-        if options.warmup:
-            _warmup_files(model_dir / "warmup", (size, size))
         config = render_config(name, options, engine_ref, (size, size))
         (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
         _check_repo(repo, name, options.force)  # again: something may have appeared meanwhile
