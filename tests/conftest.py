@@ -46,6 +46,21 @@ def exported(tiny_root, tiny_pipeline):
     return make
 
 
+@pytest.fixture(scope="module")
+def ort_pipelines(exported):
+    """ort_pipelines(family) → sdrt Pipeline on ORT CPU over that family's fp32 export (loaded once per module)."""
+    from sdrt.runtime.pipeline import Pipeline
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = Pipeline.load(exported(family, "fp32"), backend="ort-cpu")
+        return cache[family]
+
+    return get
+
+
 def run_sdrt(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `sdrt` console entry point in a subprocess."""
     return subprocess.run([sys.executable, "-m", "sdrt.cli.main", *args], capture_output=True, text=True,

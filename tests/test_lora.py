@@ -201,15 +201,8 @@ def files(tiny_pipeline, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipes(exported):
-    cache = {}
-
-    def get(family: str) -> Pipeline:
-        if family not in cache:
-            cache[family] = Pipeline.load(exported(family, "fp32"), backend="ort-cpu")
-        return cache[family]
-
-    return get
+def pipes(ort_pipelines):
+    return ort_pipelines
 
 
 # ---- parity ----------------------------------------------------------------------------------------------

@@ -59,15 +59,8 @@ def assert_same_images(name: str, ours, theirs) -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(exported):
-    cache = {}
-
-    def get(family: str) -> Pipeline:
-        if family not in cache:
-            cache[family] = Pipeline.load(exported(family, "fp32"), backend="ort-cpu")
-        return cache[family]
-
-    return get
+def engines(ort_pipelines):
+    return ort_pipelines
 
 
 SAMPLER_CASES = [
