@@ -10,7 +10,7 @@ batched and equals diffusers' (pipelines in diffusers/pipelines/stable_diffusion
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +28,7 @@ from .limits import Limits
 from .loader import EngineDir, open_dir
 from .request import Request
 from .tokenizer import ClipTokenizer
+from .unet_call import ExtraChannels, TextContributor, UnetCall
 from .validate import Job, validate
 
 @dataclass
@@ -38,9 +39,9 @@ class _Prepared:
     steps_to_run: int
     cond: Conditioning
     guidance: Guidance
-    extra_channels: torch.Tensor | None = None  # 9-channel inpaint: mask ‖ masked-image latents, [N(·2), 5, h, w]
     blend: tuple | None = None  # 4-channel inpaint: (mask [N,1,h,w], image latents, noise)
     generator: list | None = None  # one CPU torch.Generator per image
+    contributors: list = field(default_factory=list)  # the UNet feed's parts besides text (runtime/unet_call.py)
 
 
 class Pipeline:
@@ -114,21 +115,8 @@ class Pipeline:
         """The sampler loop over a prepared job: yields the latents after each step."""
         cfg = self.scheduler_config(job)
         unet = self.engine("unet", job)
-        has_added = "text_embeds" in unet.inputs
-        timestep_rank = len(unet.inputs["timestep"].shape)
-
-        def model(scaled_x: torch.Tensor, t: float) -> torch.Tensor:
-            x_in = prep.guidance.batch(scaled_x)
-            if prep.extra_channels is not None:
-                x_in = torch.cat([x_in, prep.extra_channels], dim=1)
-            timestep = torch.tensor(float(t), dtype=torch.float32)
-            if timestep_rank == 1:  # older exports: [batch]
-                timestep = timestep.reshape(1).expand(x_in.shape[0])
-            inputs = {"sample": x_in, "timestep": timestep, "encoder_hidden_states": prep.cond.embeds}
-            if has_added:
-                inputs |= {"text_embeds": prep.cond.pooled, "time_ids": prep.cond.time_ids}
-            return prep.guidance.combine(feed.run(unet, **inputs)["out_sample"])
-
+        text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
+        model = UnetCall(unet, prep.guidance, [text, *prep.contributors], prep.schedule.timesteps)
         denoise_fn = make_denoiser(model, prep.schedule, cfg.prediction_type)
         run = sampler_registry.get_sampler(prep.sampler)(denoise_fn, prep.x, prep.schedule, prep.generator)
         x = next(run, None)
@@ -250,7 +238,7 @@ class Pipeline:
         masked_latents = self._encode_image(masked_image, generator)
         if nine_channel:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
-            return _Prepared(x, **common, extra_channels=extra)
+            return _Prepared(x, **common, contributors=[ExtraChannels(extra)])
         return _Prepared(x, **common, blend=(latent_mask, image_latents, drawn))
 
     def _window(self, request: Job, schedule) -> tuple[int, int]:
