@@ -393,6 +393,10 @@ def serve(
     backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
     warmup: bool = typer.Option(True, help="run one small generation before /readyz reports ready"),
     log_level: str = typer.Option("info", help="uvicorn's log level: critical|error|warning|info|debug"),
+    lora_dir: Optional[Path] = typer.Option(None, help="folder of LoRA .safetensors files that requests may name "
+                                                       "(`loras`, `<lora:NAME:SCALE>`), by file stem"),
+    embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual inversions every prompt may use "
+                                                             "(trigger word: the file's stem)"),
 ) -> None:
     """Serve an engine directory over HTTP: OpenAI Images, AUTOMATIC1111's /sdapi/v1, health and metrics.
 
@@ -412,9 +416,12 @@ def serve(
         if not api_key:
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
     open_dir(engine_dir)  # a folder that is no engine directory fails here, before binding
+    for flag, folder in (("--lora-dir", lora_dir), ("--embeddings-dir", embeddings_dir)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{flag} {folder}: not a directory; give the folder that holds the files")
     config = ServeConfig(engine_dir=engine_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                          timeout_s=timeout_s or None, api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20),
-                         backend=backend, warmup=warmup)
+                         backend=backend, warmup=warmup, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     code = run_server(config, host=host, port=port, log_level=log_level,
                       announce=lambda line: print(line, flush=True))
     if code:

@@ -160,7 +160,8 @@ class Service:
     def validate(self, request: Request | Job) -> Job:
         """The request checked against the model and the service's limits (InvalidRequest otherwise)."""
         return request if isinstance(request, Job) else validate(request, self.pipeline.dir, self.limits,
-                                                                 self.pipeline.adapters.lora_dir)  # LoRA names
+                                                                 self.pipeline.adapters.lora_dir,  # LoRA names
+                                                                 **self.pipeline.text.validate_args())  # embeddings
 
     def submit(self, request: Request | Job, *, timeout: float | None = None, cancel: CancelToken | None = None,
                on_progress: Progress | None = None) -> Future:

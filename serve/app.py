@@ -40,7 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdrt.runtime import sampler_registry
+from sdrt.runtime import lora, sampler_registry
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import open_dir
@@ -72,6 +72,8 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     warmup: bool = True
     model_name: str | None = None  # default: the engine directory's name
+    lora_dir: Path | None = None  # LoRAs requests may name (`loras`, `<lora:NAME:SCALE>`), by file stem only
+    embeddings_dir: Path | None = None  # textual inversions every prompt may use (its files' stems are the triggers)
     poll_s: float = 0.1  # how often a waiting request checks whether its client went away
 
     def __post_init__(self):
@@ -93,7 +95,7 @@ class ServerState:
             name=self.model_name, default_size=self.dir.default_size,
             size_multiple=self.dir.vae_scale_factor * self.dir.latent_multiple,
             max_prompt_chars=config.max_prompt_chars, max_iterations=min(config.limits.max_batch, config.queue_size),
-            max_image_pixels=config.limits.max_pixels)
+            max_image_pixels=config.limits.max_pixels, lora_dir=config.lora_dir)
         self.service: Service | None = None
         self.load_error: str | None = None
         self.draining = False
@@ -127,7 +129,9 @@ class ServerState:
         try:
             from sdrt.runtime.pipeline import Pipeline
 
-            self._start(Pipeline.load(self.config.engine_dir, backend=self.config.backend, limits=self.config.limits))
+            c = self.config
+            self._start(Pipeline.load(c.engine_dir, backend=c.backend, limits=c.limits, lora_dir=c.lora_dir,
+                                      embeddings_dir=c.embeddings_dir))
         except Exception as e:  # noqa: BLE001 — reported by /readyz and on stderr; the server then exits
             self.load_error = f"{type(e).__name__}: {e}"
             print(f"error: loading {self.config.engine_dir} failed: {' '.join(str(e).split())}", file=sys.stderr,
@@ -513,6 +517,27 @@ def create_app(config: ServeConfig, pipeline=None, *, test_fault_prompt: str | N
         return [{"title": f"{state.model_name} [{short}]" if short else state.model_name,
                  "model_name": state.model_name, "hash": short, "sha256": sha,
                  "filename": str(Path(config.engine_dir).resolve()), "config": None}]
+
+    @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111"], summary="The LoRAs requests may name")
+    async def loras():
+        folder = config.lora_dir
+        return [{"name": name, "alias": name, "path": str(path.relative_to(Path(folder).absolute())), "metadata": {}}
+                for name, path in sorted(lora.available(folder.absolute() if folder else None).items())]
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["AUTOMATIC1111"], summary="Re-read the LoRA folder (always current)")
+    async def refresh_loras():
+        return None
+
+    @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"], summary="The textual inversions prompts may use")
+    async def embeddings():
+        from sdrt.runtime import embeddings as ti
+
+        if config.embeddings_dir is None:
+            return {"loaded": {}, "skipped": {}}
+        loaded = ti.resolve((), config.embeddings_dir, ti.slots_for(state.dir))
+        return {"loaded": {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                    "shape": int(e.vectors[0].shape[-1]), "vectors": int(e.vectors[0].shape[0])}
+                           for e in loaded}, "skipped": {}}
 
     @app.get("/v1/models", tags=["OpenAI"], summary="The served model and what it can do")
     async def models():

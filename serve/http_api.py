@@ -33,11 +33,13 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image, ImageOps
 
-from sdrt.runtime import image_io, sampler_registry
+from sdrt.runtime import image_io, lora, sampler_registry
+from sdrt.runtime.prompt_tags import TagError, strip_lora_tags
 from sdrt.runtime.request import Request
 from sdrt.runtime.validate import MAX_SEED, InvalidRequest
 
@@ -76,6 +78,7 @@ class ModelContext:
     max_prompt_chars: int
     max_iterations: int  # A1111 n_iter
     max_image_pixels: int  # init images and masks larger than this are refused before decoding
+    lora_dir: Path | None = None  # LoRAs a request may name (by file stem; never a path)
 
 
 # ---- JSON bodies -----------------------------------------------------------------------------------------
@@ -178,6 +181,53 @@ def decode_image(field: str, value, ctx: ModelContext, mode: str) -> Image.Image
         raise invalid(field, f"is not a readable PNG/JPEG/WebP image ({type(e).__name__})") from None
 
 
+# ---- LoRAs a request names ---------------------------------------------------------------------------------
+
+_EXTRA_NETWORK = re.compile(r"<(\w+):[^>]*>")
+
+
+def lora_names_check(field_name: str, names: Sequence[str], ctx: ModelContext) -> None:
+    """Servers take LoRAs by name from their LoRA folder only (a name is never a path on the server)."""
+    if not names:
+        return
+    if ctx.lora_dir is None:
+        raise invalid(field_name, f"names a LoRA ({_short(names[0])}), but this server has no LoRA folder (start it "
+                                  "with a LoRA folder to allow them)")
+    available = lora.available(ctx.lora_dir)
+    for name in names:
+        if name not in available:
+            listing = ", ".join(sorted(available)[:20]) or "none"
+            raise invalid(field_name, f"no LoRA named {_short(name)} on this server; it has: {listing} "
+                                      "(GET /sdapi/v1/loras)")
+
+
+def lora_entries(field_name: str, value, ctx: ModelContext) -> list[list]:
+    """OpenAI `loras`: ["NAME:SCALE", …] or [{"name": …, "scale": …}, …] → [[name, scale], …], names checked."""
+    try:
+        entries = lora.normalize_entries(value, field_name)
+    except lora.LoraError as e:
+        raise invalid(field_name, str(e)) from None
+    lora_names_check(field_name, [name for name, _ in entries], ctx)
+    return [[name, scale] for name, scale in entries]
+
+
+def extra_networks(field_name: str, text: str, ctx: ModelContext, disabled) -> str:
+    """A1111 prompt tags: `<lora:NAME:SCALE>` names a LoRA of the server's folder (the runtime applies it);
+    other networks (`<hypernet:…>`) are refused. With disable_extra_networks, A1111 drops every tag unapplied."""
+    if disabled:
+        return _EXTRA_NETWORK.sub("", text)
+    kinds = {m.group(1).lower() for m in _EXTRA_NETWORK.finditer(text)} - {"lora", "lyco"}
+    if kinds:
+        raise invalid(field_name, f"holds a <{sorted(kinds)[0]}:…> extra network, which sdrt does not load (it loads "
+                                  "<lora:NAME:SCALE>); remove it, or set disable_extra_networks: true to drop the tags")
+    try:
+        _, tags = strip_lora_tags(text)
+    except TagError as e:
+        raise invalid(field_name, str(e)) from None
+    lora_names_check(field_name, [name for name, _ in tags], ctx)
+    return text
+
+
 # ---- what a POST asks for -------------------------------------------------------------------------------
 
 @dataclass
@@ -207,7 +257,7 @@ class Plan:
 
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
                  "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
-                 "seed", "sampler", "schedule")
+                 "seed", "sampler", "schedule", "loras")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
@@ -285,6 +335,8 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
     for key in ("guidance_rescale", "sampler", "schedule"):
         if key in b:
             flat[key] = b[key]
+    if "loras" in b:
+        flat["loras"] = lora_entries("loras", b["loras"], ctx)
     flat["seed"] = b.get("seed", -1)
     return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None)
 
@@ -425,7 +477,7 @@ def a1111_neutral(model_name: str, img2img: bool) -> dict[str, Neutral]:
                                                         _bool_or_null),
         "refiner_checkpoint": Neutral("null, \"\" or \"None\" (no refiner)", _is(None, "", "None")),
         "refiner_switch_at": Neutral("anything while there is no refiner_checkpoint", _any),
-        "disable_extra_networks": Neutral("true, false or null (prompts with <lora:…> are refused)", _bool_or_null),
+        "disable_extra_networks": Neutral("true, false or null (true: extra-network tags are dropped unapplied)", _bool_or_null),
         "comments": Neutral("{} or null", _is({}, None)),
         "enable_hr": Neutral("false or null (sdrt has no hires fix)", _is(False, None)),
         "script_name": Neutral("null or \"\" (sdrt runs no scripts)", _is(None, "")),
@@ -479,13 +531,11 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
 
     prompt = body.get("prompt")
     prompt = _text("prompt", "" if prompt is None else prompt, ctx)
-    if not body.get("disable_extra_networks") and re.search(r"<(lora|lyco|hypernet):", prompt, re.IGNORECASE):
-        raise invalid("prompt", "holds an extra network (<lora:…>/<hypernet:…>), which sdrt does not load; remove "
-                                "it (or set disable_extra_networks: true to send the text as it is)")
-    flat: dict[str, Any] = {"prompt": prompt}
+    flat: dict[str, Any] = {"prompt": extra_networks("prompt", prompt, ctx, body.get("disable_extra_networks"))}
     names = dict(_A1111_NAMES)
     if body.get("negative_prompt") is not None:
-        flat["negative_prompt"] = _text("negative_prompt", body["negative_prompt"], ctx)
+        negative = _text("negative_prompt", body["negative_prompt"], ctx)
+        flat["negative_prompt"] = extra_networks("negative_prompt", negative, ctx, body.get("disable_extra_networks"))
     batch = body.get("batch_size", 1)
     flat["batch"] = batch
     iterations = _int("n_iter", 1 if body.get("n_iter") is None else body["n_iter"], 1, ctx.max_iterations)
