@@ -201,6 +201,19 @@ def lora_names_check(field_name: str, names: Sequence[str], ctx: ModelContext) -
                                       "(GET /sdapi/v1/loras)")
 
 
+def confine_adapters(request: Request, ctx: ModelContext) -> None:
+    """A Request that came over the network (Ray's JSON body): LoRAs by name from the server's folder only, no
+    embedding files (the server's embeddings folder serves every prompt)."""
+    try:
+        names = [name for name, _ in lora.normalize_entries(request.adapters.loras)]
+    except lora.LoraError as e:
+        raise invalid("loras", str(e)) from None
+    lora_names_check("loras", names, ctx)
+    if request.prompt_group.embeddings:
+        raise invalid("embeddings", "names files on the server, which a remote request cannot; the server's "
+                                    "embeddings folder serves every prompt")
+
+
 def lora_entries(field_name: str, value, ctx: ModelContext) -> list[list]:
     """OpenAI `loras`: ["NAME:SCALE", …] or [{"name": …, "scale": …}, …] → [[name, scale], …], names checked."""
     try:

@@ -46,6 +46,10 @@ def _error(status: int, kind: str, message: str, field: str | None = None, heade
                         status_code=status, headers=headers)
 
 
+class _NoFolders:
+    lora_dir = None  # a replica has no LoRA folder: requests cannot name LoRAs (serve/http_api.py confine_adapters)
+
+
 class SdrtDeployment:
     """The replica: a Service over one engine directory. Plain class; `build()` makes it a Ray Serve deployment."""
 
@@ -58,6 +62,7 @@ class SdrtDeployment:
         self.service = Service(engine_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                                backend=backend, warmup=warmup)
         self.service.wait_ready(600)  # the replica starts serving warm
+        self.context = _NoFolders()
 
     # ---- Python callers (DeploymentHandle) ---------------------------------------------------------------------
     async def generate(self, request: dict) -> dict:
@@ -87,6 +92,7 @@ class SdrtDeployment:
         from sdrt.runtime.request import Request
         from sdrt.runtime.service import DeadlineExceeded, QueueFull, ServiceClosed
         from sdrt.runtime.validate import InvalidRequest
+        from sdrt.serve import http_api
 
         if http_request.method == "GET":
             return JSONResponse({"model": self.model, "ready": self.service.ready,
@@ -99,7 +105,10 @@ class SdrtDeployment:
             return _error(400, "invalid_json", "the body is not a JSON object")
         try:
             request = Request.from_dict(body)
+            http_api.confine_adapters(request, self.context)
             result = await self._run(request)
+        except http_api.HttpError as e:
+            return _error(e.status, e.kind, e.message, e.field)
         except InvalidRequest as e:
             return _error(422, "invalid_request", e.message, e.field)
         except QueueFull as e:

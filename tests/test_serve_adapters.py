@@ -121,3 +121,21 @@ def test_cli_serve_refuses_a_missing_lora_folder(exported, tmp_path):
     done = run_sdrt("serve", str(exported("sd15", "fp32")), "--lora-dir", str(tmp_path / "none"), "--port", "0")
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "--lora-dir" in done.stderr and "not a directory" in done.stderr
+
+
+def test_network_requests_name_loras_from_the_folder_only(folders):
+    """serve/ray.py's JSON bodies are whole Requests: confine_adapters keeps their LoRAs and embeddings off the
+    server's file system."""
+    from sdrt.runtime.request import Request as R
+    from sdrt.serve import http_api
+
+    ctx = http_api.ModelContext("m", 64, 8, 100, 4, 4096 ** 2, lora_dir=folders / "loras")
+    http_api.confine_adapters(R.of(prompt="x", loras=[["ink", 0.5]]), ctx)
+    for request, field in [(R.of(prompt="x", loras=[[str(folders / "elsewhere.safetensors"), 1.0]]), "loras"),
+                           (R.of(prompt="x", embeddings=[str(folders / "embeddings" / "shiny.safetensors")]),
+                            "embeddings")]:
+        with pytest.raises(http_api.HttpError) as e:
+            http_api.confine_adapters(request, ctx)
+        assert e.value.status == 422 and e.value.field == field
+    with pytest.raises(http_api.HttpError, match="no LoRA folder"):
+        http_api.confine_adapters(R.of(prompt="x", loras=[["ink", 0.5]]), http_api.ModelContext("m", 64, 8, 100, 4, 1))
