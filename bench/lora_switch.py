@@ -182,7 +182,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
     import datetime
 
     from .harness import machine_info, versions
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         figures = measure(engine_dir, args.rank, args.resolution, args.steps, args.backend, Path(scratch))
-    result = {"command": "python -m sdrt.bench.lora_switch " + shlex.join(sys.argv[1:] if argv is None else argv),
+    result = {"command": command or "python -m sdrt.bench.lora_switch " + shlex.join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(), "versions": versions(), "figures": figures,
               "load_average_before_after": [list(load_before), list(os.getloadavg())],
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -40,8 +40,26 @@ def bench(
     alternate: bool = typer.Option(False, help="alternate the backends' timed runs like --interleave, each run in a "
                                                "fresh process after its own load and warm-up: for models the "
                                                "backends cannot hold in memory together"),
+    lora_switch: bool = typer.Option(False, "--lora-switch", help="instead: the cost of applying a LoRA at load "
+                                     "(seconds to rebuild the UNet session, back to the base, to a cached set) and "
+                                     "its per-step overhead, for MODEL (an engine directory or sd15)"),
+    lora_rank: int = typer.Option(16, help="with --lora-switch: the rank of the random LoRA on every attention "
+                                           "projection"),
 ) -> None:
     """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
+    if lora_switch:
+        from sdrt.bench import lora_switch as switch
+
+        argv = [model or "sd15", "--rank", str(lora_rank), "--steps", str(runs), "--workdir", str(workdir),
+                "--output", str(out or Path("bench/results") / "lora-switch")]
+        if resolution is not None:
+            argv += ["--resolution", resolution]
+        if backend:
+            argv += ["--backend", backend[0]]
+        code = switch.main(argv, " ".join(["sdrt", "bench"] + [shlex.quote(a) for a in sys.argv[2:]]))
+        if code:
+            raise typer.Exit(code)
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

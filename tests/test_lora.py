@@ -571,13 +571,17 @@ def test_refitted_component_goes_back_to_the_base_values(exported, files):
 # ---- the bench script ------------------------------------------------------------------------------------
 
 def test_lora_switch_bench_runs_on_the_tiny_model(exported, tmp_path):
+    """`sdrt bench --lora-switch` (bench/lora_switch.py) on the tiny model: the figures exist and make sense."""
     import json
 
-    from sdrt.bench import lora_switch
+    from conftest import run_sdrt
 
     out = tmp_path / "bench"
-    assert lora_switch.main([str(exported("sd15", "fp32")), "--resolution", "32", "--steps", "1", "-o", str(out)]) == 0
+    done = run_sdrt("bench", str(exported("sd15", "fp32")), "--lora-switch", "--resolution", "32", "--runs", "1",
+                    "-o", str(out))
+    assert done.returncode == 0, done.stderr
     result = json.loads((out / "result.json").read_text())
+    assert result["command"].startswith("sdrt bench ") and "--lora-switch" in result["command"]
     figures = result["figures"]
     assert figures["lora_modules"] > 0 and figures["output_change_max_abs"] > 0
     assert figures["back_is_base"] and figures["cached_is_same_engine"]
