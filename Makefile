@@ -23,19 +23,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python -m sdrt.cli.demo $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) triton-server
 	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf build
 
-# A tritonserver for tests/test_triton.py: the binary and Python backend that PyPI's nvidia-pytriton wheel ships,
-# unpacked (not installed: the wheel pins numpy<2). Not part of `make test`: its Python-backend stub misreads
-# BYTES inputs under numpy 2, which sdrt's tests need, so the real-server tests skip there (tests/test_triton.py).
+# The real tritonserver tests/test_triton.py runs: PyPI's nvidia-pytriton wheel unpacked into the venv, with a venv for
+# its Python-backend stub that holds numpy 1 (tests/triton_server_setup.py says why). Where it cannot be set up it
+# says so and the real-server tests skip.
 triton-server: | $(BIN)/python
-	@if [ "$$(uname -sm)" = "Linux x86_64" ] && [ ! -x $(VENV)/pytriton/pytriton/tritonserver/bin/tritonserver ]; then \
-	  $(BIN)/python -m pip download --quiet --no-deps nvidia-pytriton==0.7.0 -d $(VENV)/pytriton-wheel && \
-	  $(BIN)/python -c 'import sys, zipfile, os; z = zipfile.ZipFile(sys.argv[1]); \
-	    [(z.extract(i, sys.argv[2]), os.chmod(os.path.join(sys.argv[2], i.filename), (i.external_attr >> 16) or 0o644)) \
-	     for i in z.infolist() if not i.is_dir()]' $(VENV)/pytriton-wheel/*.whl $(VENV)/pytriton; \
-	fi
+	$(BIN)/python tests/triton_server_setup.py $(VENV)

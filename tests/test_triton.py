@@ -139,6 +139,11 @@ def test_error_text_names_this_models_inputs():
 
 
 # ---- a real tritonserver ------------------------------------------------------------------------------------------
+# The stub's Python finds its environment from the first `python` on PATH: a venv holding numpy 1.26 that also
+# reads this venv's site-packages (see Makefile's triton-server).
+STUB_VENV = Path(sys.prefix) / "pytriton" / "stub-venv"
+
+
 def _server_tree() -> tuple[Path, Path] | str:
     """(tritonserver folder of the pytriton wheel, its bundled libraries) or why it cannot run here."""
     unpacked = Path(sys.prefix) / "pytriton" / "pytriton"  # `make` unpacks the wheel there (see Makefile)
@@ -160,12 +165,12 @@ def _server_tree() -> tuple[Path, Path] | str:
         return "the pytriton wheel's tritonserver is a Linux binary"
     import numpy
 
-    if int(numpy.__version__.split(".")[0]) >= 2:
+    if int(numpy.__version__.split(".")[0]) >= 2 and not (STUB_VENV / "bin" / "python").exists():
         # The wheel's Python-backend stub is built against numpy 1: under numpy 2 it hands the model BYTES inputs
-        # as arrays filled with one byte value (seen here: "a cat 0" arrived as [9, 9, 9, …]). sdrt's schedules
-        # are bit-exact with diffusers under numpy 2, so the test environment has numpy 2.
-        return (f"the nvidia-pytriton 0.7.0 Python backend stub needs numpy < 2 (this environment has "
-                f"{numpy.__version__}); these tests passed with numpy 1.26.4")
+        # as arrays filled with one byte value (seen here: "a cat 0" arrived as [9, 9, 9, …]). `make triton-server`
+        # makes a venv for the stub's process with numpy 1.26 ahead of this venv's packages.
+        return (f"the nvidia-pytriton 0.7.0 Python backend stub needs numpy < 2 and {STUB_VENV} is missing "
+                "(`make triton-server` makes it)")
     return root, libs
 
 
@@ -226,7 +231,7 @@ def server(exported, tmp_path_factory):
         pytest.skip(tree)
     pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
     root, libs = tree
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    env = {**os.environ, "PATH": f"{STUB_VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
            "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(libs), os.environ.get("LD_LIBRARY_PATH")) if p)}
     binary = root / "bin" / "tritonserver"
     probe = subprocess.run([str(binary), "--help"], capture_output=True, text=True, env=env, timeout=30)
