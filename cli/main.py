@@ -44,6 +44,9 @@ def export(
     textual_inversion: bool = typer.Option(False, "--textual-inversion", help="also export each text encoder's "
                                            "inputs_embeds variant, so that `sdrt run --embedding` works (a second "
                                            "copy of the text encoders' weights)"),
+    hypernetwork: list[str] = typer.Option([], "--hypernetwork", help="FILE[:SCALE]: an AUTOMATIC1111 hypernetwork "
+                                           "(.pt) baked into the UNet (repeatable; prompts may then carry its "
+                                           "<hypernet:NAME:SCALE> tag)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -62,7 +65,7 @@ def export(
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
-                       textual_inversion=textual_inversion)
+                       textual_inversion=textual_inversion, hypernetworks=_hypernetwork_args(hypernetwork))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -96,6 +99,12 @@ def _lora_args(values: list[str], flag: str) -> tuple[tuple[str, float], ...]:
         raise UserError(f"{flag} {e}") from None
 
 
+def _hypernetwork_args(values: list[str]) -> tuple[tuple[str, float], ...]:
+    from sdrt.export.hypernetwork import parse_arg
+
+    return tuple(parse_arg(v) for v in values)
+
+
 def summarize(manifest: dict, engine_dir: Path) -> dict:
     return {
         "engine_dir": str(Path(engine_dir).absolute()),
@@ -104,6 +113,7 @@ def summarize(manifest: dict, engine_dir: Path) -> dict:
         "prediction_type": manifest["prediction_type"],
         "precision": manifest["precision"],
         "loras": manifest.get("loras", []),
+        "hypernetworks": manifest.get("hypernetworks", []),
         "components": {
             name: {
                 "precision": c["precision"],

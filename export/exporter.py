@@ -29,6 +29,7 @@ from . import gate
 from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
+from . import hypernetwork
 from .weights_map import LORA_COMPONENTS, Mapper
 from .rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
 
@@ -55,6 +56,7 @@ class ExportConfig:
     force: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
+    hypernetworks: tuple[tuple[str, float], ...] = ()  # (file, scale): AUTOMATIC1111 hypernetworks baked into the UNet
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -252,11 +254,15 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     for path, scale in cfg.loras:  # unreadable files and bad scales fail before the model loads
         lora.check_scale(scale, path)
         lora.read_header(Path(path).expanduser())
+    hypernets = [(hypernetwork.load(path), hypernetwork.check_scale(scale, path)) for path, scale in cfg.hypernetworks]
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
     old = _check_output(cfg, source.sha256)
     lora_records = _fuse_loras(pipe, info, cfg.loras)
+    if hypernets:
+        hypernetwork.apply(pipe.unet, hypernets)
+    hypernet_records = [{"name": h.name, "file": h.path, "sha256": h.sha256, "scale": scale} for h, scale in hypernets]
     specs = component_specs(pipe)
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
@@ -276,7 +282,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             kept = None
             if name.startswith("vae") and precision == "fp16" and _vae_needs_fp32(pipe, info):
                 precision, kept = "fp32", VAE_FP32_REASON
-            key = _component_key(source.sha256 + _lora_signature(lora_records), name, precision)
+            signature = _lora_signature(lora_records) + \
+                ("".join(f"|hypernet:{r['sha256']}:{r['scale']!r}" for r in hypernet_records) if name == "unet" else "")
+            key = _component_key(source.sha256 + signature, name, precision)
             entry = _reusable(old, output, name, key)
             if entry is not None:
                 for rel in entry["files"]:
@@ -307,6 +315,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "latent_multiple": _latent_multiple(pipe, components.get("unet")),
             "vae_scale_factor": vae_scale_factor(pipe),
             "loras": lora_records,
+            "hypernetworks": hypernet_records,
             "components": components,
             "trt": [],
             "versions": versions(),

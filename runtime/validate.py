@@ -187,6 +187,21 @@ def _size(request: Request, model_dir) -> tuple[int, int]:
     return width, height
 
 
+def _hypernet_tags(prompts, negative, model_dir):
+    from .prompt_tags import TagError, check_hypernet_tags
+
+    baked = (getattr(model_dir, "manifest", None) or {}).get("hypernetworks") or []
+    try:
+        prompts = check_hypernet_tags(prompts, baked, "prompt")
+    except TagError as e:
+        raise InvalidRequest("prompt", str(e)) from None
+    try:
+        negative = None if negative is None else check_hypernet_tags(negative, baked, "negative_prompt")
+    except TagError as e:
+        raise InvalidRequest("negative_prompt", str(e)) from None
+    return prompts, negative
+
+
 def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=None,
              embeddings_dir=None, embeddings=()) -> Job:
     """Check every field of `request` for the model in `model_dir` (runtime/loader.EngineDir) and the limits."""
@@ -201,6 +216,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     if negative is not None and len(negative) == 1 and len(prompts) > 1:
         negative = negative * len(prompts)
     prompts, negative, loras = lora.request_loras(request, prompts, negative, model_dir, lora_dir)  # <lora:…> out
+    prompts, negative = _hypernet_tags(prompts, negative, model_dir)  # <hypernet:…> out
 
     batch = _int("batch", request.size.batch, 1, limits.max_batch)
     count = len(prompts) * batch

@@ -226,10 +226,10 @@ def lora_entries(field_name: str, value, ctx: ModelContext) -> list[list]:
 
 def extra_networks(field_name: str, text: str, ctx: ModelContext, disabled) -> str:
     """A1111 prompt tags: `<lora:NAME:SCALE>` names a LoRA of the server's folder (the runtime applies it);
-    other networks (`<hypernet:…>`) are refused. With disable_extra_networks, A1111 drops every tag unapplied."""
+    `<hypernet:…>` must name one baked into the engines (the runtime checks); other networks are refused. With disable_extra_networks, A1111 drops every tag unapplied."""
     if disabled:
         return _EXTRA_NETWORK.sub("", text)
-    kinds = {m.group(1).lower() for m in _EXTRA_NETWORK.finditer(text)} - {"lora", "lyco"}
+    kinds = {m.group(1).lower() for m in _EXTRA_NETWORK.finditer(text)} - {"lora", "lyco", "hypernet"}
     if kinds:
         raise invalid(field_name, f"holds a <{sorted(kinds)[0]}:…> extra network, which sdrt does not load (it loads "
                                   "<lora:NAME:SCALE>); remove it, or set disable_extra_networks: true to drop the tags")

@@ -86,7 +86,8 @@ def test_lora_listing(served):
     (GEN, {"loras": [{"name": "ink", "weight": 1}]}, "loras", "each LoRA is"),
     (TXT, {"prompt": "x <lora:nope:1>"}, "prompt", "it has: ink"),
     (TXT, {"prompt": "x <lora:ink:0.5:0.3>"}, "prompt", "one scale"),
-    (TXT, {"prompt": "x <hypernet:anime:1>"}, "prompt", "<hypernet:…>"),
+    (TXT, {"prompt": "x <hypernet:anime:1>"}, "prompt", "<hypernet:anime:1> is not baked"),
+    (TXT, {"prompt": "x <lyco2:anime:1>"}, "prompt", "<lyco2:…>"),
     (TXT, {"prompt": "x", "negative_prompt": "<lora:nope>"}, "negative_prompt", "it has: ink"),
 ])
 def test_bad_adapters_are_422_naming_the_field(served, route, body, field, fragment):
