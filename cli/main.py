@@ -44,6 +44,9 @@ def export(
     textual_inversion: bool = typer.Option(False, "--textual-inversion", help="also export each text encoder's "
                                            "inputs_embeds variant, so that `sdrt run --embedding` works (a second "
                                            "copy of the text encoders' weights)"),
+    tiny_vae: Optional[str] = typer.Option(None, "--tiny-vae", help="a diffusers AutoencoderTiny folder (TAESD: "
+                                           "madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL) exported beside the "
+                                           "full VAE, for `sdrt run --vae tiny` and --preview"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -62,7 +65,7 @@ def export(
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
-                       textual_inversion=textual_inversion)
+                       textual_inversion=textual_inversion, tiny_vae=tiny_vae)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -177,6 +180,10 @@ def run(
                                                                 ".bin), triggered by its file name (repeatable)"),
     embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual-inversion files, all usable by "
                                                              "their file names"),
+    vae: str = typer.Option("full", help="full|tiny: decode (and encode --init-image) with the tiny VAE exported "
+                                         "by `sdrt export --tiny-vae` (TAESD: faster, fudges fine detail)"),
+    preview: bool = typer.Option(False, help="also write every step's latents, decoded by the tiny VAE, as "
+                                             "OUT-step-K.png"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -197,7 +204,7 @@ def run(
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
-                         embeddings_dir=embeddings_dir)
+                         embeddings_dir=embeddings_dir, vae=vae, preview=preview)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

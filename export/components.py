@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "text_encoder_embeds",
-                   "text_encoder_2_embeds")
+                   "text_encoder_2_embeds", "vae_decoder_tiny", "vae_encoder_tiny")
 EMBEDS = "_embeds"  # text_encoder[_2]_embeds: the same encoder taking token vectors (textual inversion); opt-in
 SEQUENCE_LENGTH = 77
 

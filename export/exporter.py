@@ -25,7 +25,7 @@ from sdrt.runtime.family import Family, detect
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from sdrt.runtime.prompt_encode import write_text_weights
 
-from . import gate
+from . import gate, tiny_vae
 from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
@@ -55,6 +55,7 @@ class ExportConfig:
     force: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
+    tiny_vae: str | None = None  # an AutoencoderTiny folder/hub id: vae_{de,en}coder_tiny beside the full VAE
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -168,6 +169,8 @@ def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
 
 
 def _module_for(pipe, name):
+    if name.endswith("_tiny"):
+        return pipe.vae_tiny  # export/tiny_vae.py
     return pipe.vae if name.startswith("vae") else getattr(pipe, name.removesuffix(EMBEDS))
 
 
@@ -252,12 +255,19 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     for path, scale in cfg.loras:  # unreadable files and bad scales fail before the model loads
         lora.check_scale(scale, path)
         lora.read_header(Path(path).expanduser())
+    tiny = tiny_vae.load_tiny_vae(cfg.tiny_vae) if cfg.tiny_vae is not None else None  # fails before the model loads
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
     old = _check_output(cfg, source.sha256)
     lora_records = _fuse_loras(pipe, info, cfg.loras)
     specs = component_specs(pipe)
+    tiny_signature = ""
+    if tiny is not None:
+        pipe.vae_tiny = tiny
+        tiny_vae.check_matches(pipe.vae_tiny, pipe, cfg.tiny_vae)
+        specs |= tiny_vae.tiny_specs()
+        tiny_signature = tiny_vae.source_signature(cfg.tiny_vae)
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
     if not names:
@@ -274,9 +284,11 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         for name in names:
             precision = cfg.precision
             kept = None
-            if name.startswith("vae") and precision == "fp16" and _vae_needs_fp32(pipe, info):
+            if name.startswith("vae") and not name.endswith("_tiny") and precision == "fp16" and \
+                    _vae_needs_fp32(pipe, info):
                 precision, kept = "fp32", VAE_FP32_REASON
-            key = _component_key(source.sha256 + _lora_signature(lora_records), name, precision)
+            signature = tiny_signature if name.endswith("_tiny") else ""
+            key = _component_key(source.sha256 + _lora_signature(lora_records) + signature, name, precision)
             entry = _reusable(old, output, name, key)
             if entry is not None:
                 for rel in entry["files"]:
@@ -285,7 +297,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 progress(name, "skipped")
                 continue
             progress(name, "start")
-            release = name not in ("vae_decoder", "vae_encoder")  # the two VAE halves share one module
+            release = not name.startswith("vae")  # the two halves of each VAE share one module
             entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name), release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
@@ -307,6 +319,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "latent_multiple": _latent_multiple(pipe, components.get("unet")),
             "vae_scale_factor": vae_scale_factor(pipe),
             "loras": lora_records,
+            "tiny_vae": None if cfg.tiny_vae is None else {"location": cfg.tiny_vae,
+                                                           "signature": tiny_signature.removeprefix("|tiny:")},
             "components": components,
             "trt": [],
             "versions": versions(),

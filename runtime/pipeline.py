@@ -10,6 +10,7 @@ batched and equals diffusers' (pipelines in diffusers/pipelines/stable_diffusion
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +30,7 @@ from .loader import EngineDir, open_dir
 from .request import Request
 from .tokenizer import ClipTokenizer
 from .unet_call import ExtraChannels, TextContributor, UnetCall
-from .validate import Job, validate
+from .validate import TINY_VAE, Job, validate
 
 @dataclass
 class _Prepared:
@@ -69,7 +70,7 @@ class Pipeline:
         text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
         text.check(d)  # so do bad embeddings
         names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder") + \
-            (("vae_encoder",) if (d.path / "vae_encoder" / "model.onnx").exists() else ())
+            tuple(n for n in ("vae_encoder", *TINY_VAE.values()) if (d.path / n / "model.onnx").exists())
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
         tokenizers = {}
         for enc in d.text_encoder_names:
@@ -152,22 +153,37 @@ class Pipeline:
         if latents is None:  # as diffusers, which needs int(steps * strength) >= 1
             raise UserError(f"{job.steps} steps at this strength leave no denoising step; raise the steps or "
                             "the strength")
-        return self.decode(latents)
+        return self.decode(latents, job.vae)
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.engines["vae_decoder"]
-        scaled = latents / float(self.dir.vae_config.get("scaling_factor", 0.18215))
-        out = feed.run(vae, latent_sample=scaled)["sample"]
-        return image_io.to_pil(out, fp16_vae=vae.inputs["latent_sample"].dtype == "float16")
+    def decode(self, latents: torch.Tensor, vae: str = "full") -> list[Image.Image]:
+        """Latents → images with the full VAE or the tiny one (vae="tiny": export/tiny_vae.py, whose
+        scaling_factor 1.0 makes this diffusers' `vae.decode(latents / vae.config.scaling_factor)` as well)."""
+        name = TINY_VAE["decode"] if vae == "tiny" else "vae_decoder"
+        engine = self.engines[name]
+        out = feed.run(engine, latent_sample=latents / self._scaling_factor(name))["sample"]
+        return image_io.to_pil(out, fp16_vae=engine.inputs["latent_sample"].dtype == "float16")
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Progress images: a step's latents decoded by the tiny VAE (needs vae_decoder_tiny)."""
+        return self.decode(latents, "tiny")
+
+    def _scaling_factor(self, name: str) -> float:
+        config = self.dir.vae_config if name in ("vae_decoder", "vae_encoder") else \
+            json.loads((self.dir.path / name / "config.json").read_text())
+        return float(config.get("scaling_factor", 0.18215))
 
     # ---- preparation --------------------------------------------------------------------------------
     def _randn(self, shape: tuple, generators: list) -> torch.Tensor:
         """diffusers' randn_tensor with a list of CPU generators: one draw per image, then moved to the device."""
         return noise.randn(shape, generators, self.device)
 
-    def _encode_image(self, image: torch.Tensor, generators: list) -> torch.Tensor:
+    def _encode_image(self, image: torch.Tensor, generators: list, vae: str = "full") -> torch.Tensor:
         """[1, 3, H, W] in [-1, 1] → scaled latents [N, 4, h, w]: the posterior sampled once per image, each with
-        its own generator (diffusers' img2img with a list of generators: retrieve_latents(..., generator[i]))."""
+        its own generator (diffusers' img2img with a list of generators: retrieve_latents(..., generator[i])).
+        The tiny VAE's encoder gives latents, not a distribution: retrieve_latents draws nothing for it."""
+        if vae == "tiny":
+            latents = feed.run(self.engines[TINY_VAE["encode"]], sample=image)["latents"]
+            return latents.repeat_interleave(len(generators), dim=0) * self._scaling_factor(TINY_VAE["encode"])
         params = feed.run(self.engines["vae_encoder"], sample=image)["latent_parameters"]
         mean, logvar = params.chunk(2, dim=1)  # diffusers DiagonalGaussianDistribution
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -211,7 +227,7 @@ class Pipeline:
         image = image_io.to_tensor(request.init_image, width, height).to(self.device)
         sigma0 = float(schedule.sigmas[0])
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
-            image_latents = self._encode_image(image, generator)
+            image_latents = self._encode_image(image, generator, request.vae)
             drawn = self._randn(shape, generator)
             return _Prepared(image_latents + drawn * sigma0, **common)
         return self._prepare_inpaint(request, image, shape, common)
@@ -228,14 +244,14 @@ class Pipeline:
         nine_channel = self.dir.info.inpaint
         image_latents = None
         if not nine_channel or strength < 1.0:
-            image_latents = self._encode_image(image, generator)
+            image_latents = self._encode_image(image, generator, request.vae)
         drawn = self._randn(shape, generator)
         if strength >= 1.0:
             x = samplers.initial_latents(drawn, schedule)
         else:
             x = image_latents + drawn * float(schedule.sigmas[0])
         latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
-        masked_latents = self._encode_image(masked_image, generator)
+        masked_latents = self._encode_image(masked_image, generator, request.vae)
         if nine_channel:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
             return _Prepared(x, **common, contributors=[ExtraChannels(extra)])

@@ -65,6 +65,7 @@ class Job:
     text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
     embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
+    vae: str = "full"  # full | tiny (decode, and encode init images, with the tiny VAE)
 
     @property
     def count(self) -> int:
@@ -187,6 +188,26 @@ def _size(request: Request, model_dir) -> tuple[int, int]:
     return width, height
 
 
+VAE_CHOICES = ("full", "tiny")
+TINY_VAE = {"decode": "vae_decoder_tiny", "encode": "vae_encoder_tiny"}  # export/tiny_vae.py
+
+
+def _vae(request: Request, model_dir) -> str:
+    vae = request.decode.vae
+    if vae not in VAE_CHOICES:
+        raise InvalidRequest("vae", f"must be one of {', '.join(VAE_CHOICES)} (got {vae!r})")
+    if vae == "tiny":
+        has = [n for n in ("vae_decoder", "vae_encoder", *TINY_VAE.values())
+               if (model_dir.path / n / "model.onnx").exists()]
+        needs = [TINY_VAE["decode"]] + ([TINY_VAE["encode"]] if request.images.init_image is not None else [])
+        missing = [n for n in needs if n not in has]
+        if missing:
+            raise InvalidRequest("vae", f"is tiny, but this engine directory has no {' or '.join(missing)} (it has "
+                                        f"{', '.join(has) or 'no VAE'}); re-export the model with a tiny VAE "
+                                        "(a diffusers AutoencoderTiny folder) or use the full VAE")
+    return vae
+
+
 def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=None,
              embeddings_dir=None, embeddings=()) -> Job:
     """Check every field of `request` for the model in `model_dir` (runtime/loader.EngineDir) and the limits."""
@@ -262,6 +283,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     aesthetic = _float("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
 
+    vae = _vae(request, model_dir)
+
     unet_batch = count * (2 if guidance > 1.0 else 1)
     estimate = estimate_bytes(model_dir.unet_config, model_dir.vae_config, count, unet_batch, height, width,
                               model_dir.vae_scale_factor)
@@ -277,4 +300,5 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                init_image=init_image, strength=strength, mask=mask, init_latents=refine.init_latents,
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
-               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras)
+               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
+               vae=vae)
