@@ -36,7 +36,8 @@ def scenario_line(result: dict) -> str:
             f"{s['sampler']}{spacing}, {guidance}, batch {s['batch']}, {s['precision']} — "
             f"{c['runs']} runs after {c['warmup']} warm-up, {c['threads']} threads"
             f"{', backends interleaved in one process' if c.get('interleave') else ''}"
-            f"{', backends alternating, a fresh process per run' if c.get('alternate') else ''}")
+            f"{', backends alternating, a fresh process per run' if c.get('alternate') else ''}"
+            f"{'; +tiny-vae: decoded by the tiny VAE (TAESD)' if s.get('vae') == 'tiny' else ''}")
 
 
 def machine_line(result: dict) -> str:
@@ -171,6 +172,7 @@ def markdown(result: dict) -> str:
     lines.append("| images/s | | " + " | ".join(f"{b['images_per_second']:.3g}" for b in backends.values()) + " |")
     lines.append("| peak RSS GiB | | " + " | ".join(f"{b['memory']['peak_rss_gib']:.2f}" for b in backends.values()) + " |")
     lines.append("")
+    lines += tiny_vae_lines(result)
     for name, b in backends.items():
         lines += [f"## {name}", "", f"{b['device']}; load {b['load_seconds']:.2f} s; {b['notes']}".rstrip("; "), "",
                   "| stage | median ms | p90 ms | min ms | max ms | GFLOP/s | % of peak |",
@@ -189,6 +191,29 @@ def markdown(result: dict) -> str:
     if result.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w.splitlines()[0]}" for w in result["warnings"]] + [""]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def tiny_vae_lines(result: dict) -> list[str]:
+    """With --vae tiny: each sdrt backend's VAE decode and end to end against diffusers with the same tiny VAE
+    (the fair ratio) and against diffusers with its full VAE (what a user gains)."""
+    backends = ok_backends(result)
+    if result["scenario"].get("vae") != "tiny":
+        return []
+    lines = ["## Tiny VAE: speed-ups (median against median)", "",
+             "| sdrt backend | stage | sdrt ms | diffusers + tiny VAE ms | × (fair) | diffusers, full VAE ms | × (gain) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    fair, full = backends.get("diffusers+tiny-vae"), backends.get("diffusers")
+    for name, b in backends.items():
+        if name.startswith("diffusers"):
+            continue
+        for stage in ("vae_decode", "end_to_end"):
+            ours = b["stats"][stage]["median"]
+            cells = []
+            for other in (fair, full):
+                theirs = other["stats"][stage]["median"] if other else None
+                cells += [ms(theirs) if theirs else "—", f"{theirs / ours:.2f}×" if theirs and ours else "—"]
+            lines.append(f"| {name} | {STAGE_LABELS[stage]} | {ms(ours)} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # ---- PNG chart --------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def bench(
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads = torch threads (0: physical cores)"),
     prompt: Optional[str] = typer.Option(None, help="prompt (default: a fixed one)"),
     seed: int = typer.Option(0, help="seed"),
+    vae: str = typer.Option("full", help="full | tiny: decode with the tiny VAE (TAESD; an engine directory needs "
+                                         "one exported with --tiny-vae, architectures get a random-weight one); "
+                                         "diffusers runs with the same tiny VAE and, for comparison, with the full one"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="results folder (default: "
                                                                  "bench/results/<preset>-<timestamp>/)"),
     workdir: Path = typer.Option(Path("build/bench"), help="where random-weight models, their exports and the "
@@ -51,7 +54,8 @@ def bench(
 
     scenario = resolve(preset, Overrides(model=model, resolution=resolution, steps=steps, sampler=sampler,
                                          guidance=guidance, batch=batch, precision=precision,
-                                         backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed))
+                                         backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed,
+                                         vae=vae))
     config = check_config(HarnessConfig(warmup=warmup, runs=runs, threads=threads, workdir=workdir, isolate=isolate,
                                         interleave=interleave, alternate=alternate))
     folder = out or report.default_folder(scenario.name)

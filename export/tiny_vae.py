@@ -114,8 +114,10 @@ def tiny_specs() -> dict[str, ComponentSpec]:
     }
 
 
-def build_tiny_vae(scale_factor: int = 2, seed: int = 0):
-    """A random-weight AutoencoderTiny for tests and the demo: 16-channel blocks, one upsampler per factor of 2.
+def build_tiny_vae(scale_factor: int = 2, seed: int = 0, full_size: bool = False):
+    """A random-weight AutoencoderTiny for tests: 16-channel blocks, one upsampler per factor of 2; with
+    `full_size`, AutoencoderTiny's default config, which is TAESD's (64 channels, 1.2 M parameters per half), for
+    benchmarks.
 
     Its last decoder conv is rescaled and biased so the decoded image spans [0, 1] (DecoderTiny's x·2 − 1 then
     spans [−1, 1]) instead of sitting at black, so parity tests compare real pixel values.
@@ -124,8 +126,13 @@ def build_tiny_vae(scale_factor: int = 2, seed: int = 0):
 
     torch.manual_seed(seed)
     blocks = 1 + (scale_factor.bit_length() - 1)
-    vae = AutoencoderTiny(encoder_block_out_channels=(16,) * blocks, decoder_block_out_channels=(16,) * blocks,
-                          num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks).eval()
+    if full_size:
+        vae = AutoencoderTiny().eval()
+        if tiny_scale_factor(vae) != scale_factor:
+            raise ValueError(f"TAESD scales by {tiny_scale_factor(vae)}, not {scale_factor}")
+    else:
+        vae = AutoencoderTiny(encoder_block_out_channels=(16,) * blocks, decoder_block_out_channels=(16,) * blocks,
+                              num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks).eval()
     last = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     with torch.no_grad():
         last.weight.mul_(4.0)
@@ -133,7 +140,7 @@ def build_tiny_vae(scale_factor: int = 2, seed: int = 0):
     return vae
 
 
-def write_tiny_vae(folder: Path, scale_factor: int = 2, seed: int = 0) -> Path:
+def write_tiny_vae(folder: Path, scale_factor: int = 2, seed: int = 0, full_size: bool = False) -> Path:
     folder = Path(folder)
-    build_tiny_vae(scale_factor, seed).save_pretrained(folder, safe_serialization=True)
+    build_tiny_vae(scale_factor, seed, full_size).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -133,3 +133,23 @@ def test_cli_vae_tiny_with_previews(with_tiny, exported, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
         assert all(w in lines[0] for w in words), lines[0]
     assert not (tmp_path / "y.png").exists()
+
+
+def test_bench_vae_tiny_against_diffusers_with_the_same_and_the_full_vae(with_tiny, tmp_path):
+    from sdrt.bench import report
+    from sdrt.bench.harness import run
+    from sdrt.bench.scenarios import HarnessConfig, Overrides, resolve
+
+    scenario = resolve("sd15-classic", Overrides(model=str(with_tiny), resolution="32", steps=2, vae="tiny",
+                                                 backends=("ort-cpu", "diffusers")))
+    result = run(scenario, HarnessConfig(warmup=0, runs=1, workdir=tmp_path, isolate=False, peak_matmul_size=256))
+    backends = result["backends"]
+    assert list(backends) == ["ort-cpu+tiny-vae", "diffusers+tiny-vae", "diffusers"]
+    assert all(b["status"] == "ok" for b in backends.values()), backends
+    decoders = {name: [c[0] for c in b["samples"][0]["calls"] if c[0].startswith("vae")] for name, b in backends.items()}
+    assert decoders == {"ort-cpu+tiny-vae": ["vae_decoder_tiny"], "diffusers+tiny-vae": ["vae_decoder_tiny"],
+                        "diffusers": ["vae_decoder"]}
+    per_image = result["flops"]["per_image"]
+    assert 0 < per_image["vae_decoder_tiny"] < per_image["vae_decoder"]
+    md = report.markdown(result)
+    assert "## Tiny VAE: speed-ups" in md and "| ort-cpu+tiny-vae | VAE decode |" in md
