@@ -181,7 +181,7 @@ def open_sdrt(scenario: Scenario, backend: str, engine_dir: Path, threads: int) 
         latents = None
         for latents in pipe.denoise(request):
             marks.append(recorder.count("unet"))
-        pipe.decode(latents, request.vae)
+        pipe.decode(latents, request.vae, request.tile_vae)
         end_to_end = clock.now() - start
         return Sample(end_to_end, tuple(recorder.calls), tuple(marks))
 

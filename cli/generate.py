@@ -62,6 +62,7 @@ class RunOptions:
     embeddings_dir: Path | None = None  # every file in it is active, as in AUTOMATIC1111
     vae: str = "full"  # full | tiny (export/tiny_vae.py)
     preview: bool = False  # write each step's latents, decoded by the tiny VAE, as OUT-step-K.png
+    vae_tiling: str = "auto"  # auto | on | off (runtime/vae_tiling.py)
 
 
 def build_request(o: RunOptions) -> Request:
@@ -93,6 +94,7 @@ def build_request(o: RunOptions) -> Request:
         clip_skip=o.clip_skip,
         embeddings=tuple(str(e) for e in o.embeddings),
         vae=o.vae,
+        vae_tiling=o.vae_tiling,
     )
 
 
@@ -127,21 +129,22 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
                          embeddings_dir=o.embeddings_dir)
     previews = _previews(pipe, paths) if o.preview else None
     latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step, previews)
-    decoder = pipe
+    decoder, decode_job = pipe, job
     if o.refiner:
         refiner = Pipeline.load(o.refiner, backend=o.backend, embeddings_dir=o.embeddings_dir)
         follow = Request.of(prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                             guidance=job.guidance, guidance_rescale=job.guidance_rescale, sampler=job.sampler,
                             schedule=job.schedule, seed=job.seed, batch=job.images_per_prompt, init_latents=latents,
                             denoising_start=o.refiner_start, prompt_syntax=job.syntax, clip_skip=job.clip_skip,
-                            embeddings=tuple(str(e) for e in o.embeddings), vae=job.vae)
+                            embeddings=tuple(str(e) for e in o.embeddings), vae=job.vae,
+                            vae_tiling=o.vae_tiling)
         try:
             follow_job = refiner.validate(follow)
         except InvalidRequest as e:
             raise as_cli_error(e) from None
         latents = _run(refiner, follow_job, "refiner", on_step)
-        decoder = refiner
-    images = decoder.decode(latents, job.vae)
+        decoder, decode_job = refiner, follow_job
+    images = decoder.decode(latents, decode_job.vae, decode_job.tile_vae)
     width, height = images[0].size
     written = []
     for i, (image, path) in enumerate(zip(images, paths)):

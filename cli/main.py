@@ -184,6 +184,9 @@ def run(
                                          "by `sdrt export --tiny-vae` (TAESD: faster, fudges fine detail)"),
     preview: bool = typer.Option(False, help="also write every step's latents, decoded by the tiny VAE, as "
                                              "OUT-step-K.png"),
+    vae_tiling: str = typer.Option("auto", help="auto|on|off: decode (and encode) the full VAE in overlapping tiles "
+                                                "as diffusers' vae.enable_tiling(); auto tiles when the whole image "
+                                                "would not fit the memory limit"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -204,7 +207,8 @@ def run(
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
-                         embeddings_dir=embeddings_dir, vae=vae, preview=preview)
+                         embeddings_dir=embeddings_dir, vae=vae, preview=preview,
+                         vae_tiling=vae_tiling)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

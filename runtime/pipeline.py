@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules
+from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules, vae_tiling
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -54,6 +54,7 @@ class Pipeline:
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
         self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
         self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompt_encode.py)
+        self.vae_tiles = vae_tiling.Tiles.of_vae(engine_dir.vae_config)  # diffusers' defaults for this VAE
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
@@ -153,14 +154,20 @@ class Pipeline:
         if latents is None:  # as diffusers, which needs int(steps * strength) >= 1
             raise UserError(f"{job.steps} steps at this strength leave no denoising step; raise the steps or "
                             "the strength")
-        return self.decode(latents, job.vae)
+        return self.decode(latents, job.vae, job.tile_vae)
 
-    def decode(self, latents: torch.Tensor, vae: str = "full") -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, vae: str = "full", tiled: bool = False) -> list[Image.Image]:
         """Latents → images with the full VAE or the tiny one (vae="tiny": export/tiny_vae.py, whose
-        scaling_factor 1.0 makes this diffusers' `vae.decode(latents / vae.config.scaling_factor)` as well)."""
+        scaling_factor 1.0 makes this diffusers' `vae.decode(latents / vae.config.scaling_factor)` as well);
+        `tiled`: the full VAE in tiles, as diffusers after vae.enable_tiling() (runtime/vae_tiling.py)."""
         name = TINY_VAE["decode"] if vae == "tiny" else "vae_decoder"
         engine = self.engines[name]
-        out = feed.run(engine, latent_sample=latents / self._scaling_factor(name))["sample"]
+        scaled = latents / self._scaling_factor(name)
+        if tiled and vae != "tiny" and self.vae_tiles.decode_tiles(*scaled.shape[-2:]):
+            out = vae_tiling.tiled_decode(lambda z: feed.run(engine, latent_sample=z)["sample"], scaled,
+                                          self.vae_tiles)
+        else:
+            out = feed.run(engine, latent_sample=scaled)["sample"]
         return image_io.to_pil(out, fp16_vae=engine.inputs["latent_sample"].dtype == "float16")
 
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -177,14 +184,20 @@ class Pipeline:
         """diffusers' randn_tensor with a list of CPU generators: one draw per image, then moved to the device."""
         return noise.randn(shape, generators, self.device)
 
-    def _encode_image(self, image: torch.Tensor, generators: list, vae: str = "full") -> torch.Tensor:
+    def _encode_image(self, image: torch.Tensor, generators: list, vae: str = "full",
+                      tiled: bool = False) -> torch.Tensor:
         """[1, 3, H, W] in [-1, 1] → scaled latents [N, 4, h, w]: the posterior sampled once per image, each with
         its own generator (diffusers' img2img with a list of generators: retrieve_latents(..., generator[i])).
         The tiny VAE's encoder gives latents, not a distribution: retrieve_latents draws nothing for it."""
         if vae == "tiny":
             latents = feed.run(self.engines[TINY_VAE["encode"]], sample=image)["latents"]
             return latents.repeat_interleave(len(generators), dim=0) * self._scaling_factor(TINY_VAE["encode"])
-        params = feed.run(self.engines["vae_encoder"], sample=image)["latent_parameters"]
+        encoder = self.engines["vae_encoder"]
+        if tiled and self.vae_tiles.encode_tiles(*image.shape[-2:]):  # AutoencoderKL._tiled_encode
+            params = vae_tiling.tiled_encode(lambda x: feed.run(encoder, sample=x)["latent_parameters"], image,
+                                             self.vae_tiles)
+        else:
+            params = feed.run(encoder, sample=image)["latent_parameters"]
         mean, logvar = params.chunk(2, dim=1)  # diffusers DiagonalGaussianDistribution
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         eps = noise.randn((len(generators), *mean.shape[1:]), generators, mean.device, mean.dtype)
@@ -227,7 +240,7 @@ class Pipeline:
         image = image_io.to_tensor(request.init_image, width, height).to(self.device)
         sigma0 = float(schedule.sigmas[0])
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
-            image_latents = self._encode_image(image, generator, request.vae)
+            image_latents = self._encode_image(image, generator, request.vae, request.tile_vae)
             drawn = self._randn(shape, generator)
             return _Prepared(image_latents + drawn * sigma0, **common)
         return self._prepare_inpaint(request, image, shape, common)
@@ -244,14 +257,14 @@ class Pipeline:
         nine_channel = self.dir.info.inpaint
         image_latents = None
         if not nine_channel or strength < 1.0:
-            image_latents = self._encode_image(image, generator, request.vae)
+            image_latents = self._encode_image(image, generator, request.vae, request.tile_vae)
         drawn = self._randn(shape, generator)
         if strength >= 1.0:
             x = samplers.initial_latents(drawn, schedule)
         else:
             x = image_latents + drawn * float(schedule.sigmas[0])
         latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
-        masked_latents = self._encode_image(masked_image, generator, request.vae)
+        masked_latents = self._encode_image(masked_image, generator, request.vae, request.tile_vae)
         if nine_channel:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
             return _Prepared(x, **common, contributors=[ExtraChannels(extra)])

@@ -89,6 +89,7 @@ class Decode:
     """How the final latents become pixels (runtime/pipeline.py `decode`)."""
 
     vae: str = "full"  # full | tiny: the AutoencoderTiny (TAESD) exported beside the full VAE (export/tiny_vae.py)
+    vae_tiling: str = "auto"  # auto (when the untiled VAE would not fit the memory limit) | on | off (vae_tiling.py)
 
 
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,

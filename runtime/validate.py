@@ -20,6 +20,7 @@ from .limits import GIB, Limits, estimate_bytes, memory_budget
 from .request import Request
 from .denoiser import timestep_lookup
 from .schedules import SIGMA_SCHEDULES, ScheduleError, SchedulerConfig
+from .vae_tiling import Tiles
 
 MAX_SEED = 2 ** 64 - 1
 MAX_GUIDANCE = 100.0
@@ -66,6 +67,7 @@ class Job:
     embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
     vae: str = "full"  # full | tiny (decode, and encode init images, with the tiny VAE)
+    tile_vae: bool = False  # the full VAE decodes and encodes in tiles (runtime/vae_tiling.py)
 
     @property
     def count(self) -> int:
@@ -189,6 +191,7 @@ def _size(request: Request, model_dir) -> tuple[int, int]:
 
 
 VAE_CHOICES = ("full", "tiny")
+TILING_CHOICES = ("auto", "on", "off")
 TINY_VAE = {"decode": "vae_decoder_tiny", "encode": "vae_encoder_tiny"}  # export/tiny_vae.py
 
 
@@ -284,14 +287,26 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
 
     vae = _vae(request, model_dir)
+    tiling = request.decode.vae_tiling
+    if tiling not in TILING_CHOICES:
+        raise InvalidRequest("vae_tiling", f"must be one of {', '.join(TILING_CHOICES)} (got {tiling!r})")
+    if tiling == "on" and vae == "tiny":
+        raise InvalidRequest("vae_tiling", "tiles the full VAE; the tiny VAE decodes whole images (use auto or off)")
 
     unet_batch = count * (2 if guidance > 1.0 else 1)
-    estimate = estimate_bytes(model_dir.unet_config, model_dir.vae_config, count, unet_batch, height, width,
-                              model_dir.vae_scale_factor)
+    estimate_args = (model_dir.unet_config, model_dir.vae_config, count, unet_batch, height, width,
+                     model_dir.vae_scale_factor)
+    tile = Tiles.of_vae(model_dir.vae_config).latent_size
+    tiled_estimate = estimate_bytes(*estimate_args, vae_tile=tile)
+    estimate = tiled_estimate if tiling == "on" else estimate_bytes(*estimate_args)
     budget = memory_budget(limits)
+    tile_vae = tiling == "on"
+    if tiling == "auto" and vae == "full" and budget is not None and estimate > budget >= tiled_estimate:
+        estimate, tile_vae = tiled_estimate, True  # what diffusers' enable_tiling() is for
     if budget is not None and estimate > budget:
+        tiled = " even with the VAE tiled" if tiling != "off" and vae == "full" else ""
         raise InvalidRequest("width", f"{count} image(s) of {width}x{height} need an estimated "
-                                      f"{estimate / GIB:,.1f} GiB (attention and VAE buffers), more than the "
+                                      f"{estimate / GIB:,.1f} GiB (attention and VAE buffers){tiled}, more than the "
                                       f"{budget / GIB:,.1f} GiB this machine allows a request; lower the size "
                                       "or the batch")
     return Job(prompt=prompts, negative_prompt=negative, steps=steps, guidance=guidance, guidance_rescale=rescale,
@@ -301,4 +316,4 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
-               vae=vae)
+               vae=vae, tile_vae=tile_vae)
