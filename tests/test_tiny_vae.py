@@ -153,3 +153,11 @@ def test_bench_vae_tiny_against_diffusers_with_the_same_and_the_full_vae(with_ti
     assert 0 < per_image["vae_decoder_tiny"] < per_image["vae_decoder"]
     md = report.markdown(result)
     assert "## Tiny VAE: speed-ups" in md and "| ort-cpu+tiny-vae | VAE decode |" in md
+
+
+def test_openai_body_carries_the_vae_fields():
+    from sdrt.serve.http_api import ModelContext, openai_plan
+
+    ctx = ModelContext("m", 32, 2, 1000, 4, 4096 * 4096)
+    plan = openai_plan({"prompt": "a cat", "vae": "tiny", "vae_tiling": "off"}, ctx)
+    assert plan.requests[0].decode.vae == "tiny" and plan.requests[0].decode.vae_tiling == "off"
