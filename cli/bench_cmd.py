@@ -43,11 +43,18 @@ def bench(
     alternate: bool = typer.Option(False, help="alternate the backends' timed runs like --interleave, each run in a "
                                                "fresh process after its own load and warm-up: for models the "
                                                "backends cannot hold in memory together"),
+    startup: bool = typer.Option(False, "--startup", help="time to first image instead: `sdrt run` and a diffusers "
+                                            "script making the same image, each a fresh process, alternating "
+                                            "(--runs of each; MODEL must be an engine directory exported from a "
+                                            "local folder)"),
 ) -> None:
     """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if startup:
+        _startup(model, runs, steps, resolution, seed, out, guidance)
+        return
     from sdrt.bench import report
     from sdrt.bench.harness import run
     from sdrt.bench.scenarios import DEFAULT_PROMPT, HarnessConfig, Overrides, check_config, resolve
@@ -83,3 +90,23 @@ def bench(
     print(f"results: {paths['json'].parent}")
     if report.failed_backends(result):
         raise typer.Exit(1)
+
+
+def _startup(model, runs, steps, resolution, seed, out, guidance) -> None:
+    from sdrt.bench import startup
+    from sdrt.bench.scenarios import parse_resolution
+    from sdrt.runtime.errors import UserError
+
+    if model is None or not Path(model).is_dir():
+        raise UserError("--startup needs an engine directory (exported from a local diffusers folder) as MODEL")
+    width, height = parse_resolution(resolution) if resolution else (None, None)
+    scenario = startup.StartupScenario(str(model), str(startup.source_of(Path(model))), steps=steps or 4,
+                                       width=width, height=height, seed=seed, runs=runs,
+                                       guidance=7.5 if guidance is None else guidance)
+    result = startup.measure(scenario, lambda what, done, total: print(f"{what} {done}/{total}", file=sys.stderr))
+    folder = out or Path("bench/results") / f"startup-{Path(model).name}"
+    command = " ".join(["sdrt", "bench"] + [shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:]]) \
+        if "bench" in sys.argv else ""
+    startup.write(result, folder, command)
+    print(startup.markdown(result, command))
+    print(f"results: {folder}")
