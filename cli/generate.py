@@ -63,6 +63,7 @@ class RunOptions:
     vae: str = "full"  # full | tiny (export/tiny_vae.py)
     preview: bool = False  # write each step's latents, decoded by the tiny VAE, as OUT-step-K.png
     vae_tiling: str = "auto"  # auto | on | off (runtime/vae_tiling.py)
+    ort_cache: bool = False  # keep ONNX Runtime's optimized graphs for faster later starts (engines/ort_cache.py)
 
 
 def build_request(o: RunOptions) -> Request:
@@ -126,12 +127,13 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
     if o.preview:
         _check_preview(o.engine_dir)
     pipe = Pipeline.load(o.engine_dir, backend=o.backend, lora_dir=o.lora_dir,
-                         embeddings_dir=o.embeddings_dir)
+                         embeddings_dir=o.embeddings_dir, ort_config=_ort_config(o))
     previews = _previews(pipe, paths) if o.preview else None
     latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step, previews)
     decoder, decode_job = pipe, job
     if o.refiner:
-        refiner = Pipeline.load(o.refiner, backend=o.backend, embeddings_dir=o.embeddings_dir)
+        refiner = Pipeline.load(o.refiner, backend=o.backend, embeddings_dir=o.embeddings_dir,
+                                ort_config=_ort_config(o))
         follow = Request.of(prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                             guidance=job.guidance, guidance_rescale=job.guidance_rescale, sampler=job.sampler,
                             schedule=job.schedule, seed=job.seed, batch=job.images_per_prompt, init_latents=latents,
@@ -164,6 +166,14 @@ def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep, previews: Callab
             previews(done, latents)
         on_step(stage, done, total)
     return latents
+
+
+def _ort_config(o: RunOptions):
+    if not o.ort_cache:
+        return None
+    from sdrt.engines.ort import OrtConfig
+
+    return OrtConfig(cache_optimized=True)
 
 
 def _check_preview(engine_dir: Path) -> None:

@@ -184,6 +184,9 @@ def run(
                                          "by `sdrt export --tiny-vae` (TAESD: faster, fudges fine detail)"),
     preview: bool = typer.Option(False, help="also write every step's latents, decoded by the tiny VAE, as "
                                              "OUT-step-K.png"),
+    ort_cache: bool = typer.Option(False, "--ort-cache", help="ONNX Runtime CPU: save each graph as ONNX Runtime "
+                                   "optimized it (DIR/<component>/ort-optimized/) and load that next time: shorter "
+                                   "later starts, the same images, about twice the disk"),
     vae_tiling: str = typer.Option("auto", help="auto|on|off: decode (and encode) the full VAE in overlapping tiles "
                                                 "as diffusers' vae.enable_tiling(); auto tiles when the whole image "
                                                 "would not fit the memory limit"),
@@ -208,7 +211,7 @@ def run(
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
-                         vae_tiling=vae_tiling)
+                         vae_tiling=vae_tiling, ort_cache=ort_cache)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
