@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -111,6 +112,7 @@ def measure(s: StartupScenario, on_progress=lambda what, done, total: None) -> d
 
     if s.runs < 1:
         raise UserError(f"--runs must be at least 1 (got {s.runs})")
+    load_before = _load_average()
     with tempfile.TemporaryDirectory() as scratch:
         ours_png, theirs_png = Path(scratch) / "sdrt.png", Path(scratch) / "diffusers.png"
         ours, theirs = commands(s, ours_png, theirs_png)
@@ -130,9 +132,18 @@ def measure(s: StartupScenario, on_progress=lambda what, done, total: None) -> d
         "median_seconds": medians,
         "diffusers_over_sdrt": medians["diffusers"] / medians["sdrt"],
         "image_max_abs_diff_uint8": diff,
+        "conditions": {"load_average_before": load_before, "load_average_after": _load_average()},
         "machine": machine_info(),
         "versions": versions(),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages: other work on the machine shows here."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def markdown(result: dict, command: str = "") -> str:
@@ -143,6 +154,8 @@ def markdown(result: dict, command: str = "") -> str:
              f"- machine: {result['machine']['cpu']}, {result['machine']['cores_logical']} logical cores, "
              f"{result['machine']['memory_gib']} GiB",
              f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
+             f"- load average (1, 5, 15 min) before / after: {result['conditions']['load_average_before']} / "
+             f"{result['conditions']['load_average_after']}" if result.get("conditions") else "",
              f"- command: `{command}`" if command else "",
              f"- created: {result['created']}", "",
              "| | median s | runs s |", "|---|---:|---|"]
