@@ -168,3 +168,25 @@ def test_openai_body_carries_the_vae_fields():
     ctx = ModelContext("m", 32, 2, 1000, 4, 4096 * 4096)
     plan = openai_plan({"prompt": "a cat", "vae": "tiny", "vae_tiling": "off"}, ctx)
     assert plan.requests[0].decode.vae == "tiny" and plan.requests[0].decode.vae_tiling == "off"
+
+
+@pytest.mark.slow
+def test_sdxl_tiny_vae_equals_diffusers(exported, tiny_pipeline, taesd, tmp_path):
+    """TAESDXL's place: SDXL (its VAE forced to fp32 in fp16 exports; the tiny one never is), guidance on."""
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.runtime.pipeline import Pipeline
+
+    out = tmp_path / "sdxl-tiny"
+    shutil.copytree(exported("sdxl", "fp32"), out)
+    export(ExportConfig(model=str(tiny_pipeline("sdxl")), output=out, precision="fp32", tiny_vae=str(taesd)))
+    from diffusers import AutoencoderTiny
+
+    ref = reference_pipeline(tiny_pipeline("sdxl"))
+    ref.vae = AutoencoderTiny.from_pretrained(taesd)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a lighthouse", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                 generator=generators(4, 1), output_type="np").images
+    ours = Pipeline.load(out, backend="ort-cpu").generate(
+        Request.of(prompt="a lighthouse", steps=3, guidance=5.0, height=32, width=32, seed=4, sampler="euler",
+                   vae="tiny"))
+    assert_same_images("sdxl-tiny-vae", ours, theirs)
