@@ -64,6 +64,7 @@ class RunOptions:
     preview: bool = False  # write each step's latents, decoded by the tiny VAE, as OUT-step-K.png
     vae_tiling: str = "auto"  # auto | on | off (runtime/vae_tiling.py)
     ort_cache: bool = False  # keep ONNX Runtime's optimized graphs for faster later starts (engines/ort_cache.py)
+    cache_interval: int = 1  # step caching (runtime/step_cache.py)
 
 
 def build_request(o: RunOptions) -> Request:
@@ -96,6 +97,7 @@ def build_request(o: RunOptions) -> Request:
         embeddings=tuple(str(e) for e in o.embeddings),
         vae=o.vae,
         vae_tiling=o.vae_tiling,
+        cache_interval=o.cache_interval,
     )
 
 

@@ -47,6 +47,9 @@ def export(
     tiny_vae: Optional[str] = typer.Option(None, "--tiny-vae", help="a diffusers AutoencoderTiny folder (TAESD: "
                                            "madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL) exported beside the "
                                            "full VAE, for `sdrt run --vae tiny` and --preview"),
+    deepcache: bool = typer.Option(False, "--deepcache", help="also the two UNet graphs step caching runs (DeepCache, "
+                                   "cache branch 0: the whole UNet returning its last layer's input, and that last "
+                                   "layer alone), for `sdrt run --cache-interval N`"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -65,7 +68,7 @@ def export(
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
-                       textual_inversion=textual_inversion, tiny_vae=tiny_vae)
+                       textual_inversion=textual_inversion, tiny_vae=tiny_vae, deepcache=deepcache)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -187,6 +190,8 @@ def run(
     ort_cache: bool = typer.Option(False, "--ort-cache", help="ONNX Runtime CPU: save each graph as ONNX Runtime "
                                    "optimized it (DIR/<component>/ort-optimized/) and load that next time: shorter "
                                    "later starts, the same images, about twice the disk"),
+    cache_interval: int = typer.Option(1, help="step caching (DeepCache, needs `sdrt export --deepcache`): the whole "
+                                               "UNet every N steps, only its last layer between; 1 = off"),
     vae_tiling: str = typer.Option("auto", help="auto|on|off: decode (and encode) the full VAE in overlapping tiles "
                                                 "as diffusers' vae.enable_tiling(); auto tiles when the whole image "
                                                 "would not fit the memory limit"),
@@ -211,7 +216,7 @@ def run(
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
-                         vae_tiling=vae_tiling, ort_cache=ort_cache)
+                         vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

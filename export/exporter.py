@@ -56,6 +56,7 @@ class ExportConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
     tiny_vae: str | None = None  # an AutoencoderTiny folder/hub id: vae_{de,en}coder_tiny beside the full VAE
+    deepcache: bool = False  # also the two UNet graphs step caching runs (export/deepcache.py, branch 0)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -171,6 +172,8 @@ def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
 def _module_for(pipe, name):
     if name.endswith("_tiny"):
         return pipe.vae_tiny  # export/tiny_vae.py
+    if name.startswith("unet"):
+        return pipe.unet  # unet, and export/deepcache.py's two graphs
     return pipe.vae if name.startswith("vae") else getattr(pipe, name.removesuffix(EMBEDS))
 
 
@@ -268,6 +271,11 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         tiny_vae.check_matches(pipe.vae_tiny, pipe, cfg.tiny_vae)
         specs |= tiny_vae.tiny_specs()
         tiny_signature = tiny_vae.source_signature(cfg.tiny_vae)
+    if cfg.deepcache:
+        from .deepcache import deepcache_specs
+
+        specs = {**{k: v for k, v in specs.items() if not k.startswith("vae")}, **deepcache_specs(pipe),
+                 **{k: v for k, v in specs.items() if k.startswith("vae")}}  # after the UNet, before the VAEs
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
     if not names:
@@ -298,6 +306,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 continue
             progress(name, "start")
             release = not name.startswith("vae")  # the two halves of each VAE share one module
+            if cfg.deepcache and name == "unet":
+                release = False  # the step-caching graphs are traced from it next
             entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name), release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:

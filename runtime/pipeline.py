@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules, vae_tiling
+from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules, step_cache, vae_tiling
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -55,6 +55,7 @@ class Pipeline:
         self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
         self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompt_encode.py)
         self.vae_tiles = vae_tiling.Tiles.of_vae(engine_dir.vae_config)  # diffusers' defaults for this VAE
+        self.open_engine = None  # path → engine, for components opened on first use (set by load)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
@@ -80,6 +81,7 @@ class Pipeline:
         pipe = cls(d, engines, tokenizers, limits)
         pipe.adapters.use(base_loras, lora_dir)
         pipe.text = text
+        pipe.open_engine = lambda p: open_engine(p, backend, ort_config)
         return pipe
 
     # ---- request validation -------------------------------------------------------------------------
@@ -91,6 +93,16 @@ class Pipeline:
     def engine(self, name: str, job: Job | None = None):
         """Component `name`'s engine for this job's LoRA set (runtime/lora.py: rebuilt, never accumulated)."""
         return self.adapters.engine(name, job.loras if job is not None else ())
+
+    def _component(self, name: str):
+        """A component's engine, opened on first use (the step-caching graphs: only runs that use them pay)."""
+        if name not in self.engines:
+            if self.adapters.base:
+                raise UserError("step caching's graphs carry no LoRA weights; this pipeline was loaded with LoRAs")
+            if self.open_engine is None:
+                raise UserError(f"{name} is not loaded in this pipeline")
+            self.engines[name] = self.open_engine(self.dir.onnx_path(name))
+        return self.engines[name]
 
     def scheduler_config(self, job: Job):
         overrides = {}
@@ -118,7 +130,8 @@ class Pipeline:
         cfg = self.scheduler_config(job)
         unet = self.engine("unet", job)
         text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
-        model = UnetCall(unet, prep.guidance, [text, *prep.contributors], prep.schedule.timesteps)
+        unet, parts = step_cache.setup(self._component, job.cache_interval, unet, [text, *prep.contributors])
+        model = UnetCall(unet, prep.guidance, parts, prep.schedule.timesteps)
         denoise_fn = make_denoiser(model, prep.schedule, cfg.prediction_type)
         run = sampler_registry.get_sampler(prep.sampler)(denoise_fn, prep.x, prep.schedule, prep.generator)
         x = next(run, None)

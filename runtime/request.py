@@ -41,6 +41,7 @@ class Sampling:
     schedule: str | None = None  # default | karras | exponential | beta | sgm_uniform | simple; None: as named
     timestep_spacing: str | None = None  # override the model's spacing (few-step presets use "trailing")
     prediction_type: str | None = None  # override (SDXL-Lightning 1-step predicts the sample)
+    cache_interval: int = 1  # step caching (DeepCache): the whole UNet every N steps, its shallow part between; 1 = off
 
 
 @dataclass(frozen=True)

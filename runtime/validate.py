@@ -68,6 +68,7 @@ class Job:
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
     vae: str = "full"  # full | tiny (decode, and encode init images, with the tiny VAE)
     tile_vae: bool = False  # the full VAE decodes and encodes in tiles (runtime/vae_tiling.py)
+    cache_interval: int = 1  # step caching (runtime/step_cache.py); 1 = off
 
     @property
     def count(self) -> int:
@@ -211,6 +212,23 @@ def _vae(request: Request, model_dir) -> str:
     return vae
 
 
+STEP_CACHE = ("unet_deepcache", "unet_deepcache_shallow")  # export/deepcache.py
+
+
+def _cache_interval(value, model_dir, loras) -> int:
+    interval = _int("cache_interval", value, 1, 1000)
+    if interval > 1:
+        missing = [n for n in STEP_CACHE if not (model_dir.path / n / "model.onnx").exists()]
+        if missing:
+            raise InvalidRequest("cache_interval", f"step caching needs {' and '.join(missing)} in the engine "
+                                                   "directory; re-export the model with the step-caching graphs, "
+                                                   "or use 1 (off)")
+        if loras:
+            raise InvalidRequest("cache_interval", "step caching's graphs carry no LoRA weights; drop the LoRAs "
+                                                   "or use 1 (off)")
+    return interval
+
+
 def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=None,
              embeddings_dir=None, embeddings=()) -> Job:
     """Check every field of `request` for the model in `model_dir` (runtime/loader.EngineDir) and the limits."""
@@ -286,6 +304,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     aesthetic = _float("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
 
+    cache_interval = _cache_interval(s.cache_interval, model_dir, loras)
     vae = _vae(request, model_dir)
     tiling = request.decode.vae_tiling
     if tiling not in TILING_CHOICES:
@@ -316,4 +335,4 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
-               vae=vae, tile_vae=tile_vae)
+               vae=vae, tile_vae=tile_vae, cache_interval=cache_interval)
