@@ -43,6 +43,10 @@ def bench(
     alternate: bool = typer.Option(False, help="alternate the backends' timed runs like --interleave, each run in a "
                                                "fresh process after its own load and warm-up: for models the "
                                                "backends cannot hold in memory together"),
+    cache_interval: int = typer.Option(1, help="step caching (DeepCache, branch 0) every N steps in every backend "
+                                               "(diffusers: DeepCacheSDHelper; an engine directory needs `sdrt export "
+                                               "--deepcache`); the uncached diffusers run is added for the quality "
+                                               "cost (PSNR)"),
     startup: bool = typer.Option(False, "--startup", help="time to first image instead: `sdrt run` and a diffusers "
                                             "script making the same image, each a fresh process, alternating "
                                             "(--runs of each; MODEL must be an engine directory exported from a "
@@ -62,7 +66,7 @@ def bench(
     scenario = resolve(preset, Overrides(model=model, resolution=resolution, steps=steps, sampler=sampler,
                                          guidance=guidance, batch=batch, precision=precision,
                                          backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed,
-                                         vae=vae))
+                                         vae=vae, cache_interval=cache_interval))
     config = check_config(HarnessConfig(warmup=warmup, runs=runs, threads=threads, workdir=workdir, isolate=isolate,
                                         interleave=interleave, alternate=alternate))
     folder = out or report.default_folder(scenario.name)

@@ -87,3 +87,23 @@ def test_shallow_graph_with_a_cross_attention_last_block_equals_the_helper():
         helper.disable()
         plain = unet(x1, torch.tensor(601.0), text).sample
     assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, plain, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_bench_with_step_caching(cached_pipe, tmp_path):
+    from sdrt.bench import report
+    from sdrt.bench.harness import run
+    from sdrt.bench.scenarios import HarnessConfig, Overrides, resolve
+
+    pytest.importorskip("DeepCache")
+    scenario = resolve("sd15-classic", Overrides(model=str(cached_pipe.dir.path), resolution="32", steps=4,
+                                                 cache_interval=2, backends=("ort-cpu", "diffusers")))
+    result = run(scenario, HarnessConfig(warmup=0, runs=1, workdir=tmp_path, isolate=False, peak_matmul_size=256))
+    backends = result["backends"]
+    assert list(backends) == ["ort-cpu+cache2", "diffusers+cache2", "diffusers"]
+    calls = [c[0] for c in backends["ort-cpu+cache2"]["samples"][0]["calls"] if c[0].startswith("unet")]
+    assert calls == ["unet_deepcache", "unet_deepcache_shallow"] * 2
+    assert all(len(b["samples"][0]["unet_steps"]) == 4 for b in backends.values())
+    quality = result["quality_psnr_db_vs_diffusers"]
+    assert quality["ort-cpu+cache2"] == pytest.approx(quality["diffusers+cache2"], abs=3) and quality["ort-cpu+cache2"] < 60
+    assert "Speed-ups of cache2" in report.markdown(result)
