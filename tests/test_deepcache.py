@@ -107,3 +107,26 @@ def test_bench_with_step_caching(cached_pipe, tmp_path):
     quality = result["quality_psnr_db_vs_diffusers"]
     assert quality["ort-cpu+cache2"] == pytest.approx(quality["diffusers+cache2"], abs=3) and quality["ort-cpu+cache2"] < 60
     assert "Speed-ups of cache2" in report.markdown(result)
+
+
+@pytest.mark.slow
+def test_sdxl_step_caching_equals_deepcache_on_diffusers(exported, tiny_pipeline, tmp_path):
+    """SDXL: the shallow graph also takes text_embeds and time_ids (the added time embedding)."""
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.runtime.pipeline import Pipeline
+
+    DeepCache = pytest.importorskip("DeepCache")
+    out = tmp_path / "sdxl"
+    shutil.copytree(exported("sdxl", "fp32"), out)
+    export(ExportConfig(model=str(tiny_pipeline("sdxl")), output=out, precision="fp32", deepcache=True))
+    ref = reference_pipeline(tiny_pipeline("sdxl"))
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    helper = DeepCache.DeepCacheSDHelper(pipe=ref)
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    helper.enable()
+    theirs = ref("a lighthouse", num_inference_steps=5, guidance_scale=5.0, height=32, width=32,
+                 generator=generators(1, 1), output_type="np").images
+    ours = Pipeline.load(out, backend="ort-cpu").generate(
+        Request.of(prompt="a lighthouse", steps=5, guidance=5.0, height=32, width=32, seed=1, sampler="euler",
+                   cache_interval=2))
+    assert_same_images("sdxl-deepcache", ours, theirs)
