@@ -177,7 +177,7 @@ def open_sdrt(scenario: Scenario, backend: str, engine_dir: Path, threads: int) 
     pipe = Pipeline.load(engine_dir, backend=backend, ort_config=OrtConfig(intra_op_threads=threads))
     if scenario.cache_interval > 1:  # opened now, so that they are loaded before the clock and timed like the rest
         for name in ("unet_deepcache", "unet_deepcache_shallow"):
-            pipe._component(name)
+            pipe.lazy_engine(name)
     load_seconds = clock.now() - started
     recorder = CallRecorder()
     pipe.engines = {name: TimedEngine(e, name, recorder, clock) for name, e in pipe.engines.items()}

@@ -94,7 +94,7 @@ class Pipeline:
         """Component `name`'s engine for this job's LoRA set (runtime/lora.py: rebuilt, never accumulated)."""
         return self.adapters.engine(name, job.loras if job is not None else ())
 
-    def _component(self, name: str):
+    def lazy_engine(self, name: str):
         """A component's engine, opened on first use (the step-caching graphs: only runs that use them pay)."""
         if name not in self.engines:
             if self.adapters.base:
@@ -130,7 +130,7 @@ class Pipeline:
         cfg = self.scheduler_config(job)
         unet = self.engine("unet", job)
         text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
-        unet, parts = step_cache.setup(self._component, job.cache_interval, unet, [text, *prep.contributors])
+        unet, parts = step_cache.setup(self.lazy_engine, job.cache_interval, unet, [text, *prep.contributors])
         model = UnetCall(unet, prep.guidance, parts, prep.schedule.timesteps)
         denoise_fn = make_denoiser(model, prep.schedule, cfg.prediction_type)
         run = sampler_registry.get_sampler(prep.sampler)(denoise_fn, prep.x, prep.schedule, prep.generator)
