@@ -32,6 +32,7 @@ class ModelConfigs:
     unet: dict
     vae: dict
     text_encoders: dict  # name → transformers CLIPTextConfig dict
+    vae_tiny: dict | None = None  # the AutoencoderTiny beside the VAE (export/tiny_vae.py), when exported
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path) -> "ModelConfigs":
@@ -39,7 +40,8 @@ class ModelConfigs:
         encoders = {name: _read(engine_dir / name / "config.json")
                     for name in ("text_encoder", "text_encoder_2") if (engine_dir / name / "config.json").is_file()}
         return cls(unet=_read(engine_dir / "unet" / "config.json"),
-                   vae=_read(engine_dir / "vae_decoder" / "config.json"), text_encoders=encoders)
+                   vae=_read(engine_dir / "vae_decoder" / "config.json"), text_encoders=encoders,
+                   vae_tiny=_read(tiny) if (tiny := engine_dir / "vae_decoder_tiny" / "config.json").is_file() else None)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -112,6 +114,17 @@ def vae_decoder_flops(config: dict, latent_hw: tuple[int, int]) -> int:
     return _count(lambda: vae.decode(latent))
 
 
+def tiny_vae_decoder_flops(config: dict, latent_hw: tuple[int, int]) -> int:
+    """AutoencoderTiny.decode (DecoderTiny) of one latent [1, 4, h, w]."""
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderTiny.from_config(_essential(config)).eval()
+        latent = torch.zeros(1, config.get("latent_channels", 4), *latent_hw)
+    return _count(lambda: vae.decode(latent))
+
+
 def per_image_flops(configs: ModelConfigs, latent_hw: tuple[int, int], cache_file: Path | None = None) -> dict[str, int]:
     """component → FLOPs of one call at batch 1 at this latent size, read from / added to `cache_file`."""
     cache = _read(cache_file) if cache_file is not None and Path(cache_file).is_file() else {}
@@ -122,6 +135,9 @@ def per_image_flops(configs: ModelConfigs, latent_hw: tuple[int, int], cache_fil
     jobs["unet"] = (configs.unet, latent_hw, {"text_embeds": text_embeds_dim},
                     lambda: unet_flops(configs.unet, latent_hw, text_embeds_dim))
     jobs["vae_decoder"] = (configs.vae, latent_hw, None, lambda: vae_decoder_flops(configs.vae, latent_hw))
+    if configs.vae_tiny is not None:
+        jobs["vae_decoder_tiny"] = (configs.vae_tiny, latent_hw, None,
+                                    lambda: tiny_vae_decoder_flops(configs.vae_tiny, latent_hw))
     out: dict[str, int] = {}
     for name, (cfg, hw, extra, count) in jobs.items():
         key = cache_key(name, cfg, hw, extra)

@@ -40,7 +40,8 @@ from .scenarios import (DIFFUSERS_BACKENDS, HarnessConfig, Scenario, check_confi
 
 SCHEMA = "sdrt-bench/1"
 STAGE_OF = {"text_encoder": "text_encoding", "text_encoder_2": "text_encoding", "unet": "unet",
-            "vae_decoder": "vae_decode"}
+            "vae_decoder": "vae_decode", "vae_decoder_tiny": "vae_decode",
+            "unet_deepcache": "unet", "unet_deepcache_shallow": "unet"}  # step caching: both graphs are UNet time
 STAGES = ("text_encoding", "unet", "vae_decode", "runtime_overhead", "end_to_end")
 _PREFIX = "SDRT-BENCH "  # marks the worker's protocol lines on its stdout
 
@@ -77,7 +78,8 @@ class CallRecorder:
     calls: list[EngineCall] = field(default_factory=list)
 
     def count(self, component: str) -> int:
-        return sum(1 for c in self.calls if c.component == component)
+        """Calls of a stage's components (\"unet\": the UNet and the step-caching graphs)."""
+        return sum(1 for c in self.calls if STAGE_OF.get(c.component, c.component) == component)
 
 
 def _batch_of(values) -> int:
@@ -126,6 +128,14 @@ class Sample:
     end_to_end: float
     calls: tuple[EngineCall, ...]
     step_marks: tuple[int, ...]  # UNet calls made by the end of each step
+    image: object = field(default=None, compare=False)  # the first image, uint8 [H, W, 3], for quality comparisons
+
+
+def _pixels(images) -> object:
+    import numpy as np
+
+    first = images[0] if isinstance(images, (list, tuple)) else images
+    return np.asarray(first.convert("RGB")) if hasattr(first, "convert") else None
 
 
 def stage_times(s: Sample) -> dict:
@@ -133,7 +143,7 @@ def stage_times(s: Sample) -> dict:
     totals = {"text_encoding": 0.0, "unet": 0.0, "vae_decode": 0.0}
     for call in s.calls:
         totals[STAGE_OF[call.component]] += call.seconds
-    unet = [c.seconds for c in s.calls if c.component == "unet"]
+    unet = [c.seconds for c in s.calls if STAGE_OF[c.component] == "unet"]
     bounds = (0,) + s.step_marks
     steps = [sum(unet[a:b]) for a, b in zip(bounds, bounds[1:])]
     engines = sum(c.seconds for c in s.calls)
@@ -165,13 +175,17 @@ def open_sdrt(scenario: Scenario, backend: str, engine_dir: Path, threads: int) 
     clock = Clock(cuda=backend != "ort-cpu")
     started = clock.now()
     pipe = Pipeline.load(engine_dir, backend=backend, ort_config=OrtConfig(intra_op_threads=threads))
+    if scenario.cache_interval > 1:  # opened now, so that they are loaded before the clock and timed like the rest
+        for name in ("unet_deepcache", "unet_deepcache_shallow"):
+            pipe.lazy_engine(name)
     load_seconds = clock.now() - started
     recorder = CallRecorder()
     pipe.engines = {name: TimedEngine(e, name, recorder, clock) for name, e in pipe.engines.items()}
     request = Request.of(prompt=(scenario.prompt,), steps=scenario.steps, guidance=scenario.guidance,
                       sampler=scenario.sampler, timestep_spacing=scenario.timestep_spacing,
                       prediction_type=scenario.prediction_type, seed=scenario.seed, width=scenario.width,
-                      height=scenario.height, images_per_prompt=scenario.batch)
+                      height=scenario.height, images_per_prompt=scenario.batch, vae=scenario.vae,
+                      cache_interval=scenario.cache_interval)
     request = pipe.validate(request)
 
     def run_once() -> Sample:
@@ -181,16 +195,17 @@ def open_sdrt(scenario: Scenario, backend: str, engine_dir: Path, threads: int) 
         latents = None
         for latents in pipe.denoise(request):
             marks.append(recorder.count("unet"))
-        pipe.decode(latents)
+        images = pipe.decode(latents, request.vae, request.tile_vae)
         end_to_end = clock.now() - start
-        return Sample(end_to_end, tuple(recorder.calls), tuple(marks))
+        return Sample(end_to_end, tuple(recorder.calls), tuple(marks), _pixels(images))
 
     device = "cpu" if backend == "ort-cpu" else "cuda"
     return Session(run_once, device, load_seconds, f"ONNX Runtime intra-op threads {threads}"
                    if backend.startswith("ort") else "")
 
 
-def open_diffusers(scenario: Scenario, source_dir: Path, threads: int, compiled: bool) -> Session:
+def open_diffusers(scenario: Scenario, source_dir: Path, threads: int, compiled: bool,
+                   tiny_dir: Path | None = None) -> Session:
     import diffusers
     import torch
 
@@ -215,6 +230,22 @@ def open_diffusers(scenario: Scenario, source_dir: Path, threads: int, compiled:
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = diffusers_scheduler(pipe.scheduler.config, scenario)
     notes = f"torch threads {threads}, {scenario.precision}, {type(pipe.scheduler).__name__}"
+    if scenario.vae == "tiny":  # as the tiny VAE's authors show it: pipe.vae = AutoencoderTiny.from_pretrained(...)
+        if tiny_dir is None:
+            raise UserError("--vae tiny with a diffusers backend needs the tiny VAE folder the engine directory "
+                            "was exported from (its manifest's tiny_vae location), and none exists here")
+        pipe.vae = diffusers.AutoencoderTiny.from_pretrained(tiny_dir, torch_dtype=dtype).to(device)
+        notes += ", AutoencoderTiny as pipe.vae"
+    if scenario.cache_interval > 1:  # the DeepCache package's helper, as its README applies it
+        try:
+            from DeepCache import DeepCacheSDHelper
+        except ImportError:
+            raise UserError("--cache-interval with a diffusers backend needs the DeepCache package "
+                            "(pip install DeepCache)") from None
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=scenario.cache_interval, cache_branch_id=0)
+        helper.enable()
+        notes += f", DeepCacheSDHelper(cache_interval={scenario.cache_interval}, cache_branch_id=0)"
     if compiled:  # torch.compile default mode; compilation happens in the warm-up runs
         pipe.unet.forward = torch.compile(pipe.unet.forward)
         pipe.vae.decode = torch.compile(pipe.vae.decode)
@@ -226,7 +257,8 @@ def open_diffusers(scenario: Scenario, source_dir: Path, threads: int, compiled:
         if module is not None:
             module.forward = timed_function(module.forward, name, recorder, clock)
     pipe.unet.forward = timed_function(pipe.unet.forward, "unet", recorder, clock)
-    pipe.vae.decode = timed_function(pipe.vae.decode, "vae_decoder", recorder, clock)
+    pipe.vae.decode = timed_function(pipe.vae.decode, "vae_decoder_tiny" if scenario.vae == "tiny" else "vae_decoder",
+                                     recorder, clock)
     kwargs = dict(prompt=scenario.prompt, num_inference_steps=scenario.steps, guidance_scale=scenario.guidance,
                   height=scenario.height, width=scenario.width, num_images_per_prompt=scenario.batch,
                   output_type="pil")
@@ -241,9 +273,9 @@ def open_diffusers(scenario: Scenario, source_dir: Path, threads: int, compiled:
 
         start = clock.now()
         generators = [torch.Generator().manual_seed(scenario.seed + i) for i in range(scenario.batch)]  # per-image seeds
-        pipe(**kwargs, generator=generators, callback_on_step_end=on_step)
+        images = pipe(**kwargs, generator=generators, callback_on_step_end=on_step).images
         end_to_end = clock.now() - start
-        return Sample(end_to_end, tuple(recorder.calls), tuple(marks))
+        return Sample(end_to_end, tuple(recorder.calls), tuple(marks), _pixels(images))
 
     return Session(run_once, device, load_seconds, notes)
 
@@ -318,6 +350,13 @@ class Job:
     warmup: int
     runs: int
     threads: int
+    tiny_dir: str | None = None  # the AutoencoderTiny folder, for diffusers with --vae tiny
+
+    @property
+    def key(self) -> str:
+        """The backend's name in the results: "+tiny-vae" marks runs that decode with the tiny VAE."""
+        return self.backend + ("+tiny-vae" if self.scenario.vae == "tiny" else "") + \
+            (f"+cache{self.scenario.cache_interval}" if self.scenario.cache_interval > 1 else "")
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "scenario": self.scenario.as_dict()})
@@ -353,7 +392,8 @@ def open_backend(job: Job, on_progress: Progress = _silent) -> Session:
         if job.source_dir is None:
             raise UserError(f"backend {job.backend} needs the diffusers folder the engine directory was exported "
                             "from, and its manifest names none that exists here")
-        return open_diffusers(job.scenario, Path(job.source_dir), job.threads, job.backend == "diffusers-compile")
+        return open_diffusers(job.scenario, Path(job.source_dir), job.threads, job.backend == "diffusers-compile",
+                              Path(job.tiny_dir) if job.tiny_dir else None)
     return open_sdrt(job.scenario, job.backend, Path(job.engine_dir), job.threads)
 
 
@@ -370,8 +410,49 @@ def _timed_run(session: Session, job: Job, i: int, on_progress: Progress) -> Sam
     return sample
 
 
+def _png_b64(image) -> str | None:
+    if image is None:
+        return None
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB between two uint8 images (inf when equal)."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def quality(backends: dict) -> dict:
+    """With step caching or the tiny VAE: each backend's first image against diffusers' plain run (PSNR, dB)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def image(b):
+        text = b.get("image_png_b64")
+        return None if not text else np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
+
+    reference = image(backends.get("diffusers", {}))
+    if reference is None:
+        return {}
+    return {name: psnr(img, reference) for name, b in backends.items()
+            if name != "diffusers" and (img := image(b)) is not None and img.shape == reference.shape}
+
+
 def backend_record(job: Job, session: Session, warmup: list[Sample], samples: list[Sample], rss_scope: str) -> dict:
     return {
+        "image_png_b64": _png_b64(samples[0].image) if samples else None,
         "backend": job.backend,
         "status": "ok",
         "device": session.device,
@@ -406,30 +487,30 @@ def measure_interleaved(jobs: list[Job], on_progress: Progress = _silent) -> dic
         try:
             action()
         except Exception as e:  # reported beside the others, which go on
-            raws[job.backend] = _failure(job.backend, e)
-            live.pop(job.backend, None)
+            raws[job.key] = _failure(job.backend, e)
+            live.pop(job.key, None)
 
     for job in jobs:
-        attempt(job, lambda: live.__setitem__(job.backend, (job, open_backend(job, on_progress), [], [])))
+        attempt(job, lambda: live.__setitem__(job.key, (job, open_backend(job, on_progress), [], [])))
     for job, session, warmup, _ in list(live.values()):
         attempt(job, lambda: warmup.extend(_warm_up(session, job, i, on_progress) for i in range(job.warmup)))
     for i in range(max((job.runs for job in jobs), default=0)):
         for job, session, _, samples in list(live.values()):
             attempt(job, lambda: samples.append(_timed_run(session, job, i, on_progress)))
     for job, session, warmup, samples in live.values():
-        raws[job.backend] = backend_record(job, session, warmup, samples, "the whole process: all backends, interleaved")
-    return {job.backend: raws[job.backend] for job in jobs}
+        raws[job.key] = backend_record(job, session, warmup, samples, "the whole process: all backends, interleaved")
+    return {job.key: raws[job.key] for job in jobs}
 
 
 def measure_alternating(jobs: list[Job], on_progress: Progress = _silent) -> dict[str, dict]:
     """Timed runs in turn (A B A B ...) like measure_interleaved, but each run in a fresh child process after
     its own load and warm-up: for a model that two backends cannot hold in memory at once (SDXL in fp32 on a
     24 GiB machine). Peak RSS is the largest of one backend's processes. A backend that fails leaves the turn."""
-    runs: dict[str, list[dict]] = {job.backend: [] for job in jobs}
+    runs: dict[str, list[dict]] = {job.key: [] for job in jobs}
     failed: dict[str, dict] = {}
     for i in range(max((job.runs for job in jobs), default=0)):
         for job in jobs:
-            if job.backend in failed or i >= job.runs:
+            if job.key in failed or i >= job.runs:
                 continue
 
             def renumbered(what: str, done: int, total: int, i=i, job=job) -> None:
@@ -439,10 +520,10 @@ def measure_alternating(jobs: list[Job], on_progress: Progress = _silent) -> dic
 
             raw = run_isolated(replace(job, runs=1), renumbered)
             if raw["status"] == "ok":
-                runs[job.backend].append(raw)
+                runs[job.key].append(raw)
             else:
-                failed[job.backend] = raw
-    return {job.backend: failed.get(job.backend) or merged_runs(runs[job.backend]) for job in jobs}
+                failed[job.key] = raw
+    return {job.key: failed.get(job.key) or merged_runs(runs[job.key]) for job in jobs}
 
 
 def merged_runs(records: list[dict]) -> dict:
@@ -512,11 +593,13 @@ def worker_main(argv: list[str]) -> int:
 class ModelPaths:
     engine_dir: Path
     source_dir: Path | None  # the diffusers folder it was exported from, when it exists here
+    tiny_dir: Path | None = None  # the AutoencoderTiny folder its vae_decoder_tiny came from, when it exists here
 
 
 def prepare_model(scenario: Scenario, workdir: Path, on_progress: Progress = _silent) -> ModelPaths:
     if scenario.is_architecture:
-        return _prepare_architecture(scenario.model, scenario.precision, Path(workdir), on_progress)
+        return _prepare_architecture(scenario.model, scenario.precision, Path(workdir), on_progress,
+                                     scenario.vae == "tiny", scenario.cache_interval > 1)
     engine_dir = Path(scenario.model)
     manifest = _manifest(engine_dir)
     if manifest is not None and manifest.get("precision") and manifest["precision"] != scenario.precision:
@@ -524,7 +607,13 @@ def prepare_model(scenario: Scenario, workdir: Path, on_progress: Progress = _si
                         f"--precision {manifest['precision']} or export it again")
     location = (manifest or {}).get("source", {}).get("location")
     source = Path(location) if location and Path(location).is_dir() else None
-    return ModelPaths(engine_dir, source)
+    tiny = ((manifest or {}).get("tiny_vae") or {}).get("location")
+    if scenario.cache_interval > 1 and not (engine_dir / "unet_deepcache_shallow" / "model.onnx").is_file():
+        raise UserError(f"--cache-interval: {engine_dir} has no step-caching graphs; export it with sdrt export "
+                        "--deepcache")
+    if scenario.vae == "tiny" and not (engine_dir / "vae_decoder_tiny" / "model.onnx").is_file():
+        raise UserError(f"--vae tiny: {engine_dir} has no vae_decoder_tiny; export it with sdrt export --tiny-vae")
+    return ModelPaths(engine_dir, source, Path(tiny) if tiny and Path(tiny).is_dir() else None)
 
 
 def _manifest(engine_dir: Path) -> dict | None:
@@ -532,7 +621,8 @@ def _manifest(engine_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _prepare_architecture(arch: str, precision: str, workdir: Path, on_progress: Progress) -> ModelPaths:
+def _prepare_architecture(arch: str, precision: str, workdir: Path, on_progress: Progress,
+                          tiny: bool = False, deepcache: bool = False) -> ModelPaths:
     from . import fullsize
 
     folder = workdir / arch / "model"
@@ -547,14 +637,24 @@ def _prepare_architecture(arch: str, precision: str, workdir: Path, on_progress:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         partial.rename(folder)
+    tiny_dir = workdir / arch / "taesd" if tiny else None
+    if tiny_dir is not None and not (tiny_dir / "config.json").is_file():
+        from sdrt.export.tiny_vae import write_tiny_vae
+
+        on_progress(f"writing a random-weight TAESD (AutoencoderTiny's default config) to {tiny_dir}", 0, 0)
+        write_tiny_vae(tiny_dir, scale_factor=size_multiple_of_architecture(arch), full_size=True)
     manifest = _manifest(engine_dir)
-    if manifest is None or manifest.get("precision") != precision:
+    stale = manifest is None or manifest.get("precision") != precision
+    missing_cache = deepcache and "unet_deepcache_shallow" not in (manifest or {}).get("components", {})
+    if stale or (tiny and not manifest.get("tiny_vae")) or missing_cache:
         from sdrt.export.exporter import ExportConfig, export
 
         on_progress(f"exporting {folder} ({precision}) to {engine_dir}", 0, 0)
-        export(ExportConfig(model=str(folder), output=engine_dir, precision=precision, force=manifest is not None),
+        export(ExportConfig(model=str(folder), output=engine_dir, precision=precision,
+                            force=manifest is not None and stale, tiny_vae=str(tiny_dir) if tiny_dir else None,
+                            deepcache=deepcache or "unet_deepcache" in (manifest or {}).get("components", {})),
                lambda name, status: on_progress(f"export {name}: {status}", 0, 0))
-    return ModelPaths(engine_dir, folder)
+    return ModelPaths(engine_dir, folder, tiny_dir)
 
 
 def size_multiple(engine_dir: Path) -> int:
@@ -590,8 +690,9 @@ def stats(values: list[float]) -> dict:
 def run_flops(sample: dict, per_image: dict[str, int]) -> dict:
     """FLOPs of one run per stage, from the calls it made (batch × per-image count of that component)."""
     out = {"text_encoding": 0, "unet": 0, "vae_decode": 0}
-    for component, batch, _ in sample["calls"]:
-        out[STAGE_OF[component]] += batch * per_image.get(component, 0)
+    for component, batch, _ in sample["calls"]:  # the step-caching full graph counts as the UNet; its shallow one 0
+        count = per_image.get(component, per_image.get("unet", 0) if component == "unet_deepcache" else 0)
+        out[STAGE_OF[component]] += batch * count
     out["end_to_end"] = sum(out.values())
     return out
 
@@ -690,14 +791,18 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _sile
     on_progress("measuring the machine's matmul peak", 0, 0)
     peaks = [measure_peak(config.threads, gpu=gpu, precision=scenario.precision, size=config.peak_matmul_size)]
 
+    tiny_dir = str(paths.tiny_dir) if paths.tiny_dir else None
     jobs = [Job(scenario, backend, str(paths.engine_dir), str(paths.source_dir) if paths.source_dir else None,
-                config.warmup, config.runs, config.threads) for backend in scenario.backends]
+                config.warmup, config.runs, config.threads, tiny_dir) for backend in scenario.backends]
+    if scenario.vae == "tiny" or scenario.cache_interval > 1:  # what users gain: diffusers as it runs by default
+        jobs += [replace(j, scenario=replace(scenario, vae="full", cache_interval=1)) for j in jobs
+                 if j.backend in DIFFUSERS_BACKENDS]
     if config.interleave:
         raws = measure_interleaved(jobs, on_progress)
     elif config.alternate:
         raws = measure_alternating(jobs, on_progress)
     else:
-        raws = {job.backend: _measure_alone(job, config.isolate, on_progress) for job in jobs}
+        raws = {job.key: _measure_alone(job, config.isolate, on_progress) for job in jobs}
     on_progress("measuring the machine's matmul peak again", 0, 0)
     peaks.append(measure_peak(config.threads, gpu=gpu, precision=scenario.precision, size=config.peak_matmul_size))
     peak = max(peaks, key=lambda p: p.flops_per_second)  # another process busy during one probe only lowers it
@@ -719,6 +824,8 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _sile
         "peak": {**peak.as_dict(), "probes_flops_per_second": [p.flops_per_second for p in peaks]},
         "flops": {"method": METHOD, "per_image": per_image},
         "backends": backends,
+        "quality_psnr_db_vs_diffusers": quality(backends)
+        if scenario.vae == "tiny" or scenario.cache_interval > 1 else {},
         "warnings": warnings_about(backends),
     }
 

@@ -36,7 +36,9 @@ def scenario_line(result: dict) -> str:
             f"{s['sampler']}{spacing}, {guidance}, batch {s['batch']}, {s['precision']} — "
             f"{c['runs']} runs after {c['warmup']} warm-up, {c['threads']} threads"
             f"{', backends interleaved in one process' if c.get('interleave') else ''}"
-            f"{', backends alternating, a fresh process per run' if c.get('alternate') else ''}")
+            f"{', backends alternating, a fresh process per run' if c.get('alternate') else ''}"
+            f"{'; +tiny-vae: decoded by the tiny VAE (TAESD)' if s.get('vae') == 'tiny' else ''}"
+            f"{'; +cache' + str(s['cache_interval']) + ': step caching (DeepCache branch 0)' if s.get('cache_interval', 1) > 1 else ''}")
 
 
 def machine_line(result: dict) -> str:
@@ -171,6 +173,7 @@ def markdown(result: dict) -> str:
     lines.append("| images/s | | " + " | ".join(f"{b['images_per_second']:.3g}" for b in backends.values()) + " |")
     lines.append("| peak RSS GiB | | " + " | ".join(f"{b['memory']['peak_rss_gib']:.2f}" for b in backends.values()) + " |")
     lines.append("")
+    lines += tiny_vae_lines(result)
     for name, b in backends.items():
         lines += [f"## {name}", "", f"{b['device']}; load {b['load_seconds']:.2f} s; {b['notes']}".rstrip("; "), "",
                   "| stage | median ms | p90 ms | min ms | max ms | GFLOP/s | % of peak |",
@@ -189,6 +192,41 @@ def markdown(result: dict) -> str:
     if result.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w.splitlines()[0]}" for w in result["warnings"]] + [""]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def variant_suffix(scenario: dict) -> str:
+    """The result-key suffix of runs with the tiny VAE and/or step caching (bench/harness.py Job.key)."""
+    return ("+tiny-vae" if scenario.get("vae") == "tiny" else "") + \
+        (f"+cache{scenario['cache_interval']}" if scenario.get("cache_interval", 1) > 1 else "")
+
+
+def tiny_vae_lines(result: dict) -> list[str]:
+    """With --vae tiny and/or --cache-interval: each sdrt backend's VAE decode, UNet and end to end against diffusers
+    doing the same (the fair ratio) and against plain diffusers (what a user gains), and the images' PSNR against
+    plain diffusers (the quality cost)."""
+    backends = ok_backends(result)
+    suffix = variant_suffix(result["scenario"])
+    if not suffix:
+        return []
+    lines = [f"## Speed-ups of {suffix.lstrip('+').replace('+', ' and ')} (median against median)", "",
+             f"| sdrt backend | stage | sdrt ms | diffusers{suffix} ms | × (fair) | diffusers ms | × (gain) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    fair, full = backends.get("diffusers" + suffix), backends.get("diffusers")
+    for name, b in backends.items():
+        if name.startswith("diffusers"):
+            continue
+        for stage in ("unet", "vae_decode", "end_to_end"):
+            ours = b["stats"][stage]["median"]
+            cells = []
+            for other in (fair, full):
+                theirs = other["stats"][stage]["median"] if other else None
+                cells += [ms(theirs) if theirs else "—", f"{theirs / ours:.2f}×" if theirs and ours else "—"]
+            lines.append(f"| {name} | {STAGE_LABELS[stage]} | {ms(ours)} | " + " | ".join(cells) + " |")
+    quality = result.get("quality_psnr_db_vs_diffusers") or {}
+    if quality:
+        lines += ["", "Quality: PSNR of each run's first image against plain diffusers' — "
+                  + ", ".join(f"{k} {v:.1f} dB" for k, v in quality.items()) + "."]
+    return lines + [""]
 
 
 # ---- PNG chart --------------------------------------------------------------------------------------------

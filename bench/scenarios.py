@@ -61,6 +61,8 @@ class Scenario:
     backends: tuple[str, ...]
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
+    vae: str = "full"  # full | tiny: every backend decodes with the tiny VAE (diffusers: pipe.vae = AutoencoderTiny)
+    cache_interval: int = 1  # step caching (DeepCache branch 0) in every backend (diffusers: DeepCacheSDHelper)
 
     @property
     def is_architecture(self) -> bool:
@@ -96,6 +98,11 @@ class Overrides:
     backends: tuple[str, ...] = ()
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
+    vae: str = "full"
+    cache_interval: int = 1
+
+
+VAES = ("full", "tiny")
 
 
 def gpu_present() -> bool:
@@ -182,11 +189,15 @@ def resolve(preset_name: str, o: Overrides, gpu: bool | None = None) -> Scenario
     if o.batch < 1:
         raise UserError(f"--batch must be at least 1 (got {o.batch})")
     guidance = preset.guidance if o.guidance is None else o.guidance
+    if o.vae not in VAES:
+        raise UserError(f"--vae must be full or tiny (got {o.vae!r})")
+    if o.cache_interval < 1:
+        raise UserError(f"--cache-interval must be at least 1 (1 = off; got {o.cache_interval})")
     return Scenario(name=preset_name, model=model, width=width, height=height, steps=steps, sampler=sampler,
                     timestep_spacing=preset.timestep_spacing,
                     prediction_type=preset.prediction_type,
                     guidance=guidance, batch=o.batch, precision=precision, backends=backends, prompt=o.prompt,
-                    seed=o.seed)
+                    seed=o.seed, vae=o.vae, cache_interval=o.cache_interval)
 
 
 def check_config(c: HarnessConfig) -> HarnessConfig:

@@ -28,6 +28,9 @@ def bench(
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads = torch threads (0: physical cores)"),
     prompt: Optional[str] = typer.Option(None, help="prompt (default: a fixed one)"),
     seed: int = typer.Option(0, help="seed"),
+    vae: str = typer.Option("full", help="full | tiny: decode with the tiny VAE (TAESD; an engine directory needs "
+                                         "one exported with --tiny-vae, architectures get a random-weight one); "
+                                         "diffusers runs with the same tiny VAE and, for comparison, with the full one"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="results folder (default: "
                                                                  "bench/results/<preset>-<timestamp>/)"),
     workdir: Path = typer.Option(Path("build/bench"), help="where random-weight models, their exports and the "
@@ -45,6 +48,14 @@ def bench(
                                      "its per-step overhead, for MODEL (an engine directory or sd15)"),
     lora_rank: int = typer.Option(16, help="with --lora-switch: the rank of the random LoRA on every attention "
                                            "projection"),
+    cache_interval: int = typer.Option(1, help="step caching (DeepCache, branch 0) every N steps in every backend "
+                                               "(diffusers: DeepCacheSDHelper; an engine directory needs `sdrt export "
+                                               "--deepcache`); the uncached diffusers run is added for the quality "
+                                               "cost (PSNR)"),
+    startup: bool = typer.Option(False, "--startup", help="time to first image instead: `sdrt run` and a diffusers "
+                                            "script making the same image, each a fresh process, alternating "
+                                            "(--runs of each; MODEL must be an engine directory exported from a "
+                                            "local folder)"),
 ) -> None:
     """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
     if lora_switch:
@@ -63,13 +74,17 @@ def bench(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if startup:
+        _startup(model, runs, steps, resolution, seed, out, guidance)
+        return
     from sdrt.bench import report
     from sdrt.bench.harness import run
     from sdrt.bench.scenarios import DEFAULT_PROMPT, HarnessConfig, Overrides, check_config, resolve
 
     scenario = resolve(preset, Overrides(model=model, resolution=resolution, steps=steps, sampler=sampler,
                                          guidance=guidance, batch=batch, precision=precision,
-                                         backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed))
+                                         backends=tuple(backend), prompt=prompt or DEFAULT_PROMPT, seed=seed,
+                                         vae=vae, cache_interval=cache_interval))
     config = check_config(HarnessConfig(warmup=warmup, runs=runs, threads=threads, workdir=workdir, isolate=isolate,
                                         interleave=interleave, alternate=alternate))
     folder = out or report.default_folder(scenario.name)
@@ -97,3 +112,23 @@ def bench(
     print(f"results: {paths['json'].parent}")
     if report.failed_backends(result):
         raise typer.Exit(1)
+
+
+def _startup(model, runs, steps, resolution, seed, out, guidance) -> None:
+    from sdrt.bench import startup
+    from sdrt.bench.scenarios import parse_resolution
+    from sdrt.runtime.errors import UserError
+
+    if model is None or not Path(model).is_dir():
+        raise UserError("--startup needs an engine directory (exported from a local diffusers folder) as MODEL")
+    width, height = parse_resolution(resolution) if resolution else (None, None)
+    scenario = startup.StartupScenario(str(model), str(startup.source_of(Path(model))), steps=steps or 4,
+                                       width=width, height=height, seed=seed, runs=runs,
+                                       guidance=7.5 if guidance is None else guidance)
+    result = startup.measure(scenario, lambda what, done, total: print(f"{what} {done}/{total}", file=sys.stderr))
+    folder = out or Path("bench/results") / f"startup-{Path(model).name}"
+    command = " ".join(["sdrt", "bench"] + [shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:]]) \
+        if "bench" in sys.argv else ""
+    startup.write(result, folder, command)
+    print(startup.markdown(result, command))
+    print(f"results: {folder}")

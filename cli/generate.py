@@ -60,6 +60,11 @@ class RunOptions:
     clip_skip: int = 0
     embeddings: tuple[Path, ...] = ()  # textual-inversion files (runtime/embeddings.py); trigger = file stem
     embeddings_dir: Path | None = None  # every file in it is active, as in AUTOMATIC1111
+    vae: str = "full"  # full | tiny (export/tiny_vae.py)
+    preview: bool = False  # write each step's latents, decoded by the tiny VAE, as OUT-step-K.png
+    vae_tiling: str = "auto"  # auto | on | off (runtime/vae_tiling.py)
+    ort_cache: bool = False  # keep ONNX Runtime's optimized graphs for faster later starts (engines/ort_cache.py)
+    cache_interval: int = 1  # step caching (runtime/step_cache.py)
 
 
 def build_request(o: RunOptions) -> Request:
@@ -90,6 +95,9 @@ def build_request(o: RunOptions) -> Request:
         prompt_syntax=o.prompt_syntax,
         clip_skip=o.clip_skip,
         embeddings=tuple(str(e) for e in o.embeddings),
+        vae=o.vae,
+        vae_tiling=o.vae_tiling,
+        cache_interval=o.cache_interval,
     )
 
 
@@ -118,24 +126,29 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
         raise as_cli_error(e) from None
     paths = output_paths(o.out, job.count)
     image_io.check_writable(paths[0])
+    if o.preview:
+        _check_preview(o.engine_dir)
     pipe = Pipeline.load(o.engine_dir, backend=o.backend, lora_dir=o.lora_dir,
-                         embeddings_dir=o.embeddings_dir)
-    latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step)
-    decoder = pipe
+                         embeddings_dir=o.embeddings_dir, ort_config=_ort_config(o))
+    previews = _previews(pipe, paths) if o.preview else None
+    latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step, previews)
+    decoder, decode_job = pipe, job
     if o.refiner:
-        refiner = Pipeline.load(o.refiner, backend=o.backend, embeddings_dir=o.embeddings_dir)
+        refiner = Pipeline.load(o.refiner, backend=o.backend, embeddings_dir=o.embeddings_dir,
+                                ort_config=_ort_config(o))
         follow = Request.of(prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
                             guidance=job.guidance, guidance_rescale=job.guidance_rescale, sampler=job.sampler,
                             schedule=job.schedule, seed=job.seed, batch=job.images_per_prompt, init_latents=latents,
                             denoising_start=o.refiner_start, prompt_syntax=job.syntax, clip_skip=job.clip_skip,
-                            embeddings=tuple(str(e) for e in o.embeddings))
+                            embeddings=tuple(str(e) for e in o.embeddings), vae=job.vae,
+                            vae_tiling=o.vae_tiling)
         try:
             follow_job = refiner.validate(follow)
         except InvalidRequest as e:
             raise as_cli_error(e) from None
         latents = _run(refiner, follow_job, "refiner", on_step)
-        decoder = refiner
-    images = decoder.decode(latents)
+        decoder, decode_job = refiner, follow_job
+    images = decoder.decode(latents, decode_job.vae, decode_job.tile_vae)
     width, height = images[0].size
     written = []
     for i, (image, path) in enumerate(zip(images, paths)):
@@ -147,9 +160,35 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
     return job, written
 
 
-def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep):
+def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep, previews: Callable | None = None):
     latents = None
     total = pipe.steps_to_run(job)
     for done, latents in enumerate(pipe.denoise(job), start=1):
+        if previews is not None:
+            previews(done, latents)
         on_step(stage, done, total)
     return latents
+
+
+def _ort_config(o: RunOptions):
+    if not o.ort_cache:
+        return None
+    from sdrt.engines.ort import OrtConfig
+
+    return OrtConfig(cache_optimized=True)
+
+
+def _check_preview(engine_dir: Path) -> None:
+    from sdrt.runtime.validate import TINY_VAE
+
+    if not (Path(engine_dir) / TINY_VAE["decode"] / "model.onnx").exists():
+        raise UserError(f"--preview decodes every step with the tiny VAE, and {engine_dir} has no "
+                        f"{TINY_VAE['decode']}; export the model with --tiny-vae, or drop --preview")
+
+
+def _previews(pipe: Pipeline, paths: list[Path]) -> Callable:
+    """Step K's latents, decoded by the tiny VAE, to OUT-step-K.png (OUT-i-step-K.png for image i of several)."""
+    def write(step: int, latents) -> None:
+        for image, path in zip(pipe.preview(latents), paths):
+            image_io.save_png(image, path.with_name(f"{path.stem}-step-{step}{path.suffix}"), f"preview, step {step}")
+    return write

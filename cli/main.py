@@ -47,6 +47,12 @@ def export(
     hypernetwork: list[str] = typer.Option([], "--hypernetwork", help="FILE[:SCALE]: an AUTOMATIC1111 hypernetwork "
                                            "(.pt) baked into the UNet (repeatable; prompts may then carry its "
                                            "<hypernet:NAME:SCALE> tag)"),
+    tiny_vae: Optional[str] = typer.Option(None, "--tiny-vae", help="a diffusers AutoencoderTiny folder (TAESD: "
+                                           "madebyollin/taesd for SD 1.x/2.x, taesdxl for SDXL) exported beside the "
+                                           "full VAE, for `sdrt run --vae tiny` and --preview"),
+    deepcache: bool = typer.Option(False, "--deepcache", help="also the two UNet graphs step caching runs (DeepCache, "
+                                   "cache branch 0: the whole UNet returning its last layer's input, and that last "
+                                   "layer alone), for `sdrt run --cache-interval N`"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -65,7 +71,8 @@ def export(
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
-                       textual_inversion=textual_inversion, hypernetworks=_hypernetwork_args(hypernetwork))
+                       textual_inversion=textual_inversion, hypernetworks=_hypernetwork_args(hypernetwork),
+                       tiny_vae=tiny_vae, deepcache=deepcache)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -187,6 +194,18 @@ def run(
                                                                 ".bin), triggered by its file name (repeatable)"),
     embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual-inversion files, all usable by "
                                                              "their file names"),
+    vae: str = typer.Option("full", help="full|tiny: decode (and encode --init-image) with the tiny VAE exported "
+                                         "by `sdrt export --tiny-vae` (TAESD: faster, fudges fine detail)"),
+    preview: bool = typer.Option(False, help="also write every step's latents, decoded by the tiny VAE, as "
+                                             "OUT-step-K.png"),
+    ort_cache: bool = typer.Option(False, "--ort-cache", help="ONNX Runtime CPU: save each graph as ONNX Runtime "
+                                   "optimized it (DIR/<component>/ort-optimized/) and load that next time: shorter "
+                                   "later starts, the same images, about twice the disk"),
+    cache_interval: int = typer.Option(1, help="step caching (DeepCache, needs `sdrt export --deepcache`): the whole "
+                                               "UNet every N steps, only its last layer between; 1 = off"),
+    vae_tiling: str = typer.Option("auto", help="auto|on|off: decode (and encode) the full VAE in overlapping tiles "
+                                                "as diffusers' vae.enable_tiling(); auto tiles when the whole image "
+                                                "would not fit the memory limit"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -207,7 +226,8 @@ def run(
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
-                         embeddings_dir=embeddings_dir)
+                         embeddings_dir=embeddings_dir, vae=vae, preview=preview,
+                         vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -13,7 +13,7 @@ CUDA path makes a fresh IO binding per call, so neither path keeps per-call stat
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 
 from sdrt.runtime.errors import UserError
 
+from . import ort_cache
 from .base import TensorSpec, validate_feed
 
 # ONNX Runtime's NodeArg.type → numpy dtype name
@@ -50,6 +51,7 @@ class OrtConfig:
     inter_op_threads: int = 0  # 0: default; only used by the parallel executor
     graph_optimization_level: str = "all"  # all | extended | basic | disabled
     device_id: int = 0  # CUDA device
+    cache_optimized: bool = False  # CPU: keep ONNX Runtime's optimized graph beside the model (engines/ort_cache.py)
 
     def __post_init__(self):
         if self.provider not in _PROVIDERS:
@@ -142,8 +144,16 @@ class OrtEngine:
         if initializers:  # the OrtValues only need to live until the session has copied them
             values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
             options.add_external_initializers(list(initializers), values)
+        cached = self._open_cached(path, config, providers) \
+            if config.cache_optimized and config.provider == "cpu" and not initializers else None
+        target = temporary = None
+        if cached is None and config.cache_optimized and config.provider == "cpu" and not initializers:
+            target = ort_cache.cached_model(path, ort.__version__, config.graph_optimization_level)
+            temporary = ort_cache.prepare_save(options, target)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = cached or self._create(path, options, providers, temporary, config)
+            if target is not None:
+                ort_cache.commit(temporary, target)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile/... types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if initializers:
@@ -160,6 +170,29 @@ class OrtEngine:
         self.device = f"cuda:{config.device_id}" if config.provider == "cuda" else "cpu"
         self.inputs = {i.name: _spec(i) for i in self.session.get_inputs()}
         self.outputs = {o.name: _spec(o) for o in self.session.get_outputs()}
+
+    @staticmethod
+    def _create(path: Path, options, providers, temporary: Path | None, config: OrtConfig):
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception:
+            if temporary is None:
+                raise
+            ort_cache.discard(temporary)  # writing the optimized graph failed (disk full, …): load without it
+            return ort.InferenceSession(str(path), session_options(config), providers=providers)
+
+    @staticmethod
+    def _open_cached(path: Path, config: OrtConfig, providers):
+        """A session over the optimized graph an earlier load saved, optimizations off; None if there is none."""
+        target = ort_cache.cached_model(path, ort.__version__, config.graph_optimization_level)
+        if not target.is_file():
+            return None
+        options = session_options(replace(config, graph_optimization_level="disabled"))
+        try:
+            return ort.InferenceSession(str(target), options, providers=providers)
+        except Exception:  # damaged or from elsewhere: rebuilt from the model
+            ort_cache.discard(target)
+            return None
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         validate_feed(self.inputs, feed, self.name)

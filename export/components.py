@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "text_encoder_embeds",
-                   "text_encoder_2_embeds")
+                   "text_encoder_2_embeds", "vae_decoder_tiny", "vae_encoder_tiny",
+                   "unet_deepcache", "unet_deepcache_shallow")
 EMBEDS = "_embeds"  # text_encoder[_2]_embeds: the same encoder taking token vectors (textual inversion); opt-in
 SEQUENCE_LENGTH = 77
 
@@ -248,7 +249,7 @@ def gate_shapes(pipe, component: str) -> tuple[Shape, Shape]:
     2n at others) and at a multiple (3m × 2m, every up-sampler doubling). The VAE takes any latent size,
     and small ones keep its fp16 gate fast (ONNX Runtime's CPU provider runs fp16 convolutions slowly).
     """
-    if component == "unet":
+    if component.startswith("unet"):  # unet and the step-caching graphs (export/deepcache.py)
         m = unet_factor(pipe)
         return Shape(1, 2 * m - 1, 2 * m + 1), Shape(2, 3 * m, 2 * m)
     return Shape(1, 8, 8), Shape(2, 12, 8)

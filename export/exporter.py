@@ -25,7 +25,7 @@ from sdrt.runtime.family import Family, detect
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from sdrt.runtime.prompt_encode import write_text_weights
 
-from . import gate
+from . import gate, tiny_vae
 from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
@@ -57,6 +57,8 @@ class ExportConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
     hypernetworks: tuple[tuple[str, float], ...] = ()  # (file, scale): AUTOMATIC1111 hypernetworks baked into the UNet
+    tiny_vae: str | None = None  # an AutoencoderTiny folder/hub id: vae_{de,en}coder_tiny beside the full VAE
+    deepcache: bool = False  # also the two UNet graphs step caching runs (export/deepcache.py, branch 0)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -170,6 +172,10 @@ def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
 
 
 def _module_for(pipe, name):
+    if name.endswith("_tiny"):
+        return pipe.vae_tiny  # export/tiny_vae.py
+    if name.startswith("unet"):
+        return pipe.unet  # unet, and export/deepcache.py's two graphs
     return pipe.vae if name.startswith("vae") else getattr(pipe, name.removesuffix(EMBEDS))
 
 
@@ -255,6 +261,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         lora.check_scale(scale, path)
         lora.read_header(Path(path).expanduser())
     hypernets = [(hypernetwork.load(path), hypernetwork.check_scale(scale, path)) for path, scale in cfg.hypernetworks]
+    tiny = tiny_vae.load_tiny_vae(cfg.tiny_vae) if cfg.tiny_vae is not None else None  # fails before the model loads
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
@@ -264,6 +271,17 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         hypernetwork.apply(pipe.unet, hypernets)
     hypernet_records = [{"name": h.name, "file": h.path, "sha256": h.sha256, "scale": scale} for h, scale in hypernets]
     specs = component_specs(pipe)
+    tiny_signature = ""
+    if tiny is not None:
+        pipe.vae_tiny = tiny
+        tiny_vae.check_matches(pipe.vae_tiny, pipe, cfg.tiny_vae)
+        specs |= tiny_vae.tiny_specs()
+        tiny_signature = tiny_vae.source_signature(cfg.tiny_vae)
+    if cfg.deepcache:
+        from .deepcache import deepcache_specs
+
+        specs = {**{k: v for k, v in specs.items() if not k.startswith("vae")}, **deepcache_specs(pipe),
+                 **{k: v for k, v in specs.items() if k.startswith("vae")}}  # after the UNet, before the VAEs
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
     if not names:
@@ -280,10 +298,12 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         for name in names:
             precision = cfg.precision
             kept = None
-            if name.startswith("vae") and precision == "fp16" and _vae_needs_fp32(pipe, info):
+            if name.startswith("vae") and not name.endswith("_tiny") and precision == "fp16" and \
+                    _vae_needs_fp32(pipe, info):
                 precision, kept = "fp32", VAE_FP32_REASON
-            signature = _lora_signature(lora_records) + \
-                ("".join(f"|hypernet:{r['sha256']}:{r['scale']!r}" for r in hypernet_records) if name == "unet" else "")
+            signature = _lora_signature(lora_records) + (tiny_signature if name.endswith("_tiny") else "") + \
+                ("".join(f"|hypernet:{r['sha256']}:{r['scale']!r}" for r in hypernet_records)
+                 if name.startswith("unet") else "")
             key = _component_key(source.sha256 + signature, name, precision)
             entry = _reusable(old, output, name, key)
             if entry is not None:
@@ -293,7 +313,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 progress(name, "skipped")
                 continue
             progress(name, "start")
-            release = name not in ("vae_decoder", "vae_encoder")  # the two VAE halves share one module
+            release = not name.startswith("vae")  # the two halves of each VAE share one module
+            if cfg.deepcache and name == "unet":
+                release = False  # the step-caching graphs are traced from it next
             entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name), release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
@@ -316,6 +338,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "vae_scale_factor": vae_scale_factor(pipe),
             "loras": lora_records,
             "hypernetworks": hypernet_records,
+            "tiny_vae": None if cfg.tiny_vae is None else {"location": cfg.tiny_vae,
+                                                           "signature": tiny_signature.removeprefix("|tiny:")},
             "components": components,
             "trt": [],
             "versions": versions(),

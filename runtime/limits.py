@@ -71,13 +71,23 @@ def vae_decoder_bytes(vae_config: dict, images: int, latent_h: int, latent_w: in
     return attention + full_res
 
 
+def tiled_vae_decoder_bytes(vae_config: dict, images: int, latent_h: int, latent_w: int, scale: int,
+                            tile: int) -> int:
+    """Tiled decoding (runtime/vae_tiling.py): one tile's decoder buffers, plus every decoded tile and the
+    assembled image kept in fp32 (about 2 · N·3·H·W·4)."""
+    one_tile = vae_decoder_bytes(vae_config, images, min(latent_h, tile), min(latent_w, tile), scale)
+    return one_tile + 2 * images * 3 * (latent_h * scale) * (latent_w * scale) * 4
+
+
 def estimate_bytes(unet_config: dict, vae_config: dict, images: int, unet_batch: int, height: int, width: int,
-                   scale: int) -> int:
-    """Peak transient memory of one request (see the module docstring): the larger of the UNet and VAE phases."""
+                   scale: int, vae_tile: int | None = None) -> int:
+    """Peak transient memory of one request (see the module docstring): the larger of the UNet and VAE phases.
+    `vae_tile`: the VAE decodes in tiles of this many latents a side."""
     lh, lw = height // scale, width // scale
     latents = images * 4 * lh * lw * 4 * 8  # the loop's latents, noise and history: a few copies
-    return latents + max(unet_attention_bytes(unet_config, unet_batch, lh, lw),
-                         vae_decoder_bytes(vae_config, images, lh, lw, scale))
+    vae = vae_decoder_bytes(vae_config, images, lh, lw, scale) if vae_tile is None else \
+        tiled_vae_decoder_bytes(vae_config, images, lh, lw, scale, vae_tile)
+    return latents + max(unet_attention_bytes(unet_config, unet_batch, lh, lw), vae)
 
 
 def memory_budget(limits: Limits) -> int | None:

@@ -10,6 +10,7 @@ batched and equals diffusers' (pipelines in diffusers/pipelines/stable_diffusion
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +18,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules
+from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules, step_cache, vae_tiling
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -29,7 +30,7 @@ from .loader import EngineDir, open_dir
 from .request import Request
 from .tokenizer import ClipTokenizer
 from .unet_call import ExtraChannels, TextContributor, UnetCall
-from .validate import Job, validate
+from .validate import TINY_VAE, Job, validate
 
 @dataclass
 class _Prepared:
@@ -53,6 +54,8 @@ class Pipeline:
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
         self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
         self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompt_encode.py)
+        self.vae_tiles = vae_tiling.Tiles.of_vae(engine_dir.vae_config)  # diffusers' defaults for this VAE
+        self.open_engine = None  # path → engine, for components opened on first use (set by load)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
@@ -69,7 +72,7 @@ class Pipeline:
         text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
         text.check(d)  # so do bad embeddings
         names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder") + \
-            (("vae_encoder",) if (d.path / "vae_encoder" / "model.onnx").exists() else ())
+            tuple(n for n in ("vae_encoder", *TINY_VAE.values()) if (d.path / n / "model.onnx").exists())
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
         tokenizers = {}
         for enc in d.text_encoder_names:
@@ -78,6 +81,7 @@ class Pipeline:
         pipe = cls(d, engines, tokenizers, limits)
         pipe.adapters.use(base_loras, lora_dir)
         pipe.text = text
+        pipe.open_engine = lambda p: open_engine(p, backend, ort_config)
         return pipe
 
     # ---- request validation -------------------------------------------------------------------------
@@ -89,6 +93,16 @@ class Pipeline:
     def engine(self, name: str, job: Job | None = None):
         """Component `name`'s engine for this job's LoRA set (runtime/lora.py: rebuilt, never accumulated)."""
         return self.adapters.engine(name, job.loras if job is not None else ())
+
+    def lazy_engine(self, name: str):
+        """A component's engine, opened on first use (the step-caching graphs: only runs that use them pay)."""
+        if name not in self.engines:
+            if self.adapters.base:
+                raise UserError("step caching's graphs carry no LoRA weights; this pipeline was loaded with LoRAs")
+            if self.open_engine is None:
+                raise UserError(f"{name} is not loaded in this pipeline")
+            self.engines[name] = self.open_engine(self.dir.onnx_path(name))
+        return self.engines[name]
 
     def scheduler_config(self, job: Job):
         overrides = {}
@@ -116,7 +130,8 @@ class Pipeline:
         cfg = self.scheduler_config(job)
         unet = self.engine("unet", job)
         text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
-        model = UnetCall(unet, prep.guidance, [text, *prep.contributors], prep.schedule.timesteps)
+        unet, parts = step_cache.setup(self.lazy_engine, job.cache_interval, unet, [text, *prep.contributors])
+        model = UnetCall(unet, prep.guidance, parts, prep.schedule.timesteps)
         denoise_fn = make_denoiser(model, prep.schedule, cfg.prediction_type)
         run = sampler_registry.get_sampler(prep.sampler)(denoise_fn, prep.x, prep.schedule, prep.generator)
         x = next(run, None)
@@ -152,23 +167,50 @@ class Pipeline:
         if latents is None:  # as diffusers, which needs int(steps * strength) >= 1
             raise UserError(f"{job.steps} steps at this strength leave no denoising step; raise the steps or "
                             "the strength")
-        return self.decode(latents)
+        return self.decode(latents, job.vae, job.tile_vae)
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.engines["vae_decoder"]
-        scaled = latents / float(self.dir.vae_config.get("scaling_factor", 0.18215))
-        out = feed.run(vae, latent_sample=scaled)["sample"]
-        return image_io.to_pil(out, fp16_vae=vae.inputs["latent_sample"].dtype == "float16")
+    def decode(self, latents: torch.Tensor, vae: str = "full", tiled: bool = False) -> list[Image.Image]:
+        """Latents → images with the full VAE or the tiny one (vae="tiny": export/tiny_vae.py, whose
+        scaling_factor 1.0 makes this diffusers' `vae.decode(latents / vae.config.scaling_factor)` as well);
+        `tiled`: the full VAE in tiles, as diffusers after vae.enable_tiling() (runtime/vae_tiling.py)."""
+        name = TINY_VAE["decode"] if vae == "tiny" else "vae_decoder"
+        engine = self.engines[name]
+        scaled = latents / self._scaling_factor(name)
+        if tiled and vae != "tiny" and self.vae_tiles.decode_tiles(*scaled.shape[-2:]):
+            out = vae_tiling.tiled_decode(lambda z: feed.run(engine, latent_sample=z)["sample"], scaled,
+                                          self.vae_tiles)
+        else:
+            out = feed.run(engine, latent_sample=scaled)["sample"]
+        return image_io.to_pil(out, fp16_vae=engine.inputs["latent_sample"].dtype == "float16")
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Progress images: a step's latents decoded by the tiny VAE (needs vae_decoder_tiny)."""
+        return self.decode(latents, "tiny")
+
+    def _scaling_factor(self, name: str) -> float:
+        config = self.dir.vae_config if name in ("vae_decoder", "vae_encoder") else \
+            json.loads((self.dir.path / name / "config.json").read_text())
+        return float(config.get("scaling_factor", 0.18215))
 
     # ---- preparation --------------------------------------------------------------------------------
     def _randn(self, shape: tuple, generators: list) -> torch.Tensor:
         """diffusers' randn_tensor with a list of CPU generators: one draw per image, then moved to the device."""
         return noise.randn(shape, generators, self.device)
 
-    def _encode_image(self, image: torch.Tensor, generators: list) -> torch.Tensor:
+    def _encode_image(self, image: torch.Tensor, generators: list, vae: str = "full",
+                      tiled: bool = False) -> torch.Tensor:
         """[1, 3, H, W] in [-1, 1] → scaled latents [N, 4, h, w]: the posterior sampled once per image, each with
-        its own generator (diffusers' img2img with a list of generators: retrieve_latents(..., generator[i]))."""
-        params = feed.run(self.engines["vae_encoder"], sample=image)["latent_parameters"]
+        its own generator (diffusers' img2img with a list of generators: retrieve_latents(..., generator[i])).
+        The tiny VAE's encoder gives latents, not a distribution: retrieve_latents draws nothing for it."""
+        if vae == "tiny":
+            latents = feed.run(self.engines[TINY_VAE["encode"]], sample=image)["latents"]
+            return latents.repeat_interleave(len(generators), dim=0) * self._scaling_factor(TINY_VAE["encode"])
+        encoder = self.engines["vae_encoder"]
+        if tiled and self.vae_tiles.encode_tiles(*image.shape[-2:]):  # AutoencoderKL._tiled_encode
+            params = vae_tiling.tiled_encode(lambda x: feed.run(encoder, sample=x)["latent_parameters"], image,
+                                             self.vae_tiles)
+        else:
+            params = feed.run(encoder, sample=image)["latent_parameters"]
         mean, logvar = params.chunk(2, dim=1)  # diffusers DiagonalGaussianDistribution
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         eps = noise.randn((len(generators), *mean.shape[1:]), generators, mean.device, mean.dtype)
@@ -211,7 +253,7 @@ class Pipeline:
         image = image_io.to_tensor(request.init_image, width, height).to(self.device)
         sigma0 = float(schedule.sigmas[0])
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
-            image_latents = self._encode_image(image, generator)
+            image_latents = self._encode_image(image, generator, request.vae, request.tile_vae)
             drawn = self._randn(shape, generator)
             return _Prepared(image_latents + drawn * sigma0, **common)
         return self._prepare_inpaint(request, image, shape, common)
@@ -228,14 +270,14 @@ class Pipeline:
         nine_channel = self.dir.info.inpaint
         image_latents = None
         if not nine_channel or strength < 1.0:
-            image_latents = self._encode_image(image, generator)
+            image_latents = self._encode_image(image, generator, request.vae, request.tile_vae)
         drawn = self._randn(shape, generator)
         if strength >= 1.0:
             x = samplers.initial_latents(drawn, schedule)
         else:
             x = image_latents + drawn * float(schedule.sigmas[0])
         latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
-        masked_latents = self._encode_image(masked_image, generator)
+        masked_latents = self._encode_image(masked_image, generator, request.vae, request.tile_vae)
         if nine_channel:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
             return _Prepared(x, **common, contributors=[ExtraChannels(extra)])

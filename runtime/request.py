@@ -41,6 +41,7 @@ class Sampling:
     schedule: str | None = None  # default | karras | exponential | beta | sgm_uniform | simple; None: as named
     timestep_spacing: str | None = None  # override the model's spacing (few-step presets use "trailing")
     prediction_type: str | None = None  # override (SDXL-Lightning 1-step predicts the sample)
+    cache_interval: int = 1  # step caching (DeepCache): the whole UNet every N steps, its shallow part between; 1 = off
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,16 @@ class Adapters:
             object.__setattr__(self, "loras", tuple(tuple(x) if isinstance(x, list) else x for x in self.loras))
 
 
+@dataclass(frozen=True)
+class Decode:
+    """How the final latents become pixels (runtime/pipeline.py `decode`)."""
+
+    vae: str = "full"  # full | tiny: the AutoencoderTiny (TAESD) exported beside the full VAE (export/tiny_vae.py)
+    vae_tiling: str = "auto"  # auto (when the untiled VAE would not fit the memory limit) | on | off (vae_tiling.py)
+
+
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
-          "refine": Refine, "adapters": Adapters}
+          "refine": Refine, "adapters": Adapters, "decode": Decode}
 # flat key → (group, field); the flat form is what CLI options and most JSON clients send
 FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
 FLAT["prompt"] = ("prompt", "text")
@@ -104,6 +113,7 @@ class Request:
     images: ImageInputs = ImageInputs()
     refine: Refine = Refine()
     adapters: Adapters = Adapters()
+    decode: Decode = Decode()
 
     @property
     def prompt_group(self) -> Prompt:
@@ -193,4 +203,4 @@ def decode_image(text: str, name: str) -> Image.Image:
         raise InvalidRequest(name, f"is not a base64-encoded PNG/JPEG/WebP image ({type(e).__name__})") from None
 
 
-__all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "asdict"]
+__all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "Decode", "asdict"]

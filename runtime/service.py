@@ -320,7 +320,7 @@ class Service:
                 self._report(batch, encode, steps_time, decode, failed=False)
                 return
             t0 = time.monotonic()
-            images = pipe.decode(latents)
+            images = pipe.decode(latents, merged.vae, merged.tile_vae)
             decode = time.monotonic() - t0
         except Exception as e:  # noqa: BLE001 — an engine error fails this batch, never the worker
             for p in live:

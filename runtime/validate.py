@@ -20,6 +20,7 @@ from .limits import GIB, Limits, estimate_bytes, memory_budget
 from .request import Request
 from .denoiser import timestep_lookup
 from .schedules import SIGMA_SCHEDULES, ScheduleError, SchedulerConfig
+from .vae_tiling import Tiles
 
 MAX_SEED = 2 ** 64 - 1
 MAX_GUIDANCE = 100.0
@@ -65,6 +66,9 @@ class Job:
     text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
     embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
+    vae: str = "full"  # full | tiny (decode, and encode init images, with the tiny VAE)
+    tile_vae: bool = False  # the full VAE decodes and encodes in tiles (runtime/vae_tiling.py)
+    cache_interval: int = 1  # step caching (runtime/step_cache.py); 1 = off
 
     @property
     def count(self) -> int:
@@ -200,6 +204,42 @@ def _hypernet_tags(prompts, negative, model_dir):
     except TagError as e:
         raise InvalidRequest("negative_prompt", str(e)) from None
     return prompts, negative
+VAE_CHOICES = ("full", "tiny")
+TILING_CHOICES = ("auto", "on", "off")
+TINY_VAE = {"decode": "vae_decoder_tiny", "encode": "vae_encoder_tiny"}  # export/tiny_vae.py
+
+
+def _vae(request: Request, model_dir) -> str:
+    vae = request.decode.vae
+    if vae not in VAE_CHOICES:
+        raise InvalidRequest("vae", f"must be one of {', '.join(VAE_CHOICES)} (got {vae!r})")
+    if vae == "tiny":
+        has = [n for n in ("vae_decoder", "vae_encoder", *TINY_VAE.values())
+               if (model_dir.path / n / "model.onnx").exists()]
+        needs = [TINY_VAE["decode"]] + ([TINY_VAE["encode"]] if request.images.init_image is not None else [])
+        missing = [n for n in needs if n not in has]
+        if missing:
+            raise InvalidRequest("vae", f"is tiny, but this engine directory has no {' or '.join(missing)} (it has "
+                                        f"{', '.join(has) or 'no VAE'}); re-export the model with a tiny VAE "
+                                        "(a diffusers AutoencoderTiny folder) or use the full VAE")
+    return vae
+
+
+STEP_CACHE = ("unet_deepcache", "unet_deepcache_shallow")  # export/deepcache.py
+
+
+def _cache_interval(value, model_dir, loras) -> int:
+    interval = _int("cache_interval", value, 1, 1000)
+    if interval > 1:
+        missing = [n for n in STEP_CACHE if not (model_dir.path / n / "model.onnx").exists()]
+        if missing:
+            raise InvalidRequest("cache_interval", f"step caching needs {' and '.join(missing)} in the engine "
+                                                   "directory; re-export the model with the step-caching graphs, "
+                                                   "or use 1 (off)")
+        if loras:
+            raise InvalidRequest("cache_interval", "step caching's graphs carry no LoRA weights; drop the LoRAs "
+                                                   "or use 1 (off)")
+    return interval
 
 
 def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=None,
@@ -278,13 +318,28 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     aesthetic = _float("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
 
+    cache_interval = _cache_interval(s.cache_interval, model_dir, loras)
+    vae = _vae(request, model_dir)
+    tiling = request.decode.vae_tiling
+    if tiling not in TILING_CHOICES:
+        raise InvalidRequest("vae_tiling", f"must be one of {', '.join(TILING_CHOICES)} (got {tiling!r})")
+    if tiling == "on" and vae == "tiny":
+        raise InvalidRequest("vae_tiling", "tiles the full VAE; the tiny VAE decodes whole images (use auto or off)")
+
     unet_batch = count * (2 if guidance > 1.0 else 1)
-    estimate = estimate_bytes(model_dir.unet_config, model_dir.vae_config, count, unet_batch, height, width,
-                              model_dir.vae_scale_factor)
+    estimate_args = (model_dir.unet_config, model_dir.vae_config, count, unet_batch, height, width,
+                     model_dir.vae_scale_factor)
+    tile = Tiles.of_vae(model_dir.vae_config).latent_size
+    tiled_estimate = estimate_bytes(*estimate_args, vae_tile=tile)
+    estimate = tiled_estimate if tiling == "on" else estimate_bytes(*estimate_args)
     budget = memory_budget(limits)
+    tile_vae = tiling == "on"
+    if tiling == "auto" and vae == "full" and budget is not None and estimate > budget >= tiled_estimate:
+        estimate, tile_vae = tiled_estimate, True  # what diffusers' enable_tiling() is for
     if budget is not None and estimate > budget:
+        tiled = " even with the VAE tiled" if tiling != "off" and vae == "full" else ""
         raise InvalidRequest("width", f"{count} image(s) of {width}x{height} need an estimated "
-                                      f"{estimate / GIB:,.1f} GiB (attention and VAE buffers), more than the "
+                                      f"{estimate / GIB:,.1f} GiB (attention and VAE buffers){tiled}, more than the "
                                       f"{budget / GIB:,.1f} GiB this machine allows a request; lower the size "
                                       "or the batch")
     return Job(prompt=prompts, negative_prompt=negative, steps=steps, guidance=guidance, guidance_rescale=rescale,
@@ -293,4 +348,5 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                init_image=init_image, strength=strength, mask=mask, init_latents=refine.init_latents,
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
-               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras)
+               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
+               vae=vae, tile_vae=tile_vae, cache_interval=cache_interval)

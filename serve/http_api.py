@@ -8,7 +8,7 @@ OpenAI Images (`POST /v1/images/generations`): `prompt`, `n`, `size` ("WxH" or "
 ("b64_json"), `output_format` (png | jpeg | webp), `output_compression` (jpeg/webp quality), `model` (the served
 model's id, optional), `user` (accepted, unused), `stream` (false only), plus SD fields `negative_prompt`, `steps`
 (or `num_inference_steps`), `guidance_scale`, `guidance_rescale`, `seed` (absent, null or -1: random), `sampler`,
-`schedule`. Anything else is refused with 422 naming it.
+`schedule`, `vae` (full | tiny), `vae_tiling` (auto | on | off), `cache_interval`. Anything else is refused with 422 naming it.
 
 AUTOMATIC1111 (`POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`): the fields sdrt uses are in `A1111_USED`; the
 fields A1111 clients send with neutral defaults are in `A1111_NEUTRAL`, each accepted only with a value whose
@@ -270,7 +270,7 @@ class Plan:
 
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
                  "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
-                 "seed", "sampler", "schedule", "loras")
+                 "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
@@ -345,7 +345,7 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
         flat["negative_prompt"] = _text("negative_prompt", b["negative_prompt"], ctx, allow_list=True)
     if "guidance_scale" in b:
         flat["guidance"] = b["guidance_scale"]
-    for key in ("guidance_rescale", "sampler", "schedule"):
+    for key in ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval"):
         if key in b:
             flat[key] = b[key]
     if "loras" in b:
