@@ -48,6 +48,9 @@ class RunOptions:
     init_image: Path | None = None
     strength: float | None = None
     mask: Path | None = None
+    outpaint: str | None = None  # "left=64,right=64,top=0,bottom=32" (runtime/outpaint.py)
+    outpaint_fill: str | None = None  # edge | blur | noise
+    outpaint_blur: int | None = None  # soft border, pixels
     refiner: Path | None = None
     refiner_start: float = 0.8
     preset: str | None = None
@@ -66,6 +69,13 @@ def build_request(o: RunOptions) -> Request:
     if o.preset is not None and o.preset not in PRESETS:
         raise UserError(f"--preset {o.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     preset = PRESETS.get(o.preset)
+    outpaint = o.outpaint
+    if outpaint is None and (o.outpaint_fill is not None or o.outpaint_blur is not None):
+        raise UserError("--outpaint-fill and --outpaint-blur apply to --outpaint; give the margins with "
+                        "--outpaint left=..,right=..,top=..,bottom=..")
+    if outpaint is not None:
+        extra = {"fill": o.outpaint_fill, "blur": o.outpaint_blur}
+        outpaint = ",".join([outpaint] + [f"{k}={v}" for k, v in extra.items() if v is not None])
     if o.karras and o.schedule not in (None, "karras"):
         raise UserError(f"--karras and --schedule {o.schedule} contradict each other; give one")
     return Request.of(
@@ -85,6 +95,7 @@ def build_request(o: RunOptions) -> Request:
         init_image=image_io.load_image(o.init_image) if o.init_image else None,
         strength=o.strength,
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
+        outpaint=outpaint,
         denoising_end=o.refiner_start if o.refiner else None,
         loras=o.loras,
         prompt_syntax=o.prompt_syntax,
@@ -135,7 +146,7 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
             raise as_cli_error(e) from None
         latents = _run(refiner, follow_job, "refiner", on_step)
         decoder = refiner
-    images = decoder.decode(latents)
+    images = decoder.finish(job, decoder.decode(latents))
     width, height = images[0].size
     written = []
     for i, (image, path) in enumerate(zip(images, paths)):

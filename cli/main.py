@@ -158,6 +158,12 @@ def run(
     init_image: Optional[Path] = typer.Option(None, help="image to start from (img2img, inpaint)"),
     strength: Optional[float] = typer.Option(None, help="img2img strength in (0, 1]"),
     mask: Optional[Path] = typer.Option(None, help="inpainting mask (white = repaint); needs --init-image"),
+    outpaint: Optional[str] = typer.Option(None, help="extend the init image's canvas and inpaint the new area: "
+                                           "left=PX,right=PX,top=PX,bottom=PX (multiples of 8, omitted sides 0)"),
+    outpaint_fill: Optional[str] = typer.Option(None, help="with --outpaint: what the new area starts from: edge "
+                                                "(repeat the border), blur (blurred edge), noise [default: edge]"),
+    outpaint_blur: Optional[int] = typer.Option(None, help="with --outpaint: soft border in pixels: the seam's band "
+                                                "is repainted and blended back [default: 0]"),
     refiner: Optional[Path] = typer.Option(None, help="SDXL refiner engine directory to hand off to"),
     refiner_start: float = typer.Option(0.8, help="fraction of denoising done by the base before the refiner"),
     preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
@@ -194,6 +200,7 @@ def run(
                          guidance=guidance, guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, karras=karras,
                          seed=seed,
                          width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
+                         outpaint=outpaint, outpaint_fill=outpaint_fill, outpaint_blur=outpaint_blur,
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules
+from . import feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -152,7 +152,14 @@ class Pipeline:
         if latents is None:  # as diffusers, which needs int(steps * strength) >= 1
             raise UserError(f"{job.steps} steps at this strength leave no denoising step; raise the steps or "
                             "the strength")
-        return self.decode(latents)
+        return self.finish(job, self.decode(latents))
+
+    def finish(self, job: Job, images: list[Image.Image]) -> list[Image.Image]:
+        """What follows decoding for some jobs: outpainting's soft-border overlay (runtime/outpaint.py)."""
+        if job.overlay is None:
+            return images
+        original, soft = job.overlay
+        return [outpaint.overlay(image, original, soft) for image in images]
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.engines["vae_decoder"]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
 
-from . import lora, prompt_encode, sampler_registry
+from . import lora, outpaint as outpaint_mod, prompt_encode, sampler_registry
 from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
@@ -65,6 +65,7 @@ class Job:
     text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
     embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
+    overlay: tuple | None = None  # outpainting's soft border: (padded original, soft mask) laid over the output
 
     @property
     def count(self) -> int:
@@ -192,6 +193,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     """Check every field of `request` for the model in `model_dir` (runtime/loader.EngineDir) and the limits."""
     if not isinstance(request, Request):
         raise InvalidRequest("request", f"must be a Request, not {type(request).__name__}")
+    request, overlay = _outpaint(request, model_dir, limits)
     p, s, images, refine = request.prompt_group, request.sampling, request.images, request.refine
     prompts = _texts("prompt", p.text)
     negative = None if p.negative is None else _texts("negative_prompt", p.negative)
@@ -277,4 +279,47 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                init_image=init_image, strength=strength, mask=mask, init_latents=refine.init_latents,
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
-               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras)
+               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
+               overlay=overlay)
+
+
+def _outpaint(request: Request, model_dir, limits: Limits) -> tuple[Request, tuple | None]:
+    """An outpainting request as the inpainting request it is (padded init image, mask, canvas size), and the
+    soft border's overlay (runtime/outpaint.py); other requests unchanged."""
+    images = request.images
+    if images.outpaint is None:
+        return request, None
+    try:
+        spec = outpaint_mod.parse(images.outpaint)
+    except outpaint_mod.OutpaintError as e:
+        raise InvalidRequest("outpaint", str(e)) from None
+    init = _image("init_image", images.init_image, "RGB")
+    if init is None:
+        raise InvalidRequest("outpaint", "needs an init image to extend")
+    if images.mask is not None:
+        raise InvalidRequest("mask", "outpainting builds its own mask; give a mask or outpaint margins, not both")
+    size = request.size
+    if size.width is not None or size.height is not None:
+        raise InvalidRequest("width" if size.width is not None else "height",
+                             "is set by the outpaint margins (init image plus margins); leave it out")
+    width, height = spec.canvas(*init.size)
+    multiple = model_dir.vae_scale_factor * model_dir.latent_multiple
+    if width % multiple or height % multiple:
+        raise InvalidRequest("outpaint", f"the extended canvas is {width}x{height}, not a multiple of {multiple} "
+                                         f"for this model; the init image is {init.width}x{init.height}: crop or "
+                                         f"resize it to a multiple of {multiple} first")
+    if width * height > limits.max_pixels:
+        raise InvalidRequest("outpaint", f"the extended canvas {width}x{height} is {width * height:,} pixels; at "
+                                         f"most {limits.max_pixels:,} per image (Limits.max_pixels)")
+    seed = _int("seed", request.seeds.seed)
+    if seed == -1:  # resolved here: the noise fill and the generation use the same seed
+        seed = secrets.randbelow(MAX_SEED - limits.max_batch + 2)
+        request = replace(request, seeds=replace(request.seeds, seed=seed))
+    seed = _seeds(seed, 1)[0]  # range checked
+    try:
+        out = outpaint_mod.outpaint(init, spec, seed)
+    except outpaint_mod.OutpaintError as e:
+        raise InvalidRequest("outpaint", str(e)) from None
+    request = replace(request, images=replace(images, init_image=out.image, mask=out.mask, outpaint=None),
+                      size=replace(size, width=width, height=height))
+    return request, None if out.soft is None else (out.image, out.soft)
