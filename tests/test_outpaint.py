@@ -148,3 +148,34 @@ def test_cli_bad_margin_is_one_line_and_exit_2(exported, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: --outpaint left must be a multiple of 8 (got 12; 8 or 16 would do)"]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a1111_img2img_with_the_outpaint_extension(ort_pipelines, exported):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from sdrt.serve.app import ServeConfig, create_app
+
+    engine, pipe = exported("sd15", "fp32"), ort_pipelines("sd15")
+    image = _image(16, 16, 4)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    body = {"prompt": "a harbour", "init_images": [base64.b64encode(buf.getvalue()).decode()], "seed": 2,
+            "steps": 2, "cfg_scale": 5.0, "sampler_name": "Euler", "denoising_strength": 1.0, "width": 32,
+            "height": 16, "outpaint": {"right": 16}, "mask_blur": 4, "inpainting_fill": 1}
+    config = ServeConfig(engine_dir=engine, max_batch=2, max_wait_ms=5, warmup=False, backend="ort-cpu")
+    with TestClient(create_app(config, pipeline=pipe)) as client:
+        out = client.post("/sdapi/v1/img2img", json=body)
+        assert out.status_code == 200, out.text
+        served = Image.open(io.BytesIO(base64.b64decode(out.json()["images"][0])))
+        direct = pipe.generate(Request.of(prompt="a harbour", init_image=image, seed=2, steps=2, guidance=5.0,
+                                          sampler="euler", strength=1.0,
+                                          outpaint={"right": 16, "blur": 4, "fill": "edge"}))[0]
+        assert served.size == (32, 16)
+        assert np.abs(np.asarray(served.convert("RGB"), int) - np.asarray(direct, int)).max() <= 1
+        for change, field in (({"inpainting_fill": 3}, "inpainting_fill"), ({"outpaint": {"right": 12}, "width": None}, "outpaint"),
+                              ({"width": 48}, "width"), ({"outpaint": [16]}, "outpaint")):
+            bad = client.post("/sdapi/v1/img2img", json={**body, **change})
+            assert bad.status_code == 422 and bad.json()["error"]["field"] == field, bad.text
