@@ -21,13 +21,16 @@ FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_pro
          "embeddings": "--embedding"}
 
 
-def flag(field: str) -> str:
+UPSCALE_FLAGS = {"init_image": "IMAGE"}  # `sdrt upscale DIR IMAGE PROMPT`
+
+
+def flag(field: str, flags: dict = FLAGS) -> str:
     name = field.split(".")[-1]
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flags.get(name, "--" + name.replace("_", "-"))
 
 
-def as_cli_error(e: InvalidRequest) -> UserError:
-    return UserError(f"{flag(e.field)} {e.message}")
+def as_cli_error(e: InvalidRequest, upscale: bool = False) -> UserError:
+    return UserError(f"{flag(e.field, FLAGS | UPSCALE_FLAGS if upscale else FLAGS)} {e.message}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class RunOptions:
     outpaint: str | None = None  # "left=64,right=64,top=0,bottom=32" (runtime/outpaint.py)
     outpaint_fill: str | None = None  # edge | blur | noise
     outpaint_blur: int | None = None  # soft border, pixels
+    noise_level: int | None = None  # the ×4 upscaler's (runtime/upscale.py)
+    upscale: bool = False  # `sdrt upscale`: the engine directory must hold the ×4 upscaler
     refiner: Path | None = None
     refiner_start: float = 0.8
     preset: str | None = None
@@ -96,6 +101,7 @@ def build_request(o: RunOptions) -> Request:
         strength=o.strength,
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
         outpaint=outpaint,
+        noise_level=o.noise_level,
         denoising_end=o.refiner_start if o.refiner else None,
         loras=o.loras,
         prompt_syntax=o.prompt_syntax,
@@ -122,11 +128,15 @@ class Written:
 
 def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> tuple[Job, list[Written]]:
     request = build_request(o)
+    model = open_dir(o.engine_dir)
+    if o.upscale and not model.info.upscaler:
+        raise UserError(f"{o.engine_dir} holds a {model.info.family.value} model ({model.info.pipeline_class}); "
+                        "sdrt upscale needs a ×4 upscaler's engine directory (sdrt export of a "
+                        "StableDiffusionUpscalePipeline such as stabilityai/stable-diffusion-x4-upscaler)")
     try:  # before any engine loads: bad input costs nothing and leaves nothing behind
-        job = validate(request, open_dir(o.engine_dir), lora_dir=o.lora_dir,
-                       embeddings_dir=o.embeddings_dir)
+        job = validate(request, model, lora_dir=o.lora_dir, embeddings_dir=o.embeddings_dir)
     except InvalidRequest as e:
-        raise as_cli_error(e) from None
+        raise as_cli_error(e, o.upscale) from None
     paths = output_paths(o.out, job.count)
     image_io.check_writable(paths[0])
     pipe = Pipeline.load(o.engine_dir, backend=o.backend, lora_dir=o.lora_dir,

@@ -225,6 +225,40 @@ def run(
 
 
 @app.command()
+def upscale(
+    engine_dir: Path = typer.Argument(..., help="engine directory of the ×4 upscaler (sdrt export of "
+                                                "stabilityai/stable-diffusion-x4-upscaler or another "
+                                                "StableDiffusionUpscalePipeline)"),
+    image: Path = typer.Argument(..., help="the low-resolution image; the output is 4× its size"),
+    prompt: str = typer.Argument(..., help="what the image shows"),
+    noise_level: int = typer.Option(20, help="noise added to the low-resolution image (0 … the model's "
+                                             "max_noise_level, 350 for the SD upscaler)"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (used when guidance > 1)"),
+    steps: int = typer.Option(75, help="denoising steps (diffusers' default for this pipeline)"),
+    guidance: float = typer.Option(9.0, help="classifier-free guidance scale (diffusers' default for this pipeline)"),
+    sampler: Optional[str] = typer.Option(None, help="as for `sdrt run` [default: the model's own scheduler]"),
+    seed: int = typer.Option(0, help="image i uses seed + i; -1 picks a random seed"),
+    batch: int = typer.Option(1, help="images"),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
+    out: Path = typer.Option(Path("sdrt-upscaled.png"), "-o", "--out", help="PNG to write"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of the images written"),
+) -> None:
+    """Upscale an image ×4 with Stable Diffusion's upscaler (StableDiffusionUpscalePipeline), guided by a prompt."""
+    from sdrt.cli.generate import RunOptions, generate
+
+    options = RunOptions(engine_dir=engine_dir, prompts=(prompt,), negative_prompt=negative_prompt, steps=steps,
+                         guidance=guidance, sampler=sampler, seed=seed, batch=batch, init_image=image,
+                         noise_level=noise_level, upscale=True, backend=backend, out=out, as_json=as_json)
+    job, written = generate(options)
+    if as_json:
+        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
+                           "steps": job.steps, "width": job.width, "height": job.height} for w in written], indent=2))
+        return
+    for w in written:
+        print(w.path)
+
+
+@app.command()
 def build(
     engine_dir: Path = typer.Argument(..., help="engine directory written by `sdrt export`"),
     resolution: list[str] = typer.Option([], help="WIDTHxHEIGHT for a static profile (repeatable)"),

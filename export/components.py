@@ -93,6 +93,22 @@ class _UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+class _UNetClassLabels(torch.nn.Module):
+    """UNets with class embeddings (the ×4 upscaler's noise level): class_labels int64 [B]."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels):
+        return self.unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
+
+
+def has_class_labels(pipe) -> bool:
+    cfg = pipe.unet.config
+    return cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None
+
+
 class _VaeDecoder(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -153,11 +169,12 @@ def text_output_names(pipe, name: str) -> tuple[str, ...]:
     return ("last_hidden_state", pooled) + tuple(f"hidden_states.{i}" for i in range(layers + 1))
 
 
-def _unet_spec(with_added_cond: bool) -> ComponentSpec:
+def _unet_spec(with_added_cond: bool, class_labels: bool = False) -> ComponentSpec:
     inputs = ("sample", "timestep", "encoder_hidden_states") + (("text_embeds", "time_ids") if with_added_cond else ())
+    inputs += ("class_labels",) if class_labels else ()
 
     def make_module(pipe):
-        return _UNet(pipe.unet, with_added_cond)
+        return _UNetClassLabels(pipe.unet) if class_labels else _UNet(pipe.unet, with_added_cond)
 
     def make_inputs(pipe, shape: Shape, dtype):
         cfg = pipe.unet.config
@@ -173,6 +190,8 @@ def _unet_spec(with_added_cond: bool) -> ComponentSpec:
             pixel = float(h * vae_scale_factor(pipe))
             ids = [pixel, pixel, 0.0, 0.0] + ([6.0] if _time_ids(pipe) == 5 else [pixel, pixel])
             args += [torch.randn(b, text_dim, generator=g).to(dtype), torch.tensor([ids] * b).to(dtype)]
+        if class_labels:  # noise levels, int64 [B]
+            args.append(torch.randint(0, cfg.num_class_embeds or 1000, (b,), generator=g))
         return tuple(args)
 
     axes = {
@@ -182,6 +201,8 @@ def _unet_spec(with_added_cond: bool) -> ComponentSpec:
     }
     if with_added_cond:
         axes |= {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}}
+    if class_labels:
+        axes |= {"class_labels": {0: "batch_size"}}
     return ComponentSpec("unet", inputs, ("out_sample",), axes, make_module, make_inputs, ("timestep",))
 
 
@@ -232,9 +253,11 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
                                                  {k: v for k, v in axes.items() if k != "inputs_embeds"
                                                   or base.name.endswith(EMBEDS)},
                                                  base.make_module, base.make_inputs)
-    specs["unet"] = _unet_spec(with_added_cond=pipe.unet.config.addition_embed_type == "text_time")
+    specs["unet"] = _unet_spec(with_added_cond=pipe.unet.config.addition_embed_type == "text_time",
+                               class_labels=has_class_labels(pipe))
     specs["vae_decoder"] = _vae_decoder_spec()
-    specs["vae_encoder"] = _vae_encoder_spec()
+    if getattr(pipe, "low_res_scheduler", None) is None:  # the ×4 upscaler never encodes an image
+        specs["vae_encoder"] = _vae_encoder_spec()
     return specs
 
 

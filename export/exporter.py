@@ -122,6 +122,8 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str], precision: str = "f
     source_dir = Path(str(pipe.config.get("_name_or_path", "") or pipe.name_or_path or ""))
     (tmp / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2, default=str))
     pipe.scheduler.save_pretrained(tmp / "scheduler")
+    if getattr(pipe, "low_res_scheduler", None) is not None:  # the ×4 upscaler noises its input with its own
+        pipe.low_res_scheduler.save_pretrained(tmp / "low_res_scheduler")
     for tok in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, tok, None) is None:
             continue

@@ -22,8 +22,10 @@ class Family(str, Enum):
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionUpscalePipeline",
 )
-SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner and their inpainting variants"
+SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants and the SD ×4 upscaler"
+UPSCALER = "StableDiffusionUpscalePipeline"
 
 
 class UnsupportedModel(UserError):
@@ -36,6 +38,11 @@ class ModelInfo:
     inpaint: bool  # a 9-channel UNet (latents ‖ mask ‖ masked-image latents)
     prediction_type: str  # epsilon | v_prediction | sample
     pipeline_class: str
+
+    @property
+    def upscaler(self) -> bool:
+        """The ×4 upscaler: a 7-channel UNet (latents ‖ noised low-resolution image) with a noise-level class label."""
+        return self.pipeline_class == UPSCALER
 
 
 def detect(model_index: dict, unet_config: dict, scheduler_config: dict) -> ModelInfo:

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules
+from . import feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules, upscale
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -28,7 +28,7 @@ from .limits import Limits
 from .loader import EngineDir, open_dir
 from .request import Request
 from .tokenizer import ClipTokenizer
-from .unet_call import ExtraChannels, TextContributor, UnetCall
+from .unet_call import ClassLabels, ExtraChannels, TextContributor, UnetCall
 from .validate import Job, validate
 
 @dataclass
@@ -212,6 +212,8 @@ class Pipeline:
         if request.init_latents is not None:  # refiner after a base: continue from the base's latents
             x = request.init_latents.to(self.device, torch.float32).repeat_interleave(n // request.init_latents.shape[0], dim=0)
             return _Prepared(x, **common)
+        if request.low_res_image is not None:
+            return self._prepare_upscale(request, shape, common)
         if request.init_image is None:
             return _Prepared(samplers.initial_latents(self._randn(shape, generator), schedule), **common)
 
@@ -247,6 +249,21 @@ class Pipeline:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
             return _Prepared(x, **common, contributors=[ExtraChannels(extra)])
         return _Prepared(x, **common, blend=(latent_mask, image_latents, drawn))
+
+    def _prepare_upscale(self, request: Job, shape: tuple, common: dict) -> _Prepared:
+        # diffusers StableDiffusionUpscalePipeline.__call__: the low-resolution image noised by low_res_scheduler
+        # at noise_level (one draw), then prepare_latents (one draw); each image draws both with its own generator
+        # (diffusers' batches noise the shared image with generator[0] only, which would tie image i to seed s).
+        n = shape[0]
+        guidance, generator = common["guidance"], common["generator"]
+        low = request.low_res_image
+        image = image_io.to_tensor(low, low.width, low.height).to(self.device)  # [1, 3, h, w] in [-1, 1]
+        drawn = self._randn((n, *image.shape[1:]), generator)
+        noised = upscale.LowResNoise.of(self.dir).add_noise(image, drawn, request.noise_level)  # [N, 3, h, w]
+        x = samplers.initial_latents(self._randn(shape, generator), common["schedule"])
+        extra = guidance.batch(noised)
+        labels = upscale.class_labels(request.noise_level, extra.shape[0])
+        return _Prepared(x, **common, contributors=[ExtraChannels(extra), ClassLabels(labels)])
 
     def _window(self, request: Job, schedule) -> tuple[int, int]:
         """(first schedule index, number of steps to run) for img2img strength and base/refiner hand-off."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import lora, outpaint as outpaint_mod, prompt_encode, sampler_registry
+from . import lora, outpaint as outpaint_mod, prompt_encode, sampler_registry, upscale
 from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
@@ -66,6 +66,8 @@ class Job:
     embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
     overlay: tuple | None = None  # outpainting's soft border: (padded original, soft mask) laid over the output
+    low_res_image: Image.Image | None = None  # the ×4 upscaler's input (width, height: 4× its size)
+    noise_level: int | None = None  # the ×4 upscaler's
 
     @property
     def count(self) -> int:
@@ -194,6 +196,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     if not isinstance(request, Request):
         raise InvalidRequest("request", f"must be a Request, not {type(request).__name__}")
     request, overlay = _outpaint(request, model_dir, limits)
+    request, low_res, noise_level = _upscale(request, model_dir, limits)
     p, s, images, refine = request.prompt_group, request.sampling, request.images, request.refine
     prompts = _texts("prompt", p.text)
     negative = None if p.negative is None else _texts("negative_prompt", p.negative)
@@ -280,7 +283,43 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
-               overlay=overlay)
+               overlay=overlay, low_res_image=low_res, noise_level=noise_level)
+
+
+def _upscale(request: Request, model_dir, limits: Limits) -> tuple[Request, Image.Image | None, int | None]:
+    """For the ×4 upscaler: its low-resolution image (taken out of init_image, so nothing treats the request as
+    img2img), the output size (4× that image) and the noise level; other models refuse a noise level."""
+    images, info = request.images, model_dir.info
+    if not info.upscaler:
+        if images.noise_level is not None:
+            raise InvalidRequest("noise_level", f"applies to the ×4 upscaler only; this is a {info.family.value} "
+                                                "model")
+        return request, None, None
+    image = _image("init_image", images.init_image, "RGB")
+    if image is None:
+        raise InvalidRequest("init_image", "this is a ×4 upscaler: give the low-resolution image to upscale")
+    for name in ("mask", "strength"):
+        if getattr(images, name) is not None:
+            raise InvalidRequest(name, "the ×4 upscaler takes no " + ("mask" if name == "mask" else
+                                       "strength (it always starts from noise at the low-resolution size)"))
+    size = request.size
+    if size.width is not None or size.height is not None:
+        raise InvalidRequest("width" if size.width is not None else "height",
+                             "is 4× the low-resolution image's for the ×4 upscaler; leave it out")
+    noise = upscale.LowResNoise.of(model_dir)
+    level = upscale.DEFAULT_NOISE_LEVEL if images.noise_level is None else \
+        _int("noise_level", images.noise_level, 0, noise.max_noise_level,
+             " (the model's max_noise_level, within its low-resolution scheduler's timesteps)")
+    f = model_dir.vae_scale_factor
+    low = upscale.low_res_image(image, f)
+    width, height = low.width * f, low.height * f
+    if width * height > limits.max_pixels:
+        raise InvalidRequest("init_image", f"is {image.width}x{image.height}; upscaled ×{f} it would be {width}x"
+                                           f"{height} = {width * height:,} pixels, more than {limits.max_pixels:,} "
+                                           "(Limits.max_pixels); give a smaller image")
+    request = replace(request, images=replace(images, init_image=None, noise_level=None),
+                      size=replace(size, width=width, height=height))
+    return request, low, level
 
 
 def _outpaint(request: Request, model_dir, limits: Limits) -> tuple[Request, tuple | None]:
