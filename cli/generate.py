@@ -55,6 +55,7 @@ class RunOptions:
     outpaint_fill: str | None = None  # edge | blur | noise
     outpaint_blur: int | None = None  # soft border, pixels
     noise_level: int | None = None  # the ×4 upscaler's (runtime/upscale.py)
+    depth_map: Path | None = None  # depth-to-image's depth (runtime/depth.py); None: the estimator runs
     upscale: bool = False  # `sdrt upscale`: the engine directory must hold the ×4 upscaler
     refiner: Path | None = None
     refiner_start: float = 0.8
@@ -102,6 +103,7 @@ def build_request(o: RunOptions) -> Request:
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
         outpaint=outpaint,
         noise_level=o.noise_level,
+        depth_map=image_io.load_image(o.depth_map, "F") if o.depth_map else None,
         denoising_end=o.refiner_start if o.refiner else None,
         loras=o.loras,
         prompt_syntax=o.prompt_syntax,

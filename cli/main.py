@@ -164,6 +164,9 @@ def run(
                                                 "(repeat the border), blur (blurred edge), noise [default: edge]"),
     outpaint_blur: Optional[int] = typer.Option(None, help="with --outpaint: soft border in pixels: the seam's band "
                                                 "is repainted and blended back [default: 0]"),
+    depth_map: Optional[Path] = typer.Option(None, help="depth-to-image models: the depth (any grayscale image, "
+                                             "16-bit PNG too; brighter = nearer, as DPT predicts) [default: the exported "
+                                             "depth estimator's, on --init-image]"),
     refiner: Optional[Path] = typer.Option(None, help="SDXL refiner engine directory to hand off to"),
     refiner_start: float = typer.Option(0.8, help="fraction of denoising done by the base before the refiner"),
     preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
@@ -201,6 +204,7 @@ def run(
                          seed=seed,
                          width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
                          outpaint=outpaint, outpaint_fill=outpaint_fill, outpaint_blur=outpaint_blur,
+                         depth_map=depth_map,
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "text_encoder_embeds",
-                   "text_encoder_2_embeds")
+                   "text_encoder_2_embeds", "depth_estimator")
 EMBEDS = "_embeds"  # text_encoder[_2]_embeds: the same encoder taking token vectors (textual inversion); opt-in
 SEQUENCE_LENGTH = 77
 
@@ -126,6 +126,34 @@ class _VaeEncoder(torch.nn.Module):
 
     def forward(self, sample):  # [B, 3, H, W] → [B, 8, H/f, W/f]: mean ‖ logvar, not sampled
         return self.quant_conv(self.encoder(sample))
+
+
+class _DepthEstimator(torch.nn.Module):
+    def __init__(self, estimator):
+        super().__init__()
+        self.estimator = estimator
+
+    def forward(self, pixel_values):  # [B, 3, S, S] (the image processor's fixed size) → predicted_depth [B, S', S']
+        return self.estimator(pixel_values).predicted_depth
+
+
+def depth_input_size(pipe) -> tuple[int, int]:
+    """(height, width) the depth estimator's image processor resizes every image to."""
+    size = pipe.feature_extractor.size  # a dict, transformers 5's SizeDict, or one int (older configs)
+    if isinstance(size, int):
+        return size, size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k)
+    return int(get("height")), int(get("width"))
+
+
+def _depth_spec() -> ComponentSpec:
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        return ((torch.rand(shape.batch, 3, *depth_input_size(pipe), generator=g) * 2 - 1).to(dtype),)
+
+    axes = {"pixel_values": {0: "batch_size"}, "predicted_depth": {0: "batch_size"}}
+    return ComponentSpec("depth_estimator", ("pixel_values",), ("predicted_depth",), axes,
+                         lambda p: _DepthEstimator(p.depth_estimator), make_inputs)
 
 
 def vae_scale_factor(pipe) -> int:
@@ -258,6 +286,8 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
     specs["vae_decoder"] = _vae_decoder_spec()
     if getattr(pipe, "low_res_scheduler", None) is None:  # the ×4 upscaler never encodes an image
         specs["vae_encoder"] = _vae_encoder_spec()
+    if getattr(pipe, "depth_estimator", None) is not None:
+        specs["depth_estimator"] = _depth_spec()
     return specs
 
 

@@ -1,4 +1,5 @@
-"""Tiny diffusers pipelines beside the families of export/tiny.py: the ×4 upscaler (StableDiffusionUpscalePipeline).
+"""Tiny diffusers pipelines beside the families of export/tiny.py: the ×4 upscaler (StableDiffusionUpscalePipeline)
+and depth-to-image (StableDiffusionDepth2ImgPipeline, with a tiny ViT DPTForDepthEstimation).
 
 Made like tiny.py's (real classes, scaled down, random weights from a seed, the locally trained CLIP tokenizer)
 and saved as diffusers folders; configs follow stabilityai/stable-diffusion-x4-upscaler's where they matter
@@ -42,7 +43,34 @@ def build_tiny_upscaler(root: Path, seed: int = 0):
         safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=350, **parts)
 
 
-BUILDERS = {"x4-upscaler": build_tiny_upscaler}
+def build_tiny_depth2img(root: Path, seed: int = 0):
+    """SD 2 depth's layout: a 5-channel UNet (latents ‖ depth), the DPT depth estimator and its image processor
+    (resize to a fixed square, bicubic, normalised to [-1, 1]; 32 px here, 384 in the real model)."""
+    import diffusers
+    from diffusers import DDIMScheduler
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from .tiny import _unet, _vae
+
+    torch.manual_seed(seed)
+    parts = _text_encoder(root, "text_encoder", "gelu", 3)
+    unet = _unet(_TEXT_WIDTH, in_channels=5, linear_proj=True)
+    estimator = DPTForDepthEstimation(DPTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=37, backbone_out_indices=(0, 1, 2, 3), neck_hidden_sizes=[16, 16, 32, 32],
+        fusion_hidden_size=16, head_hidden_size=16, is_hybrid=False, initializer_range=0.15)).eval()
+    with torch.no_grad():  # random weights (wider than the 0.02 default, and a positive final bias): a depth map
+        # with a real spread, which the pipeline then normalises
+        estimator.head.head[-2].bias.fill_(1.0)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False, do_normalize=True,
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    scheduler = DDIMScheduler(**_BASE_SCHEDULER, clip_sample=False, set_alpha_to_one=False)
+    return diffusers.StableDiffusionDepth2ImgPipeline(
+        vae=_vae(0.18215, False), unet=unet, scheduler=scheduler, depth_estimator=estimator,
+        feature_extractor=processor, **parts)
+
+
+BUILDERS = {"x4-upscaler": build_tiny_upscaler, "depth2img": build_tiny_depth2img}
 
 
 def write_tiny(kind: str, folder: Path, seed: int = 0) -> Path:

@@ -22,10 +22,11 @@ class Family(str, Enum):
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
-    "StableDiffusionUpscalePipeline",
+    "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline",
 )
-SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants and the SD ×4 upscaler"
+SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants, SD 2 depth-to-image and the SD ×4 upscaler"
 UPSCALER = "StableDiffusionUpscalePipeline"
+DEPTH = "StableDiffusionDepth2ImgPipeline"
 
 
 class UnsupportedModel(UserError):
@@ -43,6 +44,11 @@ class ModelInfo:
     def upscaler(self) -> bool:
         """The ×4 upscaler: a 7-channel UNet (latents ‖ noised low-resolution image) with a noise-level class label."""
         return self.pipeline_class == UPSCALER
+
+    @property
+    def depth(self) -> bool:
+        """Depth-to-image: a 5-channel UNet (latents ‖ depth) and a DPT depth estimator."""
+        return self.pipeline_class == DEPTH
 
 
 def detect(model_index: dict, unet_config: dict, scheduler_config: dict) -> ModelInfo:

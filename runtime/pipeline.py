@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules, upscale
+from . import depth, feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules, upscale
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -69,7 +69,7 @@ class Pipeline:
         text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
         text.check(d)  # so do bad embeddings
         names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder") + \
-            (("vae_encoder",) if (d.path / "vae_encoder" / "model.onnx").exists() else ())
+            tuple(n for n in ("vae_encoder", "depth_estimator") if (d.path / n / "model.onnx").exists())
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
         tokenizers = {}
         for enc in d.text_encoder_names:
@@ -222,8 +222,22 @@ class Pipeline:
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
             image_latents = self._encode_image(image, generator)
             drawn = self._randn(shape, generator)
-            return _Prepared(image_latents + drawn * sigma0, **common)
+            return _Prepared(image_latents + drawn * sigma0, **common, contributors=self._depth(request, shape, guidance))
         return self._prepare_inpaint(request, image, shape, common)
+
+    def _depth(self, request: Job, shape: tuple, guidance: Guidance) -> list:
+        """Depth-to-image's channel (runtime/depth.py): the given map, or the estimator on the init image."""
+        if not self.dir.info.depth:
+            return []
+        n, _, h, w = shape
+        if request.depth_map is not None:
+            raw = depth.map_tensor(request.depth_map)  # [1, H, W]
+        else:
+            folder = self.dir.path / "depth_estimator"
+            pixels = depth.EstimatorInput.of(folder).tensor(request.init_image)
+            raw = feed.run(self.engines["depth_estimator"], pixel_values=pixels)["predicted_depth"]
+        d = depth.normalised(raw.cpu(), h, w).repeat(n, 1, 1, 1).to(self.device)  # [N, 1, h, w]
+        return [ExtraChannels(guidance.batch(d))]
 
     def _prepare_inpaint(self, request: Job, image: torch.Tensor, shape: tuple, common: dict) -> _Prepared:
         # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG).

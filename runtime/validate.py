@@ -68,6 +68,7 @@ class Job:
     overlay: tuple | None = None  # outpainting's soft border: (padded original, soft mask) laid over the output
     low_res_image: Image.Image | None = None  # the ×4 upscaler's input (width, height: 4× its size)
     noise_level: int | None = None  # the ×4 upscaler's
+    depth_map: Image.Image | None = None  # depth-to-image's given depth ("F"); None: the estimator runs
 
     @property
     def count(self) -> int:
@@ -197,6 +198,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
         raise InvalidRequest("request", f"must be a Request, not {type(request).__name__}")
     request, overlay = _outpaint(request, model_dir, limits)
     request, low_res, noise_level = _upscale(request, model_dir, limits)
+    depth_map = _depth(request, model_dir)
     p, s, images, refine = request.prompt_group, request.sampling, request.images, request.refine
     prompts = _texts("prompt", p.text)
     negative = None if p.negative is None else _texts("negative_prompt", p.negative)
@@ -283,7 +285,30 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
-               overlay=overlay, low_res_image=low_res, noise_level=noise_level)
+               overlay=overlay, low_res_image=low_res, noise_level=noise_level, depth_map=depth_map)
+
+
+def _depth(request: Request, model_dir) -> Image.Image | None:
+    """Depth-to-image's inputs: an init image, no mask, and a depth map or the exported estimator."""
+    images, info = request.images, model_dir.info
+    if not info.depth:
+        if images.depth_map is not None:
+            raise InvalidRequest("depth_map", f"applies to depth-to-image models only; this is a "
+                                              f"{info.family.value} model ({info.pipeline_class})")
+        return None
+    if images.init_image is None:
+        raise InvalidRequest("init_image", "this is a depth-to-image model: give the image to start from")
+    if images.mask is not None:
+        raise InvalidRequest("mask", "depth-to-image models take no mask")
+    depth = _image("depth_map", images.depth_map, "F")
+    if depth is None and not (model_dir.path / "depth_estimator" / "model.onnx").exists():
+        raise InvalidRequest("depth_map", "is needed: this engine directory has no depth_estimator (export it, "
+                                          "or give a depth map)")
+    if depth is not None:
+        lo, hi = depth.getextrema()
+        if lo == hi:
+            raise InvalidRequest("depth_map", "is constant; give a map with some depth in it")
+    return depth
 
 
 def _upscale(request: Request, model_dir, limits: Limits) -> tuple[Request, Image.Image | None, int | None]:
