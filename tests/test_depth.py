@@ -103,3 +103,12 @@ def test_depth_map_on_another_model_and_on_the_cli(exported, tmp_path):
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --depth-map applies to "
                                                                            "depth-to-image models only"), bad.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_through_the_service(pipe):
+    from sdrt.runtime.service import Service
+
+    request = Request.of(prompt="a quay", init_image=_image(2), strength=0.8, steps=3, guidance=5.0, seed=8)
+    with Service(pipe, max_batch=2, max_wait_ms=5) as service:
+        served = service.generate(request).images[0]
+    assert np.abs(np.asarray(served, int) - np.asarray(pipe.generate(request)[0], int)).max() <= 1

@@ -116,3 +116,13 @@ def test_cli_upscale_bad_inputs(upscaler, exported, tmp_path):
         assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
         assert fragment in lines[0]
         assert not (tmp_path / "bad.png").exists()
+
+
+def test_through_the_service(pipe):
+    from sdrt.runtime.service import Service
+
+    request = Request.of(prompt="a quay", init_image=_low_res(3), steps=2, guidance=5.0, noise_level=20, seed=8)
+    with Service(pipe, max_batch=2, max_wait_ms=5) as service:
+        served = service.generate(request).images[0]
+    assert served.size == (64, 48)
+    assert np.abs(np.asarray(served, int) - np.asarray(pipe.generate(request)[0], int)).max() <= 1
