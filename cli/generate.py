@@ -57,6 +57,7 @@ class RunOptions:
     noise_level: int | None = None  # the ×4 upscaler's (runtime/upscale.py)
     depth_map: Path | None = None  # depth-to-image's depth (runtime/depth.py); None: the estimator runs
     upscale: bool = False  # `sdrt upscale`: the engine directory must hold the ×4 upscaler
+    then_upscale: Path | None = None  # `sdrt run --then-upscale DIR`: each image goes through this ×4 upscaler
     refiner: Path | None = None
     refiner_start: float = 0.8
     preset: str | None = None
@@ -102,7 +103,7 @@ def build_request(o: RunOptions) -> Request:
         strength=o.strength,
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
         outpaint=outpaint,
-        noise_level=o.noise_level,
+        noise_level=None if o.then_upscale else o.noise_level,  # with --then-upscale: the upscaler's
         depth_map=image_io.load_image(o.depth_map, "F") if o.depth_map else None,
         denoising_end=o.refiner_start if o.refiner else None,
         loras=o.loras,
@@ -126,6 +127,7 @@ class Written:
     path: Path
     seed: int
     prompt: str
+    size: tuple[int, int] = (0, 0)  # the image written (after --then-upscale: 4× the job's)
 
 
 def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> tuple[Job, list[Written]]:
@@ -141,6 +143,7 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
         raise as_cli_error(e, o.upscale) from None
     paths = output_paths(o.out, job.count)
     image_io.check_writable(paths[0])
+    upscaler = _check_then_upscale(o, job)
     pipe = Pipeline.load(o.engine_dir, backend=o.backend, lora_dir=o.lora_dir,
                          embeddings_dir=o.embeddings_dir)
     latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step)
@@ -159,6 +162,10 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
         latents = _run(refiner, follow_job, "refiner", on_step)
         decoder = refiner
     images = decoder.finish(job, decoder.decode(latents))
+    if upscaler is not None:  # txt2img → ×4: each image with its own prompt and seed
+        up = Pipeline.load(o.then_upscale, backend=o.backend)
+        images = [up.decode(_run(up, up.validate(_upscale_request(o, job, i, image)), "upscale ×4", on_step))[0]
+                  for i, image in enumerate(images)]
     width, height = images[0].size
     written = []
     for i, (image, path) in enumerate(zip(images, paths)):
@@ -166,8 +173,34 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
         params = image_io.GenerationParameters(
             prompt=prompt, negative_prompt=o.negative_prompt or "", steps=job.steps, sampler=job.sampler_label,
             cfg_scale=job.guidance, seed=job.seeds[i], width=width, height=height, model=Path(o.engine_dir).name)
-        written.append(Written(image_io.save_png(image, path, params), job.seeds[i], prompt))
+        written.append(Written(image_io.save_png(image, path, params), job.seeds[i], prompt, image.size))
     return job, written
+
+
+def _upscale_request(o: RunOptions, job: Job, i: int, image) -> Request:
+    """The ×4 upscaler's request for image i of `job` (its prompt, negative prompt, seed, steps and guidance)."""
+    negative = None if job.negative_prompt is None else job.negative_prompt[i // job.images_per_prompt]
+    return Request.of(prompt=job.prompt[i // job.images_per_prompt], negative_prompt=negative, init_image=image,
+                      steps=job.steps, guidance=job.guidance, seed=job.seeds[i], noise_level=o.noise_level)
+
+
+def _check_then_upscale(o: RunOptions, job: Job):
+    """--then-upscale: the directory is a ×4 upscaler and the upscaled size passes its checks, before any work."""
+    if o.then_upscale is None:
+        return None
+    from PIL import Image
+
+    model = open_dir(o.then_upscale)
+    if not model.info.upscaler:
+        raise UserError(f"--then-upscale {o.then_upscale} holds a {model.info.family.value} model "
+                        f"({model.info.pipeline_class}); it needs a ×4 upscaler's engine directory (sdrt export of a "
+                        "StableDiffusionUpscalePipeline such as stabilityai/stable-diffusion-x4-upscaler)")
+    try:
+        validate(_upscale_request(o, job, 0, Image.new("RGB", (job.width, job.height))), model)
+    except InvalidRequest as e:
+        field = "the image" if e.field == "init_image" else flag(e.field)
+        raise UserError(f"--then-upscale: {field} {e.message}") from None
+    return model
 
 
 def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep):

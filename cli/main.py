@@ -167,6 +167,10 @@ def run(
     depth_map: Optional[Path] = typer.Option(None, help="depth-to-image models: the depth (any grayscale image, "
                                              "16-bit PNG too; brighter = nearer, as DPT predicts) [default: the exported "
                                              "depth estimator's, on --init-image]"),
+    then_upscale: Optional[Path] = typer.Option(None, help="×4 upscaler engine directory: each image is then "
+                                                "upscaled with its own prompt, seed, steps and guidance"),
+    noise_level: Optional[int] = typer.Option(None, help="the ×4 upscaler's noise level (with --then-upscale, or on "
+                                              "an upscaler directory) [default: 20]"),
     refiner: Optional[Path] = typer.Option(None, help="SDXL refiner engine directory to hand off to"),
     refiner_start: float = typer.Option(0.8, help="fraction of denoising done by the base before the refiner"),
     preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
@@ -204,7 +208,7 @@ def run(
                          seed=seed,
                          width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
                          outpaint=outpaint, outpaint_fill=outpaint_fill, outpaint_blur=outpaint_blur,
-                         depth_map=depth_map,
+                         depth_map=depth_map, then_upscale=then_upscale, noise_level=noise_level,
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
@@ -222,7 +226,7 @@ def run(
     if as_json:
         print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "sampler": job.sampler,
                            "schedule": job.schedule, "steps": job.steps, "guidance": job.guidance,
-                           "width": job.width, "height": job.height} for w in written], indent=2))
+                           "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
         return
     for w in written:
         print(w.path)
@@ -256,7 +260,7 @@ def upscale(
     job, written = generate(options)
     if as_json:
         print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
-                           "steps": job.steps, "width": job.width, "height": job.height} for w in written], indent=2))
+                           "steps": job.steps, "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
         return
     for w in written:
         print(w.path)

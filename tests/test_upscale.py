@@ -107,15 +107,39 @@ def test_cli_upscale(upscaler, pipe, tmp_path):
 def test_cli_upscale_bad_inputs(upscaler, exported, tmp_path):
     low = tmp_path / "low.png"
     _low_res(2).save(low)
-    for args, fragment in (
-            ((str(exported("sd15", "fp32")), str(low), "x"), "needs a ×4 upscaler's engine directory"),
-            ((str(upscaler[1]), str(low), "x", "--noise-level", "400"), "--noise-level must be at most 350"),
+    bad = run_sdrt("upscale", str(exported("sd15", "fp32")), str(low), "x", "-o", str(tmp_path / "bad.png"))
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
+    assert "needs a ×4 upscaler's engine directory" in lines[0]
+    assert not (tmp_path / "bad.png").exists()
+    from sdrt.cli.generate import RunOptions, generate
+    from sdrt.runtime.errors import UserError
+
+    for options, fragment in (
+            (dict(engine_dir=upscaler[1], init_image=low, noise_level=400, upscale=True),
+             "--noise-level must be at most 350"),
+            (dict(engine_dir=exported("sd15", "fp32"), then_upscale=exported("sd15", "fp32")),
+             "--then-upscale " + str(exported("sd15", "fp32")) + " holds a sd15 model"),
+            (dict(engine_dir=exported("sd15", "fp32"), then_upscale=upscaler[1], noise_level=-1),
+             "--then-upscale: --noise-level must be at least 0"),
     ):
-        bad = run_sdrt("upscale", *args, "-o", str(tmp_path / "bad.png"))
-        lines = [line for line in bad.stderr.splitlines() if line.strip()]
-        assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
-        assert fragment in lines[0]
+        with pytest.raises(UserError, match=fragment):
+            generate(RunOptions(prompts=("x",), steps=2, out=tmp_path / "bad.png", **options))
         assert not (tmp_path / "bad.png").exists()
+
+
+def test_then_upscale_hands_each_image_to_the_upscaler(upscaler, pipe, exported, tmp_path):
+    from sdrt.cli.generate import RunOptions, generate
+
+    common = dict(engine_dir=exported("sd15", "fp32"), prompts=("a small boat",), steps=2, guidance=5.0, seed=4,
+                  width=16, height=12, backend="ort-cpu")
+    _, (base,) = generate(RunOptions(**common, out=tmp_path / "base.png"))
+    _, (up,) = generate(RunOptions(**common, then_upscale=upscaler[1], noise_level=30, out=tmp_path / "up.png"))
+    direct = pipe.generate(Request.of(prompt="a small boat", init_image=Image.open(base.path).convert("RGB"),
+                                      steps=2, guidance=5.0, seed=4, noise_level=30))[0]
+    image = Image.open(up.path).convert("RGB")
+    assert image.size == (64, 48)
+    assert np.abs(np.asarray(image, int) - np.asarray(direct, int)).max() <= 1
 
 
 def test_through_the_service(pipe):
