@@ -21,7 +21,12 @@ FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_pro
          "embeddings": "--embedding"}
 
 
-UPSCALE_FLAGS = {"init_image": "IMAGE"}  # `sdrt upscale DIR IMAGE PROMPT`
+UPSCALE_FLAGS = {"init_image": "IMAGE"}  # `sdrt upscale DIR IMAGE PROMPT`, `sdrt variations DIR IMAGE`
+# commands that need one kind of engine directory: (ModelInfo property, what to export for it)
+KINDS = {"upscale": ("upscaler", "a ×4 upscaler's engine directory (sdrt export of a StableDiffusionUpscalePipeline "
+                                 "such as stabilityai/stable-diffusion-x4-upscaler)"),
+         "variations": ("unclip", "an unCLIP engine directory (sdrt export of a StableUnCLIPImg2ImgPipeline such as "
+                                  "stabilityai/stable-diffusion-2-1-unclip)")}
 
 
 def flag(field: str, flags: dict = FLAGS) -> str:
@@ -56,7 +61,7 @@ class RunOptions:
     outpaint_blur: int | None = None  # soft border, pixels
     noise_level: int | None = None  # the ×4 upscaler's (runtime/upscale.py)
     depth_map: Path | None = None  # depth-to-image's depth (runtime/depth.py); None: the estimator runs
-    upscale: bool = False  # `sdrt upscale`: the engine directory must hold the ×4 upscaler
+    needs: str | None = None  # `sdrt upscale` / `sdrt variations`: the kind the engine directory must hold (KINDS)
     then_upscale: Path | None = None  # `sdrt run --then-upscale DIR`: each image goes through this ×4 upscaler
     refiner: Path | None = None
     refiner_start: float = 0.8
@@ -133,14 +138,13 @@ class Written:
 def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> tuple[Job, list[Written]]:
     request = build_request(o)
     model = open_dir(o.engine_dir)
-    if o.upscale and not model.info.upscaler:
+    if o.needs is not None and not getattr(model.info, KINDS[o.needs][0]):
         raise UserError(f"{o.engine_dir} holds a {model.info.family.value} model ({model.info.pipeline_class}); "
-                        "sdrt upscale needs a ×4 upscaler's engine directory (sdrt export of a "
-                        "StableDiffusionUpscalePipeline such as stabilityai/stable-diffusion-x4-upscaler)")
+                        f"sdrt {o.needs} needs {KINDS[o.needs][1]}")
     try:  # before any engine loads: bad input costs nothing and leaves nothing behind
         job = validate(request, model, lora_dir=o.lora_dir, embeddings_dir=o.embeddings_dir)
     except InvalidRequest as e:
-        raise as_cli_error(e, o.upscale) from None
+        raise as_cli_error(e, o.needs is not None) from None
     paths = output_paths(o.out, job.count)
     image_io.check_writable(paths[0])
     upscaler = _check_then_upscale(o, job)
@@ -193,8 +197,7 @@ def _check_then_upscale(o: RunOptions, job: Job):
     model = open_dir(o.then_upscale)
     if not model.info.upscaler:
         raise UserError(f"--then-upscale {o.then_upscale} holds a {model.info.family.value} model "
-                        f"({model.info.pipeline_class}); it needs a ×4 upscaler's engine directory (sdrt export of a "
-                        "StableDiffusionUpscalePipeline such as stabilityai/stable-diffusion-x4-upscaler)")
+                        f"({model.info.pipeline_class}); it needs {KINDS['upscale'][1]}")
     try:
         validate(_upscale_request(o, job, 0, Image.new("RGB", (job.width, job.height))), model)
     except InvalidRequest as e:

@@ -256,7 +256,44 @@ def upscale(
 
     options = RunOptions(engine_dir=engine_dir, prompts=(prompt,), negative_prompt=negative_prompt, steps=steps,
                          guidance=guidance, sampler=sampler, seed=seed, batch=batch, init_image=image,
-                         noise_level=noise_level, upscale=True, backend=backend, out=out, as_json=as_json)
+                         noise_level=noise_level, needs="upscale", backend=backend, out=out, as_json=as_json)
+    job, written = generate(options)
+    if as_json:
+        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
+                           "steps": job.steps, "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
+        return
+    for w in written:
+        print(w.path)
+
+
+@app.command()
+def variations(
+    engine_dir: Path = typer.Argument(..., help="engine directory of an unCLIP model (sdrt export of "
+                                                "stabilityai/stable-diffusion-2-1-unclip or another "
+                                                "StableUnCLIPImg2ImgPipeline)"),
+    image: Path = typer.Argument(..., help="the image to make variations of (it enters as its CLIP embedding)"),
+    prompt: str = typer.Argument("", help="optional text to steer the variations"),
+    noise_level: int = typer.Option(0, help="noise added to the image embedding (0 … 999): more, more varied"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (used when guidance > 1)"),
+    steps: int = typer.Option(20, help="denoising steps (diffusers' default for this pipeline)"),
+    guidance: float = typer.Option(10.0, help="classifier-free guidance scale (diffusers' default for this pipeline)"),
+    sampler: Optional[str] = typer.Option(None, help="as for `sdrt run` [default: the model's own scheduler]"),
+    width: Optional[int] = typer.Option(None, help="output width [default: the model's size]"),
+    height: Optional[int] = typer.Option(None, help="output height [default: the model's size]"),
+    seed: int = typer.Option(0, help="variation i uses seed + i; -1 picks a random seed"),
+    batch: int = typer.Option(4, help="how many variations"),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
+    out: Path = typer.Option(Path("sdrt-variation.png"), "-o", "--out", help="PNG to write (index appended for "
+                                                                              "several)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of the images written"),
+) -> None:
+    """Variations of an image with Stable Diffusion 2.1 unCLIP (StableUnCLIPImg2ImgPipeline)."""
+    from sdrt.cli.generate import RunOptions, generate
+
+    options = RunOptions(engine_dir=engine_dir, prompts=(prompt,), negative_prompt=negative_prompt, steps=steps,
+                         guidance=guidance, sampler=sampler, seed=seed, batch=batch, width=width, height=height,
+                         init_image=image, noise_level=noise_level, needs="variations", backend=backend, out=out,
+                         as_json=as_json)
     job, written = generate(options)
     if as_json:
         print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "text_encoder_embeds",
-                   "text_encoder_2_embeds", "depth_estimator")
+                   "text_encoder_2_embeds", "depth_estimator", "image_encoder")
 EMBEDS = "_embeds"  # text_encoder[_2]_embeds: the same encoder taking token vectors (textual inversion); opt-in
 SEQUENCE_LENGTH = 77
 
@@ -156,6 +156,31 @@ def _depth_spec() -> ComponentSpec:
                          lambda p: _DepthEstimator(p.depth_estimator), make_inputs)
 
 
+class _ImageEncoder(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixel_values):  # [B, 3, S, S] (the CLIP image processor's crop) → image_embeds [B, D]
+        return self.encoder(pixel_values).image_embeds
+
+
+def _image_encoder_spec() -> ComponentSpec:
+    def make_module(pipe):
+        if hasattr(pipe.image_encoder, "set_attn_implementation"):
+            pipe.image_encoder.set_attn_implementation("eager")  # as the text encoders (fp16 graphs)
+        return _ImageEncoder(pipe.image_encoder)
+
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        crop = pipe.feature_extractor.crop_size
+        get = crop.get if isinstance(crop, dict) else lambda k: getattr(crop, k)
+        return ((torch.rand(shape.batch, 3, int(get("height")), int(get("width")), generator=g) * 2 - 1).to(dtype),)
+
+    axes = {"pixel_values": {0: "batch_size"}, "image_embeds": {0: "batch_size"}}
+    return ComponentSpec("image_encoder", ("pixel_values",), ("image_embeds",), axes, make_module, make_inputs)
+
+
 def vae_scale_factor(pipe) -> int:
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
@@ -218,7 +243,9 @@ def _unet_spec(with_added_cond: bool, class_labels: bool = False) -> ComponentSp
             pixel = float(h * vae_scale_factor(pipe))
             ids = [pixel, pixel, 0.0, 0.0] + ([6.0] if _time_ids(pipe) == 5 else [pixel, pixel])
             args += [torch.randn(b, text_dim, generator=g).to(dtype), torch.tensor([ids] * b).to(dtype)]
-        if class_labels:  # noise levels, int64 [B]
+        if class_labels and cfg.class_embed_type == "projection":  # unCLIP: [image embedding ‖ noise level], float
+            args.append(torch.randn(b, cfg.projection_class_embeddings_input_dim, generator=g).to(dtype))
+        elif class_labels:  # the ×4 upscaler's noise levels, int64 [B]
             args.append(torch.randint(0, cfg.num_class_embeds or 1000, (b,), generator=g))
         return tuple(args)
 
@@ -288,6 +315,8 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
         specs["vae_encoder"] = _vae_encoder_spec()
     if getattr(pipe, "depth_estimator", None) is not None:
         specs["depth_estimator"] = _depth_spec()
+    if getattr(pipe, "image_encoder", None) is not None and getattr(pipe, "image_normalizer", None) is not None:
+        specs["image_encoder"] = _image_encoder_spec()  # unCLIP's (IP-Adapter encoders are not pipeline parts here)
     return specs
 
 

@@ -126,9 +126,13 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str], precision: str = "f
     source_dir = Path(str(pipe.config.get("_name_or_path", "") or pipe.name_or_path or ""))
     (tmp / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2, default=str))
     pipe.scheduler.save_pretrained(tmp / "scheduler")
-    if "depth_estimator" in names and getattr(pipe, "feature_extractor", None) is not None:  # its preprocessing
-        (tmp / "depth_estimator").mkdir(exist_ok=True)
-        pipe.feature_extractor.save_pretrained(tmp / "depth_estimator")
+    for name in ("depth_estimator", "image_encoder"):  # the image processor that feeds it, beside it
+        if name in names and getattr(pipe, "feature_extractor", None) is not None:
+            (tmp / name).mkdir(exist_ok=True)
+            pipe.feature_extractor.save_pretrained(tmp / name)
+    if getattr(pipe, "image_normalizer", None) is not None:  # unCLIP: the embedding's mean/std and noising schedule
+        pipe.image_normalizer.save_pretrained(tmp / "image_normalizer", safe_serialization=True)
+        pipe.image_noising_scheduler.save_pretrained(tmp / "image_noising_scheduler")
     if getattr(pipe, "low_res_scheduler", None) is not None:  # the ×4 upscaler noises its input with its own
         pipe.low_res_scheduler.save_pretrained(tmp / "low_res_scheduler")
     for tok in ("tokenizer", "tokenizer_2"):

@@ -1,5 +1,6 @@
 """Tiny diffusers pipelines beside the families of export/tiny.py: the ×4 upscaler (StableDiffusionUpscalePipeline)
-and depth-to-image (StableDiffusionDepth2ImgPipeline, with a tiny ViT DPTForDepthEstimation).
+depth-to-image (StableDiffusionDepth2ImgPipeline, with a tiny ViT DPTForDepthEstimation) and unCLIP image variations
+(StableUnCLIPImg2ImgPipeline, with a tiny CLIP vision encoder).
 
 Made like tiny.py's (real classes, scaled down, random weights from a seed, the locally trained CLIP tokenizer)
 and saved as diffusers folders; configs follow stabilityai/stable-diffusion-x4-upscaler's where they matter
@@ -70,7 +71,40 @@ def build_tiny_depth2img(root: Path, seed: int = 0):
         feature_extractor=processor, **parts)
 
 
-BUILDERS = {"x4-upscaler": build_tiny_upscaler, "depth2img": build_tiny_depth2img}
+def build_tiny_unclip(root: Path, seed: int = 0):
+    """SD 2.1 unCLIP's layout (as diffusers' own tests scale it down): CLIP vision encoder with projection, the image
+    normaliser (random mean/std here, so that it matters), the cosine DDPM image-noising scheduler, and a UNet whose
+    class embedding projects [image embedding ‖ noise-level embedding]."""
+    import diffusers
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .tiny import _vae
+
+    torch.manual_seed(seed)
+    parts = _text_encoder(root, "text_encoder", "gelu", 3)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=_TEXT_WIDTH, projection_dim=_TEXT_WIDTH, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, intermediate_size=37, patch_size=4)).eval()
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=_TEXT_WIDTH)
+    with torch.no_grad():
+        normalizer.mean.copy_(torch.randn(1, _TEXT_WIDTH) * 0.5)
+        normalizer.std.copy_(torch.rand(1, _TEXT_WIDTH) + 0.5)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=_TEXT_WIDTH, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+        class_embed_type="projection", projection_class_embeddings_input_dim=2 * _TEXT_WIDTH)
+    scheduler = DDIMScheduler(**_BASE_SCHEDULER, clip_sample=False, set_alpha_to_one=False,
+                              prediction_type="v_prediction")
+    return diffusers.StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=encoder,
+        image_normalizer=normalizer, image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        unet=unet, scheduler=scheduler, vae=_vae(0.18215, False), **parts)
+
+
+BUILDERS = {"x4-upscaler": build_tiny_upscaler, "depth2img": build_tiny_depth2img, "unclip": build_tiny_unclip}
 
 
 def write_tiny(kind: str, folder: Path, seed: int = 0) -> Path:

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import depth, feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules, upscale
+from . import depth, feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules, unclip, upscale
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -69,7 +69,7 @@ class Pipeline:
         text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
         text.check(d)  # so do bad embeddings
         names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder") + \
-            tuple(n for n in ("vae_encoder", "depth_estimator") if (d.path / n / "model.onnx").exists())
+            tuple(n for n in ("vae_encoder", "depth_estimator", "image_encoder") if (d.path / n / "model.onnx").exists())
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
         tokenizers = {}
         for enc in d.text_encoder_names:
@@ -214,6 +214,8 @@ class Pipeline:
             return _Prepared(x, **common)
         if request.low_res_image is not None:
             return self._prepare_upscale(request, shape, common)
+        if request.variation_image is not None:
+            return self._prepare_unclip(request, shape, common)
         if request.init_image is None:
             return _Prepared(samplers.initial_latents(self._randn(shape, generator), schedule), **common)
 
@@ -278,6 +280,21 @@ class Pipeline:
         extra = guidance.batch(noised)
         labels = upscale.class_labels(request.noise_level, extra.shape[0])
         return _Prepared(x, **common, contributors=[ExtraChannels(extra), ClassLabels(labels)])
+
+    def _prepare_unclip(self, request: Job, shape: tuple, common: dict) -> _Prepared:
+        # diffusers StableUnCLIPImg2ImgPipeline: _encode_image → noise_image_embeddings (one draw), then
+        # prepare_latents (one draw); each image draws both with its own generator (diffusers' batches noise the
+        # one embedding with generator[0] only). Unconditional class labels are zeros, as diffusers.
+        n = shape[0]
+        guidance, generator = common["guidance"], common["generator"]
+        pixels = unclip.EncoderInput.of(self.dir.path / "image_encoder").tensor(request.variation_image)
+        embeds = feed.run(self.engines["image_encoder"], pixel_values=pixels)["image_embeds"].cpu()  # [1, D]
+        drawn = noise.randn((n, embeds.shape[-1]), generator)  # [N, D], CPU as diffusers' generators
+        labels = unclip.EmbeddingNoise.of(self.dir.path).noised(embeds, drawn, request.noise_level)  # [N, 2D]
+        if guidance.enabled:
+            labels = torch.cat([torch.zeros_like(labels), labels])
+        x = samplers.initial_latents(self._randn(shape, generator), common["schedule"])
+        return _Prepared(x, **common, contributors=[ClassLabels(labels.to(self.device))])
 
     def _window(self, request: Job, schedule) -> tuple[int, int]:
         """(first schedule index, number of steps to run) for img2img strength and base/refiner hand-off."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import lora, outpaint as outpaint_mod, prompt_encode, sampler_registry, upscale
+from . import lora, outpaint as outpaint_mod, prompt_encode, sampler_registry, unclip, upscale
 from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
@@ -69,6 +69,7 @@ class Job:
     low_res_image: Image.Image | None = None  # the ×4 upscaler's input (width, height: 4× its size)
     noise_level: int | None = None  # the ×4 upscaler's
     depth_map: Image.Image | None = None  # depth-to-image's given depth ("F"); None: the estimator runs
+    variation_image: Image.Image | None = None  # unCLIP's image to vary (its noise level: noise_level)
 
     @property
     def count(self) -> int:
@@ -199,6 +200,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     request, overlay = _outpaint(request, model_dir, limits)
     request, low_res, noise_level = _upscale(request, model_dir, limits)
     depth_map = _depth(request, model_dir)
+    request, variation_image, unclip_level = _unclip(request, model_dir)
+    noise_level = unclip_level if variation_image is not None else noise_level
     p, s, images, refine = request.prompt_group, request.sampling, request.images, request.refine
     prompts = _texts("prompt", p.text)
     negative = None if p.negative is None else _texts("negative_prompt", p.negative)
@@ -285,7 +288,27 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
-               overlay=overlay, low_res_image=low_res, noise_level=noise_level, depth_map=depth_map)
+               overlay=overlay, low_res_image=low_res, noise_level=noise_level, depth_map=depth_map,
+               variation_image=variation_image)
+
+
+def _unclip(request: Request, model_dir) -> tuple[Request, Image.Image | None, int | None]:
+    """For unCLIP image variations: the image to vary (taken out of init_image: the size is the model's unless
+    given, as diffusers) and the embedding's noise level."""
+    images = request.images
+    if not model_dir.info.unclip:
+        return request, None, None
+    image = _image("init_image", images.init_image, "RGB")
+    if image is None:
+        raise InvalidRequest("init_image", "this is an unCLIP model: give the image to make variations of")
+    for name in ("mask", "strength"):
+        if getattr(images, name) is not None:
+            raise InvalidRequest(name, "unCLIP variations take no " + ("mask" if name == "mask" else
+                                       "strength (they start from noise; the image enters as an embedding)"))
+    top = unclip.EmbeddingNoise.levels(model_dir.path)
+    level = unclip.DEFAULT_NOISE_LEVEL if images.noise_level is None else \
+        _int("noise_level", images.noise_level, 0, top, " (the image-noising scheduler's last timestep)")
+    return replace(request, images=replace(images, init_image=None, noise_level=None)), image, level
 
 
 def _depth(request: Request, model_dir) -> Image.Image | None:
@@ -316,9 +339,9 @@ def _upscale(request: Request, model_dir, limits: Limits) -> tuple[Request, Imag
     img2img), the output size (4× that image) and the noise level; other models refuse a noise level."""
     images, info = request.images, model_dir.info
     if not info.upscaler:
-        if images.noise_level is not None:
-            raise InvalidRequest("noise_level", f"applies to the ×4 upscaler only; this is a {info.family.value} "
-                                                "model")
+        if images.noise_level is not None and not info.unclip:
+            raise InvalidRequest("noise_level", f"applies to the ×4 upscaler and unCLIP variations only; this is a "
+                                                f"{info.family.value} model ({info.pipeline_class})")
         return request, None, None
     image = _image("init_image", images.init_image, "RGB")
     if image is None:

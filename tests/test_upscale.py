@@ -85,7 +85,7 @@ def test_bad_requests(upscaler, fields, field, fragment):
 
 
 def test_noise_level_on_another_model(exported):
-    with pytest.raises(InvalidRequest, match="×4 upscaler only") as e:
+    with pytest.raises(InvalidRequest, match="×4 upscaler and unCLIP variations only") as e:
         validate(Request.of(prompt="x", noise_level=20), open_dir(exported("sd15", "fp32")))
     assert e.value.field == "noise_level"
 
@@ -116,7 +116,7 @@ def test_cli_upscale_bad_inputs(upscaler, exported, tmp_path):
     from sdrt.runtime.errors import UserError
 
     for options, fragment in (
-            (dict(engine_dir=upscaler[1], init_image=low, noise_level=400, upscale=True),
+            (dict(engine_dir=upscaler[1], init_image=low, noise_level=400, needs="upscale"),
              "--noise-level must be at most 350"),
             (dict(engine_dir=exported("sd15", "fp32"), then_upscale=exported("sd15", "fp32")),
              "--then-upscale " + str(exported("sd15", "fp32")) + " holds a sd15 model"),
