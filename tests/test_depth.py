@@ -112,3 +112,25 @@ def test_through_the_service(pipe):
     with Service(pipe, max_batch=2, max_wait_ms=5) as service:
         served = service.generate(request).images[0]
     assert np.abs(np.asarray(served, int) - np.asarray(pipe.generate(request)[0], int)).max() <= 1
+
+
+def test_a1111_img2img_on_a_depth_model(depth2img, pipe):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from sdrt.serve.app import ServeConfig, create_app
+
+    buf = io.BytesIO()
+    _image(4).save(buf, format="PNG")
+    body = {"prompt": "a tower", "init_images": [base64.b64encode(buf.getvalue()).decode()], "seed": 2, "steps": 3,
+            "cfg_scale": 5.0, "sampler_name": "Euler", "denoising_strength": 0.6, "width": 32, "height": 24}
+    config = ServeConfig(engine_dir=depth2img[1], max_batch=2, max_wait_ms=5, warmup=False, backend="ort-cpu")
+    with TestClient(create_app(config, pipeline=pipe)) as client:
+        out = client.post("/sdapi/v1/img2img", json=body)
+        assert out.status_code == 200, out.text
+    served = Image.open(io.BytesIO(base64.b64decode(out.json()["images"][0]))).convert("RGB")
+    direct = pipe.generate(Request.of(prompt="a tower", init_image=_image(4), seed=2, steps=3, guidance=5.0,
+                                      sampler="euler", strength=0.6, width=32, height=24))[0]
+    assert np.abs(np.asarray(served, int) - np.asarray(direct, int)).max() <= 1
