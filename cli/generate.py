@@ -109,7 +109,7 @@ def build_request(o: RunOptions) -> Request:
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
         outpaint=outpaint,
         noise_level=None if o.then_upscale else o.noise_level,  # with --then-upscale: the upscaler's
-        depth_map=image_io.load_image(o.depth_map, "F") if o.depth_map else None,
+        depth_map=image_io.load_image(o.depth_map, None) if o.depth_map else None,  # its own mode (16-bit too)
         denoising_end=o.refiner_start if o.refiner else None,
         loras=o.loras,
         prompt_syntax=o.prompt_syntax,

@@ -67,7 +67,7 @@ class Job:
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
     overlay: tuple | None = None  # outpainting's soft border: (padded original, soft mask) laid over the output
     low_res_image: Image.Image | None = None  # the ×4 upscaler's input (width, height: 4× its size)
-    noise_level: int | None = None  # the ×4 upscaler's
+    noise_level: int | None = None  # the ×4 upscaler's (low-resolution image) or unCLIP's (image embedding)
     depth_map: Image.Image | None = None  # depth-to-image's given depth ("F"); None: the estimator runs
     variation_image: Image.Image | None = None  # unCLIP's image to vary (its noise level: noise_level)
 
