@@ -44,14 +44,22 @@ def _low_res(seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 16, 3), dtype=np.uint8))
 
 
+@pytest.fixture(scope="module")
+def ref(upscaler):
+    return reference_pipeline(upscaler[0])
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
-def test_equals_diffusers(upscaler, pipe, sampler):
-    ref = reference_pipeline(upscaler[0])
+def test_equals_diffusers(ref, pipe, sampler):
+    own = ref.scheduler
     if sampler != "ddim":  # ddim: the pipeline's own scheduler
         ref.scheduler = diffusers_scheduler(ref, sampler)
     image = _low_res()
-    theirs = ref("a red fox", image=image, num_inference_steps=3, guidance_scale=7.5, noise_level=60,
-                 negative_prompt="blurry", generator=generators(3, 1), output_type="np").images
+    try:
+        theirs = ref("a red fox", image=image, num_inference_steps=3, guidance_scale=7.5, noise_level=60,
+                     negative_prompt="blurry", generator=generators(3, 1), output_type="np").images
+    finally:
+        ref.scheduler = own
     request = dict(prompt="a red fox", negative_prompt="blurry", init_image=image, steps=3, guidance=7.5, seed=3,
                    sampler=sampler)
     ours = pipe.generate(Request.of(**request, noise_level=60))
