@@ -126,7 +126,10 @@ def info(engine_dir: Path = typer.Argument(..., help="an engine directory writte
 
     d = describe(engine_dir)
     print(f"{d['engine_dir']}")
-    print(f"family {d['family']}{' (inpaint)' if d['inpaint'] else ''}, prediction {d['prediction_type']}, "
+    kind = {"StableDiffusionUpscalePipeline": " (×4 upscaler: sdrt upscale)",
+            "StableDiffusionDepth2ImgPipeline": " (depth-to-image)",
+            "StableUnCLIPImg2ImgPipeline": " (unCLIP: sdrt variations)"}.get(d.get("pipeline_class"), "")
+    print(f"family {d['family']}{' (inpaint)' if d['inpaint'] else ''}{kind}, prediction {d['prediction_type']}, "
           f"written by {d['writer']}")
     for name, c in d["components"].items():
         print(f"  {name:<15} {c['precision']:<17} gate {c['gate']}, worst {c['figure']}; files {', '.join(c['files'])}")
