@@ -39,8 +39,9 @@ class EstimatorInput:
         if c.get("keep_aspect_ratio") or c.get("ensure_multiple_of", 1) != 1 or c.get("do_pad"):
             raise UserError(f"{path}: sdrt reproduces DPT preprocessing with keep_aspect_ratio false, "
                             "ensure_multiple_of 1 and no padding only")
-        size = c.get("size", 384)
-        h, w = (size, size) if isinstance(size, int) else (size["height"], size["width"])
+        size = c.get("size", 384)  # an int, [h, w] (older DPTFeatureExtractor configs) or {"height", "width"}
+        h, w = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) else \
+            (size["height"], size["width"])
         return cls(int(h), int(w), int(c.get("resample", 3)), bool(c.get("do_resize", True)),
                    float(c.get("rescale_factor", 1 / 255)) if c.get("do_rescale", True) else None,
                    tuple(c["image_mean"]) if c.get("do_normalize", True) else None,

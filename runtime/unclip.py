@@ -34,6 +34,8 @@ def _json(path: Path) -> dict:
 def _hw(value, what: str) -> tuple[int, int] | int:
     if isinstance(value, int):
         return value
+    if isinstance(value, list):  # [h, w] in older configs
+        return int(value[0]), int(value[1])
     if "shortest_edge" in value and what == "size":
         return int(value["shortest_edge"])
     return int(value["height"]), int(value["width"])
