@@ -563,7 +563,7 @@ def _a1111_outpaint(body: Mapping) -> dict:
     spec = dict(spec)
     fill = body.get("inpainting_fill")
     if fill is not None:
-        if isinstance(fill, bool) or fill not in A1111_OUTPAINT_FILL:
+        if isinstance(fill, bool) or not isinstance(fill, int) or fill not in A1111_OUTPAINT_FILL:
             raise invalid("inpainting_fill", "with outpaint: 0 (fill: blurred edge), 1 (original: repeated edge) "
                                              f"or 2 (latent noise: noise), not {_short(fill)}")
         if "fill" in spec and spec["fill"] != A1111_OUTPAINT_FILL[fill]:

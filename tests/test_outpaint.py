@@ -176,6 +176,8 @@ def test_a1111_img2img_with_the_outpaint_extension(ort_pipelines, exported):
         assert served.size == (32, 16)
         assert np.abs(np.asarray(served.convert("RGB"), int) - np.asarray(direct, int)).max() <= 1
         for change, field in (({"inpainting_fill": 3}, "inpainting_fill"), ({"outpaint": {"right": 12}, "width": None}, "outpaint"),
-                              ({"width": 48}, "width"), ({"outpaint": [16]}, "outpaint")):
+                              ({"width": 48}, "width"), ({"outpaint": [16]}, "outpaint"),
+                              ({"inpainting_fill": [1]}, "inpainting_fill"), ({"mask_blur": [4]}, "outpaint"),
+                              ({"outpaint": {"right": 16, "fill": [1]}, "inpainting_fill": None}, "outpaint")):
             bad = client.post("/sdapi/v1/img2img", json={**body, **change})
             assert bad.status_code == 422 and bad.json()["error"]["field"] == field, bad.text
