@@ -448,13 +448,15 @@ def a1111_neutral(model_name: str, img2img: bool) -> dict[str, Neutral]:
         "resize_mode": Neutral("0 or null (\"Just resize\": the init image is resized to width x height)",
                                _is(0, None)),
         "image_cfg_scale": Neutral("null (no instruct-pix2pix)", _is(None)),
-        "mask_blur": Neutral("0 or null with a mask (sdrt does not blur masks); anything without one",
+        "mask_blur": Neutral("0 or null with a mask (sdrt does not blur masks); anything without one (with outpaint: "
+                             "the soft border)",
                              _with_mask(_is(0, None))),
         "mask_blur_x": Neutral("0 or null with a mask; anything without one", _with_mask(_is(0, None))),
         "mask_blur_y": Neutral("0 or null with a mask; anything without one", _with_mask(_is(0, None))),
         "mask_round": Neutral("true or null with a mask (sdrt binarizes masks at 0.5); anything without one",
                               _with_mask(_is(True, None))),
-        "inpainting_fill": Neutral("1 (\"original\") or null with a mask; anything without one",
+        "inpainting_fill": Neutral("1 (\"original\") or null with a mask; anything without one (with outpaint: 0, 1 "
+                                   "or 2, the fill)",
                                    _with_mask(_is(1, None))),
         "inpaint_full_res": Neutral("false, 0 or null with a mask (\"whole picture\"); anything without one",
                                     _with_mask(_is(False, 0, None))),
