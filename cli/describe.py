@@ -35,6 +35,7 @@ def describe(engine_dir: Path) -> dict:
         return {
             "engine_dir": str(engine_dir.absolute()), "writer": "another exporter (no manifest; e.g. optimum-cli)",
             "family": info.family.value, "inpaint": info.inpaint, "prediction_type": info.prediction_type,
+            "pipeline_class": info.pipeline_class,
             "components": {n: {"precision": "?", "files": ["model.onnx"], "gate": "not recorded", "figure": "-"}
                            for n in found},
             "plans": [], "backends": available_backends(),
@@ -52,5 +53,5 @@ def describe(engine_dir: Path) -> dict:
     return {
         "engine_dir": str(engine_dir.absolute()), "writer": f"sdrt {manifest['sdrt_version']}",
         "family": manifest["family"], "inpaint": manifest["inpaint"], "prediction_type": manifest["prediction_type"],
-        "components": components, "plans": plans, "backends": available_backends(),
+        "pipeline_class": manifest.get("pipeline_class", ""), "components": components, "plans": plans, "backends": available_backends(),
     }

@@ -21,13 +21,21 @@ FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_pro
          "embeddings": "--embedding"}
 
 
-def flag(field: str) -> str:
+UPSCALE_FLAGS = {"init_image": "IMAGE"}  # `sdrt upscale DIR IMAGE PROMPT`, `sdrt variations DIR IMAGE`
+# commands that need one kind of engine directory: (ModelInfo property, what to export for it)
+KINDS = {"upscale": ("upscaler", "a ×4 upscaler's engine directory (sdrt export of a StableDiffusionUpscalePipeline "
+                                 "such as stabilityai/stable-diffusion-x4-upscaler)"),
+         "variations": ("unclip", "an unCLIP engine directory (sdrt export of a StableUnCLIPImg2ImgPipeline such as "
+                                  "stabilityai/stable-diffusion-2-1-unclip)")}
+
+
+def flag(field: str, flags: dict = FLAGS) -> str:
     name = field.split(".")[-1]
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flags.get(name, "--" + name.replace("_", "-"))
 
 
-def as_cli_error(e: InvalidRequest) -> UserError:
-    return UserError(f"{flag(e.field)} {e.message}")
+def as_cli_error(e: InvalidRequest, upscale: bool = False) -> UserError:
+    return UserError(f"{flag(e.field, FLAGS | UPSCALE_FLAGS if upscale else FLAGS)} {e.message}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,13 @@ class RunOptions:
     init_image: Path | None = None
     strength: float | None = None
     mask: Path | None = None
+    outpaint: str | None = None  # "left=64,right=64,top=0,bottom=32" (runtime/outpaint.py)
+    outpaint_fill: str | None = None  # edge | blur | noise
+    outpaint_blur: int | None = None  # soft border, pixels
+    noise_level: int | None = None  # the ×4 upscaler's (runtime/upscale.py)
+    depth_map: Path | None = None  # depth-to-image's depth (runtime/depth.py); None: the estimator runs
+    needs: str | None = None  # `sdrt upscale` / `sdrt variations`: the kind the engine directory must hold (KINDS)
+    then_upscale: Path | None = None  # `sdrt run --then-upscale DIR`: each image goes through this ×4 upscaler
     refiner: Path | None = None
     refiner_start: float = 0.8
     preset: str | None = None
@@ -71,6 +86,13 @@ def build_request(o: RunOptions) -> Request:
     if o.preset is not None and o.preset not in PRESETS:
         raise UserError(f"--preset {o.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     preset = PRESETS.get(o.preset)
+    outpaint = o.outpaint
+    if outpaint is None and (o.outpaint_fill is not None or o.outpaint_blur is not None):
+        raise UserError("--outpaint-fill and --outpaint-blur apply to --outpaint; give the margins with "
+                        "--outpaint left=..,right=..,top=..,bottom=..")
+    if outpaint is not None:
+        extra = {"fill": o.outpaint_fill, "blur": o.outpaint_blur}
+        outpaint = ",".join([outpaint] + [f"{k}={v}" for k, v in extra.items() if v is not None])
     if o.karras and o.schedule not in (None, "karras"):
         raise UserError(f"--karras and --schedule {o.schedule} contradict each other; give one")
     return Request.of(
@@ -90,6 +112,9 @@ def build_request(o: RunOptions) -> Request:
         init_image=image_io.load_image(o.init_image) if o.init_image else None,
         strength=o.strength,
         mask=image_io.load_image(o.mask, "L") if o.mask else None,
+        outpaint=outpaint,
+        noise_level=None if o.then_upscale else o.noise_level,  # with --then-upscale: the upscaler's
+        depth_map=image_io.load_image(o.depth_map, None) if o.depth_map else None,  # its own mode (16-bit too)
         denoising_end=o.refiner_start if o.refiner else None,
         loras=o.loras,
         prompt_syntax=o.prompt_syntax,
@@ -115,19 +140,24 @@ class Written:
     path: Path
     seed: int
     prompt: str
+    size: tuple[int, int] = (0, 0)  # the image written (after --then-upscale: 4× the job's)
 
 
 def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -> tuple[Job, list[Written]]:
     request = build_request(o)
+    model = open_dir(o.engine_dir)
+    if o.needs is not None and not getattr(model.info, KINDS[o.needs][0]):
+        raise UserError(f"{o.engine_dir} holds a {model.info.family.value} model ({model.info.pipeline_class}); "
+                        f"sdrt {o.needs} needs {KINDS[o.needs][1]}")
     try:  # before any engine loads: bad input costs nothing and leaves nothing behind
-        job = validate(request, open_dir(o.engine_dir), lora_dir=o.lora_dir,
-                       embeddings_dir=o.embeddings_dir)
+        job = validate(request, model, lora_dir=o.lora_dir, embeddings_dir=o.embeddings_dir)
     except InvalidRequest as e:
-        raise as_cli_error(e) from None
+        raise as_cli_error(e, o.needs is not None) from None
     paths = output_paths(o.out, job.count)
     image_io.check_writable(paths[0])
     if o.preview:
         _check_preview(o.engine_dir)
+    upscaler = _check_then_upscale(o, job)
     pipe = Pipeline.load(o.engine_dir, backend=o.backend, lora_dir=o.lora_dir,
                          embeddings_dir=o.embeddings_dir, ort_config=_ort_config(o))
     previews = _previews(pipe, paths) if o.preview else None
@@ -148,7 +178,11 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
             raise as_cli_error(e) from None
         latents = _run(refiner, follow_job, "refiner", on_step)
         decoder, decode_job = refiner, follow_job
-    images = decoder.decode(latents, decode_job.vae, decode_job.tile_vae)
+    images = decoder.finish(job, decoder.decode(latents, decode_job.vae, decode_job.tile_vae))
+    if upscaler is not None:  # txt2img → ×4: each image with its own prompt and seed
+        up = Pipeline.load(o.then_upscale, backend=o.backend)
+        images = [up.decode(_run(up, up.validate(_upscale_request(o, job, i, image)), "upscale ×4", on_step))[0]
+                  for i, image in enumerate(images)]
     width, height = images[0].size
     written = []
     for i, (image, path) in enumerate(zip(images, paths)):
@@ -156,8 +190,33 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
         params = image_io.GenerationParameters(
             prompt=prompt, negative_prompt=o.negative_prompt or "", steps=job.steps, sampler=job.sampler_label,
             cfg_scale=job.guidance, seed=job.seeds[i], width=width, height=height, model=Path(o.engine_dir).name)
-        written.append(Written(image_io.save_png(image, path, params), job.seeds[i], prompt))
+        written.append(Written(image_io.save_png(image, path, params), job.seeds[i], prompt, image.size))
     return job, written
+
+
+def _upscale_request(o: RunOptions, job: Job, i: int, image) -> Request:
+    """The ×4 upscaler's request for image i of `job` (its prompt, negative prompt, seed, steps and guidance)."""
+    negative = None if job.negative_prompt is None else job.negative_prompt[i // job.images_per_prompt]
+    return Request.of(prompt=job.prompt[i // job.images_per_prompt], negative_prompt=negative, init_image=image,
+                      steps=job.steps, guidance=job.guidance, seed=job.seeds[i], noise_level=o.noise_level)
+
+
+def _check_then_upscale(o: RunOptions, job: Job):
+    """--then-upscale: the directory is a ×4 upscaler and the upscaled size passes its checks, before any work."""
+    if o.then_upscale is None:
+        return None
+    from PIL import Image
+
+    model = open_dir(o.then_upscale)
+    if not model.info.upscaler:
+        raise UserError(f"--then-upscale {o.then_upscale} holds a {model.info.family.value} model "
+                        f"({model.info.pipeline_class}); it needs {KINDS['upscale'][1]}")
+    try:
+        validate(_upscale_request(o, job, 0, Image.new("RGB", (job.width, job.height))), model)
+    except InvalidRequest as e:
+        field = "the image" if e.field == "init_image" else flag(e.field)
+        raise UserError(f"--then-upscale: {field} {e.message}") from None
+    return model
 
 
 def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep, previews: Callable | None = None):

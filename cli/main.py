@@ -143,7 +143,10 @@ def info(engine_dir: Path = typer.Argument(..., help="an engine directory writte
 
     d = describe(engine_dir)
     print(f"{d['engine_dir']}")
-    print(f"family {d['family']}{' (inpaint)' if d['inpaint'] else ''}, prediction {d['prediction_type']}, "
+    kind = {"StableDiffusionUpscalePipeline": " (×4 upscaler: sdrt upscale)",
+            "StableDiffusionDepth2ImgPipeline": " (depth-to-image)",
+            "StableUnCLIPImg2ImgPipeline": " (unCLIP: sdrt variations)"}.get(d.get("pipeline_class"), "")
+    print(f"family {d['family']}{' (inpaint)' if d['inpaint'] else ''}{kind}, prediction {d['prediction_type']}, "
           f"written by {d['writer']}")
     for name, c in d["components"].items():
         print(f"  {name:<15} {c['precision']:<17} gate {c['gate']}, worst {c['figure']}; files {', '.join(c['files'])}")
@@ -175,6 +178,19 @@ def run(
     init_image: Optional[Path] = typer.Option(None, help="image to start from (img2img, inpaint)"),
     strength: Optional[float] = typer.Option(None, help="img2img strength in (0, 1]"),
     mask: Optional[Path] = typer.Option(None, help="inpainting mask (white = repaint); needs --init-image"),
+    outpaint: Optional[str] = typer.Option(None, help="extend the init image's canvas and inpaint the new area: "
+                                           "left=PX,right=PX,top=PX,bottom=PX (multiples of 8, omitted sides 0)"),
+    outpaint_fill: Optional[str] = typer.Option(None, help="with --outpaint: what the new area starts from: edge "
+                                                "(repeat the border), blur (blurred edge), noise [default: edge]"),
+    outpaint_blur: Optional[int] = typer.Option(None, help="with --outpaint: soft border in pixels: the seam's band "
+                                                "is repainted and blended back [default: 0]"),
+    depth_map: Optional[Path] = typer.Option(None, help="depth-to-image models: the depth (any grayscale image, "
+                                             "16-bit PNG too; brighter = nearer, as DPT predicts) [default: the exported "
+                                             "depth estimator's, on --init-image]"),
+    then_upscale: Optional[Path] = typer.Option(None, help="×4 upscaler engine directory: each image is then "
+                                                "upscaled with its own prompt, seed, steps and guidance"),
+    noise_level: Optional[int] = typer.Option(None, help="the ×4 upscaler's noise level (with --then-upscale, or on "
+                                              "an upscaler directory) [default: 20]"),
     refiner: Optional[Path] = typer.Option(None, help="SDXL refiner engine directory to hand off to"),
     refiner_start: float = typer.Option(0.8, help="fraction of denoising done by the base before the refiner"),
     preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
@@ -223,6 +239,8 @@ def run(
                          guidance=guidance, guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, karras=karras,
                          seed=seed,
                          width=width, height=height, batch=batch, init_image=init_image, strength=strength, mask=mask,
+                         outpaint=outpaint, outpaint_fill=outpaint_fill, outpaint_blur=outpaint_blur,
+                         depth_map=depth_map, then_upscale=then_upscale, noise_level=noise_level,
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
@@ -241,7 +259,78 @@ def run(
     if as_json:
         print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "sampler": job.sampler,
                            "schedule": job.schedule, "steps": job.steps, "guidance": job.guidance,
-                           "width": job.width, "height": job.height} for w in written], indent=2))
+                           "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
+        return
+    for w in written:
+        print(w.path)
+
+
+@app.command()
+def upscale(
+    engine_dir: Path = typer.Argument(..., help="engine directory of the ×4 upscaler (sdrt export of "
+                                                "stabilityai/stable-diffusion-x4-upscaler or another "
+                                                "StableDiffusionUpscalePipeline)"),
+    image: Path = typer.Argument(..., help="the low-resolution image; the output is 4× its size"),
+    prompt: str = typer.Argument(..., help="what the image shows"),
+    noise_level: int = typer.Option(20, help="noise added to the low-resolution image (0 … the model's "
+                                             "max_noise_level, 350 for the SD upscaler)"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (used when guidance > 1)"),
+    steps: int = typer.Option(75, help="denoising steps (diffusers' default for this pipeline)"),
+    guidance: float = typer.Option(9.0, help="classifier-free guidance scale (diffusers' default for this pipeline)"),
+    sampler: Optional[str] = typer.Option(None, help="as for `sdrt run` [default: the model's own scheduler]"),
+    seed: int = typer.Option(0, help="image i uses seed + i; -1 picks a random seed"),
+    batch: int = typer.Option(1, help="images"),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
+    out: Path = typer.Option(Path("sdrt-upscaled.png"), "-o", "--out", help="PNG to write"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of the images written"),
+) -> None:
+    """Upscale an image ×4 with Stable Diffusion's upscaler (StableDiffusionUpscalePipeline), guided by a prompt."""
+    from sdrt.cli.generate import RunOptions, generate
+
+    options = RunOptions(engine_dir=engine_dir, prompts=(prompt,), negative_prompt=negative_prompt, steps=steps,
+                         guidance=guidance, sampler=sampler, seed=seed, batch=batch, init_image=image,
+                         noise_level=noise_level, needs="upscale", backend=backend, out=out, as_json=as_json)
+    job, written = generate(options)
+    if as_json:
+        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
+                           "steps": job.steps, "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
+        return
+    for w in written:
+        print(w.path)
+
+
+@app.command()
+def variations(
+    engine_dir: Path = typer.Argument(..., help="engine directory of an unCLIP model (sdrt export of "
+                                                "stabilityai/stable-diffusion-2-1-unclip or another "
+                                                "StableUnCLIPImg2ImgPipeline)"),
+    image: Path = typer.Argument(..., help="the image to make variations of (it enters as its CLIP embedding)"),
+    prompt: str = typer.Argument("", help="optional text to steer the variations"),
+    noise_level: int = typer.Option(0, help="noise added to the image embedding (0 … 999): more, more varied"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt (used when guidance > 1)"),
+    steps: int = typer.Option(20, help="denoising steps (diffusers' default for this pipeline)"),
+    guidance: float = typer.Option(10.0, help="classifier-free guidance scale (diffusers' default for this pipeline)"),
+    sampler: Optional[str] = typer.Option(None, help="as for `sdrt run` [default: the model's own scheduler]"),
+    width: Optional[int] = typer.Option(None, help="output width [default: the model's size]"),
+    height: Optional[int] = typer.Option(None, help="output height [default: the model's size]"),
+    seed: int = typer.Option(0, help="variation i uses seed + i; -1 picks a random seed"),
+    batch: int = typer.Option(4, help="how many variations"),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
+    out: Path = typer.Option(Path("sdrt-variation.png"), "-o", "--out", help="PNG to write (index appended for "
+                                                                              "several)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of the images written"),
+) -> None:
+    """Variations of an image with Stable Diffusion 2.1 unCLIP (StableUnCLIPImg2ImgPipeline)."""
+    from sdrt.cli.generate import RunOptions, generate
+
+    options = RunOptions(engine_dir=engine_dir, prompts=(prompt,), negative_prompt=negative_prompt, steps=steps,
+                         guidance=guidance, sampler=sampler, seed=seed, batch=batch, width=width, height=height,
+                         init_image=image, noise_level=noise_level, needs="variations", backend=backend, out=out,
+                         as_json=as_json)
+    job, written = generate(options)
+    if as_json:
+        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
+                           "steps": job.steps, "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
         return
     for w in written:
         print(w.path)

@@ -15,7 +15,7 @@ import torch
 
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "text_encoder_embeds",
                    "text_encoder_2_embeds", "vae_decoder_tiny", "vae_encoder_tiny",
-                   "unet_deepcache", "unet_deepcache_shallow")
+                   "unet_deepcache", "unet_deepcache_shallow", "depth_estimator", "image_encoder")
 EMBEDS = "_embeds"  # text_encoder[_2]_embeds: the same encoder taking token vectors (textual inversion); opt-in
 SEQUENCE_LENGTH = 77
 
@@ -94,6 +94,22 @@ class _UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+class _UNetClassLabels(torch.nn.Module):
+    """UNets with class embeddings (the ×4 upscaler's noise level): class_labels int64 [B]."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels):
+        return self.unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
+
+
+def has_class_labels(pipe) -> bool:
+    cfg = pipe.unet.config
+    return cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None
+
+
 class _VaeDecoder(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -111,6 +127,59 @@ class _VaeEncoder(torch.nn.Module):
 
     def forward(self, sample):  # [B, 3, H, W] → [B, 8, H/f, W/f]: mean ‖ logvar, not sampled
         return self.quant_conv(self.encoder(sample))
+
+
+class _DepthEstimator(torch.nn.Module):
+    def __init__(self, estimator):
+        super().__init__()
+        self.estimator = estimator
+
+    def forward(self, pixel_values):  # [B, 3, S, S] (the image processor's fixed size) → predicted_depth [B, S', S']
+        return self.estimator(pixel_values).predicted_depth
+
+
+def depth_input_size(pipe) -> tuple[int, int]:
+    """(height, width) the depth estimator's image processor resizes every image to."""
+    size = pipe.feature_extractor.size  # a dict, transformers 5's SizeDict, or one int (older configs)
+    if isinstance(size, int):
+        return size, size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k)
+    return int(get("height")), int(get("width"))
+
+
+def _depth_spec() -> ComponentSpec:
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        return ((torch.rand(shape.batch, 3, *depth_input_size(pipe), generator=g) * 2 - 1).to(dtype),)
+
+    axes = {"pixel_values": {0: "batch_size"}, "predicted_depth": {0: "batch_size"}}
+    return ComponentSpec("depth_estimator", ("pixel_values",), ("predicted_depth",), axes,
+                         lambda p: _DepthEstimator(p.depth_estimator), make_inputs)
+
+
+class _ImageEncoder(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixel_values):  # [B, 3, S, S] (the CLIP image processor's crop) → image_embeds [B, D]
+        return self.encoder(pixel_values).image_embeds
+
+
+def _image_encoder_spec() -> ComponentSpec:
+    def make_module(pipe):
+        if hasattr(pipe.image_encoder, "set_attn_implementation"):
+            pipe.image_encoder.set_attn_implementation("eager")  # as the text encoders (fp16 graphs)
+        return _ImageEncoder(pipe.image_encoder)
+
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        crop = pipe.feature_extractor.crop_size
+        get = crop.get if isinstance(crop, dict) else lambda k: getattr(crop, k)
+        return ((torch.rand(shape.batch, 3, int(get("height")), int(get("width")), generator=g) * 2 - 1).to(dtype),)
+
+    axes = {"pixel_values": {0: "batch_size"}, "image_embeds": {0: "batch_size"}}
+    return ComponentSpec("image_encoder", ("pixel_values",), ("image_embeds",), axes, make_module, make_inputs)
 
 
 def vae_scale_factor(pipe) -> int:
@@ -154,11 +223,12 @@ def text_output_names(pipe, name: str) -> tuple[str, ...]:
     return ("last_hidden_state", pooled) + tuple(f"hidden_states.{i}" for i in range(layers + 1))
 
 
-def _unet_spec(with_added_cond: bool) -> ComponentSpec:
+def _unet_spec(with_added_cond: bool, class_labels: bool = False) -> ComponentSpec:
     inputs = ("sample", "timestep", "encoder_hidden_states") + (("text_embeds", "time_ids") if with_added_cond else ())
+    inputs += ("class_labels",) if class_labels else ()
 
     def make_module(pipe):
-        return _UNet(pipe.unet, with_added_cond)
+        return _UNetClassLabels(pipe.unet) if class_labels else _UNet(pipe.unet, with_added_cond)
 
     def make_inputs(pipe, shape: Shape, dtype):
         cfg = pipe.unet.config
@@ -174,6 +244,10 @@ def _unet_spec(with_added_cond: bool) -> ComponentSpec:
             pixel = float(h * vae_scale_factor(pipe))
             ids = [pixel, pixel, 0.0, 0.0] + ([6.0] if _time_ids(pipe) == 5 else [pixel, pixel])
             args += [torch.randn(b, text_dim, generator=g).to(dtype), torch.tensor([ids] * b).to(dtype)]
+        if class_labels and cfg.class_embed_type == "projection":  # unCLIP: [image embedding ‖ noise level], float
+            args.append(torch.randn(b, cfg.projection_class_embeddings_input_dim, generator=g).to(dtype))
+        elif class_labels:  # the ×4 upscaler's noise levels, int64 [B]
+            args.append(torch.randint(0, cfg.num_class_embeds or 1000, (b,), generator=g))
         return tuple(args)
 
     axes = {
@@ -183,6 +257,8 @@ def _unet_spec(with_added_cond: bool) -> ComponentSpec:
     }
     if with_added_cond:
         axes |= {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}}
+    if class_labels:
+        axes |= {"class_labels": {0: "batch_size"}}
     return ComponentSpec("unet", inputs, ("out_sample",), axes, make_module, make_inputs, ("timestep",))
 
 
@@ -233,9 +309,15 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
                                                  {k: v for k, v in axes.items() if k != "inputs_embeds"
                                                   or base.name.endswith(EMBEDS)},
                                                  base.make_module, base.make_inputs)
-    specs["unet"] = _unet_spec(with_added_cond=pipe.unet.config.addition_embed_type == "text_time")
+    specs["unet"] = _unet_spec(with_added_cond=pipe.unet.config.addition_embed_type == "text_time",
+                               class_labels=has_class_labels(pipe))
     specs["vae_decoder"] = _vae_decoder_spec()
-    specs["vae_encoder"] = _vae_encoder_spec()
+    if getattr(pipe, "low_res_scheduler", None) is None:  # the ×4 upscaler never encodes an image
+        specs["vae_encoder"] = _vae_encoder_spec()
+    if getattr(pipe, "depth_estimator", None) is not None:
+        specs["depth_estimator"] = _depth_spec()
+    if getattr(pipe, "image_encoder", None) is not None and getattr(pipe, "image_normalizer", None) is not None:
+        specs["image_encoder"] = _image_encoder_spec()  # unCLIP's (IP-Adapter encoders are not pipeline parts here)
     return specs
 
 

@@ -40,6 +40,10 @@ VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows i
                    "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
 
 
+DEPTH_FP32_REASON = ("the depth estimator stays fp32: it is small, runs once per request, and diffusers notes that "
+                     "DPT-Hybrid's batch-norm layers are not fp16-safe")
+
+
 class GateFailed(UserError):
     pass
 
@@ -126,6 +130,15 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str], precision: str = "f
     source_dir = Path(str(pipe.config.get("_name_or_path", "") or pipe.name_or_path or ""))
     (tmp / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2, default=str))
     pipe.scheduler.save_pretrained(tmp / "scheduler")
+    for name in ("depth_estimator", "image_encoder"):  # the image processor that feeds it, beside it
+        if name in names and getattr(pipe, "feature_extractor", None) is not None:
+            (tmp / name).mkdir(exist_ok=True)
+            pipe.feature_extractor.save_pretrained(tmp / name)
+    if getattr(pipe, "image_normalizer", None) is not None:  # unCLIP: the embedding's mean/std and noising schedule
+        pipe.image_normalizer.save_pretrained(tmp / "image_normalizer", safe_serialization=True)
+        pipe.image_noising_scheduler.save_pretrained(tmp / "image_noising_scheduler")
+    if getattr(pipe, "low_res_scheduler", None) is not None:  # the ×4 upscaler noises its input with its own
+        pipe.low_res_scheduler.save_pretrained(tmp / "low_res_scheduler")
     for tok in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, tok, None) is None:
             continue
@@ -301,6 +314,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             if name.startswith("vae") and not name.endswith("_tiny") and precision == "fp16" and \
                     _vae_needs_fp32(pipe, info):
                 precision, kept = "fp32", VAE_FP32_REASON
+            if name == "depth_estimator" and precision == "fp16":
+                precision, kept = "fp32", DEPTH_FP32_REASON
             signature = _lora_signature(lora_records) + (tiny_signature if name.endswith("_tiny") else "") + \
                 ("".join(f"|hypernet:{r['sha256']}:{r['scale']!r}" for r in hypernet_records)
                  if name.startswith("unet") else "")

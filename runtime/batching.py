@@ -21,7 +21,10 @@ def compatibility_key(job: Job) -> tuple:
     """Equal keys ⇔ the jobs can share text-encoder, UNet and VAE batches."""
     images = (id(job.init_image) if job.init_image is not None else None,
               id(job.mask) if job.mask is not None else None,
-              id(job.init_latents) if job.init_latents is not None else None)
+              id(job.init_latents) if job.init_latents is not None else None,
+              id(job.low_res_image) if job.low_res_image is not None else None, job.noise_level,
+              id(job.depth_map) if job.depth_map is not None else None,
+              id(job.variation_image) if job.variation_image is not None else None)
     return (job.sampler, job.schedule, job.steps, job.guidance, job.guidance_rescale, job.timestep_spacing,
             job.prediction_type, job.width, job.height, job.strength, job.denoising_start, job.denoising_end,
             job.aesthetic_score, job.negative_aesthetic_score, job.negative_prompt is None, images,

@@ -22,8 +22,12 @@ class Family(str, Enum):
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableUnCLIPImg2ImgPipeline",
 )
-SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner and their inpainting variants"
+SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants, SD 2 depth-to-image, SD 2.1 unCLIP image variations and the SD ×4 upscaler"
+UPSCALER = "StableDiffusionUpscalePipeline"
+DEPTH = "StableDiffusionDepth2ImgPipeline"
+UNCLIP = "StableUnCLIPImg2ImgPipeline"
 
 
 class UnsupportedModel(UserError):
@@ -36,6 +40,21 @@ class ModelInfo:
     inpaint: bool  # a 9-channel UNet (latents ‖ mask ‖ masked-image latents)
     prediction_type: str  # epsilon | v_prediction | sample
     pipeline_class: str
+
+    @property
+    def upscaler(self) -> bool:
+        """The ×4 upscaler: a 7-channel UNet (latents ‖ noised low-resolution image) with a noise-level class label."""
+        return self.pipeline_class == UPSCALER
+
+    @property
+    def depth(self) -> bool:
+        """Depth-to-image: a 5-channel UNet (latents ‖ depth) and a DPT depth estimator."""
+        return self.pipeline_class == DEPTH
+
+    @property
+    def unclip(self) -> bool:
+        """unCLIP image variations: a CLIP image encoder whose noised embedding is the UNet's class label."""
+        return self.pipeline_class == UNCLIP
 
 
 def detect(model_index: dict, unet_config: dict, scheduler_config: dict) -> ModelInfo:

@@ -33,7 +33,7 @@ def to_pil(decoded: torch.Tensor, fp16_vae: bool) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
-def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+def load_image(path: str | Path, mode: str | None = "RGB") -> Image.Image:  # None: the file's own mode
     try:
         with Image.open(path) as img:
             return img.convert(mode)

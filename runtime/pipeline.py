@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules, step_cache, vae_tiling
+from . import depth, feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules, step_cache, unclip, \
+    upscale, vae_tiling
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -29,7 +30,7 @@ from .limits import Limits
 from .loader import EngineDir, open_dir
 from .request import Request
 from .tokenizer import ClipTokenizer
-from .unet_call import ExtraChannels, TextContributor, UnetCall
+from .unet_call import ClassLabels, ExtraChannels, TextContributor, UnetCall
 from .validate import TINY_VAE, Job, validate
 
 @dataclass
@@ -72,7 +73,8 @@ class Pipeline:
         text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
         text.check(d)  # so do bad embeddings
         names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder") + \
-            tuple(n for n in ("vae_encoder", *TINY_VAE.values()) if (d.path / n / "model.onnx").exists())
+            tuple(n for n in ("vae_encoder", *TINY_VAE.values(), "depth_estimator", "image_encoder")
+                  if (d.path / n / "model.onnx").exists())
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
         tokenizers = {}
         for enc in d.text_encoder_names:
@@ -167,7 +169,14 @@ class Pipeline:
         if latents is None:  # as diffusers, which needs int(steps * strength) >= 1
             raise UserError(f"{job.steps} steps at this strength leave no denoising step; raise the steps or "
                             "the strength")
-        return self.decode(latents, job.vae, job.tile_vae)
+        return self.finish(job, self.decode(latents, job.vae, job.tile_vae))
+
+    def finish(self, job: Job, images: list[Image.Image]) -> list[Image.Image]:
+        """What follows decoding for some jobs: outpainting's soft-border overlay (runtime/outpaint.py)."""
+        if job.overlay is None:
+            return images
+        original, soft = job.overlay
+        return [outpaint.overlay(image, original, soft) for image in images]
 
     def decode(self, latents: torch.Tensor, vae: str = "full", tiled: bool = False) -> list[Image.Image]:
         """Latents → images with the full VAE or the tiny one (vae="tiny": export/tiny_vae.py, whose
@@ -247,6 +256,10 @@ class Pipeline:
         if request.init_latents is not None:  # refiner after a base: continue from the base's latents
             x = request.init_latents.to(self.device, torch.float32).repeat_interleave(n // request.init_latents.shape[0], dim=0)
             return _Prepared(x, **common)
+        if request.low_res_image is not None:
+            return self._prepare_upscale(request, shape, common)
+        if request.variation_image is not None:
+            return self._prepare_unclip(request, shape, common)
         if request.init_image is None:
             return _Prepared(samplers.initial_latents(self._randn(shape, generator), schedule), **common)
 
@@ -255,8 +268,22 @@ class Pipeline:
         if request.mask is None:  # img2img: encode (posterior sample), then noise to the first sigma
             image_latents = self._encode_image(image, generator, request.vae, request.tile_vae)
             drawn = self._randn(shape, generator)
-            return _Prepared(image_latents + drawn * sigma0, **common)
+            return _Prepared(image_latents + drawn * sigma0, **common, contributors=self._depth(request, shape, guidance))
         return self._prepare_inpaint(request, image, shape, common)
+
+    def _depth(self, request: Job, shape: tuple, guidance: Guidance) -> list:
+        """Depth-to-image's channel (runtime/depth.py): the given map, or the estimator on the init image."""
+        if not self.dir.info.depth:
+            return []
+        n, _, h, w = shape
+        if request.depth_map is not None:
+            raw = depth.map_tensor(request.depth_map)  # [1, H, W]
+        else:
+            folder = self.dir.path / "depth_estimator"
+            pixels = depth.EstimatorInput.of(folder).tensor(request.init_image)
+            raw = feed.run(self.engines["depth_estimator"], pixel_values=pixels)["predicted_depth"]
+        d = depth.normalised(raw.cpu(), h, w).repeat(n, 1, 1, 1).to(self.device)  # [N, 1, h, w]
+        return [ExtraChannels(guidance.batch(d))]
 
     def _prepare_inpaint(self, request: Job, image: torch.Tensor, shape: tuple, common: dict) -> _Prepared:
         # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG).
@@ -282,6 +309,36 @@ class Pipeline:
             extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
             return _Prepared(x, **common, contributors=[ExtraChannels(extra)])
         return _Prepared(x, **common, blend=(latent_mask, image_latents, drawn))
+
+    def _prepare_upscale(self, request: Job, shape: tuple, common: dict) -> _Prepared:
+        # diffusers StableDiffusionUpscalePipeline.__call__: the low-resolution image noised by low_res_scheduler
+        # at noise_level (one draw), then prepare_latents (one draw); each image draws both with its own generator
+        # (diffusers' batches noise the shared image with generator[0] only, which would tie image i to seed s).
+        n = shape[0]
+        guidance, generator = common["guidance"], common["generator"]
+        low = request.low_res_image
+        image = image_io.to_tensor(low, low.width, low.height).to(self.device)  # [1, 3, h, w] in [-1, 1]
+        drawn = self._randn((n, *image.shape[1:]), generator)
+        noised = upscale.LowResNoise.of(self.dir).add_noise(image, drawn, request.noise_level)  # [N, 3, h, w]
+        x = samplers.initial_latents(self._randn(shape, generator), common["schedule"])
+        extra = guidance.batch(noised)
+        labels = upscale.class_labels(request.noise_level, extra.shape[0])
+        return _Prepared(x, **common, contributors=[ExtraChannels(extra), ClassLabels(labels)])
+
+    def _prepare_unclip(self, request: Job, shape: tuple, common: dict) -> _Prepared:
+        # diffusers StableUnCLIPImg2ImgPipeline: _encode_image → noise_image_embeddings (one draw), then
+        # prepare_latents (one draw); each image draws both with its own generator (diffusers' batches noise the
+        # one embedding with generator[0] only). Unconditional class labels are zeros, as diffusers.
+        n = shape[0]
+        guidance, generator = common["guidance"], common["generator"]
+        pixels = unclip.EncoderInput.of(self.dir.path / "image_encoder").tensor(request.variation_image)
+        embeds = feed.run(self.engines["image_encoder"], pixel_values=pixels)["image_embeds"].cpu()  # [1, D]
+        drawn = noise.randn((n, embeds.shape[-1]), generator)  # [N, D], CPU as diffusers' generators
+        labels = unclip.EmbeddingNoise.of(self.dir.path).noised(embeds, drawn, request.noise_level)  # [N, 2D]
+        if guidance.enabled:
+            labels = torch.cat([torch.zeros_like(labels), labels])
+        x = samplers.initial_latents(self._randn(shape, generator), common["schedule"])
+        return _Prepared(x, **common, contributors=[ClassLabels(labels.to(self.device))])
 
     def _window(self, request: Job, schedule) -> tuple[int, int]:
         """(first schedule index, number of steps to run) for img2img strength and base/refiner hand-off."""

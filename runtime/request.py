@@ -61,6 +61,9 @@ class ImageInputs:
     init_image: Any = None  # PIL image (img2img, inpaint)
     strength: float | None = None  # None: diffusers' default (img2img 0.8, SDXL refiner 0.3, inpaint 1.0)
     mask: Any = None  # PIL image, white = repaint
+    depth_map: Any = None  # PIL image (any mode): depth-to-image's depth, else its estimator runs
+    noise_level: int | None = None  # the ×4 upscaler's low-resolution noise (None: 20)
+    outpaint: Any = None  # {"left", "right", "top", "bottom", "fill", "blur"} or "left=64,top=8" (runtime/outpaint.py)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ FLAT["prompt"] = ("prompt", "text")
 FLAT["negative_prompt"] = ("prompt", "negative")
 FLAT["prompt_syntax"] = ("prompt", "syntax")
 FLAT["images_per_prompt"] = ("size", "batch")
-_IMAGE_FIELDS = ("init_image", "mask")
+_IMAGE_FIELDS = ("init_image", "mask", "depth_map")
 
 
 @dataclass(frozen=True)

@@ -332,6 +332,7 @@ class Service:
             if p.done:
                 continue
             p.done = True
+            own = pipe.finish(p.job, own)
             timings = Timings(p.started - p.enqueued, encode, steps_time, decode)
             p.future.set_result(Result(own, p.job.seeds, timings, count, p.job))
         self._report(batch, encode, steps_time, decode, failed=False)

@@ -57,6 +57,15 @@ class ExtraChannels:
         return feed | {"sample": torch.cat([feed["sample"], self.channels], dim=1)}
 
 
+@dataclass(frozen=True)
+class ClassLabels:
+    """The UNet's class_labels input (the ×4 upscaler's noise level), already guidance-batched: int64 [B(·2)]."""
+    labels: torch.Tensor
+
+    def contribute(self, feed, step):
+        return feed | {"class_labels": self.labels}
+
+
 class UnetCall:
     """`call(scaled_x, t) -> guided output` for make_denoiser, over one UNet engine and its contributors."""
 

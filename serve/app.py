@@ -320,7 +320,12 @@ def _a1111_schema(img2img: bool) -> dict:
         props |= {"init_images": {"type": "array", "items": {"type": "string"}, "maxItems": 1, "minItems": 1},
                   "denoising_strength": {"type": "number", "default": 0.75}, "mask": {"type": "string"},
                   "inpainting_mask_invert": {"type": "integer", "enum": [0, 1]},
-                  "include_init_images": {"type": "boolean"}}
+                  "include_init_images": {"type": "boolean"},
+                  "outpaint": {"type": "object", "description": "sdrt extension: extend the canvas by these margins "
+                               "(pixels, multiples of 8) and inpaint the new area; inpainting_fill 0/1/2 picks the "
+                               "fill (blur/edge/noise), mask_blur the soft border",
+                               "properties": {k: {"type": "integer", "default": 0}
+                                              for k in ("left", "right", "top", "bottom")}}}
     return {"type": "object", "properties": props, "additionalProperties": True}
 
 

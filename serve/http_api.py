@@ -379,7 +379,10 @@ def openai_response(plan: Plan, results, encoded: list[list[bytes]]) -> dict:
 
 A1111_USED = ("prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size",
               "n_iter", "steps", "cfg_scale", "width", "height", "send_images")
-A1111_IMG2IMG_USED = ("init_images", "denoising_strength", "mask", "inpainting_mask_invert", "include_init_images")
+A1111_IMG2IMG_USED = ("init_images", "denoising_strength", "mask", "inpainting_mask_invert", "include_init_images",
+                      "outpaint")
+# inpainting_fill with sdrt's `outpaint` extension: 0 "fill" (blurred colours), 1 "original", 2 "latent noise"
+A1111_OUTPAINT_FILL = {0: "blur", 1: "edge", 2: "noise"}
 _A1111_NAMES = {"guidance": "cfg_scale", "batch": "batch_size", "sampler": "sampler_name", "schedule": "scheduler",
                 "strength": "denoising_strength", "init_image": "init_images", "request": "body"}
 A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler": "Euler", "denoising_strength": 0.75}
@@ -510,13 +513,15 @@ def a1111_neutral(model_name: str, img2img: bool) -> dict[str, Neutral]:
         "resize_mode": Neutral("0 or null (\"Just resize\": the init image is resized to width x height)",
                                _is(0, None)),
         "image_cfg_scale": Neutral("null (no instruct-pix2pix)", _is(None)),
-        "mask_blur": Neutral("0 or null with a mask (sdrt does not blur masks); anything without one",
+        "mask_blur": Neutral("0 or null with a mask (sdrt does not blur masks); anything without one (with outpaint: "
+                             "the soft border)",
                              _with_mask(_is(0, None))),
         "mask_blur_x": Neutral("0 or null with a mask; anything without one", _with_mask(_is(0, None))),
         "mask_blur_y": Neutral("0 or null with a mask; anything without one", _with_mask(_is(0, None))),
         "mask_round": Neutral("true or null with a mask (sdrt binarizes masks at 0.5); anything without one",
                               _with_mask(_is(True, None))),
-        "inpainting_fill": Neutral("1 (\"original\") or null with a mask; anything without one",
+        "inpainting_fill": Neutral("1 (\"original\") or null with a mask; anything without one (with outpaint: 0, 1 "
+                                   "or 2, the fill)",
                                    _with_mask(_is(1, None))),
         "inpaint_full_res": Neutral("false, 0 or null with a mask (\"whole picture\"); anything without one",
                                     _with_mask(_is(False, 0, None))),
@@ -595,6 +600,9 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
             if invert not in (None, 0, 1) or isinstance(invert, bool):
                 raise invalid("inpainting_mask_invert", f"must be 0 or 1, not {_short(invert)}")
             flat["mask"] = ImageOps.invert(mask) if invert == 1 else mask
+        if body.get("outpaint") is not None:
+            flat["outpaint"] = _a1111_outpaint(body)
+            _a1111_outpaint_size(flat)
         include = body.get("include_init_images")
         if include not in (None, True, False):
             raise invalid("include_init_images", f"must be true or false, not {_short(include)}")
@@ -608,6 +616,46 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
     for i in range(iterations):
         requests.append(_request({**flat, "seed": seed + i * step}))
     return Plan(requests, names, send_images=send_images, echo=echo, img2img=img2img)
+
+
+def _a1111_outpaint(body: Mapping) -> dict:
+    """sdrt's `outpaint` extension ({"left", "right", "top", "bottom"} pixels) with A1111's own fields where they
+    map: inpainting_fill → the fill of the new area, mask_blur → the soft border (runtime/outpaint.py)."""
+    spec = body["outpaint"]
+    if not isinstance(spec, Mapping):
+        raise invalid("outpaint", f"must be an object with left/right/top/bottom margins in pixels, not "
+                                  f"{_json_type(spec)}")
+    spec = dict(spec)
+    fill = body.get("inpainting_fill")
+    if fill is not None:
+        if isinstance(fill, bool) or not isinstance(fill, int) or fill not in A1111_OUTPAINT_FILL:
+            raise invalid("inpainting_fill", "with outpaint: 0 (fill: blurred edge), 1 (original: repeated edge) "
+                                             f"or 2 (latent noise: noise), not {_short(fill)}")
+        if "fill" in spec and spec["fill"] != A1111_OUTPAINT_FILL[fill]:
+            raise invalid("inpainting_fill", f"asks for {A1111_OUTPAINT_FILL[fill]} but outpaint.fill is "
+                                             f"{_short(spec['fill'])}; give one")
+        spec["fill"] = A1111_OUTPAINT_FILL[fill]
+    blur = body.get("mask_blur")
+    if blur is not None:
+        if "blur" in spec and spec["blur"] != blur:
+            raise invalid("mask_blur", f"is {_short(blur)} but outpaint.blur is {_short(spec['blur'])}; give one")
+        spec["blur"] = blur
+    return spec
+
+
+def _a1111_outpaint_size(flat: dict) -> None:
+    """With outpaint the size is the extended canvas: width/height (which A1111 clients always send) may only
+    repeat it, and are then left to the margins."""
+    spec, (w, h) = flat["outpaint"], flat["init_image"].size
+    sides = [spec.get(k, 0) for k in ("left", "right", "top", "bottom")]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in sides):
+        canvas = {"width": w + sides[0] + sides[1], "height": h + sides[2] + sides[3]}
+        for key, value in canvas.items():
+            if key in flat and flat[key] != value:
+                raise invalid(key, f"with outpaint the image is the extended canvas, {canvas['width']}x"
+                                   f"{canvas['height']}; send that size or leave {key} out")
+    flat.pop("width", None)
+    flat.pop("height", None)
 
 
 def a1111_response(plan: Plan, results, encoded: list[list[bytes]], model_name: str) -> dict:
