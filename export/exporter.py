@@ -26,6 +26,7 @@ from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from sdrt.runtime.prompt_encode import write_text_weights
 
 from . import gate
+from . import controlnet as cn
 from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
@@ -55,6 +56,7 @@ class ExportConfig:
     force: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
+    controlnets: tuple[str, ...] = ()  # "SRC[=NAME]": each its own component controlnet/NAME (export/controlnet.py)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -173,14 +175,15 @@ def _module_for(pipe, name):
 
 def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) -> dict:
     started = time.perf_counter()
-    module_owner = _module_for(pipe, spec.name)
+    module_owner = spec.owner(pipe) if spec.owner is not None else _module_for(pipe, spec.name)
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    fp32_weights = tmp / f".{spec.name}.fp32.pt"
+    flat = spec.name.replace("/", "--")  # controlnet/NAME
+    fp32_weights = tmp / f".{flat}.fp32.pt"
     if dtype == torch.float16:  # keep the fp32 weights on disk for the gate's reference, not in memory
         torch.save(module_owner.state_dict(), fp32_weights)
         module_owner.half()
     wrapper = spec.make_module(pipe).eval()
-    raw = tmp / f".{spec.name}.raw"
+    raw = tmp / f".{flat}.raw"
     raw.mkdir()
     with subpixel_upsampling(wrapper) as rewritten:
         torch_to_onnx(wrapper, spec.make_inputs(pipe, shapes[0], dtype), raw / "model.onnx",
@@ -252,14 +255,22 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     for path, scale in cfg.loras:  # unreadable files and bad scales fail before the model loads
         lora.check_scale(scale, path)
         lora.read_header(Path(path).expanduser())
+    net_sources = [cn.parse_arg(a) for a in cfg.controlnets]
+    for src in net_sources:
+        cn.check_source(src)
+    if len({s.name for s in net_sources}) != len(net_sources):
+        raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
     old = _check_output(cfg, source.sha256)
+    nets = _load_controlnets(pipe, net_sources)  # wrong family or width fails here, before anything is written
     lora_records = _fuse_loras(pipe, info, cfg.loras)
     specs = component_specs(pipe)
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
+    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources})
+    extra = _controlnet_specs(pipe, nets, bool(kept_nets or nets))
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -271,12 +282,23 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     try:
         _write_pipeline_files(pipe, tmp, names, cfg.precision)
         components = {}
-        for name in names:
+        for name, entry in kept_nets.items():  # ControlNets already in the directory and not given again
+            (tmp / name).mkdir(parents=True)
+            for rel in entry["files"] + ["config.json"]:
+                os.link(output / name / rel, tmp / name / rel)
+            components[name] = entry
+            progress(name, "skipped")
+        for name, (spec, config, digest) in extra.items():
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        unet_at = names.index("unet") if "unet" in names else len(names)
+        for name in names[:unet_at] + list(extra) + names[unet_at:]:  # before the UNet releases its module
             precision = cfg.precision
             kept = None
             if name.startswith("vae") and precision == "fp16" and _vae_needs_fp32(pipe, info):
                 precision, kept = "fp32", VAE_FP32_REASON
-            key = _component_key(source.sha256 + _lora_signature(lora_records), name, precision)
+            digest = extra[name][2] if name in extra else ""
+            key = _component_key(source.sha256 + _lora_signature(lora_records) + digest, name, precision)
             entry = _reusable(old, output, name, key)
             if entry is not None:
                 for rel in entry["files"]:
@@ -285,8 +307,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 progress(name, "skipped")
                 continue
             progress(name, "start")
-            release = name not in ("vae_decoder", "vae_encoder")  # the two VAE halves share one module
-            entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name), release)
+            release = name not in ("vae_decoder", "vae_encoder") and name not in extra  # VAE halves share one module
+            spec = extra[name][0] if name in extra else specs[name]
+            entry = _export_one(pipe, spec, precision, tmp, gate_shapes(pipe, "unet" if name in extra else name),
+                                release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
                 raise GateFailed(f"parity gate failed for {name} ({precision}): {_worst(entry)}, "
@@ -307,6 +331,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "latent_multiple": _latent_multiple(pipe, components.get("unet")),
             "vae_scale_factor": vae_scale_factor(pipe),
             "loras": lora_records,
+            "controlnets": [r for r in (old or {}).get("controlnets", []) if cn.PREFIX + r["name"] in kept_nets]
+                           + [cn.record(src, net, digest) for src, (net, digest) in nets.items()],
             "components": components,
             "trt": [],
             "versions": versions(),
@@ -317,6 +343,54 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None) -> dict:
+    """`sdrt export DIR --controlnet SRC`: the directory's own export re-run with more ControlNets. Every component
+    already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
+    which must still be there (the residual UNet and the gate's shapes need its UNet)."""
+    manifest = read_manifest(engine_dir)
+    if manifest is None:
+        raise UserError(f"{engine_dir} has no manifest.json; ControlNets are added to directories `sdrt export` wrote")
+    if manifest.get("loras"):
+        raise UserError(f"{engine_dir} was exported with LoRAs fused in; export the model again with --lora and "
+                        "--controlnet together")
+    source = manifest["source"]
+    present = tuple(n for n in manifest["components"] if n in COMPONENT_NAMES)
+    cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
+                       components=present, vae=source.get("vae"), controlnets=tuple(controlnets))
+    return export(cfg, progress)
+
+
+def _load_controlnets(pipe, sources) -> dict:
+    """{ControlNetSource: (ControlNetModel, sha256)}, each checked against this pipeline's UNet and VAE."""
+    nets = {}
+    for src in sources:
+        net, digest = cn.load(src)
+        cn.check_compatible(net, dict(pipe.unet.config), vae_scale_factor(pipe), src)
+        nets[src] = (net, digest)
+    return nets
+
+
+def _kept_controlnets(old: dict | None, output: Path, given: set[str]) -> dict:
+    """ControlNet components of the existing directory that stay (not given again, files intact)."""
+    kept = {}
+    for name, entry in (old or {}).get("components", {}).items():
+        if name.startswith(cn.PREFIX) and name[len(cn.PREFIX):] not in given \
+                and _reusable(old, output, name, entry.get("key")) is not None:
+            kept[name] = entry
+    return kept
+
+
+def _controlnet_specs(pipe, nets: dict, any_net: bool) -> dict:
+    """{component: (spec, config.json content, key digest)}: the residual UNet (when any ControlNet will be in
+    the directory) and one per new ControlNet."""
+    out = {}
+    if any_net:
+        out[cn.UNET_CONTROLNET] = (cn.unet_residual_spec(pipe), dict(pipe.unet.config), "|residuals")
+    for src, (net, digest) in nets.items():
+        out[cn.PREFIX + src.name] = (cn.controlnet_spec(pipe, src.name, net), dict(net.config), "|cn:" + digest)
+    return out
 
 
 def _fuse_loras(pipe, info, loras) -> list[dict]:

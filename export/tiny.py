@@ -126,3 +126,23 @@ def write_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
         if (folder / name).is_dir():
             write_clip_tokenizer(folder / name, pad_token="!" if name == "tokenizer_2" else EOS)
     return folder
+
+
+def write_tiny_controlnet(model_folder: Path, folder: Path, seed: int = 0, gain: float = 0.5) -> Path:
+    """A ControlNet for a tiny pipeline: diffusers' ControlNetModel.from_unet (the UNet's encoder copied), its
+    conditioning embedding sized to the tiny VAE's factor, and the zero-initialised convolutions (the condition's
+    conv_out, the residual 1×1 convs) drawn at random × `gain` so that the control image visibly moves the output."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
+    factor = 2 ** (len(_vae(0.18215, False).config.block_out_channels) - 1)
+    channels = (8, 16, 16, 32)[: factor.bit_length()]  # one stride-2 conv per factor of 2
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    g = torch.Generator().manual_seed(seed)
+    zeroed = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zeroed:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * gain / conv.weight[0].numel() ** 0.5)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * gain * 0.1)
+    net.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
