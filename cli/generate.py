@@ -18,10 +18,12 @@ OnStep = Callable[[str, int, int], None]  # (stage, steps done, total)
 
 # request field → how `sdrt run` spells it (InvalidRequest names fields, the CLI names its own flags)
 FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_prompt": "--batch", "loras": "--lora",
-         "embeddings": "--embedding"}
+         "embeddings": "--embedding", "controls": "--control"}
 
 
 def flag(field: str) -> str:
+    if field.startswith("controls["):  # controls[i].name / .scale / .image: the i-th --control
+        return "--control"
     name = field.split(".")[-1]
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
@@ -60,6 +62,24 @@ class RunOptions:
     clip_skip: int = 0
     embeddings: tuple[Path, ...] = ()  # textual-inversion files (runtime/embeddings.py); trigger = file stem
     embeddings_dir: Path | None = None  # every file in it is active, as in AUTOMATIC1111
+    controls: tuple[str, ...] = ()  # "NAME=IMAGE[:SCALE]" (runtime/controlnet.py)
+    control_start: float = 0.0
+    control_end: float = 1.0
+    guess_mode: bool = False
+
+
+def parse_control(text: str) -> tuple[str, Path, float]:
+    """`NAME=IMAGE[:SCALE]` → (name, image path, scale); the scale is checked by validation."""
+    name, eq, rest = text.partition("=")
+    if not eq or not name or not rest:
+        raise UserError(f"--control {text!r}: give NAME=IMAGE or NAME=IMAGE:SCALE")
+    path, colon, scale = rest.rpartition(":")
+    if colon and path:
+        try:
+            return name, Path(path), float(scale)
+        except ValueError:
+            pass
+    return name, Path(rest), 1.0
 
 
 def build_request(o: RunOptions) -> Request:
@@ -90,6 +110,10 @@ def build_request(o: RunOptions) -> Request:
         prompt_syntax=o.prompt_syntax,
         clip_skip=o.clip_skip,
         embeddings=tuple(str(e) for e in o.embeddings),
+        controls=tuple((name, image_io.load_image(path), scale) for name, path, scale in map(parse_control, o.controls)),
+        control_start=o.control_start,
+        control_end=o.control_end,
+        guess_mode=o.guess_mode,
     )
 
 

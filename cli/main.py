@@ -44,6 +44,9 @@ def export(
     textual_inversion: bool = typer.Option(False, "--textual-inversion", help="also export each text encoder's "
                                            "inputs_embeds variant, so that `sdrt run --embedding` works (a second "
                                            "copy of the text encoders' weights)"),
+    controlnet: list[str] = typer.Option([], "--controlnet", help="SRC[=NAME]: a diffusers ControlNet folder, hub id "
+                                         "or single file, exported as controlnet/NAME (repeatable); MODEL may be an "
+                                         "engine directory to add ControlNets to"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -57,12 +60,15 @@ def export(
             raise UserError("--trt needs at least one --resolution WIDTHxHEIGHT or a --dynamic MIN-MAX range")
         device_info()
 
+    adding = controlnet and (Path(model) / "manifest.json").is_file()  # sdrt export DIR --controlnet SRC
+    if adding and output is not None and Path(output).absolute() != Path(model).absolute():
+        raise UserError(f"{model} is an engine directory: ControlNets are added into it; drop -o/--output")
     if output is None:
-        output = Path(f"{Path(model.rstrip('/')).stem}-{precision}")
+        output = Path(model) if adding else Path(f"{Path(model.rstrip('/')).stem}-{precision}")
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
-                       textual_inversion=textual_inversion)
+                       textual_inversion=textual_inversion, controlnets=tuple(controlnet))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -76,7 +82,12 @@ def export(
             text = "unchanged, skipped" if status == "skipped" else "exported, parity gate passed"
             bar.console.print(f"{name}: {text}", highlight=False)
 
-        manifest = run_export(cfg, progress)
+        if adding:
+            from sdrt.export.exporter import add_controlnets
+
+            manifest = add_controlnets(Path(model), tuple(controlnet), progress)
+        else:
+            manifest = run_export(cfg, progress)
     if trt:
         _build_plans(output, resolution, dynamic, batch, guidance, None, 3, False)
     summary = summarize(manifest, output)
@@ -177,6 +188,12 @@ def run(
                                                                 ".bin), triggered by its file name (repeatable)"),
     embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual-inversion files, all usable by "
                                                              "their file names"),
+    control: list[str] = typer.Option([], "--control", help="NAME=IMAGE[:SCALE]: a ControlNet the engine directory "
+                                                           "holds and its control image (repeatable; summed in order)"),
+    control_start: float = typer.Option(0.0, help="fraction of the steps before the ControlNets start"),
+    control_end: float = typer.Option(1.0, help="fraction of the steps after which the ControlNets stop"),
+    guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode: the nets see only the "
+                                                               "conditional prompt, residuals scaled 0.1…1 by depth"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -197,7 +214,8 @@ def run(
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
-                         embeddings_dir=embeddings_dir)
+                         embeddings_dir=embeddings_dir, controls=tuple(control), control_start=control_start,
+                         control_end=control_end, guess_mode=guess_mode)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

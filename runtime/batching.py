@@ -27,7 +27,8 @@ def compatibility_key(job: Job) -> tuple:
             job.aesthetic_score, job.negative_aesthetic_score, job.negative_prompt is None, images,
             job.syntax, job.clip_skip, job.text_chunks,  # equal chunk counts: no prompt padded beyond its own run
             tuple(id(e) for e in job.embeddings),  # one set of textual inversions (loaded once per file version)
-            tuple(r.key for r in job.loras))  # one LoRA set (files and scales) per batch: one set of engines
+            tuple(r.key for r in job.loras),  # one LoRA set (files and scales) per batch: one set of engines
+            job.controls.key() if job.controls is not None else None)  # the same ControlNets, images and window
 
 
 def _per_image(job: Job, values: tuple | None) -> tuple | None:

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import feed, image_io, lora, noise, sampler_registry, samplers, schedules
+from . import controlnet_call, feed, image_io, lora, noise, sampler_registry, samplers, schedules
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -42,6 +42,7 @@ class _Prepared:
     blend: tuple | None = None  # 4-channel inpaint: (mask [N,1,h,w], image latents, noise)
     generator: list | None = None  # one CPU torch.Generator per image
     contributors: list = field(default_factory=list)  # the UNet feed's parts besides text (runtime/unet_call.py)
+    unet: str = "unet"  # the UNet graph the contributors feed (unet_controlnet takes ControlNet residuals)
 
 
 class Pipeline:
@@ -53,6 +54,7 @@ class Pipeline:
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
         self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
         self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompt_encode.py)
+        self.open_engine = None  # component name → engine, for components opened on first use (ControlNets)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
@@ -78,6 +80,7 @@ class Pipeline:
         pipe = cls(d, engines, tokenizers, limits)
         pipe.adapters.use(base_loras, lora_dir)
         pipe.text = text
+        pipe.open_engine = lambda name: open_engine(d.onnx_path(name), backend, ort_config)
         return pipe
 
     # ---- request validation -------------------------------------------------------------------------
@@ -109,12 +112,20 @@ class Pipeline:
 
     def prepare(self, job: Job) -> "_Prepared":
         """Text encoding, initial latents and schedule for a validated job (what `steps` then runs)."""
-        return self._prepare(job)
+        return controlnet_call.attach(self, job, self._prepare(job))
+
+    def component(self, name: str):
+        """The engine of `name`, opened on first use (components plain runs never need, such as ControlNets)."""
+        if name not in self.engines:
+            if self.open_engine is None:
+                raise UserError(f"this pipeline was built without {name} and cannot open it")
+            self.engines[name] = self.open_engine(name)
+        return self.engines[name]
 
     def steps(self, job: Job, prep: "_Prepared") -> Iterator[torch.Tensor]:
         """The sampler loop over a prepared job: yields the latents after each step."""
         cfg = self.scheduler_config(job)
-        unet = self.engine("unet", job)
+        unet = self.engine(prep.unet, job)
         text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
         model = UnetCall(unet, prep.guidance, [text, *prep.contributors], prep.schedule.timesteps)
         denoise_fn = make_denoiser(model, prep.schedule, cfg.prediction_type)

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import lora, prompt_encode, sampler_registry
+from . import controlnet, lora, prompt_encode, sampler_registry
 from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
@@ -65,6 +65,7 @@ class Job:
     text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
     embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
+    controls: Any = None  # runtime/controlnet.Controls, or None
 
     @property
     def count(self) -> int:
@@ -259,6 +260,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     for name, v in zip(("denoising_start", "denoising_end"), starts):
         if v is not None and v >= 1.0:
             raise InvalidRequest(name, f"must be below 1 (got {v:g})")
+    controls = controlnet.validate_controls(request.control, model_dir, loras)
     aesthetic = _float("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
 
@@ -277,4 +279,5 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                init_image=init_image, strength=strength, mask=mask, init_latents=refine.init_latents,
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
-               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras)
+               clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
+               controls=controls)
