@@ -193,3 +193,35 @@ def test_trt_plan_logic_covers_controlnets(cn):
     assert residual[0][2:] == (-(-h // 2), -(-w // 2))
     assert locate(engine / "controlnet" / "canny" / "model.onnx") == (engine, "controlnet/canny")
     assert locate(engine / "unet" / "model.onnx") == (engine, "unet")
+
+
+def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pipes):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from sdrt.serve.app import ServeConfig, create_app
+
+    engine, _ = cn["sd15"]
+    image = _image(0, 48, 32)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    config = ServeConfig(engine_dir=engine, max_batch=2, max_wait_ms=20, warmup=False, backend="ort-cpu")
+    with TestClient(create_app(config, pipeline=pipes["sd15"])) as client:
+        body = {"prompt": "a fox", "size": "48x32", "steps": 2, "guidance_scale": 5.0, "sampler": "euler", "seed": 4,
+                "controls": [{"name": "depth", "image": b64, "scale": 0.9}], "guess_mode": True}
+        response = client.post("/v1/images/generations", json=body)
+        assert response.status_code == 200, response.text
+        got = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))).convert("RGB")
+        want = pipes["sd15"].generate(Request.of(prompt="a fox", steps=2, guidance=5.0, sampler="euler", seed=4,
+                                                 controls=(("depth", image, 0.9),), guess_mode=True, **SIZE))[0]
+        assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+        for controls, field in (([{"name": "pose", "image": b64}], "controls[0].name"),
+                                ([{"name": "depth", "image": "%%%"}], "controls[0].image"),
+                                ([{"name": "depth", "image": b64, "scale": "high"}], "controls[0].scale")):
+            response = client.post("/v1/images/generations", json=body | {"controls": controls})
+            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+        response = client.post("/v1/images/generations", json=body | {"control_start": 0.9, "control_end": 0.1})
+        assert response.status_code == 422 and response.json()["error"]["field"] == "control_start"
