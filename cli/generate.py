@@ -78,7 +78,8 @@ def parse_control(text: str) -> tuple[str, Path, float]:
         try:
             return name, Path(path), float(scale)
         except ValueError:
-            pass
+            if Path(path).is_file() and not Path(rest).exists():
+                raise UserError(f"--control {text!r}: the scale {scale!r} is not a number") from None
     return name, Path(rest), 1.0
 
 

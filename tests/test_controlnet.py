@@ -11,6 +11,9 @@ import json
 import os
 import shutil
 
+from pathlib import Path
+
+import jsonschema
 import numpy as np
 import pytest
 from PIL import Image
@@ -113,6 +116,7 @@ def test_manifest_records_the_controlnets_and_keeps_the_plain_unet(cn, exported)
     plain = json.loads((exported("sd15", "fp32") / "manifest.json").read_text())
     assert manifest["components"]["unet"]["sha256"] == plain["components"]["unet"]["sha256"]
     assert [r["name"] for r in manifest["controlnets"]] == ["canny", "depth"]
+    jsonschema.validate(manifest, json.loads((Path(__file__).parents[1] / "export" / "manifest.schema.json").read_text()))
     for name in ("unet_controlnet", "controlnet/canny", "controlnet/depth"):
         entry = manifest["components"][name]
         assert entry["gate"]["passed"] and (engine / name / "model.onnx").is_file()
