@@ -229,3 +229,25 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
             assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
         response = client.post("/v1/images/generations", json=body | {"control_start": 0.9, "control_end": 0.1})
         assert response.status_code == 422 and response.json()["error"]["field"] == "control_start"
+
+
+@pytest.mark.parametrize("cls", ["StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline"])
+def test_sd15_controlnet_img2img_and_inpaint_equal_diffusers(cn, pipes, tiny_pipeline, cls):
+    import diffusers
+
+    control, init = _image(4, 48, 32), _image(5, 48, 32)
+    mask = Image.fromarray(((np.random.default_rng(6).random((32, 48)) > 0.5) * 255).astype("uint8"))
+    inputs = dict(init_image=init, strength=0.7) if "Img2Img" in cls else dict(init_image=init, mask=mask, strength=1.0)
+    common = dict(prompt="a cat", steps=4, sampler="euler", seed=3, **SIZE, **inputs)
+    ours = pipes["sd15"].generate(Request.of(**common, controls=(("canny", control, 0.8),), control_end=0.8))
+    net = diffusers.ControlNetModel.from_pretrained(cn["sd15"][1]["canny"])
+    ref = getattr(diffusers, cls).from_pretrained(tiny_pipeline("sd15"), controlnet=net, safety_checker=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a cat", image=init, control_image=control, strength=inputs["strength"], num_inference_steps=4,
+                 controlnet_conditioning_scale=0.8, control_guidance_end=0.8, generator=generators(3, 1),
+                 output_type="np", **({"mask_image": mask} if "mask" in inputs else {}), **SIZE).images
+    assert_same_images(f"controlnet sd15 {cls}", ours, theirs)
+    plain = pipes["sd15"].generate(Request.of(**common))
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(plain).astype(int)).max() > 8
