@@ -66,6 +66,19 @@ class RunOptions:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
+    ip_image: str | None = None  # "IMAGE[:SCALE]" (runtime/ip_adapter.py)
+
+
+def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
+    """`IMAGE[:SCALE]` → (path, scale)."""
+    path, colon, scale = text.rpartition(":")
+    if colon and path:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise UserError(f"{flag} {text!r}: the scale {scale!r} is not a number") from None
+    return Path(text), 1.0
 
 
 def parse_control(text: str) -> tuple[str, Path, float]:
@@ -73,14 +86,7 @@ def parse_control(text: str) -> tuple[str, Path, float]:
     name, eq, rest = text.partition("=")
     if not eq or not name or not rest:
         raise UserError(f"--control {text!r}: give NAME=IMAGE or NAME=IMAGE:SCALE")
-    path, colon, scale = rest.rpartition(":")
-    if colon and path:
-        try:
-            return name, Path(path), float(scale)
-        except ValueError:
-            if Path(path).is_file() and not Path(rest).exists():
-                raise UserError(f"--control {text!r}: the scale {scale!r} is not a number") from None
-    return name, Path(rest), 1.0
+    return (name, *parse_image_scale(rest, "--control"))
 
 
 def build_request(o: RunOptions) -> Request:
@@ -115,7 +121,15 @@ def build_request(o: RunOptions) -> Request:
         control_start=o.control_start,
         control_end=o.control_end,
         guess_mode=o.guess_mode,
+        **_ip_fields(o.ip_image),
     )
+
+
+def _ip_fields(text: str | None) -> dict:
+    if text is None:
+        return {}
+    path, scale = parse_image_scale(text, "--ip-image")
+    return {"ip_image": image_io.load_image(path), "ip_scale": scale}
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

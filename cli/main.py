@@ -47,6 +47,10 @@ def export(
     controlnet: list[str] = typer.Option([], "--controlnet", help="SRC[=NAME]: a diffusers ControlNet folder, hub id "
                                          "or single file, exported as controlnet/NAME (repeatable); MODEL may be an "
                                          "engine directory to add ControlNets to"),
+    ip_adapter: Optional[str] = typer.Option(None, help="IP-Adapter file (.safetensors/.bin, diffusers' format): "
+                                             "exported as image_encoder + unet_ip; needs --image-encoder"),
+    image_encoder: Optional[str] = typer.Option(None, help="the IP-Adapter's CLIP image encoder (a "
+                                                "CLIPVisionModelWithProjection folder)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -60,15 +64,17 @@ def export(
             raise UserError("--trt needs at least one --resolution WIDTHxHEIGHT or a --dynamic MIN-MAX range")
         device_info()
 
-    adding = controlnet and (Path(model) / "manifest.json").is_file()  # sdrt export DIR --controlnet SRC
+    adding = bool(controlnet or ip_adapter or image_encoder) and (Path(model) / "manifest.json").is_file()
     if adding and output is not None and Path(output).absolute() != Path(model).absolute():
-        raise UserError(f"{model} is an engine directory: ControlNets are added into it; drop -o/--output")
+        raise UserError(f"{model} is an engine directory: ControlNets and IP-Adapters are added into it; drop "
+                        "-o/--output")
     if output is None:
         output = Path(model) if adding else Path(f"{Path(model.rstrip('/')).stem}-{precision}")
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
-                       textual_inversion=textual_inversion, controlnets=tuple(controlnet))
+                       textual_inversion=textual_inversion, controlnets=tuple(controlnet), ip_adapter=ip_adapter,
+                       image_encoder=image_encoder)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -85,7 +91,7 @@ def export(
         if adding:
             from sdrt.export.exporter import add_controlnets
 
-            manifest = add_controlnets(Path(model), tuple(controlnet), progress)
+            manifest = add_controlnets(Path(model), tuple(controlnet), progress, ip_adapter, image_encoder)
         else:
             manifest = run_export(cfg, progress)
     if trt:
@@ -194,6 +200,8 @@ def run(
     control_end: float = typer.Option(1.0, help="fraction of the steps after which the ControlNets stop"),
     guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode: the nets see only the "
                                                                "conditional prompt, residuals scaled 0.1…1 by depth"),
+    ip_image: Optional[str] = typer.Option(None, help="IMAGE[:SCALE]: an image prompt for the directory's "
+                                                      "IP-Adapter (scale default 1)"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -215,7 +223,7 @@ def run(
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
                          embeddings_dir=embeddings_dir, controls=tuple(control), control_start=control_start,
-                         control_end=control_end, guess_mode=guess_mode)
+                         control_end=control_end, guess_mode=guess_mode, ip_image=ip_image)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -27,6 +27,7 @@ from sdrt.runtime.prompt_encode import write_text_weights
 
 from . import gate
 from . import controlnet as cn
+from . import ip_adapter as ipa
 from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
@@ -57,6 +58,8 @@ class ExportConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
     controlnets: tuple[str, ...] = ()  # "SRC[=NAME]": each its own component controlnet/NAME (export/controlnet.py)
+    ip_adapter: str | None = None  # IP-Adapter file: image_encoder + unet_ip components (export/ip_adapter.py)
+    image_encoder: str | None = None  # the adapter's CLIPVisionModelWithProjection folder
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -260,6 +263,12 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         cn.check_source(src)
     if len({s.name for s in net_sources}) != len(net_sources):
         raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
+    ip_source = None
+    if cfg.ip_adapter is not None or cfg.image_encoder is not None:
+        if cfg.ip_adapter is None:
+            raise UserError("--image-encoder is the IP-Adapter's image encoder; give --ip-adapter FILE with it")
+        ip_source = ipa.IpAdapterSource(cfg.ip_adapter, cfg.image_encoder)
+        ipa.check_source(ip_source)
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
@@ -269,8 +278,14 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     specs = component_specs(pipe)
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
-    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources})
-    extra = _controlnet_specs(pipe, nets, bool(kept_nets or nets))
+    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, cfg.ip_adapter is not None)
+    extra = _controlnet_specs(pipe, nets, bool(nets) or any(k.startswith(cn.PREFIX) for k in kept_nets))
+    ip_loaded = ipa.load(pipe, ip_source) if ip_source is not None else None
+    if ip_loaded is not None:
+        extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(),
+                                    "|ip:" + ip_loaded["record"]["sha256"])
+        extra[ipa.UNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded), dict(ip_loaded["unet"].config),
+                              "|ip:" + ip_loaded["record"]["sha256"])
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -284,13 +299,15 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         components = {}
         for name, entry in kept_nets.items():  # ControlNets already in the directory and not given again
             (tmp / name).mkdir(parents=True)
-            for rel in entry["files"] + ["config.json"]:
-                os.link(output / name / rel, tmp / name / rel)
+            for path in (output / name).iterdir():  # the graph's files, config.json, preprocessor_config.json
+                os.link(path, tmp / name / path.name)
             components[name] = entry
             progress(name, "skipped")
         for name, (spec, config, digest) in extra.items():
             (tmp / name).mkdir(parents=True, exist_ok=True)
             (tmp / name / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if ip_loaded is not None:
+            ipa.write_configs(tmp, ip_loaded)
         unet_at = names.index("unet") if "unet" in names else len(names)
         for name in names[:unet_at] + list(extra) + names[unet_at:]:  # before the UNet releases its module
             precision = cfg.precision
@@ -309,8 +326,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             progress(name, "start")
             release = name not in ("vae_decoder", "vae_encoder") and name not in extra  # VAE halves share one module
             spec = extra[name][0] if name in extra else specs[name]
-            entry = _export_one(pipe, spec, precision, tmp, gate_shapes(pipe, "unet" if name in extra else name),
-                                release)
+            shapes = gate_shapes(pipe, "vae_decoder" if name == ipa.IMAGE_ENCODER else
+                                 "unet" if name in extra else name)
+            entry = _export_one(pipe, spec, precision, tmp, shapes, release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
                 raise GateFailed(f"parity gate failed for {name} ({precision}): {_worst(entry)}, "
@@ -333,6 +351,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "loras": lora_records,
             "controlnets": [r for r in (old or {}).get("controlnets", []) if cn.PREFIX + r["name"] in kept_nets]
                            + [cn.record(src, net, digest) for src, (net, digest) in nets.items()],
+            "ip_adapter": ip_loaded["record"] if ip_loaded is not None else
+                          (old or {}).get("ip_adapter") if ipa.UNET_IP in kept_nets else None,
             "components": components,
             "trt": [],
             "versions": versions(),
@@ -345,8 +365,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     return manifest
 
 
-def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None) -> dict:
-    """`sdrt export DIR --controlnet SRC`: the directory's own export re-run with more ControlNets. Every component
+def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None,
+                    ip_adapter: str | None = None, image_encoder: str | None = None) -> dict:
+    """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
+    re-run with more ControlNets (or an IP-Adapter, replacing the one there). Every component
     already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
     which must still be there (the residual UNet and the gate's shapes need its UNet)."""
     manifest = read_manifest(engine_dir)
@@ -358,7 +380,8 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     source = manifest["source"]
     present = tuple(n for n in manifest["components"] if n in COMPONENT_NAMES)
     cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
-                       components=present, vae=source.get("vae"), controlnets=tuple(controlnets))
+                       components=present, vae=source.get("vae"), controlnets=tuple(controlnets),
+                       ip_adapter=ip_adapter, image_encoder=image_encoder)
     return export(cfg, progress)
 
 
@@ -372,13 +395,16 @@ def _load_controlnets(pipe, sources) -> dict:
     return nets
 
 
-def _kept_controlnets(old: dict | None, output: Path, given: set[str]) -> dict:
-    """ControlNet components of the existing directory that stay (not given again, files intact)."""
+def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: bool) -> dict:
+    """ControlNet and IP-Adapter components of the existing directory that stay (not given again, files intact)."""
     kept = {}
     for name, entry in (old or {}).get("components", {}).items():
-        if name.startswith(cn.PREFIX) and name[len(cn.PREFIX):] not in given \
-                and _reusable(old, output, name, entry.get("key")) is not None:
+        extra = (name.startswith(cn.PREFIX) and name[len(cn.PREFIX):] not in given) or \
+            (name in (ipa.IMAGE_ENCODER, ipa.UNET_IP) and not new_ip)
+        if extra and _reusable(old, output, name, entry.get("key")) is not None:
             kept[name] = entry
+    if (ipa.IMAGE_ENCODER in kept) != (ipa.UNET_IP in kept):  # the two only work together
+        kept.pop(ipa.IMAGE_ENCODER, None), kept.pop(ipa.UNET_IP, None)
     return kept
 
 

@@ -146,3 +146,36 @@ def write_tiny_controlnet(model_folder: Path, folder: Path, seed: int = 0, gain:
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * gain * 0.1)
     net.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain: float = 1.0) -> tuple[Path, Path]:
+    """A tiny CLIP image encoder (CLIPVisionModelWithProjection, 32×32 input) and an IP-Adapter for the tiny
+    pipeline in diffusers' format (`image_proj.proj/norm` of ImageProjection with 4 tokens, `ip_adapter.{1,3,…}.
+    to_k_ip/to_v_ip` for every cross-attention in `attn_processors` order, as _convert_ip_adapter_attn_to_diffusers
+    numbers them), with random weights × `gain`. Returns (image encoder folder, adapter .safetensors)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=_TEXT_WIDTH, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=_PROJECTION))
+    encoder.save_pretrained(folder / "image_encoder")
+    unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
+    cross, tokens = unet.config.cross_attention_dim, 4
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * gain / shape[-1] ** 0.5  # noqa: E731
+    state = {"image_proj.proj.weight": rand(tokens * cross, _PROJECTION) * 4, "image_proj.proj.bias": torch.zeros(tokens * cross),
+             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.weight.shape[0]
+            state[f"ip_adapter.{key}.to_k_ip.weight"] = rand(hidden, cross)
+            state[f"ip_adapter.{key}.to_v_ip.weight"] = rand(hidden, cross) * 4
+            key += 2
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "ip-adapter.safetensors"))
+    return folder / "image_encoder", folder / "ip-adapter.safetensors"

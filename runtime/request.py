@@ -110,15 +110,23 @@ def _control_entry(i: int, entry):
     return entry
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """IP-Adapter (runtime/ip_adapter.py): an image prompt and the adapter's scale."""
+
+    ip_image: Any = None  # PIL image
+    ip_scale: float = 1.0
+
+
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
-          "refine": Refine, "adapters": Adapters, "control": Control}
+          "refine": Refine, "adapters": Adapters, "control": Control, "image_prompt": ImagePrompt}
 # flat key → (group, field); the flat form is what CLI options and most JSON clients send
 FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
 FLAT["prompt"] = ("prompt", "text")
 FLAT["negative_prompt"] = ("prompt", "negative")
 FLAT["prompt_syntax"] = ("prompt", "syntax")
 FLAT["images_per_prompt"] = ("size", "batch")
-_IMAGE_FIELDS = ("init_image", "mask")
+_IMAGE_FIELDS = ("init_image", "mask", "ip_image")
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class Request:
     refine: Refine = Refine()
     adapters: Adapters = Adapters()
     control: Control = Control()
+    image_prompt: ImagePrompt = ImagePrompt()
 
     @property
     def prompt_group(self) -> Prompt:
@@ -173,7 +182,7 @@ class Request:
                 parts[group][name] = value
             else:
                 raise InvalidRequest(key, "is not a request field; known: " + ", ".join(sorted(set(FLAT) | set(GROUPS))))
-        for group in ("images",):
+        for group in ("images", "image_prompt"):
             for name in _IMAGE_FIELDS:
                 if isinstance(parts[group].get(name), str):
                     parts[group][name] = decode_image(parts[group][name], name)
@@ -235,4 +244,4 @@ def decode_image(text: str, name: str) -> Image.Image:
 
 
 __all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "Control",
-           "asdict"]
+           "ImagePrompt", "asdict"]
