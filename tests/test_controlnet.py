@@ -8,8 +8,6 @@ The tiny ControlNets come from ControlNetModel.from_unet with their zero-initial
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 from pathlib import Path
 
@@ -22,7 +20,6 @@ from conftest import run_sdrt
 from test_parity import assert_same_images, diffusers_scheduler, generators, to_uint8
 
 from sdrt.export.exporter import add_controlnets
-from sdrt.export.tiny import write_tiny_controlnet
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
@@ -38,19 +35,9 @@ def _image(seed: int, w: int, h: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def cn(tiny_pipeline, exported, tmp_path_factory):
-    """{family: (engine dir with ControlNets added, {name: ControlNet folder})}: the session's plain exports,
-    hard-linked, with ControlNets added (`sdrt export DIR --controlnet`), so nothing but them is exported."""
-    root = tmp_path_factory.mktemp("controlnet")
-    out = {}
-    for family, nets in (("sd15", (("canny", 1), ("depth", 2))), ("sdxl", (("xl", 3),))):
-        engine = root / family
-        shutil.copytree(exported(family, "fp32"), engine, copy_function=os.link)
-        folders = {name: write_tiny_controlnet(tiny_pipeline(family), root / f"{family}-{name}-src", seed)
-                   for name, seed in nets}
-        add_controlnets(engine, tuple(f"{f}={name}" for name, f in folders.items()))
-        out[family] = (engine, folders)
-    return out
+def cn(conditioned):
+    """{family: (engine dir with ControlNets added, {name: ControlNet folder})} (conftest.conditioned)."""
+    return {family: (conditioned(family)[0], conditioned(family)[1]["controlnets"]) for family in ("sd15", "sdxl")}
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +155,20 @@ def test_export_refuses_a_controlnet_of_another_family(cn, tiny_pipeline):
 def test_cli_control_errors_are_one_line(cn, tmp_path):
     engine, _ = cn["sd15"]
     _image(0, 48, 32).save(tmp_path / "c.png")
-    for args, expected in (([f"nope={tmp_path / 'c.png'}"], "unknown ControlNet 'nope'; this model has canny, depth"),
-                           ([f"canny={tmp_path / 'missing.png'}:0.5"], "cannot read the image")):
-        result = run_sdrt("run", str(engine), "x", "--control", *args, "-o", str(tmp_path / "o.png"))
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1, result.stderr
-        assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    result = run_sdrt("run", str(engine), "x", "--control", f"nope={tmp_path / 'c.png'}:0.5", "-o",
+                      str(tmp_path / "o.png"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == "error: --control unknown ControlNet 'nope'; this model has canny, depth", lines[0]
     assert not (tmp_path / "o.png").exists()
+    from sdrt.cli.generate import RunOptions, build_request  # the same checks the CLI makes before validation
+
+    for controls, ip, expected in (((f"canny={tmp_path / 'missing.png'}:0.5",), None, "cannot read the image"),
+                                   ((f"canny={tmp_path / 'c.png'}:high",), None, "the scale 'high' is not a number"),
+                                   (("canny",), None, "give NAME=IMAGE"),
+                                   ((), str(tmp_path / "missing.png"), "cannot read the image")):
+        with pytest.raises(UserError, match=expected):
+            build_request(RunOptions(engine_dir=engine, prompts=("x",), controls=controls, ip_image=ip))
 
 
 def test_trt_plan_logic_covers_controlnets(cn):
@@ -231,6 +225,7 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
         assert response.status_code == 422 and response.json()["error"]["field"] == "control_start"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ["StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline"])
 def test_sd15_controlnet_img2img_and_inpaint_equal_diffusers(cn, pipes, tiny_pipeline, cls):
     import diffusers

@@ -1,0 +1,122 @@
+"""IP-Adapter: image_encoder + unet_ip exported into an engine directory, equal to diffusers' load_ip_adapter +
+set_ip_adapter_scale on tiny SD 1.5 and SDXL models with a tiny adapter the tests build (export/tiny.py), and the bad
+inputs (no adapter in the directory, non-finite scale, no image encoder, an adapter for another width)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_parity import assert_same_images, diffusers_scheduler, generators, to_uint8
+
+from sdrt.export.exporter import ExportConfig, add_controlnets, export
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.loader import open_dir
+from sdrt.runtime.pipeline import Pipeline, Request
+from sdrt.runtime.validate import InvalidRequest, validate
+
+SIZE = dict(width=48, height=32)
+
+
+def _image(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def pipes(conditioned):
+    """sd15 loaded now; sdxl (its adapter added on first use: slow tests only) loaded when asked for."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = Pipeline.load(conditioned(family, ip=True)[0], backend="ort-cpu")
+        return cache[family]
+
+    return get
+
+
+def _reference(tiny_pipeline, family, ip):
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder, adapter = ip
+    extra = {} if family == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_pipeline(family), **extra)
+    pipe.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers_scheduler(pipe, "euler")
+    return pipe
+
+
+@pytest.mark.parametrize("family,batch,guidance", [("sd15", 2, 7.5),
+                                                   pytest.param("sdxl", 1, 5.0, marks=pytest.mark.slow)])
+def test_ip_adapter_equals_diffusers(conditioned, pipes, tiny_pipeline, family, batch, guidance):
+    image = _image(7, 56, 40)  # not square: the CLIP processor resizes the short side and center-crops
+    ref = _reference(tiny_pipeline, family, conditioned(family, ip=True)[1]["ip"])
+    common = dict(prompt="a photo of a cat", steps=3, sampler="euler", seed=3, batch=batch, guidance=guidance, **SIZE)
+    ref.set_ip_adapter_scale(0.7)
+    theirs = ref("a photo of a cat", ip_adapter_image=image, num_inference_steps=3, guidance_scale=guidance,
+                 num_images_per_prompt=batch, generator=generators(3, batch), output_type="np", **SIZE).images
+    ours = pipes(family).generate(Request.of(**common, ip_image=image, ip_scale=0.7))
+    assert_same_images(f"ip-adapter {family} scale 0.7", ours, theirs)
+    plain = pipes(family).generate(Request.of(**common))
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(plain).astype(int)).max() > 8  # the image prompt shows
+    if family == "sd15":  # scale 0: diffusers skips the branch, the graph adds exact zeros
+        zero = pipes(family).generate(Request.of(**common, ip_image=image, ip_scale=0.0))
+        assert_same_images("ip-adapter sd15 scale 0 vs plain", zero, plain)
+
+
+def test_manifest_and_preprocessing(conditioned):
+    from transformers import CLIPImageProcessor
+
+    from sdrt.runtime import ip_adapter
+
+    engine, _ = conditioned("sd15")
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["ip_adapter"]["kind"] == "plain"
+    assert {"controlnet/canny", "unet_controlnet", "image_encoder", "unet_ip", "unet"} <= set(manifest["components"])
+    inputs = {i["name"]: i for i in manifest["components"]["unet_ip"]["inputs"]}
+    assert inputs["ip_scale_0"]["shape"] == [] and inputs["ip_image_embeds_0"]["shape"][:2] == ["batch_size", "ip_images"]
+    config = json.loads((engine / "image_encoder" / "preprocessor_config.json").read_text())
+    image = _image(8, 70, 45)
+    want = CLIPImageProcessor(**{k: v for k, v in config.items() if k != "image_processor_type"})(
+        image, return_tensors="pt").pixel_values
+    assert float((ip_adapter.preprocess(image, config) - want).abs().max()) < 1e-6
+
+
+def test_bad_ip_adapter_inputs(conditioned, exported, tiny_pipeline, tmp_path):
+    engine = open_dir(conditioned("sd15")[0])
+    image = _image(0, 32, 32)
+    with pytest.raises(InvalidRequest) as e:
+        validate(Request.of(prompt="x", ip_image=image, ip_scale=float("nan"), **SIZE), engine)
+    assert e.value.field == "ip_scale"
+    with pytest.raises(InvalidRequest, match="no IP-Adapter") as e:
+        validate(Request.of(prompt="x", ip_image=image, **SIZE), open_dir(exported("sd15", "fp32")))
+    assert e.value.field == "ip_image"
+    with pytest.raises(InvalidRequest) as e:
+        validate(Request.of(prompt="x", ip_image="a cat picture", **SIZE), engine)
+    assert e.value.field == "ip_image"
+    request = Request.of(prompt="x", ip_image=image, ip_scale=0.5, **SIZE)
+    again = Request.from_dict(json.loads(json.dumps(request.to_dict(encode_images=True))))
+    assert validate(again, engine).image_prompt.scale == 0.5
+    encoder, adapter = conditioned("sd15")[1]["ip"]
+    with pytest.raises(UserError, match="needs --image-encoder"):
+        export(ExportConfig(model=str(tiny_pipeline("sd15")), output=tmp_path / "out", ip_adapter=str(adapter)))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_adapter_for_another_width_is_refused(conditioned, exported, tmp_path):
+    encoder, adapter = conditioned("sd15")[1]["ip"]
+    xl = tmp_path / "sdxl"  # an SD-width adapter into the SDXL UNet: refused, nothing written
+    shutil.copytree(exported("sdxl", "fp32"), xl, copy_function=os.link)
+    before = sorted(p.name for p in xl.iterdir())
+    with pytest.raises(UserError, match="does not fit this model's UNet"):
+        add_controlnets(xl, (), ip_adapter=str(adapter), image_encoder=str(encoder))
+    assert sorted(p.name for p in xl.iterdir()) == before
