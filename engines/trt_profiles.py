@@ -101,7 +101,7 @@ def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: 
 
 def _guided(component: str) -> bool:
     """Components that run cond+uncond together under guidance: the UNets and the ControlNets."""
-    return component in ("unet", "unet_controlnet") or component.startswith("controlnet/")
+    return component in ("unet", "unet_controlnet", "unet_ip") or component.startswith("controlnet/")
 
 
 def component_batch(component: str, profile: Profile, images: int, minimum: bool = False) -> int:
@@ -110,6 +110,8 @@ def component_batch(component: str, profile: Profile, images: int, minimum: bool
     A ControlNet in guess mode sees the conditional half only: its minimum batch under guidance stays `images`."""
     if component.startswith("controlnet/") and profile.guidance and minimum:
         return images
+    if component == "image_encoder":  # the IP-Adapter's image prompt: one image per call
+        return 1
     if _guided(component) and profile.guidance:
         return 2 * images
     if component == "vae_encoder" and images == profile.batch.min:
@@ -129,7 +131,7 @@ def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_facto
         text = TEXT_LENGTH * (chunks if component == "unet" or _guided(component) else 1)
         dims = {"batch_size": component_batch(component, profile, batch, minimum), "sequence_length": text, "height": height // f, "width": width // f,
                 "latent_height": height // f, "latent_width": width // f, "sample_height": height,
-                "sample_width": width}
+                "sample_width": width, "ip_images": 1}
         for k in range(1, 7):  # ControlNet residuals: height_div2 = ⌈h/2⌉, … (export/controlnet.py)
             dims[f"height_div{2 ** k}"] = -(-(height // f) // 2 ** k)
             dims[f"width_div{2 ** k}"] = -(-(width // f) // 2 ** k)

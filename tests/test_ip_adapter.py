@@ -88,6 +88,13 @@ def test_manifest_and_preprocessing(conditioned):
     want = CLIPImageProcessor(**{k: v for k, v in config.items() if k != "image_processor_type"})(
         image, return_tensors="pt").pixel_values
     assert float((ip_adapter.preprocess(image, config) - want).abs().max()) < 1e-6
+    from sdrt.engines import trt_dir
+    from sdrt.engines import trt_profiles as tp
+
+    profile = tp.profiles(["48x32"], None, "2", True, 1)[0]
+    plans = {p.component: p for p in trt_dir.plan(engine, [profile], ("image_encoder", "unet_ip"), None, None)}
+    assert plans["image_encoder"].shapes["pixel_values"][2] == (1, 3, 32, 32)
+    assert plans["unet_ip"].shapes["ip_image_embeds_0"][2] == (4, 1, 32)  # 2 images × guidance
 
 
 def test_bad_ip_adapter_inputs(conditioned, exported, tiny_pipeline, tmp_path):
