@@ -101,7 +101,7 @@ def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: 
 
 def _guided(component: str) -> bool:
     """Components that run cond+uncond together under guidance: the UNets and the ControlNets."""
-    return component in ("unet", "unet_controlnet", "unet_ip") or component.startswith("controlnet/")
+    return component in ("unet", "unet_controlnet", "unet_ip", "unet_controlnet_ip") or component.startswith("controlnet/")
 
 
 def component_batch(component: str, profile: Profile, images: int, minimum: bool = False) -> int:

@@ -286,6 +286,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                                     "|ip:" + ip_loaded["record"]["sha256"])
         extra[ipa.UNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded), dict(ip_loaded["unet"].config),
                               "|ip:" + ip_loaded["record"]["sha256"])
+        if cn.UNET_CONTROLNET in extra:  # ControlNets and the image prompt in one request
+            extra[ipa.UNET_CONTROLNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded, with_residuals=True),
+                                             dict(ip_loaded["unet"].config), "|ip:" + ip_loaded["record"]["sha256"])
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -379,6 +382,9 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
                         "--controlnet together")
     source = manifest["source"]
     present = tuple(n for n in manifest["components"] if n in COMPONENT_NAMES)
+    recorded = manifest.get("ip_adapter") or {}
+    if ip_adapter is None and image_encoder is None and recorded and controlnets:  # the adapter joins the new nets
+        ip_adapter, image_encoder = recorded.get("source"), recorded.get("image_encoder")
     cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
                        components=present, vae=source.get("vae"), controlnets=tuple(controlnets),
                        ip_adapter=ip_adapter, image_encoder=image_encoder)
@@ -400,7 +406,7 @@ def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: b
     kept = {}
     for name, entry in (old or {}).get("components", {}).items():
         extra = (name.startswith(cn.PREFIX) and name[len(cn.PREFIX):] not in given) or \
-            (name in (ipa.IMAGE_ENCODER, ipa.UNET_IP) and not new_ip)
+            (name in (ipa.IMAGE_ENCODER, ipa.UNET_IP, ipa.UNET_CONTROLNET_IP) and not new_ip)
         if extra and _reusable(old, output, name, entry.get("key")) is not None:
             kept[name] = entry
     if (ipa.IMAGE_ENCODER in kept) != (ipa.UNET_IP in kept):  # the two only work together

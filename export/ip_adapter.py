@@ -26,6 +26,7 @@ from .load import sha256_of_files
 
 IMAGE_ENCODER = "image_encoder"
 UNET_IP = "unet_ip"
+UNET_CONTROLNET_IP = "unet_controlnet_ip"  # both: ControlNet residual inputs and the image prompt
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,14 @@ class _ImageEncoder(torch.nn.Module):
 
 
 class _UNetIp(torch.nn.Module):
-    def __init__(self, unet, added: bool):
+    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, residuals…], ip_image_embeds_0,
+    ip_scale_0) → out_sample; `residuals` down-block residuals and the mid one when ControlNets feed it."""
+
+    def __init__(self, unet, added: bool, residuals: int = 0):
         super().__init__()
         self.unet = unet
         self.added = added
+        self.residuals = residuals
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
@@ -133,6 +138,11 @@ class _UNetIp(torch.nn.Module):
         if self.added:
             text_embeds, time_ids, *rest = rest
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        control = {}
+        if self.residuals:
+            *down, mid = rest[:self.residuals]
+            rest = rest[self.residuals:]
+            control = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
         embeds, scale = rest
         processors = [p for p in self.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
         saved = [p.scale for p in processors]
@@ -140,7 +150,7 @@ class _UNetIp(torch.nn.Module):
             p.scale = [scale]
         try:
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added | {"image_embeds": [embeds]},
-                             return_dict=False)[0]
+                             return_dict=False, **control)[0]
         finally:
             for p, s in zip(processors, saved):
                 p.scale = s
@@ -160,10 +170,16 @@ def image_encoder_spec(loaded: dict) -> ComponentSpec:
                          lambda p: _ImageEncoder(encoder), make_inputs, owner=lambda p: encoder)
 
 
-def unet_ip_spec(pipe, loaded: dict) -> ComponentSpec:
+def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentSpec:
+    """unet_ip, or with_residuals unet_controlnet_ip (the residual inputs of export/controlnet.py too)."""
     unet = loaded["unet"]
     added = unet.config.addition_embed_type == "text_time"
     base = _unet_spec(added)
+    if with_residuals:
+        from .controlnet import unet_residual_spec
+
+        base = unet_residual_spec(pipe)
+    residuals = len(base.input_names) - len(_unet_spec(added).input_names)
     enc = loaded["encoder"].config
     plus = loaded["record"]["kind"] == "plus"
     tokens = (enc.image_size // enc.patch_size) ** 2 + 1
@@ -174,8 +190,10 @@ def unet_ip_spec(pipe, loaded: dict) -> ComponentSpec:
         return base.make_inputs(p, shape, dtype) + (torch.randn(*dims, generator=g).to(dtype), torch.tensor(0.8))
 
     axes = base.dynamic_axes | {"ip_image_embeds_0": {0: "batch_size", 1: "ip_images"}}
-    return ComponentSpec(UNET_IP, base.input_names + ("ip_image_embeds_0", "ip_scale_0"), base.output_names, axes,
-                         lambda p: _UNetIp(unet, added), make_inputs, ("timestep", "ip_scale_0"), owner=lambda p: unet)
+    return ComponentSpec(UNET_CONTROLNET_IP if with_residuals else UNET_IP,
+                         base.input_names + ("ip_image_embeds_0", "ip_scale_0"), base.output_names, axes,
+                         lambda p: _UNetIp(unet, added, residuals), make_inputs, ("timestep", "ip_scale_0"),
+                         owner=lambda p: unet)
 
 
 def write_configs(tmp: Path, loaded: dict) -> None:
@@ -183,5 +201,6 @@ def write_configs(tmp: Path, loaded: dict) -> None:
     (tmp / IMAGE_ENCODER / "config.json").write_text(loaded["encoder"].config.to_json_string())
     (tmp / IMAGE_ENCODER / "preprocessor_config.json").write_text(json.dumps(loaded["processor"], indent=2,
                                                                              default=str))
-    (tmp / UNET_IP).mkdir(parents=True, exist_ok=True)
-    (tmp / UNET_IP / "config.json").write_text(json.dumps(dict(loaded["unet"].config), indent=2, default=str))
+    for name in (UNET_IP, UNET_CONTROLNET_IP):
+        if (tmp / name).is_dir():
+            (tmp / name / "config.json").write_text(json.dumps(dict(loaded["unet"].config), indent=2, default=str))

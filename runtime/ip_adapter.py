@@ -24,6 +24,7 @@ from .errors import UserError
 
 IMAGE_ENCODER = "image_encoder"
 UNET_IP = "unet_ip"
+UNET_CONTROLNET_IP = "unet_controlnet_ip"
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,8 +47,9 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
             not (model_dir.path / IMAGE_ENCODER / "model.onnx").is_file():
         raise InvalidRequest("ip_image", "this engine directory has no IP-Adapter (export one with --ip-adapter and "
                                          "--image-encoder)")
-    if controls is not None:
-        raise InvalidRequest("ip_image", "IP-Adapter and ControlNet in one request are not supported yet; give one")
+    if controls is not None and not (model_dir.path / UNET_CONTROLNET_IP / "model.onnx").is_file():
+        raise InvalidRequest("ip_image", "this engine directory has no UNet for ControlNets and an IP-Adapter together "
+                                         "(export the ControlNets and the adapter into it again); give one of them")
     if loras:
         raise InvalidRequest("loras", "LoRAs per request do not yet apply to the IP-Adapter UNet; fuse them at "
                                       "export (sdrt export --lora) or drop them")
@@ -110,8 +112,9 @@ def attach(pipe, job, prep):
         raise UserError("LoRAs applied at load do not yet reach the IP-Adapter UNet; fuse them at export "
                         "(sdrt export --lora) or load the pipeline without them")
     encoder = pipe.component(IMAGE_ENCODER)
-    pipe.component(UNET_IP)
+    unet = UNET_CONTROLNET_IP if prep.unet == "unet_controlnet" else UNET_IP  # runtime/controlnet_call.py went first
+    pipe.component(unet)
     config = json.loads((pipe.dir.path / IMAGE_ENCODER / "preprocessor_config.json").read_text())
     plus = ((pipe.dir.manifest or {}).get("ip_adapter") or {}).get("kind") == "plus"
     embeds = image_embeds(encoder, ip.image, config, plus, job.count, prep.guidance.enabled)
-    return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(embeds, ip.scale)], unet=UNET_IP)
+    return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(embeds, ip.scale)], unet=unet)

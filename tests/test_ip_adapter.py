@@ -127,3 +127,29 @@ def test_an_adapter_for_another_width_is_refused(conditioned, exported, tmp_path
     with pytest.raises(UserError, match="does not fit this model's UNet"):
         add_controlnets(xl, (), ip_adapter=str(adapter), image_encoder=str(encoder))
     assert sorted(p.name for p in xl.iterdir()) == before
+
+
+def test_controlnet_and_ip_adapter_together_equal_diffusers(conditioned, pipes, tiny_pipeline):
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    engine, parts = conditioned("sd15")
+    encoder, adapter = parts["ip"]
+    control, prompt_image = _image(11, 48, 32), _image(12, 40, 40)
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_pipeline("sd15"), controlnet=diffusers.ControlNetModel.from_pretrained(parts["controlnets"]["depth"]),
+        safety_checker=None, requires_safety_checker=False)
+    ref.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    ref.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    ref.set_ip_adapter_scale(0.6)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a cat", image=control, ip_adapter_image=prompt_image, controlnet_conditioning_scale=0.9,
+                 num_inference_steps=3, generator=generators(1, 1), output_type="np", **SIZE).images
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=1, **SIZE)
+    ours = pipes("sd15").generate(Request.of(**common, controls=(("depth", control, 0.9),), ip_image=prompt_image,
+                                             ip_scale=0.6))
+    assert_same_images("controlnet + ip-adapter sd15", ours, theirs)
+    for alone in (dict(controls=(("depth", control, 0.9),)), dict(ip_image=prompt_image, ip_scale=0.6)):
+        single = pipes("sd15").generate(Request.of(**common, **alone))
+        assert np.abs(to_uint8(ours).astype(int) - to_uint8(single).astype(int)).max() > 8  # both show
