@@ -195,7 +195,8 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
     rewrites = [f"{SUBPIXEL_PASS} ({rewritten} upsamplers)"] if rewritten else []
     if sized and sized == upsamplers:  # each up-sampler resizes to its skip connection: any latent size runs
         rewrites.append(f"{SKIP_SIZE_PASS} ({sized} upsamplers)")
-    mapper = Mapper(module_owner, spec.name) if spec.name in LORA_COMPONENTS else None  # LoRAs at load
+    mapped = lora.lora_component(spec.name)  # UNet variants map the UNet's weights as the UNet does
+    mapper = Mapper(module_owner, mapped) if mapped in LORA_COMPONENTS else None  # LoRAs at load
     files, passes = run_passes(raw, tmp / spec.name, mapper)
     del mapper  # it holds the module, which is released below
     shutil.rmtree(raw)

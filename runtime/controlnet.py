@@ -139,9 +139,6 @@ def validate_controls(group, model_dir, loras=()) -> Controls | None:
     if not (model_dir.path / UNET_CONTROLNET / "model.onnx").is_file():
         raise InvalidRequest("controls", f"{model_dir.path} has no {UNET_CONTROLNET} graph; re-export with "
                                          "--controlnet")
-    if loras:
-        raise InvalidRequest("loras", "LoRAs per request do not yet apply to the ControlNet UNet; fuse them at "
-                                      "export (sdrt export --lora) or drop them")
     return Controls(tuple(nets), start, end, group.guess_mode)
 
 

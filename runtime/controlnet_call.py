@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import controlnet
-from .errors import UserError
 
 
 def attach(pipe, job, prep):
@@ -13,9 +12,6 @@ def attach(pipe, job, prep):
     residual UNet (engines opened on first use and kept)."""
     if job.controls is None:
         return prep
-    if pipe.adapters.base:  # the residual UNet has no weights map yet: a LoRA would silently not apply
-        raise UserError("LoRAs applied at load do not yet reach the ControlNet UNet; fuse them at export "
-                        "(sdrt export --lora) or load the pipeline without them")
     engines = {u.name: pipe.component(controlnet.PREFIX + u.name) for u in job.controls.nets}
     pipe.component(controlnet.UNET_CONTROLNET)
     contributor = controlnet.contributor(job.controls, engines, pipe.dir, job.count, job.width, job.height,

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from . import feed as feed_mod
-from .errors import UserError
 
 IMAGE_ENCODER = "image_encoder"
 UNET_IP = "unet_ip"
@@ -50,9 +49,6 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
     if controls is not None and not (model_dir.path / UNET_CONTROLNET_IP / "model.onnx").is_file():
         raise InvalidRequest("ip_image", "this engine directory has no UNet for ControlNets and an IP-Adapter together "
                                          "(export the ControlNets and the adapter into it again); give one of them")
-    if loras:
-        raise InvalidRequest("loras", "LoRAs per request do not yet apply to the IP-Adapter UNet; fuse them at "
-                                      "export (sdrt export --lora) or drop them")
     return ImagePromptJob(image, scale)
 
 
@@ -108,9 +104,6 @@ def attach(pipe, job, prep):
     ip = getattr(job, "image_prompt", None)
     if ip is None:
         return prep
-    if pipe.adapters.base:
-        raise UserError("LoRAs applied at load do not yet reach the IP-Adapter UNet; fuse them at export "
-                        "(sdrt export --lora) or load the pipeline without them")
     encoder = pipe.component(IMAGE_ENCODER)
     unet = UNET_CONTROLNET_IP if prep.unet == "unet_controlnet" else UNET_IP  # runtime/controlnet_call.py went first
     pipe.component(unet)

@@ -153,3 +153,36 @@ def test_controlnet_and_ip_adapter_together_equal_diffusers(conditioned, pipes, 
     for alone in (dict(controls=(("depth", control, 0.9),)), dict(ip_image=prompt_image, ip_scale=0.6)):
         single = pipes("sd15").generate(Request.of(**common, **alone))
         assert np.abs(to_uint8(ours).astype(int) - to_uint8(single).astype(int)).max() > 8  # both show
+
+
+def test_controlnet_ip_adapter_and_lora_together_equal_diffusers(conditioned, pipes, tiny_pipeline, tmp_path):
+    """InstantID-style: a ControlNet, an image prompt and a LoRA (UNet + text encoder) in one request; the LoRA reaches
+    the combined UNet graph through its own weights map (runtime/lora.py UNET_VARIANTS)."""
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    from test_lora import make_layers, write_diffusers
+
+    engine, parts = conditioned("sd15")
+    encoder, adapter = parts["ip"]
+    lora = write_diffusers(tmp_path / "lora.safetensors", make_layers(
+        tiny_pipeline("sd15"), {"unet": (4, 0.03), "text_encoder": (4, 0.1)}, seed=9))
+    control, prompt_image = _image(13, 48, 32), _image(14, 40, 40)
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_pipeline("sd15"), controlnet=diffusers.ControlNetModel.from_pretrained(parts["controlnets"]["canny"]),
+        safety_checker=None, requires_safety_checker=False)
+    ref.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    ref.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    ref.set_ip_adapter_scale(0.5)
+    ref.load_lora_weights(str(lora))
+    ref.fuse_lora(lora_scale=0.8)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a cat", image=control, ip_adapter_image=prompt_image, controlnet_conditioning_scale=0.9,
+                 num_inference_steps=3, generator=generators(2, 1), output_type="np", **SIZE).images
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=2, controls=(("canny", control, 0.9),),
+                  ip_image=prompt_image, ip_scale=0.5, **SIZE)
+    ours = pipes("sd15").generate(Request.of(**common, loras=[(str(lora), 0.8)]))
+    assert_same_images("controlnet + ip-adapter + lora sd15", ours, theirs)
+    without = pipes("sd15").generate(Request.of(**common))
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(without).astype(int)).max() > 8  # the LoRA shows
