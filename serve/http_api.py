@@ -209,7 +209,8 @@ class Plan:
 
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
                  "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
-                 "seed", "sampler", "schedule", "controls", "control_start", "control_end", "guess_mode")
+                 "seed", "sampler", "schedule", "controls", "control_start", "control_end", "guess_mode",
+                 "ip_image", "ip_scale")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
@@ -284,11 +285,13 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
         flat["negative_prompt"] = _text("negative_prompt", b["negative_prompt"], ctx, allow_list=True)
     if "guidance_scale" in b:
         flat["guidance"] = b["guidance_scale"]
-    for key in ("guidance_rescale", "sampler", "schedule", "control_start", "control_end", "guess_mode"):
+    for key in ("guidance_rescale", "sampler", "schedule", "control_start", "control_end", "guess_mode", "ip_scale"):
         if key in b:
             flat[key] = b[key]
     if "controls" in b:
         flat["controls"] = _controls(b["controls"], ctx)
+    if "ip_image" in b:
+        flat["ip_image"] = decode_image("ip_image", b["ip_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
     return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None)
 

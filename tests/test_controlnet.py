@@ -223,6 +223,10 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
             assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
         response = client.post("/v1/images/generations", json=body | {"control_start": 0.9, "control_end": 0.1})
         assert response.status_code == 422 and response.json()["error"]["field"] == "control_start"
+        response = client.post("/v1/images/generations", json=body | {"ip_image": b64, "ip_scale": "x"})
+        assert response.status_code == 422 and response.json()["error"]["field"] == "ip_scale", response.text
+        response = client.post("/v1/images/generations", json=body | {"ip_image": b64, "ip_scale": 0.5})
+        assert response.status_code == 200, response.text  # ControlNet + IP-Adapter over HTTP
 
 
 @pytest.mark.slow
