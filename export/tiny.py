@@ -148,11 +148,14 @@ def write_tiny_controlnet(model_folder: Path, folder: Path, seed: int = 0, gain:
     return Path(folder)
 
 
-def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain: float = 1.0) -> tuple[Path, Path]:
+def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain: float = 1.0,
+                          plus: bool = False) -> tuple[Path, Path]:
     """A tiny CLIP image encoder (CLIPVisionModelWithProjection, 32×32 input) and an IP-Adapter for the tiny
     pipeline in diffusers' format (`image_proj.proj/norm` of ImageProjection with 4 tokens, `ip_adapter.{1,3,…}.
     to_k_ip/to_v_ip` for every cross-attention in `attn_processors` order, as _convert_ip_adapter_attn_to_diffusers
-    numbers them), with random weights × `gain`. Returns (image encoder folder, adapter .safetensors)."""
+    numbers them), with random weights × `gain`. `plus`: an IP-Adapter Plus instead (diffusers'
+    IPAdapterPlusImageProjection, a 4-layer Resampler with 8 queries, written in the `layers.N.attn.to_q/to_kv/to_out`
+    form _convert_ip_adapter_image_proj_to_diffusers reads). Returns (image encoder folder, adapter .safetensors)."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -169,6 +172,18 @@ def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain:
     rand = lambda *shape: torch.randn(*shape, generator=g) * gain / shape[-1] ** 0.5  # noqa: E731
     state = {"image_proj.proj.weight": rand(tokens * cross, _PROJECTION) * 4, "image_proj.proj.bias": torch.zeros(tokens * cross),
              "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    if plus:
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        resampler = IPAdapterPlusImageProjection(embed_dims=_TEXT_WIDTH, output_dims=cross, hidden_dims=64, heads=1,
+                                                 num_queries=8)
+        state = {}
+        for key, value in resampler.state_dict().items():
+            if ".attn.to_k." in key:
+                state["image_proj." + key.replace("to_k", "to_kv")] = torch.cat(
+                    [value, resampler.state_dict()[key.replace("to_k", "to_v")]])
+            elif ".attn.to_v." not in key:
+                state["image_proj." + key.replace("to_out.0", "to_out")] = value.detach().clone()
     key = 1
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):

@@ -66,9 +66,10 @@ def _scope(node_name: str) -> str:
 
 def targets(module: torch.nn.Module, component: str) -> dict[str, torch.nn.Module]:
     """Canonical module path → every Linear/Conv2d of the component (what a LoRA may patch). An IP-Adapter's own
-    layers (attention processors' to_k_ip/to_v_ip, run outside their module's scope) are no LoRA's target."""
+    layers (its image projection `encoder_hid_proj`, the processors' to_k_ip/to_v_ip) are no LoRA's target."""
     return {canonical(component, name): m for name, m in module.named_modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name and ".processor." not in f".{name}."}
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name and ".processor." not in f".{name}."
+            and not name.startswith("encoder_hid_proj.")}
 
 
 class Mapper:

@@ -186,3 +186,25 @@ def test_controlnet_ip_adapter_and_lora_together_equal_diffusers(conditioned, pi
     assert_same_images("controlnet + ip-adapter + lora sd15", ours, theirs)
     without = pipes("sd15").generate(Request.of(**common))
     assert np.abs(to_uint8(ours).astype(int) - to_uint8(without).astype(int)).max() > 8  # the LoRA shows
+
+
+@pytest.mark.slow
+def test_ip_adapter_plus_equals_diffusers(exported, tiny_pipeline, tmp_path):
+    """IP-Adapter Plus (Resampler projection): penultimate hidden states, the zero image's as the negative."""
+    from sdrt.export.tiny import write_tiny_ip_adapter
+
+    engine = tmp_path / "sd15"
+    shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)
+    encoder, adapter = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / "plus", seed=5, plus=True)
+    add_controlnets(engine, (), ip_adapter=str(adapter), image_encoder=str(encoder))
+    assert json.loads((engine / "manifest.json").read_text())["ip_adapter"]["kind"] == "plus"
+    image = _image(9, 56, 40)
+    ref = _reference(tiny_pipeline, "sd15", (encoder, adapter))
+    ref.set_ip_adapter_scale(0.7)
+    theirs = ref("a cat", ip_adapter_image=image, num_inference_steps=3, generator=generators(3, 1), output_type="np",
+                 **SIZE).images
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, **SIZE)
+    ours = pipe.generate(Request.of(**common, ip_image=image, ip_scale=0.7))
+    assert_same_images("ip-adapter plus sd15", ours, theirs)
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(pipe.generate(Request.of(**common))).astype(int)).max() > 8
