@@ -104,6 +104,10 @@ def load(pipe, src: IpAdapterSource) -> dict:
         raise UserError(f"--ip-adapter {src.adapter} does not fit this model's UNet ({str(e).splitlines()[0]}); "
                         "give an adapter made for this family") from None
     unet.eval()
+    unet.encoder_hid_proj.lora_target = False  # the adapter's own layers: no LoRA patches them (export/weights_map)
+    for p in unet.attn_processors.values():
+        if isinstance(p, torch.nn.Module):
+            p.lora_target = False
     processor = pipe.feature_extractor if getattr(pipe, "feature_extractor", None) is not None else \
         CLIPImageProcessor(size=encoder.config.image_size, crop_size=encoder.config.image_size)  # load_ip_adapter's
     record = {"source": src.adapter, "sha256": sha256_of_files([adapter], adapter.parent), "kind": adapter_kind,

@@ -65,11 +65,12 @@ def _scope(node_name: str) -> str:
 
 
 def targets(module: torch.nn.Module, component: str) -> dict[str, torch.nn.Module]:
-    """Canonical module path → every Linear/Conv2d of the component (what a LoRA may patch). An IP-Adapter's own
-    layers (its image projection `encoder_hid_proj`, the processors' to_k_ip/to_v_ip) are no LoRA's target."""
+    """Canonical module path → every Linear/Conv2d of the component (what a LoRA may patch), except inside modules
+    marked `lora_target = False` (a baked hypernetwork's MLPs, export/hypernetwork.py)."""
+    excluded = [name + "." for name, m in module.named_modules() if getattr(m, "lora_target", True) is False]
     return {canonical(component, name): m for name, m in module.named_modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name and ".processor." not in f".{name}."
-            and not name.startswith("encoder_hid_proj.")}
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name
+            and not any(name.startswith(prefix) for prefix in excluded)}
 
 
 class Mapper:

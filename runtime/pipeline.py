@@ -54,7 +54,7 @@ class Pipeline:
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
         self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
         self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompt_encode.py)
-        self.open_engine = None  # component name → engine, for components opened on first use (ControlNets)
+        self.open_engine = None  # path → engine, for components opened on first use (set by load)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", ort_config=None,
@@ -80,7 +80,7 @@ class Pipeline:
         pipe = cls(d, engines, tokenizers, limits)
         pipe.adapters.use(base_loras, lora_dir)
         pipe.text = text
-        pipe.open_engine = lambda name: open_engine(d.onnx_path(name), backend, ort_config)
+        pipe.open_engine = lambda p: open_engine(p, backend, ort_config)
         return pipe
 
     # ---- request validation -------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Pipeline:
         if name not in self.engines:
             if self.open_engine is None:
                 raise UserError(f"this pipeline was built without {name} and cannot open it")
-            self.engines[name] = self.open_engine(name)
+            self.engines[name] = self.open_engine(self.dir.onnx_path(name))
         return self.engines[name]
 
     def steps(self, job: Job, prep: "_Prepared") -> Iterator[torch.Tensor]:
