@@ -18,7 +18,8 @@ OnStep = Callable[[str, int, int], None]  # (stage, steps done, total)
 
 # request field → how `sdrt run` spells it (InvalidRequest names fields, the CLI names its own flags)
 FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_prompt": "--batch", "loras": "--lora",
-         "embeddings": "--embedding", "controls": "--control"}
+         "embeddings": "--embedding", "controls": "--control", "adapter_name": "--adapter", "adapter_image": "--adapter",
+         "adapter_scale": "--adapter"}
 
 
 def flag(field: str) -> str:
@@ -67,6 +68,7 @@ class RunOptions:
     control_end: float = 1.0
     guess_mode: bool = False
     ip_image: str | None = None  # "IMAGE[:SCALE]" (runtime/ip_adapter.py)
+    adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/t2i_adapter.py)
 
 
 def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
@@ -81,12 +83,12 @@ def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def parse_control(text: str) -> tuple[str, Path, float]:
+def parse_control(text: str, flag: str = "--control") -> tuple[str, Path, float]:
     """`NAME=IMAGE[:SCALE]` → (name, image path, scale); the scale is checked by validation."""
     name, eq, rest = text.partition("=")
     if not eq or not name or not rest:
-        raise UserError(f"--control {text!r}: give NAME=IMAGE or NAME=IMAGE:SCALE")
-    return (name, *parse_image_scale(rest, "--control"))
+        raise UserError(f"{flag} {text!r}: give NAME=IMAGE or NAME=IMAGE:SCALE")
+    return (name, *parse_image_scale(rest, flag))
 
 
 def build_request(o: RunOptions) -> Request:
@@ -122,7 +124,15 @@ def build_request(o: RunOptions) -> Request:
         control_end=o.control_end,
         guess_mode=o.guess_mode,
         **_ip_fields(o.ip_image),
+        **_adapter_fields(o.adapter),
     )
+
+
+def _adapter_fields(text: str | None) -> dict:
+    if text is None:
+        return {}
+    name, path, scale = parse_control(text, "--adapter")
+    return {"adapter_name": name, "adapter_image": image_io.load_image(path), "adapter_scale": scale}
 
 
 def _ip_fields(text: str | None) -> dict:

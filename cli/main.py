@@ -51,6 +51,8 @@ def export(
                                              "exported as image_encoder + unet_ip; needs --image-encoder"),
     image_encoder: Optional[str] = typer.Option(None, help="the IP-Adapter's CLIP image encoder (a "
                                                 "CLIPVisionModelWithProjection folder)"),
+    t2i_adapter: list[str] = typer.Option([], "--t2i-adapter", help="SRC[=NAME]: a diffusers T2IAdapter folder, "
+                                          "exported as t2i_adapter/NAME (repeatable)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -64,7 +66,7 @@ def export(
             raise UserError("--trt needs at least one --resolution WIDTHxHEIGHT or a --dynamic MIN-MAX range")
         device_info()
 
-    adding = bool(controlnet or ip_adapter or image_encoder) and (Path(model) / "manifest.json").is_file()
+    adding = bool(controlnet or ip_adapter or image_encoder or t2i_adapter) and (Path(model) / "manifest.json").is_file()
     if adding and output is not None and Path(output).absolute() != Path(model).absolute():
         raise UserError(f"{model} is an engine directory: ControlNets and IP-Adapters are added into it; drop "
                         "-o/--output")
@@ -74,7 +76,7 @@ def export(
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
                        textual_inversion=textual_inversion, controlnets=tuple(controlnet), ip_adapter=ip_adapter,
-                       image_encoder=image_encoder)
+                       image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -91,7 +93,8 @@ def export(
         if adding:
             from sdrt.export.exporter import add_controlnets
 
-            manifest = add_controlnets(Path(model), tuple(controlnet), progress, ip_adapter, image_encoder)
+            manifest = add_controlnets(Path(model), tuple(controlnet), progress, ip_adapter, image_encoder,
+                                       tuple(t2i_adapter))
         else:
             manifest = run_export(cfg, progress)
     if trt:
@@ -202,6 +205,8 @@ def run(
                                                                "conditional prompt, residuals scaled 0.1…1 by depth"),
     ip_image: Optional[str] = typer.Option(None, help="IMAGE[:SCALE]: an image prompt for the directory's "
                                                       "IP-Adapter (scale default 1)"),
+    adapter: Optional[str] = typer.Option(None, help="NAME=IMAGE[:SCALE]: a T2I-Adapter the directory holds and its "
+                                                     "condition image"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -223,7 +228,7 @@ def run(
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
                          embeddings_dir=embeddings_dir, controls=tuple(control), control_start=control_start,
-                         control_end=control_end, guess_mode=guess_mode, ip_image=ip_image)
+                         control_end=control_end, guess_mode=guess_mode, ip_image=ip_image, adapter=adapter)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -28,6 +28,7 @@ from sdrt.runtime.prompt_encode import write_text_weights
 from . import gate
 from . import controlnet as cn
 from . import ip_adapter as ipa
+from . import t2i_adapter as t2i
 from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
@@ -60,6 +61,7 @@ class ExportConfig:
     controlnets: tuple[str, ...] = ()  # "SRC[=NAME]": each its own component controlnet/NAME (export/controlnet.py)
     ip_adapter: str | None = None  # IP-Adapter file: image_encoder + unet_ip components (export/ip_adapter.py)
     image_encoder: str | None = None  # the adapter's CLIPVisionModelWithProjection folder
+    t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/t2i_adapter.py)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -264,6 +266,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         cn.check_source(src)
     if len({s.name for s in net_sources}) != len(net_sources):
         raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
+    t2i_sources = [t2i.parse(a) for a in cfg.t2i_adapters]
     ip_source = None
     if cfg.ip_adapter is not None or cfg.image_encoder is not None:
         if cfg.ip_adapter is None:
@@ -279,8 +282,18 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     specs = component_specs(pipe)
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
-    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, cfg.ip_adapter is not None)
+    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, cfg.ip_adapter is not None,
+                                  {s.name for s in t2i_sources})
     extra = _controlnet_specs(pipe, nets, bool(nets) or any(k.startswith(cn.PREFIX) for k in kept_nets))
+    t2i_loaded = {src: t2i.load(src) for src in t2i_sources}
+    t2i_used = {}
+    for src, (adapter, digest) in t2i_loaded.items():
+        t2i_used[src] = t2i.consumed(pipe, adapter, dict(pipe.unet.config))
+        extra[t2i.PREFIX + src.name] = (t2i.adapter_spec(pipe, src.name, adapter), dict(adapter.config), "|t2i:" + digest)
+    if t2i_loaded:
+        src, (adapter, _) = next(iter(t2i_loaded.items()))
+        extra[t2i.UNET_T2I] = (t2i.unet_spec(pipe, adapter, t2i_used[src]), dict(pipe.unet.config),
+                               f"|t2i-unet:{t2i_used[src]}")
     ip_loaded = ipa.load(pipe, ip_source) if ip_source is not None else None
     if ip_loaded is not None:
         extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(),
@@ -332,6 +345,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             spec = extra[name][0] if name in extra else specs[name]
             shapes = gate_shapes(pipe, "vae_decoder" if name == ipa.IMAGE_ENCODER else
                                  "unet" if name in extra else name)
+            if name == t2i.UNET_T2I or name.startswith(t2i.PREFIX):  # sizes the adapter can take
+                shapes = t2i.gate_shapes(pipe, next(iter(t2i_loaded.values()))[0])
             entry = _export_one(pipe, spec, precision, tmp, shapes, release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
@@ -357,6 +372,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                            + [cn.record(src, net, digest) for src, (net, digest) in nets.items()],
             "ip_adapter": ip_loaded["record"] if ip_loaded is not None else
                           (old or {}).get("ip_adapter") if ipa.UNET_IP in kept_nets else None,
+            "t2i_adapters": [r for r in (old or {}).get("t2i_adapters", []) if t2i.PREFIX + r["name"] in kept_nets]
+                            + [t2i.record(src, a, digest, t2i_used[src], pipe) for src, (a, digest) in t2i_loaded.items()],
             "components": components,
             "trt": [],
             "versions": versions(),
@@ -370,7 +387,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
 
 
 def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None,
-                    ip_adapter: str | None = None, image_encoder: str | None = None) -> dict:
+                    ip_adapter: str | None = None, image_encoder: str | None = None,
+                    t2i_adapters: tuple[str, ...] = ()) -> dict:
     """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
     re-run with more ControlNets (or an IP-Adapter, replacing the one there). Every component
     already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
@@ -388,7 +406,7 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
         ip_adapter, image_encoder = recorded.get("source"), recorded.get("image_encoder")
     cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
                        components=present, vae=source.get("vae"), controlnets=tuple(controlnets),
-                       ip_adapter=ip_adapter, image_encoder=image_encoder)
+                       ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters))
     return export(cfg, progress)
 
 
@@ -402,12 +420,13 @@ def _load_controlnets(pipe, sources) -> dict:
     return nets
 
 
-def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: bool) -> dict:
+def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: bool, new_t2i: set[str] = frozenset()) -> dict:
     """ControlNet and IP-Adapter components of the existing directory that stay (not given again, files intact)."""
     kept = {}
     for name, entry in (old or {}).get("components", {}).items():
         extra = (name.startswith(cn.PREFIX) and name[len(cn.PREFIX):] not in given) or \
-            (name in (ipa.IMAGE_ENCODER, ipa.UNET_IP, ipa.UNET_CONTROLNET_IP) and not new_ip)
+            (name in (ipa.IMAGE_ENCODER, ipa.UNET_IP, ipa.UNET_CONTROLNET_IP) and not new_ip) or \
+            (name.startswith(t2i.PREFIX) and name[len(t2i.PREFIX):] not in new_t2i) or (name == t2i.UNET_T2I and not new_t2i)
         if extra and _reusable(old, output, name, entry.get("key")) is not None:
             kept[name] = entry
     if (ipa.IMAGE_ENCODER in kept) != (ipa.UNET_IP in kept):  # the two only work together

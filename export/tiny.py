@@ -194,3 +194,19 @@ def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "ip-adapter.safetensors"))
     return folder / "image_encoder", folder / "ip-adapter.safetensors"
+
+
+def write_tiny_t2i_adapter(folder: Path, seed: int = 0, gain: float = 3.0) -> Path:
+    """A T2I-Adapter for the tiny SD pipelines: diffusers' T2IAdapter of type full_adapter_xl with channels
+    (32, 64, 64, 64) and pixel-unshuffle 4, whose first two features fit the tiny UNet's two down blocks (DownBlock2D
+    adds its feature after down-sampling, CrossAttnDownBlock2D before); random weights × `gain`."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=4,
+                         adapter_type="full_adapter_xl")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.mul_(gain)
+    adapter.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import controlnet_call, feed, ip_adapter, image_io, lora, noise, sampler_registry, samplers, schedules
+from . import controlnet_call, feed, ip_adapter, t2i_adapter, image_io, lora, noise, sampler_registry, samplers, schedules
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -112,7 +112,8 @@ class Pipeline:
 
     def prepare(self, job: Job) -> "_Prepared":
         """Text encoding, initial latents and schedule for a validated job (what `steps` then runs)."""
-        return ip_adapter.attach(self, job, controlnet_call.attach(self, job, self._prepare(job)))
+        prep = ip_adapter.attach(self, job, controlnet_call.attach(self, job, self._prepare(job)))
+        return t2i_adapter.attach(self, job, prep)
 
     def component(self, name: str):
         """The engine of `name`, opened on first use (components plain runs never need, such as ControlNets)."""

@@ -118,15 +118,24 @@ class ImagePrompt:
     ip_scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class T2i:
+    """A T2I-Adapter the engine directory holds (runtime/t2i_adapter.py), its condition image and scale."""
+
+    adapter_name: str | None = None
+    adapter_image: Any = None  # PIL image
+    adapter_scale: float = 1.0
+
+
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
-          "refine": Refine, "adapters": Adapters, "control": Control, "image_prompt": ImagePrompt}
+          "refine": Refine, "adapters": Adapters, "control": Control, "image_prompt": ImagePrompt, "t2i": T2i}
 # flat key → (group, field); the flat form is what CLI options and most JSON clients send
 FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
 FLAT["prompt"] = ("prompt", "text")
 FLAT["negative_prompt"] = ("prompt", "negative")
 FLAT["prompt_syntax"] = ("prompt", "syntax")
 FLAT["images_per_prompt"] = ("size", "batch")
-_IMAGE_FIELDS = ("init_image", "mask", "ip_image")
+_IMAGE_FIELDS = ("init_image", "mask", "ip_image", "adapter_image")
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,7 @@ class Request:
     adapters: Adapters = Adapters()
     control: Control = Control()
     image_prompt: ImagePrompt = ImagePrompt()
+    t2i: T2i = T2i()
 
     @property
     def prompt_group(self) -> Prompt:
@@ -182,7 +192,7 @@ class Request:
                 parts[group][name] = value
             else:
                 raise InvalidRequest(key, "is not a request field; known: " + ", ".join(sorted(set(FLAT) | set(GROUPS))))
-        for group in ("images", "image_prompt"):
+        for group in ("images", "image_prompt", "t2i"):
             for name in _IMAGE_FIELDS:
                 if isinstance(parts[group].get(name), str):
                     parts[group][name] = decode_image(parts[group][name], name)

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import controlnet, ip_adapter, lora, prompt_encode, sampler_registry
+from . import controlnet, ip_adapter, lora, prompt_encode, sampler_registry, t2i_adapter
 from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
@@ -67,6 +67,7 @@ class Job:
     loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
     controls: Any = None  # runtime/controlnet.Controls, or None
     image_prompt: Any = None  # runtime/ip_adapter.ImagePromptJob, or None
+    t2i_adapter: Any = None  # runtime/t2i_adapter.AdapterJob, or None
 
     @property
     def count(self) -> int:
@@ -263,6 +264,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
             raise InvalidRequest(name, f"must be below 1 (got {v:g})")
     controls = controlnet.validate_controls(request.control, model_dir, loras)
     image_prompt = ip_adapter.validate_image_prompt(request.image_prompt, model_dir, loras, controls)
+    adapter = t2i_adapter.validate_adapter(request.t2i, model_dir, width, height,
+                                           controls is not None or image_prompt is not None, loras)
     aesthetic = _float("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
 
@@ -282,4 +285,4 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
-               controls=controls, image_prompt=image_prompt)
+               controls=controls, image_prompt=image_prompt, t2i_adapter=adapter)

@@ -71,12 +71,13 @@ def run_sdrt(*args: str, env: dict | None = None, timeout: float = 600) -> subpr
 def conditioned(tiny_root, tiny_pipeline, exported):
     """conditioned(family, ip=family == "sd15") → (engine dir, {"controlnets": {name: folder}, "ip": (image encoder,
     adapter file) or None}): the session's plain fp32 export, hard-linked, with tiny ControlNets (sd15: canny and
-    depth; sdxl: xl) and, with `ip`, an IP-Adapter added by `sdrt export DIR --controlnet … --ip-adapter …`
+    depth; sdxl: xl), for sd15 a T2I-Adapter (sketch), and with `ip` an IP-Adapter, added by `sdrt export DIR
+    --controlnet … --ip-adapter … --t2i-adapter …`
     (export/exporter.add_controlnets; a later call with ip=True adds the adapter alone, reusing the rest)."""
     import shutil
 
     from sdrt.export.exporter import add_controlnets
-    from sdrt.export.tiny import write_tiny_controlnet, write_tiny_ip_adapter
+    from sdrt.export.tiny import write_tiny_controlnet, write_tiny_ip_adapter, write_tiny_t2i_adapter
 
     nets = {"sd15": (("canny", 1), ("depth", 2)), "sdxl": (("xl", 3),)}
     cache = {}
@@ -96,9 +97,11 @@ def conditioned(tiny_root, tiny_pipeline, exported):
                        for name, seed in nets[family]}
             encoder, adapter = write_tiny_ip_adapter(tiny_pipeline(family), root / f"{family}-ip-src", seed=4) \
                 if ip else (None, None)
+            t2i = write_tiny_t2i_adapter(root / f"{family}-sketch-src", seed=5) if family == "sd15" else None
             add_controlnets(engine, tuple(f"{f}={name}" for name, f in folders.items()),
-                            ip_adapter=str(adapter) if ip else None, image_encoder=str(encoder) if ip else None)
-            cache[family] = (engine, {"controlnets": folders, "ip": (encoder, adapter) if ip else None})
+                            ip_adapter=str(adapter) if ip else None, image_encoder=str(encoder) if ip else None,
+                            t2i_adapters=(f"{t2i}=sketch",) if t2i else ())
+            cache[family] = (engine, {"controlnets": folders, "ip": (encoder, adapter) if ip else None, "t2i": t2i})
         return cache[family]
 
     return make
