@@ -18,7 +18,8 @@ OnStep = Callable[[str, int, int], None]  # (stage, steps done, total)
 
 # request field → how `sdrt run` spells it (InvalidRequest names fields, the CLI names its own flags)
 FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_prompt": "--batch", "loras": "--lora",
-         "embeddings": "--embedding"}
+         "embeddings": "--embedding", "controls": "--control", "adapter_name": "--adapter", "adapter_image": "--adapter",
+         "adapter_scale": "--adapter"}
 
 
 UPSCALE_FLAGS = {"init_image": "IMAGE"}  # `sdrt upscale DIR IMAGE PROMPT`, `sdrt variations DIR IMAGE`
@@ -30,6 +31,8 @@ KINDS = {"upscale": ("upscaler", "a ×4 upscaler's engine directory (sdrt export
 
 
 def flag(field: str, flags: dict = FLAGS) -> str:
+    if field.startswith("controls["):  # controls[i].name / .scale / .image: the i-th --control
+        return "--control"
     name = field.split(".")[-1]
     return flags.get(name, "--" + name.replace("_", "-"))
 
@@ -80,6 +83,32 @@ class RunOptions:
     vae_tiling: str = "auto"  # auto | on | off (runtime/vae_tiling.py)
     ort_cache: bool = False  # keep ONNX Runtime's optimized graphs for faster later starts (engines/ort_cache.py)
     cache_interval: int = 1  # step caching (runtime/step_cache.py)
+    controls: tuple[str, ...] = ()  # "NAME=IMAGE[:SCALE]" (runtime/controlnet.py)
+    control_start: float = 0.0
+    control_end: float = 1.0
+    guess_mode: bool = False
+    ip_image: str | None = None  # "IMAGE[:SCALE]" (runtime/ip_adapter.py)
+    adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/t2i_adapter.py)
+
+
+def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
+    """`IMAGE[:SCALE]` → (path, scale)."""
+    path, colon, scale = text.rpartition(":")
+    if colon and path:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise UserError(f"{flag} {text!r}: the scale {scale!r} is not a number") from None
+    return Path(text), 1.0
+
+
+def parse_control(text: str, flag: str = "--control") -> tuple[str, Path, float]:
+    """`NAME=IMAGE[:SCALE]` → (name, image path, scale); the scale is checked by validation."""
+    name, eq, rest = text.partition("=")
+    if not eq or not name or not rest:
+        raise UserError(f"{flag} {text!r}: give NAME=IMAGE or NAME=IMAGE:SCALE")
+    return (name, *parse_image_scale(rest, flag))
 
 
 def build_request(o: RunOptions) -> Request:
@@ -123,7 +152,27 @@ def build_request(o: RunOptions) -> Request:
         vae=o.vae,
         vae_tiling=o.vae_tiling,
         cache_interval=o.cache_interval,
+        controls=tuple((name, image_io.load_image(path), scale) for name, path, scale in map(parse_control, o.controls)),
+        control_start=o.control_start,
+        control_end=o.control_end,
+        guess_mode=o.guess_mode,
+        **_ip_fields(o.ip_image),
+        **_adapter_fields(o.adapter),
     )
+
+
+def _adapter_fields(text: str | None) -> dict:
+    if text is None:
+        return {}
+    name, path, scale = parse_control(text, "--adapter")
+    return {"adapter_name": name, "adapter_image": image_io.load_image(path), "adapter_scale": scale}
+
+
+def _ip_fields(text: str | None) -> dict:
+    if text is None:
+        return {}
+    path, scale = parse_image_scale(text, "--ip-image")
+    return {"ip_image": image_io.load_image(path), "ip_scale": scale}
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

@@ -53,6 +53,15 @@ def export(
     deepcache: bool = typer.Option(False, "--deepcache", help="also the two UNet graphs step caching runs (DeepCache, "
                                    "cache branch 0: the whole UNet returning its last layer's input, and that last "
                                    "layer alone), for `sdrt run --cache-interval N`"),
+    controlnet: list[str] = typer.Option([], "--controlnet", help="SRC[=NAME]: a diffusers ControlNet folder, hub id "
+                                         "or single file, exported as controlnet/NAME (repeatable); MODEL may be an "
+                                         "engine directory to add ControlNets to"),
+    ip_adapter: Optional[str] = typer.Option(None, help="IP-Adapter file (.safetensors/.bin, diffusers' format): "
+                                             "exported as image_encoder + unet_ip; needs --image-encoder"),
+    image_encoder: Optional[str] = typer.Option(None, help="the IP-Adapter's CLIP image encoder (a "
+                                                "CLIPVisionModelWithProjection folder)"),
+    t2i_adapter: list[str] = typer.Option([], "--t2i-adapter", help="SRC[=NAME]: a diffusers T2IAdapter folder, "
+                                          "exported as t2i_adapter/NAME (repeatable)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -66,13 +75,18 @@ def export(
             raise UserError("--trt needs at least one --resolution WIDTHxHEIGHT or a --dynamic MIN-MAX range")
         device_info()
 
+    adding = bool(controlnet or ip_adapter or image_encoder or t2i_adapter) and (Path(model) / "manifest.json").is_file()
+    if adding and output is not None and Path(output).absolute() != Path(model).absolute():
+        raise UserError(f"{model} is an engine directory: ControlNets and IP-Adapters are added into it; drop "
+                        "-o/--output")
     if output is None:
-        output = Path(f"{Path(model.rstrip('/')).stem}-{precision}")
+        output = Path(model) if adding else Path(f"{Path(model.rstrip('/')).stem}-{precision}")
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
                        single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
                        textual_inversion=textual_inversion, hypernetworks=_hypernetwork_args(hypernetwork),
-                       tiny_vae=tiny_vae, deepcache=deepcache)
+                       tiny_vae=tiny_vae, deepcache=deepcache, controlnets=tuple(controlnet), ip_adapter=ip_adapter,
+                       image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -86,7 +100,13 @@ def export(
             text = "unchanged, skipped" if status == "skipped" else "exported, parity gate passed"
             bar.console.print(f"{name}: {text}", highlight=False)
 
-        manifest = run_export(cfg, progress)
+        if adding:
+            from sdrt.export.exporter import add_controlnets
+
+            manifest = add_controlnets(Path(model), tuple(controlnet), progress, ip_adapter, image_encoder,
+                                       tuple(t2i_adapter))
+        else:
+            manifest = run_export(cfg, progress)
     if trt:
         _build_plans(output, resolution, dynamic, batch, guidance, None, 3, False)
     summary = summarize(manifest, output)
@@ -222,6 +242,16 @@ def run(
     vae_tiling: str = typer.Option("auto", help="auto|on|off: decode (and encode) the full VAE in overlapping tiles "
                                                 "as diffusers' vae.enable_tiling(); auto tiles when the whole image "
                                                 "would not fit the memory limit"),
+    control: list[str] = typer.Option([], "--control", help="NAME=IMAGE[:SCALE]: a ControlNet the engine directory "
+                                                           "holds and its control image (repeatable; summed in order)"),
+    control_start: float = typer.Option(0.0, help="fraction of the steps before the ControlNets start"),
+    control_end: float = typer.Option(1.0, help="fraction of the steps after which the ControlNets stop"),
+    guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode: the nets see only the "
+                                                               "conditional prompt, residuals scaled 0.1…1 by depth"),
+    ip_image: Optional[str] = typer.Option(None, help="IMAGE[:SCALE]: an image prompt for the directory's "
+                                                      "IP-Adapter (scale default 1)"),
+    adapter: Optional[str] = typer.Option(None, help="NAME=IMAGE[:SCALE]: a T2I-Adapter the directory holds and its "
+                                                     "condition image"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -245,7 +275,9 @@ def run(
                          as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
-                         vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval)
+                         vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval,
+                         controls=tuple(control), control_start=control_start,
+                         control_end=control_end, guess_mode=guess_mode, ip_image=ip_image, adapter=adapter)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -41,7 +41,7 @@ def open_engine(onnx_path: Path, backend: str = "auto", ort_config=None, cuda_gr
     if chosen == "torch":
         from .torch_ref import open_torch_engine
 
-        return open_torch_engine(Path(onnx_path).parent.parent, Path(onnx_path).parent.name)
+        return open_torch_engine(*locate(onnx_path))
     from sdrt.runtime.manifest import read_manifest
 
     from .tensorrt import SharedScratch, TensorRTComponent
@@ -49,10 +49,21 @@ def open_engine(onnx_path: Path, backend: str = "auto", ort_config=None, cuda_gr
     global _TRT_SHARED
     if _TRT_SHARED is None:  # one scratch buffer and one stream for every plan of the process
         _TRT_SHARED = (SharedScratch(), torch.cuda.Stream())
-    engine_dir = Path(onnx_path).parent.parent
-    return TensorRTComponent(engine_dir, Path(onnx_path).parent.name, read_manifest(engine_dir), *_TRT_SHARED,
-                             cuda_graph=cuda_graph)
+    engine_dir, component = locate(onnx_path)
+    return TensorRTComponent(engine_dir, component, read_manifest(engine_dir), *_TRT_SHARED, cuda_graph=cuda_graph)
+
+
+def locate(onnx_path: Path) -> tuple[Path, str]:
+    """(engine directory, component) of DIR/<component>/model.onnx; ControlNets are two levels deep
+    (DIR/controlnet/NAME/model.onnx → component controlnet/NAME)."""
+    folder = Path(onnx_path).parent
+    if folder.parent.name == "controlnet" and not (folder.parent / "model.onnx").exists():
+        return folder.parent.parent, f"controlnet/{folder.name}"
+    return folder.parent, folder.name
 
 
 def _has_plans(onnx_path: Path) -> bool:
-    return any((onnx_path.parent.parent / "trt").glob(f"{onnx_path.parent.name}__*.plan"))
+    from .trt_profiles import plan_prefix
+
+    engine_dir, component = locate(onnx_path)
+    return any((engine_dir / "trt").glob(f"{plan_prefix(component)}__*.plan"))

@@ -66,5 +66,8 @@ def open_torch_engine(engine_dir: Path, component: str, device: str = "cpu") -> 
         return {i["name"]: TensorSpec(i["dtype"] if i["dtype"].startswith("int") else dtype, tuple(i["shape"]))
                 for i in items}
 
-    module = component_specs(pipe)[component].make_module(pipe)
+    specs_of = component_specs(pipe)
+    if component not in specs_of:  # ControlNets and the residual UNet: ONNX Runtime or TensorRT only
+        raise UserError(f"the torch backend does not run {component}; choose --backend ort-cpu or ort-cuda")
+    module = specs_of[component].make_module(pipe)
     return TorchEngine(module, specs(entry["inputs"]), specs(entry["outputs"]), device)

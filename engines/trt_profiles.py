@@ -99,10 +99,20 @@ def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: 
     return out
 
 
-def component_batch(component: str, profile: Profile, images: int) -> int:
+def _guided(component: str) -> bool:
+    """Components that run cond+uncond together under guidance: the UNets and the ControlNets."""
+    return component in ("unet", "unet_controlnet", "unet_ip", "unet_controlnet_ip") or component.startswith("controlnet/")
+
+
+def component_batch(component: str, profile: Profile, images: int, minimum: bool = False) -> int:
     """The batch a component sees for `images` images: the UNet runs cond+uncond together under guidance;
-    text encoders run the two prompt sets in separate calls; the VAE encoder encodes one init image."""
-    if component == "unet" and profile.guidance:
+    text encoders run the two prompt sets in separate calls; the VAE encoder encodes one init image.
+    A ControlNet in guess mode sees the conditional half only: its minimum batch under guidance stays `images`."""
+    if component.startswith("controlnet/") and profile.guidance and minimum:
+        return images
+    if component == "image_encoder":  # the IP-Adapter's image prompt: one image per call
+        return 1
+    if _guided(component) and profile.guidance:
         return 2 * images
     if component == "vae_encoder" and images == profile.batch.min:
         return 1
@@ -116,15 +126,19 @@ def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_facto
     """
     f = vae_scale_factor
 
-    def dims(batch: int, height: int, width: int, chunks: int) -> dict[str, int]:
+    def dims(batch: int, height: int, width: int, chunks: int, minimum: bool = False) -> dict[str, int]:
         # text encoders encode one 77-token chunk per call; the UNet sees all chunks of a prompt at once
-        text = TEXT_LENGTH * (chunks if component == "unet" else 1)
-        return {"batch_size": component_batch(component, profile, batch), "sequence_length": text, "height": height // f, "width": width // f,
+        text = TEXT_LENGTH * (chunks if component == "unet" or _guided(component) else 1)
+        dims = {"batch_size": component_batch(component, profile, batch, minimum), "sequence_length": text, "height": height // f, "width": width // f,
                 "latent_height": height // f, "latent_width": width // f, "sample_height": height,
-                "sample_width": width}
+                "sample_width": width, "ip_images": 1}
+        for k in range(1, 7):  # ControlNet residuals: height_div2 = ⌈h/2⌉, … (export/controlnet.py)
+            dims[f"height_div{2 ** k}"] = -(-(height // f) // 2 ** k)
+            dims[f"width_div{2 ** k}"] = -(-(width // f) // 2 ** k)
+        return dims
 
     c = profile.text_chunks
-    picks = [dims(profile.batch.min, profile.height.min, profile.width.min, c.min),
+    picks = [dims(profile.batch.min, profile.height.min, profile.width.min, c.min, minimum=True),
              dims(profile.batch.opt, profile.height.opt, profile.width.opt, c.opt),
              dims(profile.batch.max, profile.height.max, profile.width.max, c.max)]
     shapes = {}
@@ -136,11 +150,16 @@ def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_facto
     return shapes
 
 
+def plan_prefix(component: str) -> str:
+    """A component as a file-name part: controlnet/NAME → controlnet--NAME."""
+    return component.replace("/", "--")
+
+
 def plan_file(component: str, profile: Profile, precision: str, compute_capability: tuple[int, int],
               trt_version: str) -> str:
     """trt/<component>__<profile>__<precision>__sm<cc>__trt<version>.plan"""
     sm = f"{compute_capability[0]}{compute_capability[1]}"
-    return f"{component}__{profile.name()}__{precision}__sm{sm}__trt{trt_version}.plan"
+    return f"{plan_prefix(component)}__{profile.name()}__{precision}__sm{sm}__trt{trt_version}.plan"
 
 
 def select(plans: list[dict], component: str, inputs: dict, feed_shapes: dict[str, tuple], vae_scale_factor: int,

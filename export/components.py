@@ -38,6 +38,7 @@ class ComponentSpec:
     make_module: Callable[[object], torch.nn.Module]  # pipeline → module whose forward takes the inputs
     make_inputs: Callable[[object, Shape, torch.dtype], tuple]  # pipeline, shape, dtype → sample inputs
     float_inputs_fp32: tuple[str, ...] = ()  # float inputs kept fp32 in an fp16 export
+    owner: Callable[[object], torch.nn.Module] | None = None  # the module whose weights it exports (default: by name)
 
 
 class _TextEncoder(torch.nn.Module):

@@ -26,6 +26,9 @@ from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from sdrt.runtime.prompt_encode import write_text_weights
 
 from . import gate, tiny_vae
+from . import controlnet as cn
+from . import ip_adapter as ipa
+from . import t2i_adapter as t2i
 from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
 from .load import load_pipeline, local_source_hash
 from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
@@ -63,6 +66,10 @@ class ExportConfig:
     hypernetworks: tuple[tuple[str, float], ...] = ()  # (file, scale): AUTOMATIC1111 hypernetworks baked into the UNet
     tiny_vae: str | None = None  # an AutoencoderTiny folder/hub id: vae_{de,en}coder_tiny beside the full VAE
     deepcache: bool = False  # also the two UNet graphs step caching runs (export/deepcache.py, branch 0)
+    controlnets: tuple[str, ...] = ()  # "SRC[=NAME]": each its own component controlnet/NAME (export/controlnet.py)
+    ip_adapter: str | None = None  # IP-Adapter file: image_encoder + unet_ip components (export/ip_adapter.py)
+    image_encoder: str | None = None  # the adapter's CLIPVisionModelWithProjection folder
+    t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/t2i_adapter.py)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -194,14 +201,15 @@ def _module_for(pipe, name):
 
 def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) -> dict:
     started = time.perf_counter()
-    module_owner = _module_for(pipe, spec.name)
+    module_owner = spec.owner(pipe) if spec.owner is not None else _module_for(pipe, spec.name)
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    fp32_weights = tmp / f".{spec.name}.fp32.pt"
+    flat = spec.name.replace("/", "--")  # controlnet/NAME
+    fp32_weights = tmp / f".{flat}.fp32.pt"
     if dtype == torch.float16:  # keep the fp32 weights on disk for the gate's reference, not in memory
         torch.save(module_owner.state_dict(), fp32_weights)
         module_owner.half()
     wrapper = spec.make_module(pipe).eval()
-    raw = tmp / f".{spec.name}.raw"
+    raw = tmp / f".{flat}.raw"
     raw.mkdir()
     with subpixel_upsampling(wrapper) as rewritten:
         torch_to_onnx(wrapper, spec.make_inputs(pipe, shapes[0], dtype), raw / "model.onnx",
@@ -210,7 +218,8 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
     rewrites = [f"{SUBPIXEL_PASS} ({rewritten} upsamplers)"] if rewritten else []
     if sized and sized == upsamplers:  # each up-sampler resizes to its skip connection: any latent size runs
         rewrites.append(f"{SKIP_SIZE_PASS} ({sized} upsamplers)")
-    mapper = Mapper(module_owner, spec.name) if spec.name in LORA_COMPONENTS else None  # LoRAs at load
+    mapped = lora.lora_component(spec.name)  # UNet variants map the UNet's weights as the UNet does
+    mapper = Mapper(module_owner, mapped) if mapped in LORA_COMPONENTS else None  # LoRAs at load
     files, passes = run_passes(raw, tmp / spec.name, mapper)
     del mapper  # it holds the module, which is released below
     shutil.rmtree(raw)
@@ -275,10 +284,23 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         lora.read_header(Path(path).expanduser())
     hypernets = [(hypernetwork.load(path), hypernetwork.check_scale(scale, path)) for path, scale in cfg.hypernetworks]
     tiny = tiny_vae.load_tiny_vae(cfg.tiny_vae) if cfg.tiny_vae is not None else None  # fails before the model loads
+    net_sources = [cn.parse_arg(a) for a in cfg.controlnets]
+    for src in net_sources:
+        cn.check_source(src)
+    if len({s.name for s in net_sources}) != len(net_sources):
+        raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
+    t2i_sources = [t2i.parse(a) for a in cfg.t2i_adapters]
+    ip_source = None
+    if cfg.ip_adapter is not None or cfg.image_encoder is not None:
+        if cfg.ip_adapter is None:
+            raise UserError("--image-encoder is the IP-Adapter's image encoder; give --ip-adapter FILE with it")
+        ip_source = ipa.IpAdapterSource(cfg.ip_adapter, cfg.image_encoder)
+        ipa.check_source(ip_source)
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
     old = _check_output(cfg, source.sha256)
+    nets = _load_controlnets(pipe, net_sources)  # wrong family or width fails here, before anything is written
     lora_records = _fuse_loras(pipe, info, cfg.loras)
     if hypernets:
         hypernetwork.apply(pipe.unet, hypernets)
@@ -297,6 +319,27 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                  **{k: v for k, v in specs.items() if k.startswith("vae")}}  # after the UNet, before the VAEs
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
+    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, cfg.ip_adapter is not None,
+                                  {s.name for s in t2i_sources})
+    extra = _controlnet_specs(pipe, nets, bool(nets) or any(k.startswith(cn.PREFIX) for k in kept_nets))
+    t2i_loaded = {src: t2i.load(src) for src in t2i_sources}
+    t2i_used = {}
+    for src, (adapter, digest) in t2i_loaded.items():
+        t2i_used[src] = t2i.consumed(pipe, adapter, dict(pipe.unet.config))
+        extra[t2i.PREFIX + src.name] = (t2i.adapter_spec(pipe, src.name, adapter), dict(adapter.config), "|t2i:" + digest)
+    if t2i_loaded:
+        src, (adapter, _) = next(iter(t2i_loaded.items()))
+        extra[t2i.UNET_T2I] = (t2i.unet_spec(pipe, adapter, t2i_used[src]), dict(pipe.unet.config),
+                               f"|t2i-unet:{t2i_used[src]}")
+    ip_loaded = ipa.load(pipe, ip_source) if ip_source is not None else None
+    if ip_loaded is not None:
+        extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(),
+                                    "|ip:" + ip_loaded["record"]["sha256"])
+        extra[ipa.UNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded), dict(ip_loaded["unet"].config),
+                              "|ip:" + ip_loaded["record"]["sha256"])
+        if cn.UNET_CONTROLNET in extra:  # ControlNets and the image prompt in one request
+            extra[ipa.UNET_CONTROLNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded, with_residuals=True),
+                                             dict(ip_loaded["unet"].config), "|ip:" + ip_loaded["record"]["sha256"])
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -308,7 +351,19 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     try:
         _write_pipeline_files(pipe, tmp, names, cfg.precision)
         components = {}
-        for name in names:
+        for name, entry in kept_nets.items():  # ControlNets already in the directory and not given again
+            (tmp / name).mkdir(parents=True)
+            for path in (output / name).iterdir():  # the graph's files, config.json, preprocessor_config.json
+                os.link(path, tmp / name / path.name)
+            components[name] = entry
+            progress(name, "skipped")
+        for name, (spec, config, digest) in extra.items():
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if ip_loaded is not None:
+            ipa.write_configs(tmp, ip_loaded)
+        unet_at = names.index("unet") if "unet" in names else len(names)
+        for name in names[:unet_at] + list(extra) + names[unet_at:]:  # before the UNet releases its module
             precision = cfg.precision
             kept = None
             if name.startswith("vae") and not name.endswith("_tiny") and precision == "fp16" and \
@@ -316,7 +371,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 precision, kept = "fp32", VAE_FP32_REASON
             if name == "depth_estimator" and precision == "fp16":
                 precision, kept = "fp32", DEPTH_FP32_REASON
-            signature = _lora_signature(lora_records) + (tiny_signature if name.endswith("_tiny") else "") + \
+            digest = extra[name][2] if name in extra else ""
+            signature = _lora_signature(lora_records) + digest + (tiny_signature if name.endswith("_tiny") else "") + \
                 ("".join(f"|hypernet:{r['sha256']}:{r['scale']!r}" for r in hypernet_records)
                  if name.startswith("unet") else "")
             key = _component_key(source.sha256 + signature, name, precision)
@@ -328,10 +384,15 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 progress(name, "skipped")
                 continue
             progress(name, "start")
-            release = not name.startswith("vae")  # the two halves of each VAE share one module
+            release = not name.startswith("vae") and name not in extra  # the two halves of each VAE share one module
             if cfg.deepcache and name == "unet":
                 release = False  # the step-caching graphs are traced from it next
-            entry = _export_one(pipe, specs[name], precision, tmp, gate_shapes(pipe, name), release)
+            spec = extra[name][0] if name in extra else specs[name]
+            shapes = gate_shapes(pipe, "vae_decoder" if name == ipa.IMAGE_ENCODER else
+                                 "unet" if name in extra else name)
+            if name == t2i.UNET_T2I or name.startswith(t2i.PREFIX):  # sizes the adapter can take
+                shapes = t2i.gate_shapes(pipe, next(iter(t2i_loaded.values()))[0])
+            entry = _export_one(pipe, spec, precision, tmp, shapes, release)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
                 raise GateFailed(f"parity gate failed for {name} ({precision}): {_worst(entry)}, "
@@ -355,6 +416,12 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "hypernetworks": hypernet_records,
             "tiny_vae": None if cfg.tiny_vae is None else {"location": cfg.tiny_vae,
                                                            "signature": tiny_signature.removeprefix("|tiny:")},
+            "controlnets": [r for r in (old or {}).get("controlnets", []) if cn.PREFIX + r["name"] in kept_nets]
+                           + [cn.record(src, net, digest) for src, (net, digest) in nets.items()],
+            "ip_adapter": ip_loaded["record"] if ip_loaded is not None else
+                          (old or {}).get("ip_adapter") if ipa.UNET_IP in kept_nets else None,
+            "t2i_adapters": [r for r in (old or {}).get("t2i_adapters", []) if t2i.PREFIX + r["name"] in kept_nets]
+                            + [t2i.record(src, a, digest, t2i_used[src], pipe) for src, (a, digest) in t2i_loaded.items()],
             "components": components,
             "trt": [],
             "versions": versions(),
@@ -365,6 +432,65 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None,
+                    ip_adapter: str | None = None, image_encoder: str | None = None,
+                    t2i_adapters: tuple[str, ...] = ()) -> dict:
+    """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
+    re-run with more ControlNets (or an IP-Adapter, replacing the one there). Every component
+    already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
+    which must still be there (the residual UNet and the gate's shapes need its UNet)."""
+    manifest = read_manifest(engine_dir)
+    if manifest is None:
+        raise UserError(f"{engine_dir} has no manifest.json; ControlNets are added to directories `sdrt export` wrote")
+    if manifest.get("loras"):
+        raise UserError(f"{engine_dir} was exported with LoRAs fused in; export the model again with --lora and "
+                        "--controlnet together")
+    source = manifest["source"]
+    present = tuple(n for n in manifest["components"] if n in COMPONENT_NAMES)
+    recorded = manifest.get("ip_adapter") or {}
+    if ip_adapter is None and image_encoder is None and recorded and controlnets:  # the adapter joins the new nets
+        ip_adapter, image_encoder = recorded.get("source"), recorded.get("image_encoder")
+    cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
+                       components=present, vae=source.get("vae"), controlnets=tuple(controlnets),
+                       ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters))
+    return export(cfg, progress)
+
+
+def _load_controlnets(pipe, sources) -> dict:
+    """{ControlNetSource: (ControlNetModel, sha256)}, each checked against this pipeline's UNet and VAE."""
+    nets = {}
+    for src in sources:
+        net, digest = cn.load(src)
+        cn.check_compatible(net, dict(pipe.unet.config), vae_scale_factor(pipe), src)
+        nets[src] = (net, digest)
+    return nets
+
+
+def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: bool, new_t2i: set[str] = frozenset()) -> dict:
+    """ControlNet and IP-Adapter components of the existing directory that stay (not given again, files intact)."""
+    kept = {}
+    for name, entry in (old or {}).get("components", {}).items():
+        extra = (name.startswith(cn.PREFIX) and name[len(cn.PREFIX):] not in given) or \
+            (name in (ipa.IMAGE_ENCODER, ipa.UNET_IP, ipa.UNET_CONTROLNET_IP) and not new_ip) or \
+            (name.startswith(t2i.PREFIX) and name[len(t2i.PREFIX):] not in new_t2i) or (name == t2i.UNET_T2I and not new_t2i)
+        if extra and _reusable(old, output, name, entry.get("key")) is not None:
+            kept[name] = entry
+    if (ipa.IMAGE_ENCODER in kept) != (ipa.UNET_IP in kept):  # the two only work together
+        kept.pop(ipa.IMAGE_ENCODER, None), kept.pop(ipa.UNET_IP, None)
+    return kept
+
+
+def _controlnet_specs(pipe, nets: dict, any_net: bool) -> dict:
+    """{component: (spec, config.json content, key digest)}: the residual UNet (when any ControlNet will be in
+    the directory) and one per new ControlNet."""
+    out = {}
+    if any_net:
+        out[cn.UNET_CONTROLNET] = (cn.unet_residual_spec(pipe), dict(pipe.unet.config), "|residuals")
+    for src, (net, digest) in nets.items():
+        out[cn.PREFIX + src.name] = (cn.controlnet_spec(pipe, src.name, net), dict(net.config), "|cn:" + digest)
+    return out
 
 
 def _fuse_loras(pipe, info, loras) -> list[dict]:

@@ -126,3 +126,87 @@ def write_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
         if (folder / name).is_dir():
             write_clip_tokenizer(folder / name, pad_token="!" if name == "tokenizer_2" else EOS)
     return folder
+
+
+def write_tiny_controlnet(model_folder: Path, folder: Path, seed: int = 0, gain: float = 0.5) -> Path:
+    """A ControlNet for a tiny pipeline: diffusers' ControlNetModel.from_unet (the UNet's encoder copied), its
+    conditioning embedding sized to the tiny VAE's factor, and the zero-initialised convolutions (the condition's
+    conv_out, the residual 1×1 convs) drawn at random × `gain` so that the control image visibly moves the output."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
+    factor = 2 ** (len(_vae(0.18215, False).config.block_out_channels) - 1)
+    channels = (8, 16, 16, 32)[: factor.bit_length()]  # one stride-2 conv per factor of 2
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    g = torch.Generator().manual_seed(seed)
+    zeroed = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zeroed:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * gain / conv.weight[0].numel() ** 0.5)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * gain * 0.1)
+    net.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain: float = 1.0,
+                          plus: bool = False) -> tuple[Path, Path]:
+    """A tiny CLIP image encoder (CLIPVisionModelWithProjection, 32×32 input) and an IP-Adapter for the tiny
+    pipeline in diffusers' format (`image_proj.proj/norm` of ImageProjection with 4 tokens, `ip_adapter.{1,3,…}.
+    to_k_ip/to_v_ip` for every cross-attention in `attn_processors` order, as _convert_ip_adapter_attn_to_diffusers
+    numbers them), with random weights × `gain`. `plus`: an IP-Adapter Plus instead (diffusers'
+    IPAdapterPlusImageProjection, a 4-layer Resampler with 8 queries, written in the `layers.N.attn.to_q/to_kv/to_out`
+    form _convert_ip_adapter_image_proj_to_diffusers reads). Returns (image encoder folder, adapter .safetensors)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=_TEXT_WIDTH, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=_PROJECTION))
+    encoder.save_pretrained(folder / "image_encoder")
+    unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
+    cross, tokens = unet.config.cross_attention_dim, 4
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * gain / shape[-1] ** 0.5  # noqa: E731
+    state = {"image_proj.proj.weight": rand(tokens * cross, _PROJECTION) * 4, "image_proj.proj.bias": torch.zeros(tokens * cross),
+             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    if plus:
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        resampler = IPAdapterPlusImageProjection(embed_dims=_TEXT_WIDTH, output_dims=cross, hidden_dims=64, heads=1,
+                                                 num_queries=8)
+        state = {}
+        for key, value in resampler.state_dict().items():
+            if ".attn.to_k." in key:
+                state["image_proj." + key.replace("to_k", "to_kv")] = torch.cat(
+                    [value, resampler.state_dict()[key.replace("to_k", "to_v")]])
+            elif ".attn.to_v." not in key:
+                state["image_proj." + key.replace("to_out.0", "to_out")] = value.detach().clone()
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.weight.shape[0]
+            state[f"ip_adapter.{key}.to_k_ip.weight"] = rand(hidden, cross)
+            state[f"ip_adapter.{key}.to_v_ip.weight"] = rand(hidden, cross) * 4
+            key += 2
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "ip-adapter.safetensors"))
+    return folder / "image_encoder", folder / "ip-adapter.safetensors"
+
+
+def write_tiny_t2i_adapter(folder: Path, seed: int = 0, gain: float = 3.0) -> Path:
+    """A T2I-Adapter for the tiny SD pipelines: diffusers' T2IAdapter of type full_adapter_xl with channels
+    (32, 64, 64, 64) and pixel-unshuffle 4, whose first two features fit the tiny UNet's two down blocks (DownBlock2D
+    adds its feature after down-sampling, CrossAttnDownBlock2D before); random weights × `gain`."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=4,
+                         adapter_type="full_adapter_xl")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.mul_(gain)
+    adapter.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

@@ -32,7 +32,10 @@ def compatibility_key(job: Job) -> tuple:
             tuple(id(e) for e in job.embeddings),  # one set of textual inversions (loaded once per file version)
             tuple(r.key for r in job.loras),  # one LoRA set (files and scales) per batch: one set of engines
             job.vae, job.tile_vae,  # one VAE, tiled or not, decodes (and encodes) the batch
-            job.cache_interval)  # one step-caching schedule
+            job.cache_interval,  # one step-caching schedule
+            job.controls.key() if job.controls is not None else None,  # the same ControlNets, images and window
+            job.image_prompt.key() if job.image_prompt is not None else None,  # the same IP-Adapter image, scale
+            job.t2i_adapter.key() if job.t2i_adapter is not None else None)
 
 
 def _per_image(job: Job, values: tuple | None) -> tuple | None:

@@ -386,6 +386,24 @@ def deltas(refs: Sequence[LoraRef], model: Model, component: str) -> dict[str, n
 
 # ---- the engine directory's side -------------------------------------------------------------------------
 
+# UNet graphs with extra inputs (ControlNet residuals, IP-Adapter embeddings) hold the same UNet weights: a LoRA's
+# "unet" deltas apply to each through its own weights_map.json (export/controlnet.py, export/ip_adapter.py).
+UNET_VARIANTS = ("unet_controlnet", "unet_ip", "unet_controlnet_ip")
+
+
+def lora_component(name: str) -> str:
+    """The component whose LoRA deltas apply to graph `name` (a UNet variant takes the UNet's)."""
+    return "unet" if name in UNET_VARIANTS else name
+
+
+def weights_map(engine_dir: Path, name: str) -> dict:
+    """Graph `name`'s weights_map.json (a UNet variant's included)."""
+    path = Path(engine_dir) / name / WEIGHTS_MAP_NAME
+    if not path.is_file():
+        raise LoraError(f"{path.parent} {NO_MAPS}")
+    return _read_map(*_stat_key(path))
+
+
 def read_weights_maps(engine_dir: Path) -> dict[str, dict]:
     """component → its weights_map.json, for the components that have one."""
     maps = {}
@@ -646,7 +664,7 @@ class Adapters:
         self.base = tuple(refs)
         engines = self._engines()
         for name in list(engines):
-            key = set_key(self.base, name)
+            key = set_key(self.base, lora_component(name))
             if key != self.resident.get(name, ()):
                 self._keep_plain(name, engines[name])
                 engines[name] = self._build(name, touching(self.base, name), engines[name])
@@ -655,22 +673,22 @@ class Adapters:
     def engine(self, name: str, refs: Sequence[LoraRef] = ()):
         """The engine of component `name` for a job whose own LoRAs are `refs`."""
         resident = self._engines()[name]
-        if name not in COMPONENTS:
+        if lora_component(name) not in COMPONENTS:
             return resident
         wanted = combine(self.base, refs)
-        key = set_key(wanted, name)
+        key = set_key(wanted, lora_component(name))
         if key == self.resident.get(name, ()):  # (a refitted TensorRT engine is resident with its set's key)
             return resident
         self._keep_plain(name, resident)
         if self._is_trt(resident):  # one engine per component, refitted in place
-            self._build(name, touching(wanted, name), resident)
+            self._build(name, touching(wanted, lora_component(name)), resident)
             self.resident[name] = key
             return resident
         cached = self.cache.get((name, key))
         if cached is not None:
             self.cache.move_to_end((name, key))
             return cached
-        engine = self._build(name, touching(wanted, name), resident)
+        engine = self._build(name, touching(wanted, lora_component(name)), resident)
         self.cache[(name, key)] = engine
         mine = [k for k in self.cache if k[0] == name]
         for k in mine[:max(0, len(mine) - self.max_per_component)]:
@@ -690,8 +708,8 @@ class Adapters:
 
     def merged(self, name: str, refs: Sequence[LoraRef]) -> dict[str, np.ndarray]:
         """{initializer: base + Σ deltas} for component `name` and the set `refs` (empty for no LoRA)."""
-        component_deltas = deltas(refs, self.model, name)
-        doc = read_weights_maps(self.dir.path)[name]
+        component_deltas = deltas(refs, self.model, lora_component(name))
+        doc = weights_map(self.dir.path, name)
         return merged_initializers(self.dir.path / name, doc, component_deltas)
 
     def _build(self, name: str, refs: Sequence[LoraRef], template):
@@ -704,7 +722,7 @@ class Adapters:
 
             refitter = self._refitters.get(name)
             if refitter is None:
-                doc = read_weights_maps(self.dir.path)[name]
+                doc = weights_map(self.dir.path, name)
                 folder = self.dir.path / name
                 refitter = self._refitters[name] = Refitter(
                     template, lambda init_name: base_initializer(folder, doc, doc.get("external", {})[init_name]))

@@ -18,8 +18,8 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import depth, feed, image_io, lora, noise, outpaint, sampler_registry, samplers, schedules, step_cache, unclip, \
-    upscale, vae_tiling
+from . import controlnet_call, depth, feed, image_io, ip_adapter, lora, noise, outpaint, sampler_registry, samplers, \
+    schedules, step_cache, t2i_adapter, unclip, upscale, vae_tiling
 from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
 from .prompt_encode import TextOptions, TextSetup
 from .denoiser import make_denoiser
@@ -44,6 +44,7 @@ class _Prepared:
     blend: tuple | None = None  # 4-channel inpaint: (mask [N,1,h,w], image latents, noise)
     generator: list | None = None  # one CPU torch.Generator per image
     contributors: list = field(default_factory=list)  # the UNet feed's parts besides text (runtime/unet_call.py)
+    unet: str = "unet"  # the UNet graph the contributors feed (unet_controlnet takes ControlNet residuals)
 
 
 class Pipeline:
@@ -97,14 +98,10 @@ class Pipeline:
         return self.adapters.engine(name, job.loras if job is not None else ())
 
     def lazy_engine(self, name: str):
-        """A component's engine, opened on first use (the step-caching graphs: only runs that use them pay)."""
-        if name not in self.engines:
-            if self.adapters.base:
-                raise UserError("step caching's graphs carry no LoRA weights; this pipeline was loaded with LoRAs")
-            if self.open_engine is None:
-                raise UserError(f"{name} is not loaded in this pipeline")
-            self.engines[name] = self.open_engine(self.dir.onnx_path(name))
-        return self.engines[name]
+        """Step caching's graphs, opened on first use (only runs that use them pay); they carry no LoRA weights."""
+        if name not in self.engines and self.adapters.base:
+            raise UserError("step caching's graphs carry no LoRA weights; this pipeline was loaded with LoRAs")
+        return self.component(name)
 
     def scheduler_config(self, job: Job):
         overrides = {}
@@ -125,12 +122,21 @@ class Pipeline:
 
     def prepare(self, job: Job) -> "_Prepared":
         """Text encoding, initial latents and schedule for a validated job (what `steps` then runs)."""
-        return self._prepare(job)
+        prep = ip_adapter.attach(self, job, controlnet_call.attach(self, job, self._prepare(job)))
+        return t2i_adapter.attach(self, job, prep)
+
+    def component(self, name: str):
+        """The engine of `name`, opened on first use (components plain runs never need, such as ControlNets)."""
+        if name not in self.engines:
+            if self.open_engine is None:
+                raise UserError(f"this pipeline was built without {name} and cannot open it")
+            self.engines[name] = self.open_engine(self.dir.onnx_path(name))
+        return self.engines[name]
 
     def steps(self, job: Job, prep: "_Prepared") -> Iterator[torch.Tensor]:
         """The sampler loop over a prepared job: yields the latents after each step."""
         cfg = self.scheduler_config(job)
-        unet = self.engine("unet", job)
+        unet = self.engine(prep.unet, job)
         text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
         unet, parts = step_cache.setup(self.lazy_engine, job.cache_interval, unet, [text, *prep.contributors])
         model = UnetCall(unet, prep.guidance, parts, prep.schedule.timesteps)

@@ -96,15 +96,60 @@ class Decode:
     vae_tiling: str = "auto"  # auto (when the untiled VAE would not fit the memory limit) | on | off (vae_tiling.py)
 
 
+
+@dataclass(frozen=True)
+class Control:
+    """ControlNets (runtime/controlnet.py): each entry (name, image[, scale]) or {name, image, scale}; the
+    window [control_start, control_end) of the schedule and guess mode apply to every net."""
+
+    controls: tuple = ()
+    control_start: float = 0.0
+    control_end: float = 1.0
+    guess_mode: bool = False
+
+    def __post_init__(self):  # JSON: lists → tuples, base64 images → PIL (a bad one raises InvalidRequest)
+        if isinstance(self.controls, list):
+            object.__setattr__(self, "controls", tuple(_control_entry(i, x) for i, x in enumerate(self.controls)))
+
+
+def _control_entry(i: int, entry):
+    if isinstance(entry, dict):
+        image = entry.get("image")
+        return entry | {"image": decode_image(image, f"controls[{i}].image")} if isinstance(image, str) else entry
+    if isinstance(entry, list):
+        entry = tuple(entry)
+    if isinstance(entry, tuple) and len(entry) >= 2 and isinstance(entry[1], str):
+        return (entry[0], decode_image(entry[1], f"controls[{i}].image"), *entry[2:])
+    return entry
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """IP-Adapter (runtime/ip_adapter.py): an image prompt and the adapter's scale."""
+
+    ip_image: Any = None  # PIL image
+    ip_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class T2i:
+    """A T2I-Adapter the engine directory holds (runtime/t2i_adapter.py), its condition image and scale."""
+
+    adapter_name: str | None = None
+    adapter_image: Any = None  # PIL image
+    adapter_scale: float = 1.0
+
+
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
-          "refine": Refine, "adapters": Adapters, "decode": Decode}
+          "refine": Refine, "adapters": Adapters, "decode": Decode,
+          "control": Control, "image_prompt": ImagePrompt, "t2i": T2i}
 # flat key → (group, field); the flat form is what CLI options and most JSON clients send
 FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
 FLAT["prompt"] = ("prompt", "text")
 FLAT["negative_prompt"] = ("prompt", "negative")
 FLAT["prompt_syntax"] = ("prompt", "syntax")
 FLAT["images_per_prompt"] = ("size", "batch")
-_IMAGE_FIELDS = ("init_image", "mask", "depth_map")
+_IMAGE_FIELDS = ("init_image", "mask", "depth_map", "ip_image", "adapter_image")
 
 
 @dataclass(frozen=True)
@@ -117,6 +162,9 @@ class Request:
     refine: Refine = Refine()
     adapters: Adapters = Adapters()
     decode: Decode = Decode()
+    control: Control = Control()
+    image_prompt: ImagePrompt = ImagePrompt()
+    t2i: T2i = T2i()
 
     @property
     def prompt_group(self) -> Prompt:
@@ -159,7 +207,7 @@ class Request:
                 parts[group][name] = value
             else:
                 raise InvalidRequest(key, "is not a request field; known: " + ", ".join(sorted(set(FLAT) | set(GROUPS))))
-        for group in ("images",):
+        for group in ("images", "image_prompt", "t2i"):
             for name in _IMAGE_FIELDS:
                 if isinstance(parts[group].get(name), str):
                     parts[group][name] = decode_image(parts[group][name], name)
@@ -177,6 +225,9 @@ class Request:
                 if d.pop("init_latents") is not None and encode_images:
                     raise ValueError("init_latents (a base → refiner hand-off) cannot be written to JSON")
             for k, v in d.items():
+                if k == "controls":
+                    d[k] = [_control_out(x, encode_images) for x in v]
+                    continue
                 if isinstance(v, tuple):
                     d[k] = [list(x) if isinstance(x, tuple) else x for x in v]  # nested: adapters.loras pairs
                 if encode_images and k in _IMAGE_FIELDS and v is not None:
@@ -185,6 +236,17 @@ class Request:
             defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # as d holds them
             out[g] = {k: v for k, v in d.items() if k == "text" or v != defaults.get(k)}
         return {g: d for g, d in out.items() if d or g == "prompt"}
+
+
+def _control_out(entry, encode_images: bool):
+    """A control entry as plain data: {name, image, scale}."""
+    if isinstance(entry, dict):
+        name, image, scale = entry.get("name"), entry.get("image"), entry.get("scale", 1.0)
+    else:
+        name, image, scale = entry[0], entry[1], entry[2] if len(entry) > 2 else 1.0
+    if encode_images and isinstance(image, Image.Image):
+        image = encode_image(image)
+    return {"name": name, "image": image, "scale": scale}
 
 
 def encode_image(image: Image.Image) -> str:
@@ -206,4 +268,5 @@ def decode_image(text: str, name: str) -> Image.Image:
         raise InvalidRequest(name, f"is not a base64-encoded PNG/JPEG/WebP image ({type(e).__name__})") from None
 
 
-__all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "Decode", "asdict"]
+__all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "Decode", "Control",
+           "ImagePrompt", "T2i", "asdict"]

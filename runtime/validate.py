@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image
 
-from . import lora, outpaint as outpaint_mod, prompt_encode, sampler_registry, unclip, upscale
+from . import controlnet, ip_adapter, lora, outpaint as outpaint_mod, prompt_encode, sampler_registry, t2i_adapter, \
+    unclip, upscale
 from .errors import UserError
 from .family import Family
 from .limits import GIB, Limits, estimate_bytes, memory_budget
@@ -74,6 +75,9 @@ class Job:
     noise_level: int | None = None  # the ×4 upscaler's (low-resolution image) or unCLIP's (image embedding)
     depth_map: Image.Image | None = None  # depth-to-image's given depth ("F"); None: the estimator runs
     variation_image: Image.Image | None = None  # unCLIP's image to vary (its noise level: noise_level)
+    controls: Any = None  # runtime/controlnet.Controls, or None
+    image_prompt: Any = None  # runtime/ip_adapter.ImagePromptJob, or None
+    t2i_adapter: Any = None  # runtime/t2i_adapter.AdapterJob, or None
 
     @property
     def count(self) -> int:
@@ -325,6 +329,10 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     for name, v in zip(("denoising_start", "denoising_end"), starts):
         if v is not None and v >= 1.0:
             raise InvalidRequest(name, f"must be below 1 (got {v:g})")
+    controls = controlnet.validate_controls(request.control, model_dir, loras)
+    image_prompt = ip_adapter.validate_image_prompt(request.image_prompt, model_dir, loras, controls)
+    adapter = t2i_adapter.validate_adapter(request.t2i, model_dir, width, height,
+                                           controls is not None or image_prompt is not None, loras)
     aesthetic = _float("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
 
@@ -352,6 +360,9 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                                       f"{estimate / GIB:,.1f} GiB (attention and VAE buffers){tiled}, more than the "
                                       f"{budget / GIB:,.1f} GiB this machine allows a request; lower the size "
                                       "or the batch")
+    if cache_interval > 1 and (controls is not None or image_prompt is not None or adapter is not None):
+        raise InvalidRequest("cache_interval", "step caching's graphs take no ControlNet, IP-Adapter or T2I-Adapter "
+                                               "inputs; use 1 (off) with them")
     return Job(prompt=prompts, negative_prompt=negative, steps=steps, guidance=guidance, guidance_rescale=rescale,
                sampler=sampler, schedule=schedule, timestep_spacing=s.timestep_spacing,
                prediction_type=s.prediction_type, width=width, height=height, images_per_prompt=batch, seeds=seeds,
@@ -361,7 +372,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
                vae=vae, tile_vae=tile_vae, cache_interval=cache_interval,
                overlay=overlay, low_res_image=low_res, noise_level=noise_level, depth_map=depth_map,
-               variation_image=variation_image)
+               variation_image=variation_image, controls=controls, image_prompt=image_prompt,
+               t2i_adapter=adapter)
 
 
 def _unclip(request: Request, model_dir) -> tuple[Request, Image.Image | None, int | None]:

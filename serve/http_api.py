@@ -259,6 +259,8 @@ class Plan:
     def field(self, runtime_field: str | None) -> str | None:
         if runtime_field is None:
             return None
+        if runtime_field.startswith("controls["):  # controls[i].name|image|scale, as the body spells them
+            return runtime_field
         head = runtime_field.split(".")[-1]
         return self.names.get(head, head)
 
@@ -270,7 +272,8 @@ class Plan:
 
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
                  "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
-                 "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval")
+                 "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval", "controls",
+                 "control_start", "control_end", "guess_mode", "ip_image", "ip_scale")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
@@ -345,13 +348,31 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
         flat["negative_prompt"] = _text("negative_prompt", b["negative_prompt"], ctx, allow_list=True)
     if "guidance_scale" in b:
         flat["guidance"] = b["guidance_scale"]
-    for key in ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval"):
+    for key in ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval", "control_start",
+                "control_end", "guess_mode", "ip_scale"):
         if key in b:
             flat[key] = b[key]
     if "loras" in b:
         flat["loras"] = lora_entries("loras", b["loras"], ctx)
+    if "controls" in b:
+        flat["controls"] = _controls(b["controls"], ctx)
+    if "ip_image" in b:
+        flat["ip_image"] = decode_image("ip_image", b["ip_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
     return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None)
+
+
+def _controls(value, ctx: ModelContext) -> tuple:
+    """`controls`: [{"name": …, "image": base64, "scale": …}, …] (runtime/controlnet.py checks names and scales)."""
+    if not isinstance(value, list):
+        raise invalid("controls", f"must be a list of {{name, image, scale}} objects, not {_json_type(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise invalid(f"controls[{i}]", f"must be an object {{name, image, scale}}, not {_json_type(entry)}")
+        image = decode_image(f"controls[{i}].image", entry.get("image"), ctx, "RGB")
+        out.append(entry | {"image": image})
+    return tuple(out)
 
 
 def _request(flat: dict) -> Request:

@@ -65,3 +65,43 @@ def run_sdrt(*args: str, env: dict | None = None, timeout: float = 600) -> subpr
     """Run the real `sdrt` console entry point in a subprocess."""
     return subprocess.run([sys.executable, "-m", "sdrt.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def conditioned(tiny_root, tiny_pipeline, exported):
+    """conditioned(family, ip=family == "sd15") → (engine dir, {"controlnets": {name: folder}, "ip": (image encoder,
+    adapter file) or None}): the session's plain fp32 export, hard-linked, with tiny ControlNets (sd15: canny and
+    depth; sdxl: xl), for sd15 a T2I-Adapter (sketch), and with `ip` an IP-Adapter, added by `sdrt export DIR
+    --controlnet … --ip-adapter … --t2i-adapter …`
+    (export/exporter.add_controlnets; a later call with ip=True adds the adapter alone, reusing the rest)."""
+    import shutil
+
+    from sdrt.export.exporter import add_controlnets
+    from sdrt.export.tiny import write_tiny_controlnet, write_tiny_ip_adapter, write_tiny_t2i_adapter
+
+    nets = {"sd15": (("canny", 1), ("depth", 2)), "sdxl": (("xl", 3),)}
+    cache = {}
+
+    def make(family: str, ip: bool | None = None):
+        ip = family == "sd15" if ip is None else ip
+        if family in cache and ip and cache[family][1]["ip"] is None:
+            engine, parts = cache[family]
+            encoder, adapter = write_tiny_ip_adapter(tiny_pipeline(family), engine.parent / f"{family}-ip-src", seed=4)
+            add_controlnets(engine, (), ip_adapter=str(adapter), image_encoder=str(encoder))
+            cache[family] = (engine, parts | {"ip": (encoder, adapter)})
+        if family not in cache:
+            root = tiny_root / "conditioned"
+            engine = root / family
+            shutil.copytree(exported(family, "fp32"), engine, copy_function=os.link)
+            folders = {name: write_tiny_controlnet(tiny_pipeline(family), root / f"{family}-{name}-src", seed)
+                       for name, seed in nets[family]}
+            encoder, adapter = write_tiny_ip_adapter(tiny_pipeline(family), root / f"{family}-ip-src", seed=4) \
+                if ip else (None, None)
+            t2i = write_tiny_t2i_adapter(root / f"{family}-sketch-src", seed=5) if family == "sd15" else None
+            add_controlnets(engine, tuple(f"{f}={name}" for name, f in folders.items()),
+                            ip_adapter=str(adapter) if ip else None, image_encoder=str(encoder) if ip else None,
+                            t2i_adapters=(f"{t2i}=sketch",) if t2i else ())
+            cache[family] = (engine, {"controlnets": folders, "ip": (encoder, adapter) if ip else None, "t2i": t2i})
+        return cache[family]
+
+    return make

@@ -1,0 +1,210 @@
+"""IP-Adapter: image_encoder + unet_ip exported into an engine directory, equal to diffusers' load_ip_adapter +
+set_ip_adapter_scale on tiny SD 1.5 and SDXL models with a tiny adapter the tests build (export/tiny.py), and the bad
+inputs (no adapter in the directory, non-finite scale, no image encoder, an adapter for another width)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_parity import assert_same_images, diffusers_scheduler, generators, to_uint8
+
+from sdrt.export.exporter import ExportConfig, add_controlnets, export
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.loader import open_dir
+from sdrt.runtime.pipeline import Pipeline, Request
+from sdrt.runtime.validate import InvalidRequest, validate
+
+SIZE = dict(width=48, height=32)
+
+
+def _image(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def pipes(conditioned):
+    """sd15 loaded now; sdxl (its adapter added on first use: slow tests only) loaded when asked for."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = Pipeline.load(conditioned(family, ip=True)[0], backend="ort-cpu")
+        return cache[family]
+
+    return get
+
+
+def _reference(tiny_pipeline, family, ip):
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder, adapter = ip
+    extra = {} if family == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_pipeline(family), **extra)
+    pipe.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers_scheduler(pipe, "euler")
+    return pipe
+
+
+@pytest.mark.parametrize("family,batch,guidance", [("sd15", 2, 7.5),
+                                                   pytest.param("sdxl", 1, 5.0, marks=pytest.mark.slow)])
+def test_ip_adapter_equals_diffusers(conditioned, pipes, tiny_pipeline, family, batch, guidance):
+    image = _image(7, 56, 40)  # not square: the CLIP processor resizes the short side and center-crops
+    ref = _reference(tiny_pipeline, family, conditioned(family, ip=True)[1]["ip"])
+    common = dict(prompt="a photo of a cat", steps=3, sampler="euler", seed=3, batch=batch, guidance=guidance, **SIZE)
+    ref.set_ip_adapter_scale(0.7)
+    theirs = ref("a photo of a cat", ip_adapter_image=image, num_inference_steps=3, guidance_scale=guidance,
+                 num_images_per_prompt=batch, generator=generators(3, batch), output_type="np", **SIZE).images
+    ours = pipes(family).generate(Request.of(**common, ip_image=image, ip_scale=0.7))
+    assert_same_images(f"ip-adapter {family} scale 0.7", ours, theirs)
+    plain = pipes(family).generate(Request.of(**common))
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(plain).astype(int)).max() > 8  # the image prompt shows
+    if family == "sd15":  # scale 0: diffusers skips the branch, the graph adds exact zeros
+        zero = pipes(family).generate(Request.of(**common, ip_image=image, ip_scale=0.0))
+        assert_same_images("ip-adapter sd15 scale 0 vs plain", zero, plain)
+
+
+def test_manifest_and_preprocessing(conditioned):
+    from transformers import CLIPImageProcessor
+
+    from sdrt.runtime import ip_adapter
+
+    engine, _ = conditioned("sd15")
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["ip_adapter"]["kind"] == "plain"
+    assert {"controlnet/canny", "unet_controlnet", "image_encoder", "unet_ip", "unet"} <= set(manifest["components"])
+    inputs = {i["name"]: i for i in manifest["components"]["unet_ip"]["inputs"]}
+    assert inputs["ip_scale_0"]["shape"] == [] and inputs["ip_image_embeds_0"]["shape"][:2] == ["batch_size", "ip_images"]
+    config = json.loads((engine / "image_encoder" / "preprocessor_config.json").read_text())
+    image = _image(8, 70, 45)
+    want = CLIPImageProcessor(**{k: v for k, v in config.items() if k != "image_processor_type"})(
+        image, return_tensors="pt").pixel_values
+    assert float((ip_adapter.preprocess(image, config) - want).abs().max()) < 1e-6
+    from sdrt.engines import trt_dir
+    from sdrt.engines import trt_profiles as tp
+
+    profile = tp.profiles(["48x32"], None, "2", True, 1)[0]
+    plans = {p.component: p for p in trt_dir.plan(engine, [profile], ("image_encoder", "unet_ip"), None, None)}
+    assert plans["image_encoder"].shapes["pixel_values"][2] == (1, 3, 32, 32)
+    assert plans["unet_ip"].shapes["ip_image_embeds_0"][2] == (4, 1, 32)  # 2 images × guidance
+
+
+def test_bad_ip_adapter_inputs(conditioned, exported, tiny_pipeline, tmp_path):
+    engine = open_dir(conditioned("sd15")[0])
+    image = _image(0, 32, 32)
+    with pytest.raises(InvalidRequest) as e:
+        validate(Request.of(prompt="x", ip_image=image, ip_scale=float("nan"), **SIZE), engine)
+    assert e.value.field == "ip_scale"
+    with pytest.raises(InvalidRequest, match="no IP-Adapter") as e:
+        validate(Request.of(prompt="x", ip_image=image, **SIZE), open_dir(exported("sd15", "fp32")))
+    assert e.value.field == "ip_image"
+    with pytest.raises(InvalidRequest) as e:
+        validate(Request.of(prompt="x", ip_image="a cat picture", **SIZE), engine)
+    assert e.value.field == "ip_image"
+    request = Request.of(prompt="x", ip_image=image, ip_scale=0.5, **SIZE)
+    again = Request.from_dict(json.loads(json.dumps(request.to_dict(encode_images=True))))
+    assert validate(again, engine).image_prompt.scale == 0.5
+    encoder, adapter = conditioned("sd15")[1]["ip"]
+    with pytest.raises(UserError, match="needs --image-encoder"):
+        export(ExportConfig(model=str(tiny_pipeline("sd15")), output=tmp_path / "out", ip_adapter=str(adapter)))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_adapter_for_another_width_is_refused(conditioned, exported, tmp_path):
+    encoder, adapter = conditioned("sd15")[1]["ip"]
+    xl = tmp_path / "sdxl"  # an SD-width adapter into the SDXL UNet: refused, nothing written
+    shutil.copytree(exported("sdxl", "fp32"), xl, copy_function=os.link)
+    before = sorted(p.name for p in xl.iterdir())
+    with pytest.raises(UserError, match="does not fit this model's UNet"):
+        add_controlnets(xl, (), ip_adapter=str(adapter), image_encoder=str(encoder))
+    assert sorted(p.name for p in xl.iterdir()) == before
+
+
+def test_controlnet_and_ip_adapter_together_equal_diffusers(conditioned, pipes, tiny_pipeline):
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    engine, parts = conditioned("sd15")
+    encoder, adapter = parts["ip"]
+    control, prompt_image = _image(11, 48, 32), _image(12, 40, 40)
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_pipeline("sd15"), controlnet=diffusers.ControlNetModel.from_pretrained(parts["controlnets"]["depth"]),
+        safety_checker=None, requires_safety_checker=False)
+    ref.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    ref.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    ref.set_ip_adapter_scale(0.6)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a cat", image=control, ip_adapter_image=prompt_image, controlnet_conditioning_scale=0.9,
+                 num_inference_steps=3, generator=generators(1, 1), output_type="np", **SIZE).images
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=1, **SIZE)
+    ours = pipes("sd15").generate(Request.of(**common, controls=(("depth", control, 0.9),), ip_image=prompt_image,
+                                             ip_scale=0.6))
+    assert_same_images("controlnet + ip-adapter sd15", ours, theirs)
+    for alone in (dict(controls=(("depth", control, 0.9),)), dict(ip_image=prompt_image, ip_scale=0.6)):
+        single = pipes("sd15").generate(Request.of(**common, **alone))
+        assert np.abs(to_uint8(ours).astype(int) - to_uint8(single).astype(int)).max() > 8  # both show
+
+
+def test_controlnet_ip_adapter_and_lora_together_equal_diffusers(conditioned, pipes, tiny_pipeline, tmp_path):
+    """InstantID-style: a ControlNet, an image prompt and a LoRA (UNet + text encoder) in one request; the LoRA reaches
+    the combined UNet graph through its own weights map (runtime/lora.py UNET_VARIANTS)."""
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    from test_lora import make_layers, write_diffusers
+
+    engine, parts = conditioned("sd15")
+    encoder, adapter = parts["ip"]
+    lora = write_diffusers(tmp_path / "lora.safetensors", make_layers(
+        tiny_pipeline("sd15"), {"unet": (4, 0.03), "text_encoder": (4, 0.1)}, seed=9))
+    control, prompt_image = _image(13, 48, 32), _image(14, 40, 40)
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_pipeline("sd15"), controlnet=diffusers.ControlNetModel.from_pretrained(parts["controlnets"]["canny"]),
+        safety_checker=None, requires_safety_checker=False)
+    ref.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    ref.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    ref.set_ip_adapter_scale(0.5)
+    ref.load_lora_weights(str(lora))
+    ref.fuse_lora(lora_scale=0.8)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a cat", image=control, ip_adapter_image=prompt_image, controlnet_conditioning_scale=0.9,
+                 num_inference_steps=3, generator=generators(2, 1), output_type="np", **SIZE).images
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=2, controls=(("canny", control, 0.9),),
+                  ip_image=prompt_image, ip_scale=0.5, **SIZE)
+    ours = pipes("sd15").generate(Request.of(**common, loras=[(str(lora), 0.8)]))
+    assert_same_images("controlnet + ip-adapter + lora sd15", ours, theirs)
+    without = pipes("sd15").generate(Request.of(**common))
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(without).astype(int)).max() > 8  # the LoRA shows
+
+
+@pytest.mark.slow
+def test_ip_adapter_plus_equals_diffusers(exported, tiny_pipeline, tmp_path):
+    """IP-Adapter Plus (Resampler projection): penultimate hidden states, the zero image's as the negative."""
+    from sdrt.export.tiny import write_tiny_ip_adapter
+
+    engine = tmp_path / "sd15"
+    shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)
+    encoder, adapter = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / "plus", seed=5, plus=True)
+    add_controlnets(engine, (), ip_adapter=str(adapter), image_encoder=str(encoder))
+    assert json.loads((engine / "manifest.json").read_text())["ip_adapter"]["kind"] == "plus"
+    image = _image(9, 56, 40)
+    ref = _reference(tiny_pipeline, "sd15", (encoder, adapter))
+    ref.set_ip_adapter_scale(0.7)
+    theirs = ref("a cat", ip_adapter_image=image, num_inference_steps=3, generator=generators(3, 1), output_type="np",
+                 **SIZE).images
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, **SIZE)
+    ours = pipe.generate(Request.of(**common, ip_image=image, ip_scale=0.7))
+    assert_same_images("ip-adapter plus sd15", ours, theirs)
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(pipe.generate(Request.of(**common))).astype(int)).max() > 8

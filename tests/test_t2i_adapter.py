@@ -1,0 +1,61 @@
+"""T2I-Adapter: t2i_adapter/NAME + unet_t2i added into an engine directory, equal to diffusers'
+StableDiffusionAdapterPipeline on a tiny adapter the tests build (export/tiny.py), and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_parity import assert_same_images, diffusers_scheduler, generators, to_uint8
+
+from sdrt.runtime.loader import open_dir
+from sdrt.runtime.pipeline import Pipeline, Request
+from sdrt.runtime.validate import InvalidRequest, validate
+
+SIZE = dict(width=48, height=32)
+
+
+def _image(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
+
+
+def test_t2i_adapter_equals_diffusers(conditioned, tiny_pipeline):
+    import diffusers
+
+    engine, parts = conditioned("sd15")
+    image = _image(21, 56, 40)  # resized (Lanczos) to the output size
+    ref = diffusers.StableDiffusionAdapterPipeline.from_pretrained(
+        tiny_pipeline("sd15"), adapter=diffusers.T2IAdapter.from_pretrained(parts["t2i"]), safety_checker=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a cat", image=image, adapter_conditioning_scale=0.8, num_inference_steps=3, num_images_per_prompt=2,
+                 generator=generators(3, 2), output_type="np", **SIZE).images
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, batch=2, **SIZE)
+    ours = pipe.generate(Request.of(**common, adapter_name="sketch", adapter_image=image, adapter_scale=0.8))
+    assert_same_images("t2i-adapter sd15", ours, theirs)
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(pipe.generate(Request.of(**common))).astype(int)).max() > 8
+    record = json.loads((engine / "manifest.json").read_text())["t2i_adapters"][0]
+    assert record["name"] == "sketch" and record["features_used"] == 2
+
+
+def test_bad_t2i_requests(conditioned):
+    engine = open_dir(conditioned("sd15")[0])
+    image = _image(0, 48, 32)
+
+    def invalid(**fields):
+        with pytest.raises(InvalidRequest) as e:
+            validate(Request.of(prompt="x", **{**SIZE, **fields}), engine)
+        return e.value
+
+    e = invalid(adapter_name="lineart", adapter_image=image)
+    assert e.field == "adapter_name" and "sketch" in e.message
+    assert invalid(adapter_name="sketch", adapter_image=image, adapter_scale=float("inf")).field == "adapter_scale"
+    assert invalid(adapter_name="sketch", adapter_image=image, width=36).field == "width"  # adapter needs multiples of 8
+    assert invalid(adapter_name="sketch").field == "adapter_image"
+    e = invalid(adapter_name="sketch", adapter_image=image, controls=(("canny", image),))
+    assert e.field == "adapter_name" and "together" in e.message
