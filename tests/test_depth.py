@@ -56,7 +56,7 @@ def test_estimator_input_equals_the_image_processor(depth2img, ref):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("given,sampler", [(False, None), (True, None), (False, "euler")])
+@pytest.mark.parametrize("given,sampler", [(False, None), (True, None), pytest.param(False, "euler", marks=pytest.mark.slow)])
 def test_equals_diffusers(ref, pipe, given, sampler):
     image = _image()
     own = ref.scheduler  # None: the pipeline's own (DDIM)

@@ -6,6 +6,8 @@ rebuilt in this test by hand from the file's documented layout, not with sdrt's 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -132,11 +134,17 @@ def test_bad_hypernetwork_files_are_one_line_and_exit_2(tiny_pipeline, hypernet,
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a pickle")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
-    cases = [(str(tmp_path / "missing.pt"), "no such file"), (f"{wrong}", "widths [24]"),
-             (f"{lora}", "not an AUTOMATIC1111 hypernetwork"), (f"{corrupt}", "not a readable"),
-             (f"{hypernet[0]}:nan", "finite")]
-    for arg, fragment in cases:
-        out = tmp_path / "out"
+    from diffusers import UNet2DConditionModel
+
+    from sdrt.export import hypernetwork
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline("sd15") / "unet")
+    for path, fragment in [(wrong, "widths [24]"), (lora, "not an AUTOMATIC1111 hypernetwork"),
+                           (corrupt, "not a readable")]:
+        with pytest.raises(hypernetwork.HypernetworkError, match=re.escape(fragment)):
+            hypernetwork.apply(unet, [(hypernetwork.load(path), 1.0)])
+    for arg, fragment in [(str(tmp_path / "missing.pt"), "no such file"), (f"{hypernet[0]}:nan", "finite")]:
+        out = tmp_path / "out"  # the CLI: one line, exit 2, nothing written
         done = run_sdrt("export", str(tiny_pipeline("sd15")), "-o", str(out), "--precision", "fp32",
                         "--hypernetwork", arg)
         assert done.returncode == 2, (arg, done.stderr)

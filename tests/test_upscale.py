@@ -49,7 +49,7 @@ def ref(upscaler):
     return reference_pipeline(upscaler[0])
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+@pytest.mark.parametrize("sampler", ["ddim", pytest.param("euler_a", marks=pytest.mark.slow)])
 def test_equals_diffusers(ref, pipe, sampler):
     own = ref.scheduler
     if sampler != "ddim":  # ddim: the pipeline's own scheduler
