@@ -46,6 +46,9 @@ def bench(
     lora_switch: bool = typer.Option(False, "--lora-switch", help="instead: the cost of applying a LoRA at load "
                                      "(seconds to rebuild the UNet session, back to the base, to a cached set) and "
                                      "its per-step overhead, for MODEL (an engine directory or sd15)"),
+    conditioning: bool = typer.Option(False, "--conditioning", help="instead: the per-step cost of each ControlNet, "
+                                      "the residual UNet and the IP-Adapter UNet against the plain UNet, for MODEL "
+                                      "(an engine directory exported with them)"),
     lora_rank: int = typer.Option(16, help="with --lora-switch: the rank of the random LoRA on every attention "
                                            "projection"),
     cache_interval: int = typer.Option(1, help="step caching (DeepCache, branch 0) every N steps in every backend "
@@ -58,6 +61,17 @@ def bench(
                                             "local folder)"),
 ) -> None:
     """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
+    if conditioning:
+        from sdrt.bench import conditioning as cond
+
+        if model is None or not Path(model).is_dir():
+            raise typer.BadParameter("--conditioning needs MODEL: an engine directory with ControlNets or an IP-Adapter")
+        argv = [model, "--calls", str(runs), "--backend", backend[0] if backend else "ort-cpu",
+                "--out", str(out or Path("bench/results") / "conditioning")]
+        if resolution is not None:
+            argv += ["--resolution", resolution]
+        cond.main(argv)
+        return
     if lora_switch:
         from sdrt.bench import lora_switch as switch
 

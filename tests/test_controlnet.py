@@ -250,3 +250,18 @@ def test_sd15_controlnet_img2img_and_inpaint_equal_diffusers(cn, pipes, tiny_pip
     assert_same_images(f"controlnet sd15 {cls}", ours, theirs)
     plain = pipes["sd15"].generate(Request.of(**common))
     assert np.abs(to_uint8(ours).astype(int) - to_uint8(plain).astype(int)).max() > 8
+
+
+def test_bench_reports_the_per_step_cost_of_each_conditioning(conditioned, tmp_path):
+    """`sdrt bench DIR --conditioning` (bench/conditioning.py) on the tiny SD 1.5 with two ControlNets and an
+    IP-Adapter: a time for the plain UNet, the residual UNet, each ControlNet and the IP-Adapter UNet."""
+    import json
+
+    from conftest import run_sdrt
+
+    engine, _ = conditioned("sd15")
+    done = run_sdrt("bench", str(engine), "--conditioning", "--resolution", "32", "--runs", "1", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    text = json.dumps(json.loads((tmp_path / "result.json").read_text()))
+    for part in ("unet", "unet_controlnet", "controlnet/canny", "controlnet/depth", "unet_ip"):
+        assert f'"{part}' in text, (part, text[:600])
