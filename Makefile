@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python -m sdrt.cli.demo $(DEMO_DIR)
 
 test: $(STAMP) triton-server
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf build

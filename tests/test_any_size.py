@@ -201,7 +201,7 @@ def engines():
 # (family, latent height, latent width): the tiny UNet down-samples once (factor 2), so 13 and 17 are odd at
 # its up-sampler (7 → 13, 9 → 17); 14×17 is exact in height only; 16×12 doubles everywhere.
 CASES = [("sd15", 13, 17), ("sd15", 14, 17), ("sd15", 16, 12), ("sd21v", 13, 17), ("sdxl", 13, 17), ("sdxl", 16, 12),
-         ("sdxl-lightning", 13, 17)]
+         pytest.param("sdxl-lightning", 13, 17, marks=pytest.mark.slow)]  # the SDXL UNet again, another scheduler
 
 
 @pytest.mark.parametrize("family,latent_h,latent_w", CASES)

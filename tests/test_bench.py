@@ -99,7 +99,7 @@ def test_bench_cli_isolated_lightning_4step(exported, bench_workdir, tmp_path):
     assert "## tensorrt: failed" in paths["markdown"].read_text() and paths["chart"].is_file()
 
 
-@pytest.mark.parametrize("preset", ["lightning-1step", "turbo", "sd15-classic"])
+@pytest.mark.parametrize("preset", ["lightning-1step", pytest.param("turbo", marks=pytest.mark.slow), "sd15-classic"])
 def test_bench_each_preset_in_process(preset, exported, bench_workdir, tmp_path):
     from sdrt.cli.main import app
 
