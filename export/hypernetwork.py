@@ -4,7 +4,8 @@ Reproduces modules/hypernetworks/hypernetwork.py of AUTOMATIC1111's web UI:
 - the file is a dict {dim (int): [state_dict_k, state_dict_v], "layer_structure": [1, 2, 1], "activation_func",
   "is_layer_norm", "activate_output", "dropout_structure"/"use_dropout", "name", …};
 - HypernetworkModule(dim): Linear(dim·ls[i] → dim·ls[i+1]) for each step of the layer structure, the activation
-  after every Linear but the last (the last too when activate_output, which defaults to true), LayerNorm after each when is_layer_norm,
+  after every Linear but the last (the last too when activate_output, which defaults to true), LayerNorm after
+  each when is_layer_norm,
   dropout (identity at inference); forward(x) = x + mlp(x) · multiplier (the prompt tag's strength);
 - in every attention layer (self- and cross-attention alike), context_k = h_k(context), context_v = h_v(context)
   when the hypernetwork has layers for the context's width (apply_single_hypernetwork keys them by
@@ -43,7 +44,7 @@ class Hypernetwork:
     name: str  # the file's stem: what `<hypernet:NAME>` calls it
     path: str
     sha256: str
-    layers: dict  # width → (module_k, module_v): x → mlp(x) (the residual and strength are added in front of to_k/to_v)
+    layers: dict  # width → (module_k, module_v): x → mlp(x); the residual and strength join in front of to_k/to_v
 
 
 class _Mlp(torch.nn.Module):

@@ -8,7 +8,9 @@ OpenAI Images (`POST /v1/images/generations`): `prompt`, `n`, `size` ("WxH" or "
 ("b64_json"), `output_format` (png | jpeg | webp), `output_compression` (jpeg/webp quality), `model` (the served
 model's id, optional), `user` (accepted, unused), `stream` (false only), plus SD fields `negative_prompt`, `steps`
 (or `num_inference_steps`), `guidance_scale`, `guidance_rescale`, `seed` (absent, null or -1: random), `sampler`,
-`schedule`, `vae` (full | tiny), `vae_tiling` (auto | on | off), `cache_interval`. Anything else is refused with 422 naming it.
+`schedule`, `vae` (full | tiny), `vae_tiling` (auto | on | off), `cache_interval`, `loras` (names from the
+server's LoRA folder), `controls`, `control_start`, `control_end`, `guess_mode`, `ip_image`, `ip_scale`. Anything
+else is refused with 422 naming it.
 
 AUTOMATIC1111 (`POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`): the fields sdrt uses are in `A1111_USED`; the
 fields A1111 clients send with neutral defaults are in `A1111_NEUTRAL`, each accepted only with a value whose
@@ -215,7 +217,7 @@ def confine_adapters(request: Request, ctx: ModelContext) -> None:
 
 
 def lora_entries(field_name: str, value, ctx: ModelContext) -> list[list]:
-    """OpenAI `loras`: ["NAME:SCALE", …] or [{"name": …, "scale": …}, …] → [[name, scale], …], names checked."""
+    """OpenAI `loras`: ["NAME:SCALE", …] or [{"name": …, "scale": …}, …] → [[name, scale], …] (names checked)."""
     try:
         entries = lora.normalize_entries(value, field_name)
     except lora.LoraError as e:
@@ -226,7 +228,8 @@ def lora_entries(field_name: str, value, ctx: ModelContext) -> list[list]:
 
 def extra_networks(field_name: str, text: str, ctx: ModelContext, disabled) -> str:
     """A1111 prompt tags: `<lora:NAME:SCALE>` names a LoRA of the server's folder (the runtime applies it);
-    `<hypernet:…>` must name one baked into the engines (the runtime checks); other networks are refused. With disable_extra_networks, A1111 drops every tag unapplied."""
+    `<hypernet:…>` must name one baked into the engines (the runtime checks); other networks are refused. With
+    disable_extra_networks, A1111 drops every tag unapplied."""
     if disabled:
         return _EXTRA_NETWORK.sub("", text)
     kinds = {m.group(1).lower() for m in _EXTRA_NETWORK.finditer(text)} - {"lora", "lyco", "hypernet"}
