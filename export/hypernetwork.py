@@ -5,7 +5,8 @@ Reproduces modules/hypernetworks/hypernetwork.py of AUTOMATIC1111's web UI:
   "is_layer_norm", "activate_output", "dropout_structure"/"use_dropout", "name", …};
 - HypernetworkModule(dim): Linear(dim·ls[i] → dim·ls[i+1]) for each step of the layer structure, the activation
   after every Linear but the last (the last too when activate_output, which defaults to true), LayerNorm after
-  each when is_layer_norm, dropout (identity at inference); forward(x) = x + mlp(x) · multiplier (the prompt tag's strength);
+  each when is_layer_norm, dropout (identity at inference); forward(x) = x + mlp(x) · multiplier (the tag's
+  strength);
 - in every attention layer (self- and cross-attention alike), context_k = h_k(context), context_v = h_v(context)
   when the hypernetwork has layers for the context's width (apply_single_hypernetwork keys them by
   context.shape[2]); several hypernetworks apply one after the other; k = to_k(context_k), v = to_v(context_v).
