@@ -59,3 +59,32 @@ def test_bad_t2i_requests(conditioned):
     assert invalid(adapter_name="sketch").field == "adapter_image"
     e = invalid(adapter_name="sketch", adapter_image=image, controls=(("canny", image),))
     assert e.field == "adapter_name" and "together" in e.message
+
+
+@pytest.mark.slow
+def test_sdxl_t2i_adapter_equals_diffusers(exported, tiny_pipeline, tmp_path):
+    """StableDiffusionXLAdapterPipeline (adapter_conditioning_factor 1: the features join every step)."""
+    import os
+    import shutil
+
+    import diffusers
+
+    from sdrt.export.exporter import add_controlnets
+    from sdrt.export.tiny import write_tiny_t2i_adapter
+
+    engine = tmp_path / "sdxl"
+    shutil.copytree(exported("sdxl", "fp32"), engine, copy_function=os.link)
+    folder = write_tiny_t2i_adapter(tmp_path / "sketch-src", seed=6)
+    add_controlnets(engine, (), t2i_adapters=(f"{folder}=sketch",))
+    image = _image(22, 56, 40)
+    ref = diffusers.StableDiffusionXLAdapterPipeline.from_pretrained(
+        tiny_pipeline("sdxl"), adapter=diffusers.T2IAdapter.from_pretrained(folder))
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    theirs = ref("a cat", image=image, adapter_conditioning_scale=0.8, num_inference_steps=3, guidance_scale=6.0,
+                 generator=generators(4, 1), output_type="np", **SIZE).images
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=4, guidance=6.0, **SIZE)
+    ours = pipe.generate(Request.of(**common, adapter_name="sketch", adapter_image=image, adapter_scale=0.8))
+    assert_same_images("t2i-adapter sdxl", ours, theirs)
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(pipe.generate(Request.of(**common))).astype(int)).max() > 8
