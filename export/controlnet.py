@@ -22,7 +22,7 @@ from sdrt.runtime.controlnet import (MID, MID_INPUT, NAME_PATTERN, PREFIX, UNET_
                                      residual_shapes)
 from sdrt.runtime.errors import UserError
 
-from .components import SEQUENCE_LENGTH, ComponentSpec, Shape, _unet_spec, vae_scale_factor
+from .components import ComponentSpec, Shape, _unet_spec, vae_scale_factor
 from .load import SINGLE_FILE_SUFFIXES, sha256_of_files
 
 _WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL refiner"}
