@@ -83,8 +83,9 @@ def export(
         output = Path(model) if adding else Path(f"{Path(model.rstrip('/')).stem}-{precision}")
     cfg = ExportConfig(model=model, output=output, precision=precision, vae=vae, family=family,
                        components=tuple(c.strip() for c in components.split(",")) if components else None,
-                       single_file_config=config, force=force, loras=_lora_args(lora, "--lora"),
-                       textual_inversion=textual_inversion, hypernetworks=_hypernetwork_args(hypernetwork),
+                       single_file_config=config, force=force, loras=_file_scale_args(lora, "--lora"),
+                       textual_inversion=textual_inversion,
+                       hypernetworks=_file_scale_args(hypernetwork, "--hypernetwork"),
                        tiny_vae=tiny_vae, deepcache=deepcache, controlnets=tuple(controlnet), ip_adapter=ip_adapter,
                        image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -116,7 +117,7 @@ def export(
         console.print(f"engine directory: [bold]{Path(output).absolute()}[/] ({manifest['family']}, {manifest['precision']})")
 
 
-def _lora_args(values: list[str], flag: str) -> tuple[tuple[str, float], ...]:
+def _file_scale_args(values: list[str], flag: str) -> tuple[tuple[str, float], ...]:
     """`FILE[:SCALE]` options → (file, scale) pairs; a scale that is not a finite number is a one-line error."""
     from sdrt.runtime.lora import LoraError, parse_lora_arg
 
@@ -124,12 +125,6 @@ def _lora_args(values: list[str], flag: str) -> tuple[tuple[str, float], ...]:
         return tuple(parse_lora_arg(v) for v in values)
     except LoraError as e:
         raise UserError(f"{flag} {e}") from None
-
-
-def _hypernetwork_args(values: list[str]) -> tuple[tuple[str, float], ...]:
-    from sdrt.export.hypernetwork import parse_arg
-
-    return tuple(parse_arg(v) for v in values)
 
 
 def summarize(manifest: dict, engine_dir: Path) -> dict:
@@ -272,7 +267,7 @@ def run(
                          outpaint=outpaint, outpaint_fill=outpaint_fill, outpaint_blur=outpaint_blur,
                          depth_map=depth_map, then_upscale=then_upscale, noise_level=noise_level,
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
-                         as_json=as_json, loras=_lora_args(lora, "--lora"), lora_dir=lora_dir,
+                         as_json=as_json, loras=_file_scale_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
                          vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval,
@@ -292,6 +287,16 @@ def run(
         print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "sampler": job.sampler,
                            "schedule": job.schedule, "steps": job.steps, "guidance": job.guidance,
                            "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
+        return
+    for w in written:
+        print(w.path)
+
+
+def _print_image_results(job, written, as_json: bool) -> None:
+    """`sdrt upscale` / `sdrt variations`: the PNGs written, or with --json their seeds, noise level and sizes."""
+    if as_json:
+        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
+                           "steps": job.steps, "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
         return
     for w in written:
         print(w.path)
@@ -322,13 +327,7 @@ def upscale(
     options = RunOptions(engine_dir=engine_dir, prompts=(prompt,), negative_prompt=negative_prompt, steps=steps,
                          guidance=guidance, sampler=sampler, seed=seed, batch=batch, init_image=image,
                          noise_level=noise_level, needs="upscale", backend=backend, out=out, as_json=as_json)
-    job, written = generate(options)
-    if as_json:
-        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
-                           "steps": job.steps, "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
-        return
-    for w in written:
-        print(w.path)
+    _print_image_results(*generate(options), as_json)
 
 
 @app.command()
@@ -359,13 +358,7 @@ def variations(
                          guidance=guidance, sampler=sampler, seed=seed, batch=batch, width=width, height=height,
                          init_image=image, noise_level=noise_level, needs="variations", backend=backend, out=out,
                          as_json=as_json)
-    job, written = generate(options)
-    if as_json:
-        print(json.dumps([{"path": str(w.path), "seed": w.seed, "prompt": w.prompt, "noise_level": job.noise_level,
-                           "steps": job.steps, "width": w.size[0], "height": w.size[1]} for w in written], indent=2))
-        return
-    for w in written:
-        print(w.path)
+    _print_image_results(*generate(options), as_json)
 
 
 @app.command()

@@ -84,6 +84,15 @@ class _TextEncoderEmbeds(torch.nn.Module):
         return (out.last_hidden_state, pooled, *out.hidden_states)
 
 
+def split_added_cond(rest, added: bool) -> tuple[dict | None, list]:
+    """A UNet wrapper's inputs after encoder_hidden_states: SDXL's text_embeds and time_ids come first when the UNet
+    takes them → (added_cond_kwargs or None, the inputs after them)."""
+    if not added:
+        return None, list(rest)
+    text_embeds, time_ids, *rest = rest
+    return {"text_embeds": text_embeds, "time_ids": time_ids}, rest
+
+
 class _UNet(torch.nn.Module):
     def __init__(self, unet, with_added_cond: bool):
         super().__init__()

@@ -22,7 +22,7 @@ from sdrt.runtime.controlnet import (MID, MID_INPUT, NAME_PATTERN, PREFIX, UNET_
                                      residual_shapes)
 from sdrt.runtime.errors import UserError
 
-from .components import ComponentSpec, Shape, _unet_spec, vae_scale_factor
+from .components import ComponentSpec, Shape, _unet_spec, split_added_cond, vae_scale_factor
 from .load import SINGLE_FILE_SUFFIXES, sha256_of_files
 
 _WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL refiner"}
@@ -130,10 +130,7 @@ class _UNetResiduals(torch.nn.Module):
         self.added = added
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
-        added = None
-        if self.added:
-            text_embeds, time_ids, *rest = rest
-            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        added, rest = split_added_cond(rest, self.added)
         *down, mid = rest
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
                          down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid,

@@ -177,17 +177,3 @@ def check_scale(scale, path) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise HypernetworkError(f"hypernetwork {path}: the scale must be a finite number (got {scale!r})")
     return float(scale)
-
-
-def parse_arg(text: str) -> tuple[str, float]:
-    """`FILE[:SCALE]` → (file, scale); the scale must be finite."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            scale = float(tail)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(scale):
-            raise HypernetworkError(f"--hypernetwork {text}: the scale must be a finite number")
-        return head, scale
-    return text, 1.0

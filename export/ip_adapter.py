@@ -21,7 +21,7 @@ import torch
 
 from sdrt.runtime.errors import UserError
 
-from .components import ComponentSpec, Shape, _unet_spec
+from .components import ComponentSpec, Shape, _unet_spec, split_added_cond
 from .load import sha256_of_files
 
 IMAGE_ENCODER = "image_encoder"
@@ -138,10 +138,7 @@ class _UNetIp(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-        added = {}
-        if self.added:
-            text_embeds, time_ids, *rest = rest
-            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        added, rest = split_added_cond(rest, self.added)
         control = {}
         if self.residuals:
             *down, mid = rest[:self.residuals]
@@ -153,7 +150,7 @@ class _UNetIp(torch.nn.Module):
         for p in processors:
             p.scale = [scale]
         try:
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added | {"image_embeds": [embeds]},
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=(added or {}) | {"image_embeds": [embeds]},
                              return_dict=False, **control)[0]
         finally:
             for p, s in zip(processors, saved):

@@ -14,7 +14,7 @@ import torch
 
 from sdrt.runtime.errors import UserError
 
-from .components import ComponentSpec, Shape, _unet_spec, vae_scale_factor
+from .components import ComponentSpec, Shape, _unet_spec, split_added_cond, vae_scale_factor
 from .controlnet import ControlNetSource, parse_arg
 from .load import sha256_of_files
 
@@ -82,10 +82,7 @@ class _UNetT2i(torch.nn.Module):
         self.added = added
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
-        added = None
-        if self.added:
-            text_embeds, time_ids, *rest = rest
-            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        added, rest = split_added_cond(rest, self.added)
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
                          down_intrablock_additional_residuals=list(rest), return_dict=False)[0]
 

@@ -47,7 +47,7 @@ def strip_hypernet_tags(text: str) -> tuple[str, list[tuple[str, float]]]:
     return HYPERNET_TAG.sub(take, text), found
 
 
-def check_hypernet_tags(texts, baked: list[dict], field_name: str):
+def check_hypernet_tags(texts, baked: list[dict]):
     """The texts without hypernet tags; TagError unless every tag names a hypernetwork baked into this engine
     directory at the scale it was baked with."""
     out = []

@@ -205,11 +205,11 @@ def _hypernet_tags(prompts, negative, model_dir):
 
     baked = (getattr(model_dir, "manifest", None) or {}).get("hypernetworks") or []
     try:
-        prompts = check_hypernet_tags(prompts, baked, "prompt")
+        prompts = check_hypernet_tags(prompts, baked)
     except TagError as e:
         raise InvalidRequest("prompt", str(e)) from None
     try:
-        negative = None if negative is None else check_hypernet_tags(negative, baked, "negative_prompt")
+        negative = None if negative is None else check_hypernet_tags(negative, baked)
     except TagError as e:
         raise InvalidRequest("negative_prompt", str(e)) from None
     return prompts, negative
