@@ -28,6 +28,8 @@ from pathlib import Path
 from sdrt.runtime.errors import UserError
 
 SCHEMA = "sdrt-bench-startup/1"
+CACHE_FIRST = "sdrt --ort-cache, first start (writes the cache)"
+CACHED = "sdrt --ort-cache, later starts"
 
 # The diffusers side: a standalone script (only diffusers, torch and PIL), its arguments as one JSON string.
 _DIFFUSERS_SCRIPT = """
@@ -56,6 +58,7 @@ class StartupScenario:
     height: int | None = None
     seed: int = 0
     runs: int = 5
+    ort_cache: bool = False  # also time `sdrt run --ort-cache` after one start that wrote the cache
 
 
 def source_of(engine_dir: Path) -> Path:
@@ -117,12 +120,19 @@ def measure(s: StartupScenario, on_progress=lambda what, done, total: None) -> d
         ours_png, theirs_png = Path(scratch) / "sdrt.png", Path(scratch) / "diffusers.png"
         ours, theirs = commands(s, ours_png, theirs_png)
         times: dict[str, list[float]] = {"sdrt": [], "diffusers": []}
+        contenders = [("sdrt", ours), ("diffusers", theirs)]
+        if s.ort_cache:  # the first --ort-cache start writes ONNX Runtime's optimized graphs; later ones read them
+            cached = ours + ["--ort-cache"]
+            times[CACHE_FIRST] = [_timed(cached)]
+            times[CACHED] = []
+            contenders.append((CACHED, cached))
         for i in range(s.runs):
-            for name, command in (("sdrt", ours), ("diffusers", theirs)):
+            for name, command in contenders:
                 times[name].append(_timed(command))
                 on_progress(f"{name}: fresh processes", i + 1, s.runs)
         diff = _max_diff(ours_png, theirs_png)
     medians = {k: statistics.median(v) for k, v in times.items()}
+    cache_ratio = {"diffusers_over_sdrt_cached": medians["diffusers"] / medians[CACHED]} if s.ort_cache else {}
     return {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -131,6 +141,7 @@ def measure(s: StartupScenario, on_progress=lambda what, done, total: None) -> d
         "seconds": times,
         "median_seconds": medians,
         "diffusers_over_sdrt": medians["diffusers"] / medians["sdrt"],
+        **cache_ratio,
         "image_max_abs_diff_uint8": diff,
         "conditions": {"load_average_before": load_before, "load_average_after": _load_average()},
         "machine": machine_info(),
@@ -159,10 +170,12 @@ def markdown(result: dict, command: str = "") -> str:
              f"- command: `{command}`" if command else "",
              f"- created: {result['created']}", "",
              "| | median s | runs s |", "|---|---:|---|"]
-    for name in ("sdrt", "diffusers"):
+    for name in result["seconds"]:
         lines.append(f"| {name} | {m[name]:.2f} | {', '.join(f'{t:.2f}' for t in result['seconds'][name])} |")
     lines += ["", f"diffusers / sdrt: **{result['diffusers_over_sdrt']:.2f}×**; the two images differ by at most "
-                  f"{result['image_max_abs_diff_uint8']}/255.", ""]
+                  f"{result['image_max_abs_diff_uint8']}/255." +
+              (f" With the cached optimized graphs: **{result['diffusers_over_sdrt_cached']:.2f}×**."
+               if "diffusers_over_sdrt_cached" in result else ""), ""]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
@@ -181,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ort-cache", action="store_true", help="also time starts that reuse ONNX Runtime's "
+                        "optimized graphs (`sdrt run --ort-cache`)")
     a = parser.parse_args(argv)
     try:
         s = StartupScenario(str(a.engine_dir), str(source_of(a.engine_dir)), steps=a.steps, runs=a.runs,
-                            width=a.resolution, height=a.resolution)
+                            width=a.resolution, height=a.resolution, ort_cache=a.ort_cache)
         result = measure(s, lambda what, done, total: print(f"{what} {done}/{total}", file=sys.stderr))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -59,6 +59,8 @@ def bench(
                                             "script making the same image, each a fresh process, alternating "
                                             "(--runs of each; MODEL must be an engine directory exported from a "
                                             "local folder)"),
+    ort_cache: bool = typer.Option(False, "--ort-cache", help="with --startup: also time `sdrt run --ort-cache` "
+                                   "starts after one that saved ONNX Runtime's optimized graphs"),
 ) -> None:
     """Latency benchmark stage by stage (text encoding, each UNet step, VAE decode), side by side with diffusers."""
     if conditioning:
@@ -89,7 +91,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if startup:
-        _startup(model, runs, steps, resolution, seed, out, guidance)
+        _startup(model, runs, steps, resolution, seed, out, guidance, ort_cache)
         return
     from sdrt.bench import report
     from sdrt.bench.harness import run
@@ -128,7 +130,7 @@ def bench(
         raise typer.Exit(1)
 
 
-def _startup(model, runs, steps, resolution, seed, out, guidance) -> None:
+def _startup(model, runs, steps, resolution, seed, out, guidance, ort_cache=False) -> None:
     from sdrt.bench import startup
     from sdrt.bench.scenarios import parse_resolution
     from sdrt.runtime.errors import UserError
@@ -138,7 +140,7 @@ def _startup(model, runs, steps, resolution, seed, out, guidance) -> None:
     width, height = parse_resolution(resolution) if resolution else (None, None)
     scenario = startup.StartupScenario(str(model), str(startup.source_of(Path(model))), steps=steps or 4,
                                        width=width, height=height, seed=seed, runs=runs,
-                                       guidance=7.5 if guidance is None else guidance)
+                                       guidance=7.5 if guidance is None else guidance, ort_cache=ort_cache)
     result = startup.measure(scenario, lambda what, done, total: print(f"{what} {done}/{total}", file=sys.stderr))
     folder = out or Path("bench/results") / f"startup-{Path(model).name}"
     command = " ".join(["sdrt", "bench"] + [shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:]]) \

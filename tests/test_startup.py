@@ -35,10 +35,13 @@ def test_startup_needs_the_source_folder(exported, tmp_path):
 
 @pytest.mark.slow
 def test_startup_measures_both_and_compares_their_images(exported, tmp_path):
-    engine = exported("sd15", "fp32")
-    s = startup.StartupScenario(str(engine), str(startup.source_of(engine)), steps=2, runs=1)
+    engine = tmp_path / "engine"  # --ort-cache writes into the directory: a copy, not the session's export
+    shutil.copytree(exported("sd15", "fp32"), engine)
+    s = startup.StartupScenario(str(engine), str(startup.source_of(engine)), steps=2, runs=1, ort_cache=True)
     result = startup.measure(s)
     assert result["image_max_abs_diff_uint8"] <= 1
     assert len(result["seconds"]["sdrt"]) == len(result["seconds"]["diffusers"]) == 1
+    assert len(result["seconds"][startup.CACHED]) == 1 and result["diffusers_over_sdrt_cached"] > 0
+    assert list((engine / "unet").glob("ort-optimized/*.onnx"))  # the first cached start wrote the unet's graph
     folder = startup.write(result, tmp_path / "out", "sdrt bench … --startup")
     assert "diffusers / sdrt" in (folder / "result.md").read_text()
