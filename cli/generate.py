@@ -87,7 +87,7 @@ class RunOptions:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
-    ip_image: str | None = None  # "IMAGE[:SCALE]" (runtime/ip_adapter.py)
+    ip_image: tuple[str, ...] = ()  # "IMAGE[:SCALE]", repeatable (runtime/ip_adapter.py)
     adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/t2i_adapter.py)
 
 
@@ -168,11 +168,20 @@ def _adapter_fields(text: str | None) -> dict:
     return {"adapter_name": name, "adapter_image": image_io.load_image(path), "adapter_scale": scale}
 
 
-def _ip_fields(text: str | None) -> dict:
-    if text is None:
+def _ip_fields(texts) -> dict:
+    """--ip-image IMAGE[:SCALE] …: one image, or several for the one adapter, which has one scale."""
+    if isinstance(texts, str):
+        texts = (texts,)
+    if not texts:
         return {}
-    path, scale = parse_image_scale(text, "--ip-image")
-    return {"ip_image": image_io.load_image(path), "ip_scale": scale}
+    parsed = [(*parse_image_scale(t, "--ip-image"), None) for t in texts]
+    parsed = [(path, scale, path != Path(t)) for (path, scale, _), t in zip(parsed, texts)]
+    scales = {scale for _, scale, given in parsed if given}
+    if len(scales) > 1:
+        raise UserError(f"--ip-image: the images share the one IP-Adapter's scale; give it once (got "
+                        f"{', '.join(f'{s:g}' for s in sorted(scales))})")
+    images = tuple(image_io.load_image(path) for path, _, _ in parsed)
+    return {"ip_image": images[0] if len(images) == 1 else images, "ip_scale": scales.pop() if scales else 1.0}
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

@@ -243,8 +243,9 @@ def run(
     control_end: float = typer.Option(1.0, help="fraction of the steps after which the ControlNets stop"),
     guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode: the nets see only the "
                                                                "conditional prompt, residuals scaled 0.1…1 by depth"),
-    ip_image: Optional[str] = typer.Option(None, help="IMAGE[:SCALE]: an image prompt for the directory's "
-                                                      "IP-Adapter (scale default 1)"),
+    ip_image: list[str] = typer.Option([], "--ip-image", help="IMAGE[:SCALE]: an image prompt for the directory's "
+                                                               "IP-Adapter (scale default 1); repeatable: the "
+                                                               "adapter sees all the images, with one scale"),
     adapter: Optional[str] = typer.Option(None, help="NAME=IMAGE[:SCALE]: a T2I-Adapter the directory holds and its "
                                                      "condition image"),
 ) -> None:
@@ -272,7 +273,7 @@ def run(
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
                          vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval,
                          controls=tuple(control), control_start=control_start,
-                         control_end=control_end, guess_mode=guess_mode, ip_image=ip_image, adapter=adapter)
+                         control_end=control_end, guess_mode=guess_mode, ip_image=tuple(ip_image), adapter=adapter)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

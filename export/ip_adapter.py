@@ -50,14 +50,25 @@ def check_source(src: IpAdapterSource) -> None:
 
 
 def kind(state_dict_keys) -> str:
-    """plain (ImageProjection: proj.weight) or plus (Resampler: latents), from the image_proj keys."""
+    """From the image_proj keys, as diffusers' _convert_ip_adapter_image_proj_to_diffusers tells them apart:
+    plain (ImageProjection: proj.weight), full (IP-Adapter Full Face, IPAdapterFullImageProjection: proj.0/proj.3)
+    or plus (Resampler: latents; IP-Adapter Plus and Plus Face share it). plain takes the encoder's image_embeds,
+    full and plus its penultimate hidden states."""
     keys = list(state_dict_keys)
     if "proj.weight" in keys:
         return "plain"
+    if "proj.3.weight" in keys and "perceiver_resampler.proj_in.weight" not in keys:
+        return "full"
     if "latents" in keys:
         return "plus"
-    raise UserError("this IP-Adapter's image projection is neither IP-Adapter (proj.weight) nor IP-Adapter Plus "
-                    "(latents); sdrt exports those two kinds")
+    raise UserError("this IP-Adapter's image projection is not IP-Adapter (proj.weight), Full Face (proj.3.weight) "
+                    "or Plus / Plus Face (latents); sdrt exports those (FaceID takes face-recognition embeddings "
+                    "that no exported encoder computes)")
+
+
+def uses_hidden_states(adapter_kind: str) -> bool:
+    """diffusers' prepare_ip_adapter_image_embeds: every projection but ImageProjection takes hidden_states[-2]."""
+    return adapter_kind != "plain"
 
 
 def load(pipe, src: IpAdapterSource) -> dict:
@@ -91,8 +102,8 @@ def load(pipe, src: IpAdapterSource) -> dict:
         raise UserError(f"--ip-adapter {src.adapter}: no image_proj.* and ip_adapter.* weights; give an adapter in "
                         "diffusers' IP-Adapter format")
     adapter_kind = kind(state["image_proj"])
-    embed_dim = (state["image_proj"]["proj.weight"].shape[-1] if adapter_kind == "plain"
-                 else state["image_proj"]["proj_in.weight"].shape[-1])
+    embed_dim = state["image_proj"][{"plain": "proj.weight", "full": "proj.0.weight",
+                                     "plus": "proj_in.weight"}[adapter_kind]].shape[-1]
     expected = encoder.config.projection_dim if adapter_kind == "plain" else encoder.config.hidden_size
     if embed_dim != expected:
         raise UserError(f"--ip-adapter {src.adapter} takes image embeddings of width {embed_dim}; the image encoder "
@@ -182,7 +193,7 @@ def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentS
         base = unet_residual_spec(pipe)
     residuals = len(base.input_names) - len(_unet_spec(added).input_names)
     enc = loaded["encoder"].config
-    plus = loaded["record"]["kind"] == "plus"
+    plus = uses_hidden_states(loaded["record"]["kind"])
     tokens = (enc.image_size // enc.patch_size) ** 2 + 1
 
     def make_inputs(p, shape: Shape, dtype):

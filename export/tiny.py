@@ -149,13 +149,14 @@ def write_tiny_controlnet(model_folder: Path, folder: Path, seed: int = 0, gain:
 
 
 def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain: float = 1.0,
-                          plus: bool = False) -> tuple[Path, Path]:
+                          plus: bool = False, full: bool = False) -> tuple[Path, Path]:
     """A tiny CLIP image encoder (CLIPVisionModelWithProjection, 32×32 input) and an IP-Adapter for the tiny
     pipeline in diffusers' format (`image_proj.proj/norm` of ImageProjection with 4 tokens, `ip_adapter.{1,3,…}.
     to_k_ip/to_v_ip` for every cross-attention in `attn_processors` order, as _convert_ip_adapter_attn_to_diffusers
     numbers them), with random weights × `gain`. `plus`: an IP-Adapter Plus instead (diffusers'
     IPAdapterPlusImageProjection, a 4-layer Resampler with 8 queries, written in the `layers.N.attn.to_q/to_kv/to_out`
-    form _convert_ip_adapter_image_proj_to_diffusers reads). Returns (image encoder folder, adapter .safetensors)."""
+    form _convert_ip_adapter_image_proj_to_diffusers reads). `full`: an IP-Adapter Full Face (proj.0 / proj.2 /
+    proj.3: IPAdapterFullImageProjection, one token per hidden state). Returns (image encoder folder, adapter file)."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -184,6 +185,10 @@ def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain:
                     [value, resampler.state_dict()[key.replace("to_k", "to_v")]])
             elif ".attn.to_v." not in key:
                 state["image_proj." + key.replace("to_out.0", "to_out")] = value.detach().clone()
+    if full:  # FeedForward(width → width, GELU) → Linear(width → cross) → LayerNorm(cross), in the original key names
+        state = {"image_proj.proj.0.weight": rand(_TEXT_WIDTH, _TEXT_WIDTH) * 2, "image_proj.proj.0.bias": torch.zeros(_TEXT_WIDTH),
+                 "image_proj.proj.2.weight": rand(cross, _TEXT_WIDTH) * 2, "image_proj.proj.2.bias": torch.zeros(cross),
+                 "image_proj.proj.3.weight": torch.ones(cross), "image_proj.proj.3.bias": torch.zeros(cross)}
     key = 1
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):

@@ -5,8 +5,11 @@ Reproduces diffusers' StableDiffusion[XL]Pipeline with load_ip_adapter + set_ip_
 - preprocessing: CLIPImageProcessor as the export recorded it (image_encoder/preprocessor_config.json): RGB, shortest
   edge resized (PIL, its `resample`), center crop, × rescale_factor, (x − mean) / std;
 - embeddings (encode_image / prepare_ip_adapter_image_embeds): plain adapters take image_embeds and zeros as the
-  negative; plus adapters take hidden_states[-2] and the encoder's output for an all-zero pixel tensor; each
+  negative; plus (Plus, Plus Face) and full (Full Face) adapters take hidden_states[-2] and the encoder's output for an all-zero pixel tensor; each
   [None]-expanded to [1, 1, …], repeated to the batch, with guidance [negative ‖ positive];
+- several images for the one adapter (diffusers: ip_adapter_image=[[a, b]]) are encoded as one batch and become
+  ip_image_embeds_0 [B, images, …]: the adapter's attention then sees all their tokens (IPAdapterAttnProcessor2_0
+  views them as one sequence);
 - the adapter's scale is the graph input ip_scale_0.
 """
 
@@ -26,13 +29,16 @@ UNET_IP = "unet_ip"
 UNET_CONTROLNET_IP = "unet_controlnet_ip"
 
 
+MAX_IMAGES = 16
+
+
 @dataclass(frozen=True, eq=False)
 class ImagePromptJob:
-    image: Image.Image
+    images: tuple[Image.Image, ...]
     scale: float
 
     def key(self) -> tuple:
-        return (id(self.image), self.scale)
+        return (tuple(id(i) for i in self.images), self.scale)
 
 
 def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePromptJob | None:
@@ -41,7 +47,13 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
     scale = _float("ip_scale", group.ip_scale)
     if group.ip_image is None:
         return None
-    image = _image("ip_image", group.ip_image, "RGB")
+    given = group.ip_image
+    if isinstance(given, (list, tuple)):
+        if not 1 <= len(given) <= MAX_IMAGES:
+            raise InvalidRequest("ip_image", f"takes 1 to {MAX_IMAGES} images for the one adapter (got {len(given)})")
+        images = tuple(_image(f"ip_image[{i}]", x, "RGB") for i, x in enumerate(given))
+    else:
+        images = (_image("ip_image", given, "RGB"),)
     if not (model_dir.path / UNET_IP / "model.onnx").is_file() or \
             not (model_dir.path / IMAGE_ENCODER / "model.onnx").is_file():
         raise InvalidRequest("ip_image", "this engine directory has no IP-Adapter (export one with --ip-adapter and "
@@ -49,7 +61,7 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
     if controls is not None and not (model_dir.path / UNET_CONTROLNET_IP / "model.onnx").is_file():
         raise InvalidRequest("ip_image", "this engine directory has no UNet for ControlNets and an IP-Adapter together "
                                          "(export the ControlNets and the adapter into it again); give one of them")
-    return ImagePromptJob(image, scale)
+    return ImagePromptJob(images, scale)
 
 
 def preprocess(image: Image.Image, config: dict) -> torch.Tensor:
@@ -89,13 +101,13 @@ class IpAdapterContributor:
         return feed | {"ip_image_embeds_0": self.embeds, "ip_scale_0": torch.tensor(self.scale, dtype=torch.float32)}
 
 
-def image_embeds(encoder, image: Image.Image, config: dict, plus: bool, count: int, guided: bool) -> torch.Tensor:
-    pixels = preprocess(image, config)
+def image_embeds(encoder, images, config: dict, plus: bool, count: int, guided: bool) -> torch.Tensor:
+    """[count (·2), n, D] (plain) or [count (·2), n, T, W] (plus) for n images, negatives first with guidance."""
+    pixels = torch.cat([preprocess(image, config) for image in images])  # [n, 3, S, S]
     output = "penultimate_hidden_states" if plus else "image_embeds"
     positive = feed_mod.run(encoder, pixel_values=pixels)[output]
     negative = feed_mod.run(encoder, pixel_values=torch.zeros_like(pixels))[output] if plus else torch.zeros_like(positive)
-    positive, negative = (x[None].repeat_interleave(count, dim=0).reshape(count, 1, *x.shape[1:])
-                          for x in (positive, negative))
+    positive, negative = (x[None].repeat(count, *[1] * x.dim()) for x in (positive, negative))
     return torch.cat([negative, positive]) if guided else positive
 
 
@@ -108,6 +120,6 @@ def attach(pipe, job, prep):
     unet = UNET_CONTROLNET_IP if prep.unet == "unet_controlnet" else UNET_IP  # runtime/controlnet_call.py went first
     pipe.component(unet)
     config = json.loads((pipe.dir.path / IMAGE_ENCODER / "preprocessor_config.json").read_text())
-    plus = ((pipe.dir.manifest or {}).get("ip_adapter") or {}).get("kind") == "plus"
-    embeds = image_embeds(encoder, ip.image, config, plus, job.count, prep.guidance.enabled)
+    plus = ((pipe.dir.manifest or {}).get("ip_adapter") or {}).get("kind") in ("plus", "full")  # hidden states
+    embeds = image_embeds(encoder, ip.images, config, plus, job.count, prep.guidance.enabled)
     return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(embeds, ip.scale)], unet=unet)

@@ -127,7 +127,7 @@ def _control_entry(i: int, entry):
 class ImagePrompt:
     """IP-Adapter (runtime/ip_adapter.py): an image prompt and the adapter's scale."""
 
-    ip_image: Any = None  # PIL image
+    ip_image: Any = None  # PIL image, or a list of them (several images for the one adapter)
     ip_scale: float = 1.0
 
 
@@ -209,8 +209,12 @@ class Request:
                 raise InvalidRequest(key, "is not a request field; known: " + ", ".join(sorted(set(FLAT) | set(GROUPS))))
         for group in ("images", "image_prompt", "t2i"):
             for name in _IMAGE_FIELDS:
-                if isinstance(parts[group].get(name), str):
-                    parts[group][name] = decode_image(parts[group][name], name)
+                value = parts[group].get(name)
+                if isinstance(value, str):
+                    parts[group][name] = decode_image(value, name)
+                elif name == "ip_image" and isinstance(value, (list, tuple)):
+                    parts[group][name] = tuple(decode_image(x, f"{name}[{i}]") if isinstance(x, str) else x
+                                               for i, x in enumerate(value))
         if "text" not in parts["prompt"]:
             raise InvalidRequest("prompt", "is required: a string, or a list of strings")
         return cls(**{g: GROUPS[g](**parts[g]) for g in GROUPS})
@@ -231,7 +235,7 @@ class Request:
                 if isinstance(v, tuple):
                     d[k] = [list(x) if isinstance(x, tuple) else x for x in v]  # nested: adapters.loras pairs
                 if encode_images and k in _IMAGE_FIELDS and v is not None:
-                    d[k] = encode_image(v)
+                    d[k] = [encode_image(x) for x in v] if isinstance(v, (list, tuple)) else encode_image(v)
             defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(GROUPS[g])}
             defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # as d holds them
             out[g] = {k: v for k, v in d.items() if k == "text" or v != defaults.get(k)}

@@ -359,8 +359,10 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
         flat["loras"] = lora_entries("loras", b["loras"], ctx)
     if "controls" in b:
         flat["controls"] = _controls(b["controls"], ctx)
-    if "ip_image" in b:
-        flat["ip_image"] = decode_image("ip_image", b["ip_image"], ctx, "RGB")
+    if "ip_image" in b:  # one base64 image, or a list of them for the one adapter
+        images = b["ip_image"]
+        flat["ip_image"] = tuple(decode_image(f"ip_image[{i}]", x, ctx, "RGB") for i, x in enumerate(images)) \
+            if isinstance(images, list) else decode_image("ip_image", images, ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
     return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None)
 

@@ -166,7 +166,8 @@ def test_cli_control_errors_are_one_line(cn, tmp_path):
     for controls, ip, expected in (((f"canny={tmp_path / 'missing.png'}:0.5",), None, "cannot read the image"),
                                    ((f"canny={tmp_path / 'c.png'}:high",), None, "the scale 'high' is not a number"),
                                    (("canny",), None, "give NAME=IMAGE"),
-                                   ((), str(tmp_path / "missing.png"), "cannot read the image")):
+                                   ((), str(tmp_path / "missing.png"), "cannot read the image"),
+                                   ((), (f"{tmp_path / 'c.png'}:0.5", f"{tmp_path / 'c.png'}:0.7"), "give it once")):
         with pytest.raises(UserError, match=expected):
             build_request(RunOptions(engine_dir=engine, prompts=("x",), controls=controls, ip_image=ip))
 
@@ -227,6 +228,10 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
         assert response.status_code == 422 and response.json()["error"]["field"] == "ip_scale", response.text
         response = client.post("/v1/images/generations", json=body | {"ip_image": b64, "ip_scale": 0.5})
         assert response.status_code == 200, response.text  # ControlNet + IP-Adapter over HTTP
+        response = client.post("/v1/images/generations", json=body | {"ip_image": [b64, "%%%"]})
+        assert response.status_code == 422 and response.json()["error"]["field"] == "ip_image[1]", response.text
+        response = client.post("/v1/images/generations", json=body | {"ip_image": [b64, b64], "ip_scale": 0.5})
+        assert response.status_code == 200, response.text  # two images for the one adapter
 
 
 @pytest.mark.slow

@@ -188,23 +188,43 @@ def test_controlnet_ip_adapter_and_lora_together_equal_diffusers(conditioned, pi
     assert np.abs(to_uint8(ours).astype(int) - to_uint8(without).astype(int)).max() > 8  # the LoRA shows
 
 
+def test_several_images_for_one_adapter_equal_diffusers(conditioned, pipes, tiny_pipeline):
+    """ip_adapter_image=[[a, b]]: both images' tokens in the adapter's attention (ip_images axis 2)."""
+    images = (_image(21, 56, 40), _image(22, 40, 40))
+    ref = _reference(tiny_pipeline, "sd15", conditioned("sd15", ip=True)[1]["ip"])
+    ref.set_ip_adapter_scale(0.7)
+    theirs = ref("a photo of a cat", ip_adapter_image=[list(images)], num_inference_steps=3, guidance_scale=7.5,
+                 generator=generators(3, 1), output_type="np", **SIZE).images
+    common = dict(prompt="a photo of a cat", steps=3, sampler="euler", seed=3, guidance=7.5, **SIZE)
+    ours = pipes("sd15").generate(Request.of(**common, ip_image=list(images), ip_scale=0.7))
+    assert_same_images("ip-adapter sd15, two images", ours, theirs)
+    first = pipes("sd15").generate(Request.of(**common, ip_image=images[0], ip_scale=0.7))
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(first).astype(int)).max() > 8  # the second image shows
+    with pytest.raises(InvalidRequest) as e:
+        validate(Request.of(**common, ip_image=[images[0], "not an image"]), open_dir(conditioned("sd15")[0]))
+    assert e.value.field == "ip_image[1]"
+
+
 @pytest.mark.slow
-def test_ip_adapter_plus_equals_diffusers(exported, tiny_pipeline, tmp_path):
-    """IP-Adapter Plus (Resampler projection): penultimate hidden states, the zero image's as the negative."""
+@pytest.mark.parametrize("kind", ["plus", "full"])
+def test_ip_adapter_plus_and_full_face_equal_diffusers(exported, tiny_pipeline, tmp_path, kind):
+    """IP-Adapter Plus / Plus Face (Resampler projection; the two differ only in training data) and Full Face
+    (IPAdapterFullImageProjection): penultimate hidden states, the zero image's as the negative; one and two images."""
     from sdrt.export.tiny import write_tiny_ip_adapter
 
     engine = tmp_path / "sd15"
     shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)
-    encoder, adapter = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / "plus", seed=5, plus=True)
+    encoder, adapter = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / kind, seed=5, plus=kind == "plus",
+                                             full=kind == "full")
     add_controlnets(engine, (), ip_adapter=str(adapter), image_encoder=str(encoder))
-    assert json.loads((engine / "manifest.json").read_text())["ip_adapter"]["kind"] == "plus"
-    image = _image(9, 56, 40)
+    assert json.loads((engine / "manifest.json").read_text())["ip_adapter"]["kind"] == kind
     ref = _reference(tiny_pipeline, "sd15", (encoder, adapter))
     ref.set_ip_adapter_scale(0.7)
-    theirs = ref("a cat", ip_adapter_image=image, num_inference_steps=3, generator=generators(3, 1), output_type="np",
-                 **SIZE).images
     pipe = Pipeline.load(engine, backend="ort-cpu")
     common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, **SIZE)
-    ours = pipe.generate(Request.of(**common, ip_image=image, ip_scale=0.7))
-    assert_same_images("ip-adapter plus sd15", ours, theirs)
+    for images in ([_image(9, 56, 40)], [_image(9, 56, 40), _image(10, 40, 48)]):
+        theirs = ref("a cat", ip_adapter_image=[images], num_inference_steps=3, generator=generators(3, 1),
+                     output_type="np", **SIZE).images
+        ours = pipe.generate(Request.of(**common, ip_image=images, ip_scale=0.7))
+        assert_same_images(f"ip-adapter {kind} sd15, {len(images)} image(s)", ours, theirs)
     assert np.abs(to_uint8(ours).astype(int) - to_uint8(pipe.generate(Request.of(**common))).astype(int)).max() > 8
