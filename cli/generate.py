@@ -87,6 +87,7 @@ class RunOptions:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
+    control_preprocess: str | None = None  # "canny[:LOW:HIGH]"
     ip_image: tuple[str, ...] = ()  # "IMAGE[:SCALE]", repeatable (runtime/ip_adapter.py)
     adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/t2i_adapter.py)
 
@@ -156,6 +157,7 @@ def build_request(o: RunOptions) -> Request:
         control_start=o.control_start,
         control_end=o.control_end,
         guess_mode=o.guess_mode,
+        control_preprocess=o.control_preprocess,
         **_ip_fields(o.ip_image),
         **_adapter_fields(o.adapter),
     )

@@ -241,6 +241,8 @@ def run(
                                                            "holds and its control image (repeatable; summed in order)"),
     control_start: float = typer.Option(0.0, help="fraction of the steps before the ControlNets start"),
     control_end: float = typer.Option(1.0, help="fraction of the steps after which the ControlNets stop"),
+    control_preprocess: Optional[str] = typer.Option(None, help="canny[:LOW:HIGH]: turn each control image (a photo) "
+                                                                "into a canny edge map first (needs sdrt[canny])"),
     guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode: the nets see only the "
                                                                "conditional prompt, residuals scaled 0.1…1 by depth"),
     ip_image: list[str] = typer.Option([], "--ip-image", help="IMAGE[:SCALE]: an image prompt for the directory's "
@@ -273,7 +275,7 @@ def run(
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
                          vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval,
                          controls=tuple(control), control_start=control_start,
-                         control_end=control_end, guess_mode=guess_mode, ip_image=tuple(ip_image), adapter=adapter)
+                         control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess, ip_image=tuple(ip_image), adapter=adapter)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -123,6 +123,9 @@ def validate_controls(group, model_dir, loras=()) -> Controls | None:
         return None
     if start >= end:
         raise InvalidRequest("control_start", f"must be below control_end (got start {start:g}, end {end:g})")
+    from .control_preprocess import parse
+
+    preprocess = parse(group.control_preprocess)
     have = controlnet_names(model_dir)
     nets = []
     for i, entry in enumerate(entries):
@@ -135,7 +138,7 @@ def validate_controls(group, model_dir, loras=()) -> Controls | None:
         image = _image(f"controls[{i}].image", image, "RGB")
         if image is None:
             raise InvalidRequest(f"controls[{i}].image", "is required: the control image for " + name)
-        nets.append(ControlUse(name, image, scale))
+        nets.append(ControlUse(name, preprocess(image) if preprocess else image, scale))
     if not (model_dir.path / UNET_CONTROLNET / "model.onnx").is_file():
         raise InvalidRequest("controls", f"{model_dir.path} has no {UNET_CONTROLNET} graph; re-export with "
                                          "--controlnet")

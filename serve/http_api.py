@@ -276,7 +276,7 @@ class Plan:
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
                  "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
                  "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval", "controls",
-                 "control_start", "control_end", "guess_mode", "ip_image", "ip_scale")
+                 "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image", "ip_scale")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
@@ -352,7 +352,7 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
     if "guidance_scale" in b:
         flat["guidance"] = b["guidance_scale"]
     for key in ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval", "control_start",
-                "control_end", "guess_mode", "ip_scale"):
+                "control_end", "guess_mode", "control_preprocess", "ip_scale"):
         if key in b:
             flat[key] = b[key]
     if "loras" in b:

@@ -83,6 +83,36 @@ def test_sd15_controlnet_equals_diffusers(cn, pipes, tiny_pipeline, case):
     assert np.abs(to_uint8(ours).astype(int) - to_uint8(plain).astype(int)).max() > 8  # the control shows
 
 
+def test_canny_preprocessing_equals_diffusers_documented_recipe(cn, pipes, tiny_pipeline):
+    """control_preprocess="canny" on a photo = diffusers given the canny map its ControlNet docs make with OpenCV
+    (cv2.Canny(np.array(image), 100, 200), stacked to three channels), computed here by that recipe."""
+    import cv2
+    from PIL import ImageDraw
+
+    photo = Image.new("RGB", (48, 32), (30, 60, 200))
+    ImageDraw.Draw(photo).ellipse([8, 6, 30, 28], fill=(230, 200, 40))
+    ImageDraw.Draw(photo).rectangle([30, 4, 44, 20], fill=(200, 30, 30))
+    edges = cv2.Canny(np.array(photo), 100, 200)[:, :, None]
+    canny = Image.fromarray(np.concatenate([edges, edges, edges], axis=2))
+    assert 0 < (edges > 0).mean() < 0.5  # the recipe found edges
+    common = dict(prompt="a photo of a cat", steps=STEPS, sampler="euler", seed=5, guidance=7.5, **SIZE)
+    ours = pipes["sd15"].generate(Request.of(**common, controls=(("canny", photo, 1.0),), control_preprocess="canny"))
+    ref = _reference(tiny_pipeline, "sd15", cn["sd15"][1], ["canny"])
+    theirs = ref("a photo of a cat", image=canny, num_inference_steps=STEPS, guidance_scale=7.5,
+                 generator=generators(5, 1), output_type="np", **SIZE).images
+    assert_same_images("controlnet sd15 canny preprocessing", ours, theirs)
+    # the net is given the canny map, not the photo (the tiny random net barely tells the two apart in pixels)
+    engine = open_dir(cn["sd15"][0])
+    job = validate(Request.of(**common, controls=(("canny", photo),), control_preprocess="canny:100:200"), engine)
+    assert np.array_equal(np.asarray(job.controls.nets[0].image), np.asarray(canny))
+    assert not np.array_equal(np.asarray(job.controls.nets[0].image), np.asarray(photo))
+    for value, says in (("sobel", "unknown preprocessor 'sobel'"), ("canny:a:b", "two numbers"),
+                        ("canny:200:100", "0 ≤ LOW ≤ HIGH"), (3, "must be a string")):
+        with pytest.raises(InvalidRequest, match=says) as e:
+            validate(Request.of(**common, controls=(("canny", photo),), control_preprocess=value), engine)
+        assert e.value.field == "control_preprocess"
+
+
 def test_sdxl_controlnet_equals_diffusers_with_guess_mode_and_window(cn, pipes, tiny_pipeline):
     image = _image(3, 64, 64)
     common = dict(prompt="a photo of a cat", steps=STEPS, sampler="euler", seed=2, guidance=5.0, **SIZE)
