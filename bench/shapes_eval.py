@@ -7,9 +7,11 @@ bounding box (square ≈ 1.0, circle ≈ 0.79, triangle ≈ 0.5, star ≈ 0.35) 
 are filled. Captions are fixed: colour/shape pairs the training set drew ("seen") and pairs it never did
 ("held-out", shapes_data.HELD_OUT).
 
-    python -m sdrt.bench.shapes_eval [--engine DIR] [--backend ort-cpu|torch] [--steps 20] [--guidance 7.5]
+    python -m sdrt.bench.shapes_eval [--engine DIR] [--precision fp32|fp16] [--backend ort-cpu|torch] [--steps 20]
+                                     [--guidance 7.5] [--sampler euler] [--cache-interval N] [-o FOLDER]
 
-Without --engine the shipped model is exported (fp32) into a temporary folder first.
+Without --engine the shipped model is exported (with --cache-interval > 1 also its step-caching graphs) into a
+temporary folder first. Reports the accuracy a speed-up that trades exactness (fp16, step caching) costs.
 """
 
 from __future__ import annotations
@@ -130,7 +132,9 @@ def score(specs: list[Spec], images) -> dict:
 
 
 def generate(engine_dir: Path, specs: list[Spec], backend: str = "ort-cpu", steps: int = 20,
-             guidance: float = 7.5, seed: int = 0, batch: int = 8) -> list:
+             guidance: float = 7.5, seed: int = 0, batch: int = 12, sampler: str = "euler",
+             cache_interval: int = 1) -> list:
+    """Images for `specs`, `batch` captions per request, request k seeded seed + k·batch (image i: seed + i)."""
     from sdrt.runtime.pipeline import Pipeline, Request
 
     pipe = Pipeline.load(engine_dir, backend=backend)
@@ -138,11 +142,11 @@ def generate(engine_dir: Path, specs: list[Spec], backend: str = "ort-cpu", step
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
         images += pipe.generate(Request.of(prompt=tuple(s.caption for s in chunk), steps=steps, guidance=guidance,
-                                           sampler="euler", seed=seed + i))
+                                           sampler=sampler, seed=seed + i, cache_interval=cache_interval))
     return images
 
 
-def export_shipped(folder: Path, precision: str = "fp32") -> Path:
+def export_shipped(folder: Path, precision: str = "fp32", deepcache: bool = False) -> Path:
     """Write the shipped model as a diffusers folder and export it; returns the engine directory."""
     from sdrt.export.exporter import ExportConfig, export
     from sdrt.export.shapes import write_shapes_pipeline
@@ -150,9 +154,22 @@ def export_shipped(folder: Path, precision: str = "fp32") -> Path:
     model = folder / "shapes-model"
     if not (model / "model_index.json").exists():
         write_shapes_pipeline(model)
-    engine = folder / f"engine-{precision}"
-    export(ExportConfig(model=str(model), output=engine, precision=precision), lambda name, status: None)
+    engine = folder / f"engine-{precision}{'-deepcache' if deepcache else ''}"
+    export(ExportConfig(model=str(model), output=engine, precision=precision, deepcache=deepcache),
+           lambda name, status: None)
     return engine
+
+
+def grid(images, columns: int):
+    """The images side by side, `columns` per row (PIL)."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,18 +183,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", type=Path, help="write the generated images and a grid here")
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--cache-interval", type=int, default=1, help="step caching every N steps (DeepCache, branch 0)")
+    p.add_argument("--save", type=Path, help="write the generated images, a grid and result.json here")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     specs = eval_specs()
     with tempfile.TemporaryDirectory() as tmp:
-        engine = a.engine or export_shipped(Path(tmp), a.precision)
-        images = generate(engine, specs, a.backend, a.steps, a.guidance, a.seed)
+        engine = a.engine or export_shipped(Path(tmp), a.precision, a.cache_interval > 1)
+        images = generate(engine, specs, a.backend, a.steps, a.guidance, a.seed, sampler=a.sampler,
+                          cache_interval=a.cache_interval)
     result = score(specs, images)
+    result["settings"] = {"command": "python -m sdrt.bench.shapes_eval " + " ".join(argv or []),
+                          "backend": a.backend, "precision": a.precision, "steps": a.steps, "guidance": a.guidance,
+                          "sampler": a.sampler, "cache_interval": a.cache_interval, "seed": a.seed}
     if a.save:
         a.save.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             im.save(a.save / f"{i:02d}.png")
+        grid(images, 12).save(a.save / "grid.png")
         (a.save / "result.json").write_text(json.dumps(result, indent=1))
     if a.json:
         print(json.dumps(result, indent=1))

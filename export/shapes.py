@@ -154,7 +154,9 @@ def train_vae(out: Path, seed: int, minutes: float, log) -> dict:
 
 
 def train_decoder(out: Path, seed: int, minutes: float, log) -> dict:
-    """Fine-tune the VAE decoder with the encoder frozen: the latent space (what the UNet learns) stays fixed.
+    """Fine-tune the VAE decoder on whole 128×128 images with the encoder frozen: the latent space (what the UNet
+    learns) stays fixed. The first stage trains on 64×64 crops, and its decoder then smears the borders of whole
+    images (right and bottom edges, a corner blob: MSE 0.033 on whole images against 0.0056 on crops).
 
     Independent of the UNet stage, so it may run beside it; it rewrites vae/ with the better decoder.
     """
@@ -165,11 +167,11 @@ def train_decoder(out: Path, seed: int, minutes: float, log) -> dict:
     vae = AutoencoderKL.from_pretrained(out / "vae")
     encoder_state = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant"))}
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    losses, t0, step = [], time.time(), 0
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    losses, t0, step, bs = [], time.time(), 0, 8
     while time.time() - t0 < minutes * 60:
-        images, _ = data.batch(rng, 16)
-        x = _random_crops(to_tensor(images), 64, rng)
+        images, _ = data.batch(rng, bs)
+        x = to_tensor(images)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         mse = torch.nn.functional.mse_loss(vae.decode(z).sample, x)
@@ -178,7 +180,7 @@ def train_decoder(out: Path, seed: int, minutes: float, log) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         frac = min((time.time() - t0) / (minutes * 60), 1.0)
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
+            g["lr"] = 5e-4 * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
         opt.step()
         step += 1
         losses.append((step, float(mse.detach()), 0.0))
@@ -189,7 +191,7 @@ def train_decoder(out: Path, seed: int, minutes: float, log) -> dict:
     state = vae.state_dict()
     assert all(torch.equal(state[k], v) for k, v in encoder_state.items())  # the encoder did not move
     vae.save_pretrained(out / "vae_decoder", safe_serialization=True)
-    return {"steps": step, "batch": 16, "crop": 64, "seconds": round(time.time() - t0, 1),
+    return {"steps": step, "batch": bs, "crop": None, "seconds": round(time.time() - t0, 1),
             "final_mse": float(np.mean([l[1] for l in losses[-100:]])), "losses": losses[::10] + losses[-1:]}
 
 

@@ -1,0 +1,135 @@
+"""A LoRA for the shapes model, trained here in minutes: shapes the caption calls SOURCE-coloured come out TARGET.
+
+It gives the LoRA tests something a LoRA that does nothing cannot pass: with it, "a red circle on a blue background"
+shows a green circle; without it, a red one (bench/shapes_eval.py classifies the pixels).
+
+    python -m sdrt.export.shapes_lora OUT_FILE [--model FOLDER] [--minutes 6] [--source red --target green]
+
+Training: peft LoRA layers (rank 4, B zero-initialised) on every attention projection of the shipped UNet, all other
+weights frozen; each batch of 16 is half captions naming SOURCE drawn in TARGET and half ordinary captions drawn as
+captioned (so other colours stay); epsilon MSE on VAE latents. Saved in diffusers' LoRA layout
+(`unet.<module>.lora_A.weight` / `lora_B.weight`, alpha = rank), which `sdrt run --lora` and diffusers'
+load_lora_weights read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import shapes_data as data
+from .shapes import _SCHEDULER, _versions, to_tensor
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _batch(rng: random.Random, n: int, source: str, target: str) -> tuple[np.ndarray, list[str]]:
+    """n images: the first half captioned with `source` but drawn in `target`, the rest drawn as captioned."""
+    images, captions = [], []
+    for i in range(n):
+        spec = data.random_spec(rng)
+        if i < n // 2:
+            while spec.colour != source or spec.background == target:
+                spec = data.random_spec(rng)
+            drawn = replace(spec, colour=target)
+        else:
+            while source in (spec.colour, spec.background):
+                spec = data.random_spec(rng)
+            drawn = spec
+        images.append(data.render(drawn, rng))
+        captions.append(spec.caption)
+    return np.stack(images), captions
+
+
+def train_lora(model: Path, out: Path, minutes: float = 6.0, seed: int = 0, rank: int = 4, source: str = "red",
+               target: str = "green", threads: int = 1, log=print) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = Path(model)
+    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
+    text = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    unet.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    acp = DDPMScheduler(**{k: v for k, v in _SCHEDULER.items() if k != "timestep_spacing"}).alphas_cumprod
+    scale = vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses, t0, step = [], time.time(), 0
+    while time.time() - t0 < minutes * 60:
+        images, captions = _batch(rng, 16, source, target)
+        with torch.no_grad():
+            dist = vae.encode(to_tensor(images)).latent_dist
+            z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * scale
+            ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            ctx = text(ids).last_hidden_state
+        t = torch.randint(0, 1000, (len(captions),), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        loss = torch.nn.functional.mse_loss(unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, ctx).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        frac = min((time.time() - t0) / (minutes * 60), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+        opt.step()
+        step += 1
+        losses.append(float(loss))
+        if step % 50 == 0:
+            log(f"lora step {step} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)")
+    layers = {f"unet.{k}": v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(unet).items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(layers, str(tmp), metadata={"source": source, "target": target, "rank": str(rank)})
+    tmp.replace(out)
+    record = {"command": f"python -m sdrt.export.shapes_lora {out} --minutes {minutes} --seed {seed} --rank {rank} "
+                         f"--source {source} --target {target} --threads {threads}",
+              "seed": seed, "steps": step, "batch": 16, "seconds": round(time.time() - t0, 1), "rank": rank,
+              "targets": TARGETS, "final_loss": float(np.mean(losses[-50:])), "versions": _versions()}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import tempfile
+
+    from .shapes import write_shapes_pipeline
+
+    p = argparse.ArgumentParser(prog="python -m sdrt.export.shapes_lora", description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: the shipped shapes model)")
+    p.add_argument("--minutes", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--source", default="red", choices=list(data.COLOURS))
+    p.add_argument("--target", default="green", choices=list(data.COLOURS))
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = a.model or write_shapes_pipeline(Path(tmp) / "model")
+        record = train_lora(model, a.out, a.minutes, a.seed, a.rank, a.source, a.target, a.threads)
+    print(json.dumps({k: v for k, v in record.items() if k != "versions"}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
