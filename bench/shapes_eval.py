@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.export.shapes_data import COLOURS, HELD_OUT, SHAPES, Spec
+from sdrt.export.shapes_data import COLOURS, HELD_OUT, Spec
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
@@ -160,6 +160,52 @@ def export_shipped(folder: Path, precision: str = "fp32", deepcache: bool = Fals
     return engine
 
 
+VARIANTS = (  # (label, precision, backend, sampler, cache_interval): what `--compare` measures
+    ("ORT CPU fp32, Euler", "fp32", "ort-cpu", "euler", 1),
+    ("ORT CPU fp16, Euler", "fp16", "ort-cpu", "euler", 1),
+    ("ORT CPU fp32, Euler, step caching every 2", "fp32", "ort-cpu", "euler", 2),
+    ("ORT CPU fp32, Euler, step caching every 3", "fp32", "ort-cpu", "euler", 3),
+    ("torch fp32 (the reference modules), Euler", "fp32", "torch", "euler", 1),
+)
+
+
+def compare(folder: Path, steps: int = 20, guidance: float = 7.5, seed: int = 0) -> list[dict]:
+    """Accuracy beside speed for each VARIANT (the exactness trades: fp16, step caching): the 36 captions, timed from
+    the first request to the last image (engines loaded first), as seconds per image."""
+    import time
+
+    from sdrt.runtime.pipeline import Pipeline
+
+    specs, rows = eval_specs(), []
+    for label, precision, backend, sampler, interval in VARIANTS:
+        engine = export_shipped(folder, precision, deepcache=interval > 1)
+        Pipeline.load(engine, backend=backend)  # a first load (file cache, ORT's first session) outside the timing
+        start = time.perf_counter()
+        images = generate(engine, specs, backend, steps, guidance, seed, sampler=sampler, cache_interval=interval)
+        seconds = time.perf_counter() - start
+        result = score(specs, images)
+        rows.append({"variant": label, "precision": precision, "backend": backend, "sampler": sampler,
+                     "cache_interval": interval, "seconds_per_image": seconds / len(specs),
+                     **{k: result["all"][k] for k in ("background", "colour", "shape")},
+                     "held_out": {k: result["held_out"][k] for k in ("background", "colour", "shape")}})
+    return rows
+
+
+def compare_markdown(rows: list[dict], command: str, steps: int, guidance: float, meta: dict) -> str:
+    m = meta["machine"]
+    lines = [f"# The shapes model: accuracy beside speed ({steps} steps, guidance {guidance:g}, 36 captions)", "",
+             f"- command: `{command}`",
+             f"- machine: {m['cpu']}, {m['cores_logical']} logical cores, {m['memory_gib']} GiB",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+             f"- created: {meta['created']}", "",
+             "| variant | s / image (incl. load of each request) | background | shape colour | shape kind | held-out colour |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['seconds_per_image']:.3f} | {r['background']:.0%} | {r['colour']:.0%} | "
+                     f"{r['shape']:.0%} | {r['held_out']['colour']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
 def grid(images, columns: int):
     """The images side by side, `columns` per row (PIL)."""
     from PIL import Image
@@ -187,7 +233,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-interval", type=int, default=1, help="step caching every N steps (DeepCache, branch 0)")
     p.add_argument("--save", type=Path, help="write the generated images, a grid and result.json here")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compare", type=Path, metavar="FOLDER", help="measure every variant (fp32, fp16, step caching, "
+                   "torch) for accuracy and seconds per image; write FOLDER/result.md and result.json")
     a = p.parse_args(argv)
+    if a.compare:
+        from datetime import datetime, timezone
+
+        from .harness import machine_info, versions
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = compare(Path(tmp), a.steps, a.guidance, a.seed)
+        command = "python -m sdrt.bench.shapes_eval " + " ".join(argv if argv is not None else sys.argv[1:])
+        a.compare.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": machine_info(), "versions": versions(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (a.compare / "result.json").write_text(json.dumps({"rows": rows, "command": command, **meta}, indent=1) + "\n")
+        text = compare_markdown(rows, command, a.steps, a.guidance, meta)
+        (a.compare / "result.md").write_text(text)
+        print(text)
+        return
     specs = eval_specs()
     with tempfile.TemporaryDirectory() as tmp:
         engine = a.engine or export_shipped(Path(tmp), a.precision, a.cache_interval > 1)

@@ -59,6 +59,9 @@ def bench(
                                             "script making the same image, each a fresh process, alternating "
                                             "(--runs of each; MODEL must be an engine directory exported from a "
                                             "local folder)"),
+    shapes_accuracy: bool = typer.Option(False, "--shapes-accuracy", help="the embedded shapes model's caption "
+                                         "accuracy beside seconds per image for fp32, fp16, step caching and torch "
+                                         "(bench/shapes_eval.py; results in --out)"),
     ort_cache: bool = typer.Option(False, "--ort-cache", help="with --startup: also time `sdrt run --ort-cache` "
                                    "starts after one that saved ONNX Runtime's optimized graphs"),
 ) -> None:
@@ -92,6 +95,12 @@ def bench(
 
     if startup:
         _startup(model, runs, steps, resolution, seed, out, guidance, ort_cache)
+        return
+    if shapes_accuracy:
+        from sdrt.bench import shapes_eval
+
+        shapes_eval.main(["--compare", str(out or Path("bench/results") / "cpu-shapes-accuracy"),
+                          "--steps", str(steps or 20), "--guidance", str(7.5 if guidance is None else guidance)])
         return
     from sdrt.bench import report
     from sdrt.bench.harness import run

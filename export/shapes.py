@@ -120,7 +120,6 @@ def train_vae(out: Path, seed: int, minutes: float, log) -> dict:
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     losses, t0, step = [], time.time(), 0
-    sched_total = None
     while time.time() - t0 < minutes * 60:
         images, _ = data.batch(rng, 16)
         x = _random_crops(to_tensor(images), 64, rng)  # 64×64 crops: 4× the steps for the same compute
