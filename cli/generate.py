@@ -176,13 +176,12 @@ def _ip_fields(texts) -> dict:
         texts = (texts,)
     if not texts:
         return {}
-    parsed = [(*parse_image_scale(t, "--ip-image"), None) for t in texts]
-    parsed = [(path, scale, path != Path(t)) for (path, scale, _), t in zip(parsed, texts)]
-    scales = {scale for _, scale, given in parsed if given}
+    parsed = [(text, *parse_image_scale(text, "--ip-image")) for text in texts]  # (text, path, scale)
+    scales = {scale for text, path, scale in parsed if path != Path(text)}  # the scales given with ":SCALE"
     if len(scales) > 1:
         raise UserError(f"--ip-image: the images share the one IP-Adapter's scale; give it once (got "
                         f"{', '.join(f'{s:g}' for s in sorted(scales))})")
-    images = tuple(image_io.load_image(path) for path, _, _ in parsed)
+    images = tuple(image_io.load_image(path) for _, path, _ in parsed)
     return {"ip_image": images[0] if len(images) == 1 else images, "ip_scale": scales.pop() if scales else 1.0}
 
 

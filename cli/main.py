@@ -275,7 +275,8 @@ def run(
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
                          vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval,
                          controls=tuple(control), control_start=control_start,
-                         control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess, ip_image=tuple(ip_image), adapter=adapter)
+                         control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess,
+                         ip_image=tuple(ip_image), adapter=adapter)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

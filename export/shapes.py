@@ -425,10 +425,16 @@ def pack(trained: Path, dest: Path = SHIPPED) -> None:
             save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}, target)
         else:
             shutil.copy(f, target)
+    write_hashes(dest)
+
+
+def write_hashes(dest: Path = SHIPPED) -> dict[str, str]:
+    """hashes.json over the shipped weights, configs, tokenizer files and LoRAs (loras/), which verify() checks."""
     hashes = {str(p.relative_to(dest)): _sha256(p) for p in sorted(dest.rglob("*"))
               if p.is_file() and p.name != HASHES and p.suffix in (".safetensors", ".json", ".txt")
               and p.parent != dest or p.name == "model_index.json"}
     (dest / HASHES).write_text(json.dumps(hashes, indent=1) + "\n")
+    return hashes
 
 
 def verify(src: Path = SHIPPED) -> dict[str, str]:

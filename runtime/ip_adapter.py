@@ -5,8 +5,9 @@ Reproduces diffusers' StableDiffusion[XL]Pipeline with load_ip_adapter + set_ip_
 - preprocessing: CLIPImageProcessor as the export recorded it (image_encoder/preprocessor_config.json): RGB, shortest
   edge resized (PIL, its `resample`), center crop, × rescale_factor, (x − mean) / std;
 - embeddings (encode_image / prepare_ip_adapter_image_embeds): plain adapters take image_embeds and zeros as the
-  negative; plus (Plus, Plus Face) and full (Full Face) adapters take hidden_states[-2] and the encoder's output for an all-zero pixel tensor; each
-  [None]-expanded to [1, 1, …], repeated to the batch, with guidance [negative ‖ positive];
+  negative; plus (Plus, Plus Face) and full (Full Face) adapters take hidden_states[-2] and the encoder's output
+  for an all-zero pixel tensor; each [None]-expanded to [1, images, …], repeated to the batch, with guidance
+  [negative ‖ positive];
 - several images for the one adapter (diffusers: ip_adapter_image=[[a, b]]) are encoded as one batch and become
   ip_image_embeds_0 [B, images, …]: the adapter's attention then sees all their tokens (IPAdapterAttnProcessor2_0
   views them as one sequence);
@@ -27,9 +28,7 @@ from . import feed as feed_mod
 IMAGE_ENCODER = "image_encoder"
 UNET_IP = "unet_ip"
 UNET_CONTROLNET_IP = "unet_controlnet_ip"
-
-
-MAX_IMAGES = 16
+MAX_IMAGES = 16  # image prompts for the one adapter in a request
 
 
 @dataclass(frozen=True, eq=False)

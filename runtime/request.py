@@ -106,7 +106,7 @@ class Control:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
-    control_preprocess: str | None = None  # "canny[:LOW:HIGH]" applied to every control image (runtime/control_preprocess.py)
+    control_preprocess: str | None = None  # "canny[:LOW:HIGH]" on every control image (runtime/control_preprocess.py)
 
     def __post_init__(self):  # JSON: lists → tuples, base64 images → PIL (a bad one raises InvalidRequest)
         if isinstance(self.controls, list):

@@ -152,3 +152,24 @@ def test_make_demo_writes_pictures_of_its_prompts(tmp_path):
     assert [p.name for p in paths] == ["demo-0.png", "demo-1.png", "demo-2.png"]
     seen = [shapes_eval.classify(Image.open(p).convert("RGB")) for p in paths]
     assert [(s.background, s.colour) for s in seen] == [("blue", "red"), ("black", "yellow"), ("green", "white")], seen
+
+
+def test_a_lora_trained_here_recolours_what_it_was_trained_on(engines):
+    """export/shapes_model/loras/red-to-green.safetensors (python -m sdrt.export.shapes_lora, a few minutes here):
+    with it, shapes captioned red come out green; other colours stay as captioned; without it, red stays red."""
+    from sdrt.runtime.pipeline import Pipeline, Request
+
+    lora = shapes.SHIPPED / "loras" / "red-to-green.safetensors"
+    pipe = Pipeline.load(engines("fp32"), backend="ort-cpu")
+    red = [Spec("circle", "red", "blue"), Spec("square", "red", "black"), Spec("triangle", "red", "yellow"),
+           Spec("star", "red", "white"), Spec("circle", "red", "purple", size="large"), Spec("square", "red", "orange")]
+    others = [Spec("circle", "blue", "yellow"), Spec("square", "yellow", "black"), Spec("star", "white", "purple"),
+              Spec("triangle", "orange", "blue")]
+    common = dict(steps=20, guidance=7.5, sampler="euler", seed=0)
+    colours = lambda images: [shapes_eval.classify(im).colour for im in images]  # noqa: E731
+    with_lora = colours(pipe.generate(Request.of(prompt=tuple(s.caption for s in red + others), **common,
+                                                 loras=[(str(lora), 1.0)])))
+    without = colours(pipe.generate(Request.of(prompt=tuple(s.caption for s in red), **common)))
+    assert sum(c == "green" for c in with_lora[:len(red)]) >= len(red) - 1, with_lora
+    assert sum(c == "red" for c in without) >= len(red) - 2, without
+    assert sum(c == s.colour for c, s in zip(with_lora[len(red):], others)) >= len(others) - 1, with_lora
