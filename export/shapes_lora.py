@@ -92,7 +92,7 @@ def train_lora(model: Path, out: Path, minutes: float = 6.0, seed: int = 0, rank
             g["lr"] = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
         opt.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0:
             log(f"lora step {step} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)")
     layers = {f"unet.{k}": v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(unet).items()}
