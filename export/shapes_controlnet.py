@@ -121,10 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=12.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ship", action="store_true", help="then add it to the package (export/shapes_model/extras)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model or write_shapes_pipeline(Path(tmp) / "model")
         record = train_controlnet(model, a.out, a.minutes, a.seed, a.threads)
+    if a.ship:
+        from .shapes import add_extra
+
+        add_extra(a.out, "controlnet-mask")
     print(json.dumps({k: v for k, v in record.items() if k != "versions"}))
 
 

@@ -124,10 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source", default="red", choices=list(data.COLOURS))
     p.add_argument("--target", default="green", choices=list(data.COLOURS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ship", action="store_true", help="then add it to the package (export/shapes_model/extras)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model or write_shapes_pipeline(Path(tmp) / "model")
         record = train_lora(model, a.out, a.minutes, a.seed, a.rank, a.source, a.target, a.threads)
+    if a.ship:
+        from .shapes import add_extra
+
+        add_extra(a.out, f"{a.source}-to-{a.target}.safetensors")
+        add_extra(a.out.with_suffix(".json"), f"{a.source}-to-{a.target}.json")
     print(json.dumps({k: v for k, v in record.items() if k != "versions"}))
 
 

@@ -155,11 +155,11 @@ def test_make_demo_writes_pictures_of_its_prompts(tmp_path):
 
 
 def test_a_lora_trained_here_recolours_what_it_was_trained_on(engines):
-    """export/shapes_model/loras/red-to-green.safetensors (python -m sdrt.export.shapes_lora, a few minutes here):
+    """export/shapes_model/extras/red-to-green.safetensors (python -m sdrt.export.shapes_lora, minutes here):
     with it, shapes captioned red come out green; other colours stay as captioned; without it, red stays red."""
     from sdrt.runtime.pipeline import Pipeline, Request
 
-    lora = shapes.SHIPPED / "loras" / "red-to-green.safetensors"
+    lora = shapes.SHIPPED / "extras" / "red-to-green.safetensors"
     pipe = Pipeline.load(engines("fp32"), backend="ort-cpu")
     red = [Spec("circle", "red", "blue"), Spec("square", "red", "black"), Spec("triangle", "red", "yellow"),
            Spec("star", "red", "white"), Spec("circle", "red", "purple", size="large"), Spec("square", "red", "orange")]
@@ -173,3 +173,33 @@ def test_a_lora_trained_here_recolours_what_it_was_trained_on(engines):
     assert sum(c == "green" for c in with_lora[:len(red)]) >= len(red) - 1, with_lora
     assert sum(c == "red" for c in without) >= len(red) - 2, without
     assert sum(c == s.colour for c, s in zip(with_lora[len(red):], others)) >= len(others) - 1, with_lora
+
+
+def _centre_x(image, colour: str) -> float:
+    """Mean column (0 … 1) of the pixels nearest to `colour` in the palette (within the classifier's distance)."""
+    px = np.asarray(image, dtype=np.float32)
+    target = np.array(shapes_data.COLOURS[colour], dtype=np.float32)
+    xs = np.nonzero(np.linalg.norm(px - target, axis=-1) < 80)[1]
+    return float(xs.mean() / px.shape[1]) if len(xs) else float("nan")
+
+
+def test_the_mask_controlnet_trained_here_places_the_shape(engines, tmp_path):
+    """export/shapes_model/extras/controlnet-mask (python -m sdrt.export.shapes_controlnet), exported with
+    `--controlnet`: a mask on the right moves a shape whose caption names no position to the right."""
+    from sdrt.bench.controlnet_picture import control_image
+    from sdrt.export.exporter import add_controlnets
+    from sdrt.runtime.pipeline import Pipeline, Request
+
+    engine = tmp_path / "engine"
+    shutil.copytree(engines("fp32"), engine)
+    model = json.loads((engine / "manifest.json").read_text())["source"]["location"]
+    add_controlnets(engine, (f"{model}/extras/controlnet-mask=mask",))
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    prompts = ("a red star on a blue background", "a yellow circle on a black background",
+               "a white square on a green background", "a orange triangle on a purple background")
+    common = dict(prompt=prompts, steps=20, guidance=7.5, sampler="euler", seed=0)
+    right, left = control_image("circle", "large", "right"), control_image("circle", "large", "left")
+    colours = [p.split()[1] for p in prompts]
+    on_right = [_centre_x(im, c) for im, c in zip(pipe.generate(Request.of(**common, controls=[("mask", right, 1.0)])), colours)]
+    on_left = [_centre_x(im, c) for im, c in zip(pipe.generate(Request.of(**common, controls=[("mask", left, 1.0)])), colours)]
+    assert sum(x > 0.6 for x in on_right) >= 3 and sum(x < 0.4 for x in on_left) >= 3, (on_right, on_left)
