@@ -99,7 +99,8 @@ def test_bench_cli_isolated_lightning_4step(exported, bench_workdir, tmp_path):
     assert "## tensorrt: failed" in paths["markdown"].read_text() and paths["chart"].is_file()
 
 
-@pytest.mark.parametrize("preset", ["lightning-1step", pytest.param("turbo", marks=pytest.mark.slow), "sd15-classic"])
+@pytest.mark.parametrize("preset", ["lightning-1step", pytest.param("turbo", marks=pytest.mark.slow),
+                                    pytest.param("sd15-classic", marks=pytest.mark.slow)])
 def test_bench_each_preset_in_process(preset, exported, bench_workdir, tmp_path):
     from sdrt.cli.main import app
 
@@ -249,6 +250,7 @@ def test_interleaved_backends_alternate_their_timed_runs(exported, bench_workdir
     assert "interleaved" in result["backends"]["diffusers"]["memory"]["peak_rss_scope"]
 
 
+@pytest.mark.slow  # 20 s; the in-process interleaving and the failing-turn test cover alternation by default
 def test_alternating_backends_take_turns_in_fresh_processes(exported, bench_workdir):
     from sdrt.bench.harness import run
 

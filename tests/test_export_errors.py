@@ -136,7 +136,8 @@ def _wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL])
 def test_export_killed_midway_leaves_no_partial_directory(tmp_path, tiny_pipeline, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli.main", "export", str(tiny_pipeline("sdxl")),
