@@ -49,7 +49,11 @@ class OrtConfig:
     provider: str = "cpu"  # cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
     inter_op_threads: int = 0  # 0: default; only used by the parallel executor
-    graph_optimization_level: str = "all"  # all | extended | basic | disabled
+    # all | extended | basic | disabled. "extended", not "all": on this project's CPU (AVX-512) what "all" adds (layout
+    # optimizations) made the full-size SD 1.5 UNet 2x slower per call at 512² (13.7 vs 6.8 s, batch 2, 2 threads) and
+    # 5x slower to load (6.3-8.0 vs 1.4-1.7 s), and 8 % slower at 256² (measured 2026-12-01,
+    # `python -m sdrt.bench.ort_levels build/bench/sd15/engine-fp32/unet/model.onnx LEVEL 2 64`).
+    graph_optimization_level: str = "extended"
     device_id: int = 0  # CUDA device
     cache_optimized: bool = False  # CPU: keep ONNX Runtime's optimized graph beside the model (engines/ort_cache.py)
 
