@@ -198,7 +198,7 @@ def compare_markdown(rows: list[dict], command: str, steps: int, guidance: float
              f"- machine: {m['cpu']}, {m['cores_logical']} logical cores, {m['memory_gib']} GiB",
              f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
              f"- created: {meta['created']}", "",
-             "| variant | s / image (incl. load of each request) | background | shape colour | shape kind | held-out colour |",
+             "| variant | s / image (3 requests of 12, engines loaded) | background | shape colour | shape kind | held-out colour |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seconds_per_image']:.3f} | {r['background']:.0%} | {r['colour']:.0%} | "
