@@ -1,7 +1,7 @@
 """The embedded shapes model (issue 14): shipped weights checked by hash, and tests of meaning, not only parity.
 
-The model (export/shapes.py, trained on this kind of CPU; record in export/shapes_model/training.json) draws what its
-caption asks for. bench/shapes_eval.py classifies each generated image by pixels alone (background colour, shape
+The model (export/shapes.py, trained on this kind of CPU; record in export/shapes_model/training.json) is meant to
+draw what its caption asks for, and does part of the time. bench/shapes_eval.py classifies each generated image by pixels alone (background colour, shape
 colour, shape kind) over 36 fixed captions, 12 of them colour/shape pairs the training set never drew. These tests
 run that check on every backend and precision this machine has and through the runtime's other paths (samplers,
 img2img, inpainting, a LoRA and a ControlNet trained for the model, `make demo`). The floors sit under what the
