@@ -206,25 +206,25 @@ def test_several_images_for_one_adapter_equal_diffusers(conditioned, pipes, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["plus", "full"])
-def test_ip_adapter_plus_and_full_face_equal_diffusers(exported, tiny_pipeline, tmp_path, kind):
+@pytest.mark.parametrize("family,kind", [("sd15", "plus"), ("sd15", "full"), ("sdxl", "plus")])
+def test_ip_adapter_plus_and_full_face_equal_diffusers(exported, tiny_pipeline, tmp_path, family, kind):
     """IP-Adapter Plus / Plus Face (Resampler projection; the two differ only in training data) and Full Face
     (IPAdapterFullImageProjection): penultimate hidden states, the zero image's as the negative; one and two images."""
     from sdrt.export.tiny import write_tiny_ip_adapter
 
-    engine = tmp_path / "sd15"
-    shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)
-    encoder, adapter = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / kind, seed=5, plus=kind == "plus",
+    engine = tmp_path / family
+    shutil.copytree(exported(family, "fp32"), engine, copy_function=os.link)
+    encoder, adapter = write_tiny_ip_adapter(tiny_pipeline(family), tmp_path / kind, seed=5, plus=kind == "plus",
                                              full=kind == "full")
     add_controlnets(engine, (), ip_adapter=str(adapter), image_encoder=str(encoder))
     assert json.loads((engine / "manifest.json").read_text())["ip_adapter"]["kind"] == kind
-    ref = _reference(tiny_pipeline, "sd15", (encoder, adapter))
+    ref = _reference(tiny_pipeline, family, (encoder, adapter))
     ref.set_ip_adapter_scale(0.7)
     pipe = Pipeline.load(engine, backend="ort-cpu")
-    common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, **SIZE)
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, guidance=5.0, **SIZE)
     for images in ([_image(9, 56, 40)], [_image(9, 56, 40), _image(10, 40, 48)]):
-        theirs = ref("a cat", ip_adapter_image=[images], num_inference_steps=3, generator=generators(3, 1),
-                     output_type="np", **SIZE).images
+        theirs = ref("a cat", ip_adapter_image=[images], num_inference_steps=3, guidance_scale=5.0,
+                     generator=generators(3, 1), output_type="np", **SIZE).images
         ours = pipe.generate(Request.of(**common, ip_image=images, ip_scale=0.7))
-        assert_same_images(f"ip-adapter {kind} sd15, {len(images)} image(s)", ours, theirs)
+        assert_same_images(f"ip-adapter {kind} {family}, {len(images)} image(s)", ours, theirs)
     assert np.abs(to_uint8(ours).astype(int) - to_uint8(pipe.generate(Request.of(**common))).astype(int)).max() > 8
