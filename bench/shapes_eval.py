@@ -131,13 +131,14 @@ def score(specs: list[Spec], images) -> dict:
     return out
 
 
-def generate(engine_dir: Path, specs: list[Spec], backend: str = "ort-cpu", steps: int = 20,
+def generate(engine, specs: list[Spec], backend: str = "ort-cpu", steps: int = 20,
              guidance: float = 7.5, seed: int = 0, batch: int = 12, sampler: str = "euler",
              cache_interval: int = 1) -> list:
-    """Images for `specs`, `batch` captions per request, request k seeded seed + k·batch (image i: seed + i)."""
+    """Images for `specs`, `batch` captions per request, request k seeded seed + k·batch (image i: seed + i).
+    `engine`: an engine directory (loaded here with `backend`) or a loaded Pipeline."""
     from sdrt.runtime.pipeline import Pipeline, Request
 
-    pipe = Pipeline.load(engine_dir, backend=backend)
+    pipe = engine if isinstance(engine, Pipeline) else Pipeline.load(engine, backend=backend)
     images = []
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
@@ -179,9 +180,10 @@ def compare(folder: Path, steps: int = 20, guidance: float = 7.5, seed: int = 0)
     specs, rows = eval_specs(), []
     for label, precision, backend, sampler, interval in VARIANTS:
         engine = export_shipped(folder, precision, deepcache=interval > 1)
-        Pipeline.load(engine, backend=backend)  # a first load (file cache, ORT's first session) outside the timing
+        pipe = Pipeline.load(engine, backend=backend)  # loaded outside the timing
         start = time.perf_counter()
-        images = generate(engine, specs, backend, steps, guidance, seed, sampler=sampler, cache_interval=interval)
+        images = generate(pipe, specs, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
+                          cache_interval=interval)
         seconds = time.perf_counter() - start
         result = score(specs, images)
         rows.append({"variant": label, "precision": precision, "backend": backend, "sampler": sampler,

@@ -316,6 +316,59 @@ def _save_unet_text(out: Path, unet, text, ema: dict) -> None:
     te.save_pretrained(out / "text_encoder", safe_serialization=True)
 
 
+# --- what the LoRA and ControlNet trainers (export/shapes_lora.py, shapes_controlnet.py) share --------------
+
+def load_frozen(model: Path):
+    """(vae, text encoder, tokenizer, unet) of a shapes-model diffusers folder in eval mode, the UNet without
+    gradients: the parts an adapter is trained against."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model = Path(model)  # loaded in the order the trainers first used
+    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
+    text = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").eval()
+    unet.requires_grad_(False)
+    return vae, text, tokenizer, unet
+
+
+def training_alphas() -> torch.Tensor:
+    """ᾱ_t of the model's training schedule (DDPM with _SCHEDULER's betas)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in _SCHEDULER.items() if k != "timestep_spacing"}).alphas_cumprod
+
+
+def sample_latents(vae, images: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """Scaled latents of uint8 images, one posterior sample each (no gradients)."""
+    with torch.no_grad():
+        dist = vae.encode(to_tensor(images)).latent_dist
+        return (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * vae.config.scaling_factor
+
+
+def add_noise(z: torch.Tensor, acp: torch.Tensor, gen: torch.Generator):
+    """(noisy latents, timesteps, noise): uniform t, then √ᾱ_t·z + √(1−ᾱ_t)·ε."""
+    t = torch.randint(0, 1000, (z.shape[0],), generator=gen)
+    noise = torch.randn(z.shape, generator=gen)
+    a = acp[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z + (1 - a).sqrt() * noise, t, noise
+
+
+def trainer_parser(prog: str, description: str, minutes: float):
+    """The arguments every adapter trainer takes: OUT, --model, --minutes, --seed, --threads, --ship."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("out", type=Path)
+    p.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: the shipped shapes model)")
+    p.add_argument("--minutes", type=float, default=minutes)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ship", action="store_true", help="then add it to the package (export/shapes_model/extras)")
+    return p
+
+
 def assemble(out: Path) -> None:
     """Write model_index.json and the scheduler so `out` is a full StableDiffusionPipeline folder."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -420,39 +473,35 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def pack(trained: Path, dest: Path = SHIPPED) -> None:
-    """Copy a trained folder into the package: weights as fp16, configs, tokenizer, record, hashes.json."""
+def _ship_file(src: Path, target: Path) -> None:
+    """One file into the package: .safetensors with floating tensors stored as fp16, anything else copied."""
     from safetensors.torch import load_file, save_file
 
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if src.suffix == ".safetensors":
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(src).items()}, target)
+    else:
+        shutil.copy(src, target)
+
+
+def pack(trained: Path, dest: Path = SHIPPED) -> None:
+    """Copy a trained folder into the package: weights as fp16, configs, tokenizer, record, hashes.json."""
     trained = Path(trained)
-    dest.mkdir(parents=True, exist_ok=True)
     for f in trained.rglob("*"):
-        if f.is_dir() or f.name in ("train.log",) or f.suffix == ".bin":
-            continue
-        rel = f.relative_to(trained)
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if f.suffix == ".safetensors":
-            save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}, target)
-        else:
-            shutil.copy(f, target)
+        if f.is_file() and f.name != "train.log" and f.suffix != ".bin":
+            _ship_file(f, dest / f.relative_to(trained))
     write_hashes(dest)
 
 
 def add_extra(src: Path, rel: str, dest: Path = SHIPPED) -> Path:
     """Ship a file or folder trained for the model (a LoRA, a ControlNet) as dest/extras/REL: .safetensors as fp16,
     other files as they are; then hashes.json again."""
-    from safetensors.torch import load_file, save_file
-
     src, target = Path(src), dest / "extras" / rel
-    files = [src] if src.is_file() else sorted(f for f in src.rglob("*") if f.is_file())
-    for f in files:
-        out = target if src.is_file() else target / f.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if f.suffix == ".safetensors":
-            save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}, out)
-        else:
-            shutil.copy(f, out)
+    if src.is_file():
+        _ship_file(src, target)
+    for f in sorted(src.rglob("*")) if src.is_dir() else ():
+        if f.is_file():
+            _ship_file(f, target / f.relative_to(src))
     write_hashes(dest)
     return target
 

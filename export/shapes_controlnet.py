@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import shapes_data as data
-from .shapes import _SCHEDULER, _versions, to_tensor
+from .shapes import _versions, add_noise, load_frozen, sample_latents, trainer_parser, training_alphas
 
 
 def mask_of(spec: data.Spec, rng_state) -> np.ndarray:
@@ -46,39 +46,28 @@ def pairs(rng: random.Random, n: int) -> tuple[np.ndarray, np.ndarray, list[str]
 
 def train_controlnet(model: Path, out: Path, minutes: float = 12.0, seed: int = 0, threads: int = 1,
                      log=print) -> dict:
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import ControlNetModel
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = Path(model)
-    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
-    text = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    unet = UNet2DConditionModel.from_pretrained(model / "unet").eval()
-    unet.requires_grad_(False)
+    vae, text, tokenizer, unet = load_frozen(model)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64, 64))
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    acp = DDPMScheduler(**{k: v for k, v in _SCHEDULER.items() if k != "timestep_spacing"}).alphas_cumprod
-    scale = vae.config.scaling_factor
+    acp = training_alphas()
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(seed + 1)
     losses, t0, step, bs = [], time.time(), 0, 16
     while time.time() - t0 < minutes * 60:
         images, masks, captions = pairs(rng, bs)
+        z = sample_latents(vae, images, gen)
         with torch.no_grad():
-            dist = vae.encode(to_tensor(images)).latent_dist
-            z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * scale
             ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
             ids[torch.rand(bs, generator=gen) < 0.1] = empty
             ctx = text(ids).last_hidden_state
         cond = torch.from_numpy(masks).permute(0, 3, 1, 2).float() / 255.0  # [0, 1], as diffusers feeds control images
-        t = torch.randint(0, 1000, (bs,), generator=gen)
-        noise = torch.randn(z.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        noisy, t, noise = add_noise(z, acp, gen)
         down, mid = net(noisy, t, ctx, controlnet_cond=cond, return_dict=False)
         pred = unet(noisy, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
@@ -110,19 +99,11 @@ def train_controlnet(model: Path, out: Path, minutes: float = 12.0, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
     import tempfile
 
     from .shapes import write_shapes_pipeline
 
-    p = argparse.ArgumentParser(prog="python -m sdrt.export.shapes_controlnet", description=__doc__.split("\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: the shipped shapes model)")
-    p.add_argument("--minutes", type=float, default=12.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ship", action="store_true", help="then add it to the package (export/shapes_model/extras)")
-    a = p.parse_args(argv)
+    a = trainer_parser("python -m sdrt.export.shapes_controlnet", __doc__.split("\n")[0], minutes=12.0).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model or write_shapes_pipeline(Path(tmp) / "model")
         record = train_controlnet(model, a.out, a.minutes, a.seed, a.threads)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import shapes_data as data
-from .shapes import _SCHEDULER, _versions, to_tensor
+from .shapes import _versions, add_noise, load_frozen, sample_latents, trainer_parser, training_alphas
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -50,41 +50,30 @@ def _batch(rng: random.Random, n: int, source: str, target: str) -> tuple[np.nda
 
 def train_lora(model: Path, out: Path, minutes: float = 6.0, seed: int = 0, rank: int = 4, source: str = "red",
                target: str = "green", threads: int = 1, log=print) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = Path(model)
-    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
-    text = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    unet = UNet2DConditionModel.from_pretrained(model / "unet")
-    unet.requires_grad_(False)
+    vae, text, tokenizer, unet = load_frozen(model)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS), unet)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    acp = DDPMScheduler(**{k: v for k, v in _SCHEDULER.items() if k != "timestep_spacing"}).alphas_cumprod
-    scale = vae.config.scaling_factor
+    acp = training_alphas()
     gen = torch.Generator().manual_seed(seed + 1)
     losses, t0, step = [], time.time(), 0
     while time.time() - t0 < minutes * 60:
         images, captions = _batch(rng, 16, source, target)
+        z = sample_latents(vae, images, gen)
         with torch.no_grad():
-            dist = vae.encode(to_tensor(images)).latent_dist
-            z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * scale
             ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
             ctx = text(ids).last_hidden_state
-        t = torch.randint(0, 1000, (len(captions),), generator=gen)
-        noise = torch.randn(z.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, ctx).sample, noise)
+        noisy, t, noise = add_noise(z, acp, gen)
+        loss = torch.nn.functional.mse_loss(unet(noisy, t, ctx).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         frac = min((time.time() - t0) / (minutes * 60), 1.0)
@@ -110,21 +99,14 @@ def train_lora(model: Path, out: Path, minutes: float = 6.0, seed: int = 0, rank
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
     import tempfile
 
     from .shapes import write_shapes_pipeline
 
-    p = argparse.ArgumentParser(prog="python -m sdrt.export.shapes_lora", description=__doc__.split("\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: the shipped shapes model)")
-    p.add_argument("--minutes", type=float, default=6.0)
-    p.add_argument("--seed", type=int, default=0)
+    p = trainer_parser("python -m sdrt.export.shapes_lora", __doc__.split("\n")[0], minutes=6.0)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--source", default="red", choices=list(data.COLOURS))
     p.add_argument("--target", default="green", choices=list(data.COLOURS))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ship", action="store_true", help="then add it to the package (export/shapes_model/extras)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model or write_shapes_pipeline(Path(tmp) / "model")

@@ -107,15 +107,8 @@ def test_ort_fp32_draws_what_the_caption_asks(fp32_accuracy):
     ("ort-cpu", "fp32", "euler_a"),
 ])
 def test_other_backends_precisions_and_samplers_keep_the_meaning(engines, fp32_accuracy, backend, precision, sampler):
-    from sdrt.runtime.pipeline import Pipeline, Request
-
     specs = shapes_eval.eval_specs()
-    pipe = Pipeline.load(engines(precision), backend=backend)
-    images = []
-    for i in range(0, len(specs), 12):
-        chunk = specs[i:i + 12]
-        images += pipe.generate(Request.of(prompt=tuple(s.caption for s in chunk), steps=20, guidance=7.5,
-                                           sampler=sampler, seed=i))
+    images = shapes_eval.generate(engines(precision), specs, backend, sampler=sampler)
     result = shapes_eval.score(specs, images)
     floor = {k: fp32_accuracy["all"][k] - MARGIN for k in FLOOR}
     _assert_accuracy(result, floor, f"{backend} {precision} {sampler}")
