@@ -88,7 +88,7 @@ class RunOptions:
     control_end: float = 1.0
     guess_mode: bool = False
     control_preprocess: str | None = None  # "canny[:LOW:HIGH]"
-    ip_image: tuple[str, ...] = ()  # "IMAGE[:SCALE]", repeatable (runtime/ip_adapter.py)
+    ip_image: tuple[str, ...] = ()  # "[NAME=]IMAGE[:SCALE]", repeatable (runtime/ip_adapter.py)
     adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/t2i_adapter.py)
 
 
@@ -171,18 +171,31 @@ def _adapter_fields(text: str | None) -> dict:
 
 
 def _ip_fields(texts) -> dict:
-    """--ip-image IMAGE[:SCALE] …: one image, or several for the one adapter, which has one scale."""
+    """--ip-image [NAME=]IMAGE[:SCALE] …: images for the directory's one adapter (ip_image, ip_scale), or with NAME=
+    for the named adapters of several (ip_adapters); each adapter's images share its one scale."""
     if isinstance(texts, str):
         texts = (texts,)
     if not texts:
         return {}
-    parsed = [(text, *parse_image_scale(text, "--ip-image")) for text in texts]  # (text, path, scale)
-    scales = {scale for text, path, scale in parsed if path != Path(text)}  # the scales given with ":SCALE"
-    if len(scales) > 1:
-        raise UserError(f"--ip-image: the images share the one IP-Adapter's scale; give it once (got "
-                        f"{', '.join(f'{s:g}' for s in sorted(scales))})")
-    images = tuple(image_io.load_image(path) for _, path, _ in parsed)
-    return {"ip_image": images[0] if len(images) == 1 else images, "ip_scale": scales.pop() if scales else 1.0}
+    groups: dict[str | None, list] = {}  # adapter name (None: the only one) → [(text, path, scale), …]
+    for text in texts:
+        name, eq, rest = text.partition("=")
+        named = bool(eq and name and rest) and "/" not in name and not Path(text).exists()
+        path, scale = parse_image_scale(rest if named else text, "--ip-image")
+        groups.setdefault(name if named else None, []).append((rest if named else text, path, scale))
+    if None in groups and len(groups) > 1:
+        raise UserError("--ip-image: name the adapter of every image (NAME=IMAGE) or of none")
+    fields = []
+    for name, parsed in groups.items():
+        scales = {scale for text, path, scale in parsed if path != Path(text)}  # the scales given with ":SCALE"
+        if len(scales) > 1:
+            raise UserError(f"--ip-image: the images {'of ' + name + ' ' if name else ''}share the IP-Adapter's one "
+                            f"scale; give it once (got {', '.join(f'{s:g}' for s in sorted(scales))})")
+        images = tuple(image_io.load_image(path) for _, path, _ in parsed)
+        fields.append((name, images[0] if len(images) == 1 else images, scales.pop() if scales else 1.0))
+    if fields[0][0] is None:
+        return {"ip_image": fields[0][1], "ip_scale": fields[0][2]}
+    return {"ip_adapters": tuple({"name": n, "image": i, "scale": s} for n, i, s in fields)}
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

@@ -56,8 +56,9 @@ def export(
     controlnet: list[str] = typer.Option([], "--controlnet", help="SRC[=NAME]: a diffusers ControlNet folder, hub id "
                                          "or single file, exported as controlnet/NAME (repeatable); MODEL may be an "
                                          "engine directory to add ControlNets to"),
-    ip_adapter: Optional[str] = typer.Option(None, help="IP-Adapter file (.safetensors/.bin, diffusers' format): "
-                                             "exported as image_encoder + unet_ip; needs --image-encoder"),
+    ip_adapter: list[str] = typer.Option([], "--ip-adapter", help="FILE[=NAME]: an IP-Adapter (.safetensors/.bin, "
+                                         "diffusers' format), exported as image_encoder + unet_ip; needs "
+                                         "--image-encoder; repeatable (several adapters sharing the one encoder)"),
     image_encoder: Optional[str] = typer.Option(None, help="the IP-Adapter's CLIP image encoder (a "
                                                 "CLIPVisionModelWithProjection folder)"),
     t2i_adapter: list[str] = typer.Option([], "--t2i-adapter", help="SRC[=NAME]: a diffusers T2IAdapter folder, "
@@ -86,7 +87,7 @@ def export(
                        single_file_config=config, force=force, loras=_file_scale_args(lora, "--lora"),
                        textual_inversion=textual_inversion,
                        hypernetworks=_file_scale_args(hypernetwork, "--hypernetwork"),
-                       tiny_vae=tiny_vae, deepcache=deepcache, controlnets=tuple(controlnet), ip_adapter=ip_adapter,
+                       tiny_vae=tiny_vae, deepcache=deepcache, controlnets=tuple(controlnet), ip_adapter=tuple(ip_adapter),
                        image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
@@ -104,7 +105,7 @@ def export(
         if adding:
             from sdrt.export.exporter import add_controlnets
 
-            manifest = add_controlnets(Path(model), tuple(controlnet), progress, ip_adapter, image_encoder,
+            manifest = add_controlnets(Path(model), tuple(controlnet), progress, tuple(ip_adapter), image_encoder,
                                        tuple(t2i_adapter))
         else:
             manifest = run_export(cfg, progress)
@@ -245,9 +246,10 @@ def run(
                                                                 "into a canny edge map first (needs sdrt[canny])"),
     guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode: the nets see only the "
                                                                "conditional prompt, residuals scaled 0.1…1 by depth"),
-    ip_image: list[str] = typer.Option([], "--ip-image", help="IMAGE[:SCALE]: an image prompt for the directory's "
-                                                               "IP-Adapter (scale default 1); repeatable: the "
-                                                               "adapter sees all the images, with one scale"),
+    ip_image: list[str] = typer.Option([], "--ip-image", help="[NAME=]IMAGE[:SCALE]: an image prompt for the "
+                                                               "directory's IP-Adapter (scale default 1); repeatable: "
+                                                               "the adapter sees all its images, with one scale; "
+                                                               "NAME= picks one of several adapters"),
     adapter: Optional[str] = typer.Option(None, help="NAME=IMAGE[:SCALE]: a T2I-Adapter the directory holds and its "
                                                      "condition image"),
 ) -> None:

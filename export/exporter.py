@@ -67,7 +67,7 @@ class ExportConfig:
     tiny_vae: str | None = None  # an AutoencoderTiny folder/hub id: vae_{de,en}coder_tiny beside the full VAE
     deepcache: bool = False  # also the two UNet graphs step caching runs (export/deepcache.py, branch 0)
     controlnets: tuple[str, ...] = ()  # "SRC[=NAME]": each its own component controlnet/NAME (export/controlnet.py)
-    ip_adapter: str | None = None  # IP-Adapter file: image_encoder + unet_ip components (export/ip_adapter.py)
+    ip_adapter: str | tuple[str, ...] | None = None  # IP-Adapter file(s) "SRC[=NAME]": image_encoder + unet_ip (export/ip_adapter.py)
     image_encoder: str | None = None  # the adapter's CLIPVisionModelWithProjection folder
     t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/t2i_adapter.py)
 
@@ -291,10 +291,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
     t2i_sources = [t2i.parse(a) for a in cfg.t2i_adapters]
     ip_source = None
-    if cfg.ip_adapter is not None or cfg.image_encoder is not None:
-        if cfg.ip_adapter is None:
+    if cfg.ip_adapter or cfg.image_encoder is not None:
+        if not cfg.ip_adapter:
             raise UserError("--image-encoder is the IP-Adapter's image encoder; give --ip-adapter FILE with it")
-        ip_source = ipa.IpAdapterSource(cfg.ip_adapter, cfg.image_encoder)
+        ip_source = ipa.parse_sources(cfg.ip_adapter, cfg.image_encoder)
         ipa.check_source(ip_source)
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
@@ -319,7 +319,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                  **{k: v for k, v in specs.items() if k.startswith("vae")}}  # after the UNet, before the VAEs
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
-    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, cfg.ip_adapter is not None,
+    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, ip_source is not None,
                                   {s.name for s in t2i_sources})
     extra = _controlnet_specs(pipe, nets, bool(nets) or any(k.startswith(cn.PREFIX) for k in kept_nets))
     t2i_loaded = {src: t2i.load(src) for src in t2i_sources}
@@ -333,13 +333,12 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                                f"|t2i-unet:{t2i_used[src]}")
     ip_loaded = ipa.load(pipe, ip_source) if ip_source is not None else None
     if ip_loaded is not None:
-        extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(),
-                                    "|ip:" + ip_loaded["record"]["sha256"])
-        extra[ipa.UNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded), dict(ip_loaded["unet"].config),
-                              "|ip:" + ip_loaded["record"]["sha256"])
+        ip_key = ipa.signature(ip_loaded["record"])
+        extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(), ip_key)
+        extra[ipa.UNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded), dict(ip_loaded["unet"].config), ip_key)
         if cn.UNET_CONTROLNET in extra:  # ControlNets and the image prompt in one request
             extra[ipa.UNET_CONTROLNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded, with_residuals=True),
-                                             dict(ip_loaded["unet"].config), "|ip:" + ip_loaded["record"]["sha256"])
+                                             dict(ip_loaded["unet"].config), ip_key)
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -435,10 +434,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
 
 
 def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None,
-                    ip_adapter: str | None = None, image_encoder: str | None = None,
+                    ip_adapter: str | tuple[str, ...] | None = None, image_encoder: str | None = None,
                     t2i_adapters: tuple[str, ...] = ()) -> dict:
     """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
-    re-run with more ControlNets (or an IP-Adapter, replacing the one there). Every component
+    re-run with more ControlNets (or IP-Adapters, replacing the ones there). Every component
     already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
     which must still be there (the residual UNet and the gate's shapes need its UNet)."""
     manifest = read_manifest(engine_dir)
@@ -450,8 +449,8 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     source = manifest["source"]
     present = tuple(n for n in manifest["components"] if n in COMPONENT_NAMES)
     recorded = manifest.get("ip_adapter") or {}
-    if ip_adapter is None and image_encoder is None and recorded and controlnets:  # the adapter joins the new nets
-        ip_adapter, image_encoder = recorded.get("source"), recorded.get("image_encoder")
+    if not ip_adapter and image_encoder is None and recorded and controlnets:  # the adapters join the new nets
+        ip_adapter, image_encoder = ipa.recorded_sources(recorded), recorded.get("image_encoder")
     cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
                        components=present, vae=source.get("vae"), controlnets=tuple(controlnets),
                        ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters))

@@ -1,13 +1,14 @@
 """IP-Adapter at export (reference/customization.md §7): the CLIP image encoder as `image_encoder/model.onnx` and
-`unet_ip/model.onnx`, the UNet with the adapter loaded (diffusers' load_ip_adapter) taking the image embeddings and
-the adapter's scale as inputs. Plain runs keep the plain UNet graph.
+`unet_ip/model.onnx`, the UNet with the adapters loaded (diffusers' load_ip_adapter, one or several sharing the one
+image encoder) taking each adapter's image embeddings and scale as inputs. Plain runs keep the plain UNet graph.
 
 image_encoder: pixel_values [B,3,S,S] (CLIPImageProcessor output) → image_embeds [B,D] (CLIPVisionModelWithProjection's
-projection; plain adapters) and penultimate_hidden_states [B,T,W] (hidden_states[-2]; "plus" adapters).
-unet_ip: the UNet's inputs + ip_image_embeds_0 ([B, images, D] plain, [B, images, T, W] plus) and ip_scale_0 (rank 0,
-fp32) → out_sample. The scale is a graph input: every IPAdapterAttnProcessor2_0 gets it as a tensor while tracing
-(diffusers keeps a Python float, which a trace would bake in); hidden += scale · attention(ip) is then the graph's
-own multiply, and scale 0 adds exact zeros where diffusers skips the branch.
+projection; plain adapters) and penultimate_hidden_states [B,T,W] (hidden_states[-2]; "plus" and "full" adapters).
+unet_ip: the UNet's inputs + ip_image_embeds_K ([B, images, D] plain, [B, images, T, W] plus/full) for each adapter K
+in the manifest's order, then ip_scale_K (rank 0, fp32) → out_sample. The scales are graph inputs: every
+IPAdapterAttnProcessor2_0 gets them as tensors while tracing (diffusers keeps Python floats, which a trace would bake
+in); hidden += scale_K · attention(ip_K) is then the graph's own multiply, and scale 0 adds exact zeros where
+diffusers skips the branch (so an adapter a request does not use is fed scale 0).
 """
 
 from __future__ import annotations
@@ -31,15 +32,40 @@ UNET_CONTROLNET_IP = "unet_controlnet_ip"  # both: ControlNet residual inputs an
 
 @dataclass(frozen=True)
 class IpAdapterSource:
-    adapter: str  # .safetensors / .bin in diffusers' IP-Adapter format (image_proj.* and ip_adapter.* keys)
-    image_encoder: str | None  # CLIPVisionModelWithProjection folder
+    adapters: tuple[tuple[str, str], ...]  # (file, name) in graph order; files in diffusers' IP-Adapter format
+    image_encoder: str | None  # CLIPVisionModelWithProjection folder, shared by every adapter (as in diffusers)
+
+    @property
+    def adapter(self) -> str:
+        return self.adapters[0][0]
+
+
+def parse_sources(given, image_encoder: str | None) -> IpAdapterSource:
+    """`--ip-adapter SRC[=NAME]` (repeatable) → IpAdapterSource; NAME defaults to the file's stem."""
+    from .controlnet import NAME_PATTERN
+
+    adapters = []
+    for text in (given,) if isinstance(given, str) else tuple(given):
+        src, _, name = text.rpartition("=")
+        if not src or not name or "/" in name:
+            src, name = text, ""
+        name = name or Path(src).stem
+        if not NAME_PATTERN.match(name):
+            raise UserError(f"--ip-adapter {text}: the name {name!r} must be letters, digits, '_', '.' or '-' "
+                            "(give one with SRC=NAME)")
+        adapters.append((src, name))
+    names = [n for _, n in adapters]
+    if len(set(names)) != len(names):
+        raise UserError(f"--ip-adapter: two adapters are named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                        "name them with SRC=NAME")
+    return IpAdapterSource(tuple(adapters), image_encoder)
 
 
 def check_source(src: IpAdapterSource) -> None:
-    """Before the model loads: both files there, and an image encoder given."""
-    path = Path(src.adapter).expanduser()
-    if not path.is_file():
-        raise UserError(f"--ip-adapter {src.adapter}: no such file (give the adapter's .safetensors or .bin)")
+    """Before the model loads: every file there, and an image encoder given."""
+    for adapter, _ in src.adapters:
+        if not Path(adapter).expanduser().is_file():
+            raise UserError(f"--ip-adapter {adapter}: no such file (give the adapter's .safetensors or .bin)")
     if src.image_encoder is None:
         raise UserError(f"--ip-adapter {src.adapter} needs --image-encoder: the CLIP vision model (a diffusers/"
                         "transformers folder) the adapter was trained with")
@@ -72,18 +98,65 @@ def uses_hidden_states(adapter_kind: str) -> bool:
 
 
 def load(pipe, src: IpAdapterSource) -> dict:
-    """Load the image encoder and the adapter (into a copy of the UNet: the plain UNet stays as it is).
+    """Load the image encoder and the adapters (into a copy of the UNet: the plain UNet stays as it is).
     Returns {"unet": adapted UNet, "encoder": CLIPVisionModelWithProjection, "processor": CLIPImageProcessor config,
-    "record": manifest entry}."""
-    from diffusers.models.modeling_utils import load_state_dict
+    "record": manifest entry {image_encoder, adapters: [{name, source, sha256, kind}]}}."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    adapter = Path(src.adapter).expanduser()
     try:
         encoder = CLIPVisionModelWithProjection.from_pretrained(Path(src.image_encoder).expanduser(),
                                                                 torch_dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"--image-encoder {src.image_encoder}: cannot load ({str(e).splitlines()[0]})") from None
+    states, records = [], []
+    for source, name in src.adapters:
+        state = _read_adapter(source)
+        adapter_kind = kind(state["image_proj"])
+        embed_dim = state["image_proj"][{"plain": "proj.weight", "full": "proj.0.weight",
+                                         "plus": "proj_in.weight"}[adapter_kind]].shape[-1]
+        expected = encoder.config.projection_dim if adapter_kind == "plain" else encoder.config.hidden_size
+        if embed_dim != expected:
+            raise UserError(f"--ip-adapter {source} takes image embeddings of width {embed_dim}; the image encoder "
+                            f"gives {expected}: give the image encoder the adapter was trained with")
+        path = Path(source).expanduser()
+        states.append(state)
+        records.append({"name": name, "source": source, "sha256": sha256_of_files([path], path.parent),
+                        "kind": adapter_kind})
+    unet = copy.deepcopy(pipe.unet)
+    try:
+        unet._load_ip_adapter_weights(states)  # several: MultiIPAdapterImageProjection, per-adapter to_k_ip/to_v_ip
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"--ip-adapter {src.adapter} does not fit this model's UNet ({str(e).splitlines()[0]}); "
+                        "give an adapter made for this family") from None
+    unet.eval()
+    unet.encoder_hid_proj.lora_target = False  # the adapter's own layers: no LoRA patches them (export/weights_map)
+    for p in unet.attn_processors.values():
+        if isinstance(p, torch.nn.Module):
+            p.lora_target = False
+    processor = pipe.feature_extractor if getattr(pipe, "feature_extractor", None) is not None else \
+        CLIPImageProcessor(size=encoder.config.image_size, crop_size=encoder.config.image_size)  # load_ip_adapter's
+    record = {"image_encoder": src.image_encoder, "adapters": records}
+    return {"unet": unet, "encoder": encoder, "processor": processor.to_dict(), "record": record}
+
+
+def signature(record: dict) -> str:
+    """The export key's part for the adapters: their names and contents, in graph order."""
+    return "|ip:" + ",".join(f"{a['name']}:{a['sha256']}" for a in record["adapters"])
+
+
+def recorded_sources(record: dict) -> tuple[str, ...]:
+    """A manifest's ip_adapter entry as `--ip-adapter SRC=NAME` arguments (a single-adapter entry written before
+    several adapters existed has source/kind at its top level)."""
+    adapters = record.get("adapters") or ([{"source": record["source"], "name": Path(record["source"]).stem}]
+                                          if record.get("source") else [])
+    return tuple(f"{a['source']}={a['name']}" for a in adapters)
+
+
+def _read_adapter(source: str) -> dict:
+    """{"image_proj": {…}, "ip_adapter": {…}} from a .safetensors or .bin in diffusers' IP-Adapter format."""
+    from diffusers.models.modeling_utils import load_state_dict
+
+    adapter = Path(source).expanduser()
     try:
         if adapter.suffix == ".safetensors":
             from safetensors import safe_open
@@ -97,33 +170,11 @@ def load(pipe, src: IpAdapterSource) -> dict:
         else:
             state = load_state_dict(str(adapter))
     except Exception as e:  # safetensors/torch raise their own errors on damaged files
-        raise UserError(f"--ip-adapter {src.adapter}: cannot read ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--ip-adapter {source}: cannot read ({str(e).splitlines()[0]})") from None
     if not state.get("image_proj") or not state.get("ip_adapter"):
-        raise UserError(f"--ip-adapter {src.adapter}: no image_proj.* and ip_adapter.* weights; give an adapter in "
+        raise UserError(f"--ip-adapter {source}: no image_proj.* and ip_adapter.* weights; give an adapter in "
                         "diffusers' IP-Adapter format")
-    adapter_kind = kind(state["image_proj"])
-    embed_dim = state["image_proj"][{"plain": "proj.weight", "full": "proj.0.weight",
-                                     "plus": "proj_in.weight"}[adapter_kind]].shape[-1]
-    expected = encoder.config.projection_dim if adapter_kind == "plain" else encoder.config.hidden_size
-    if embed_dim != expected:
-        raise UserError(f"--ip-adapter {src.adapter} takes image embeddings of width {embed_dim}; the image encoder "
-                        f"gives {expected}: give the image encoder the adapter was trained with")
-    unet = copy.deepcopy(pipe.unet)
-    try:
-        unet._load_ip_adapter_weights([state])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise UserError(f"--ip-adapter {src.adapter} does not fit this model's UNet ({str(e).splitlines()[0]}); "
-                        "give an adapter made for this family") from None
-    unet.eval()
-    unet.encoder_hid_proj.lora_target = False  # the adapter's own layers: no LoRA patches them (export/weights_map)
-    for p in unet.attn_processors.values():
-        if isinstance(p, torch.nn.Module):
-            p.lora_target = False
-    processor = pipe.feature_extractor if getattr(pipe, "feature_extractor", None) is not None else \
-        CLIPImageProcessor(size=encoder.config.image_size, crop_size=encoder.config.image_size)  # load_ip_adapter's
-    record = {"source": src.adapter, "sha256": sha256_of_files([adapter], adapter.parent), "kind": adapter_kind,
-              "image_encoder": src.image_encoder}
-    return {"unet": unet, "encoder": encoder, "processor": processor.to_dict(), "record": record}
+    return state
 
 
 class _ImageEncoder(torch.nn.Module):
@@ -137,14 +188,15 @@ class _ImageEncoder(torch.nn.Module):
 
 
 class _UNetIp(torch.nn.Module):
-    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, residuals…], ip_image_embeds_0,
-    ip_scale_0) → out_sample; `residuals` down-block residuals and the mid one when ControlNets feed it."""
+    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, residuals…], ip_image_embeds_0…N-1,
+    ip_scale_0…N-1) → out_sample; `residuals` down-block residuals and the mid one when ControlNets feed it."""
 
-    def __init__(self, unet, added: bool, residuals: int = 0):
+    def __init__(self, unet, added: bool, residuals: int = 0, adapters: int = 1):
         super().__init__()
         self.unet = unet
         self.added = added
         self.residuals = residuals
+        self.adapters = adapters
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
@@ -155,13 +207,13 @@ class _UNetIp(torch.nn.Module):
             *down, mid = rest[:self.residuals]
             rest = rest[self.residuals:]
             control = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
-        embeds, scale = rest
+        embeds, scales = list(rest[:self.adapters]), list(rest[self.adapters:])
         processors = [p for p in self.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
         saved = [p.scale for p in processors]
         for p in processors:
-            p.scale = [scale]
+            p.scale = scales
         try:
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=(added or {}) | {"image_embeds": [embeds]},
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=(added or {}) | {"image_embeds": embeds},
                              return_dict=False, **control)[0]
         finally:
             for p, s in zip(processors, saved):
@@ -193,18 +245,23 @@ def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentS
         base = unet_residual_spec(pipe)
     residuals = len(base.input_names) - len(_unet_spec(added).input_names)
     enc = loaded["encoder"].config
-    plus = uses_hidden_states(loaded["record"]["kind"])
+    kinds = [a["kind"] for a in loaded["record"]["adapters"]]
     tokens = (enc.image_size // enc.patch_size) ** 2 + 1
+    embeds = tuple(f"ip_image_embeds_{k}" for k in range(len(kinds)))
+    scales = tuple(f"ip_scale_{k}" for k in range(len(kinds)))
 
     def make_inputs(p, shape: Shape, dtype):
         g = torch.Generator().manual_seed(shape.batch * 13 + shape.latent_height)
-        dims = (shape.batch, 1, tokens, enc.hidden_size) if plus else (shape.batch, 1, enc.projection_dim)
-        return base.make_inputs(p, shape, dtype) + (torch.randn(*dims, generator=g).to(dtype), torch.tensor(0.8))
+        dims = [(shape.batch, 1, tokens, enc.hidden_size) if uses_hidden_states(k) else (shape.batch, 1, enc.projection_dim)
+                for k in kinds]
+        return base.make_inputs(p, shape, dtype) + tuple(torch.randn(*d, generator=g).to(dtype) for d in dims) + \
+            tuple(torch.tensor(0.8 - 0.1 * k) for k in range(len(kinds)))  # non-zero: every branch traced
 
-    axes = base.dynamic_axes | {"ip_image_embeds_0": {0: "batch_size", 1: "ip_images"}}
+    axes = base.dynamic_axes | {name: {0: "batch_size", 1: "ip_images" + (f"_{k}" if k else "")}  # each its own count
+                                for k, name in enumerate(embeds)}
     return ComponentSpec(UNET_CONTROLNET_IP if with_residuals else UNET_IP,
-                         base.input_names + ("ip_image_embeds_0", "ip_scale_0"), base.output_names, axes,
-                         lambda p: _UNetIp(unet, added, residuals), make_inputs, ("timestep", "ip_scale_0"),
+                         base.input_names + embeds + scales, base.output_names, axes,
+                         lambda p: _UNetIp(unet, added, residuals, len(kinds)), make_inputs, ("timestep", *scales),
                          owner=lambda p: unet)
 
 

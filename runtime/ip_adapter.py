@@ -11,13 +11,16 @@ Reproduces diffusers' StableDiffusion[XL]Pipeline with load_ip_adapter + set_ip_
 - several images for the one adapter (diffusers: ip_adapter_image=[[a, b]]) are encoded as one batch and become
   ip_image_embeds_0 [B, images, …]: the adapter's attention then sees all their tokens (IPAdapterAttnProcessor2_0
   views them as one sequence);
-- the adapter's scale is the graph input ip_scale_0.
+- several adapters in one directory (diffusers: load_ip_adapter([a, b]), set_ip_adapter_scale([s_a, s_b]),
+  ip_adapter_image=[image_a, image_b]) are fed as ip_image_embeds_K / ip_scale_K in the manifest's order; an adapter
+  the request does not name gets zero embeddings and scale 0, which adds exact zeros (diffusers skips its branch).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,35 +35,86 @@ MAX_IMAGES = 16  # image prompts for the one adapter in a request
 
 
 @dataclass(frozen=True, eq=False)
-class ImagePromptJob:
+class AdapterPrompt:
+    name: str  # the adapter's name in the manifest
     images: tuple[Image.Image, ...]
     scale: float
 
+
+@dataclass(frozen=True, eq=False)
+class ImagePromptJob:
+    prompts: tuple[AdapterPrompt, ...]
+
     def key(self) -> tuple:
-        return (tuple(id(i) for i in self.images), self.scale)
+        return tuple((p.name, tuple(id(i) for i in p.images), p.scale) for p in self.prompts)
+
+
+def adapter_records(manifest: dict | None) -> list[dict]:
+    """[{name, kind, …}] in graph order; a directory exported before several adapters existed holds one record with
+    source/kind at the top level, named by its file's stem."""
+    record = (manifest or {}).get("ip_adapter") or {}
+    if "adapters" in record:
+        return list(record["adapters"])
+    return [{"name": Path(record["source"]).stem, **record}] if record.get("source") else []
 
 
 def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePromptJob | None:
-    from .validate import InvalidRequest, _float, _image
+    from .validate import InvalidRequest, _float
 
     scale = _float("ip_scale", group.ip_scale)
-    if group.ip_image is None:
+    entries = group.ip_adapters
+    if group.ip_image is None and not entries:
         return None
-    given = group.ip_image
-    if isinstance(given, (list, tuple)):
-        if not 1 <= len(given) <= MAX_IMAGES:
-            raise InvalidRequest("ip_image", f"takes 1 to {MAX_IMAGES} images for the one adapter (got {len(given)})")
-        images = tuple(_image(f"ip_image[{i}]", x, "RGB") for i, x in enumerate(given))
-    else:
-        images = (_image("ip_image", given, "RGB"),)
+    field = "ip_image" if group.ip_image is not None else "ip_adapters"
+    if group.ip_image is not None and entries:
+        raise InvalidRequest("ip_adapters", "give ip_image (for a directory with one adapter) or ip_adapters, not both")
     if not (model_dir.path / UNET_IP / "model.onnx").is_file() or \
             not (model_dir.path / IMAGE_ENCODER / "model.onnx").is_file():
-        raise InvalidRequest("ip_image", "this engine directory has no IP-Adapter (export one with --ip-adapter and "
-                                         "--image-encoder)")
+        raise InvalidRequest(field, "this engine directory has no IP-Adapter (export one with --ip-adapter and "
+                                    "--image-encoder)")
     if controls is not None and not (model_dir.path / UNET_CONTROLNET_IP / "model.onnx").is_file():
-        raise InvalidRequest("ip_image", "this engine directory has no UNet for ControlNets and an IP-Adapter together "
-                                         "(export the ControlNets and the adapter into it again); give one of them")
-    return ImagePromptJob(images, scale)
+        raise InvalidRequest(field, "this engine directory has no UNet for ControlNets and an IP-Adapter together "
+                                    "(export the ControlNets and the adapter into it again); give one of them")
+    names = [r["name"] for r in adapter_records(model_dir.manifest)]
+    if group.ip_image is not None:
+        if len(names) != 1:
+            raise InvalidRequest("ip_image", f"this engine directory has {len(names)} IP-Adapters ({', '.join(names)}); "
+                                             "name the one each image is for: ip_adapters=[{name, image, scale}, …]")
+        return ImagePromptJob((AdapterPrompt(names[0], _images("ip_image", group.ip_image), scale),))
+    if not isinstance(entries, (list, tuple)):
+        raise InvalidRequest("ip_adapters", f"must be a list of {{name, image, scale}}, not {type(entries).__name__}")
+    prompts = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"name", "image", "scale"}
+            if unknown:
+                raise InvalidRequest(f"ip_adapters[{i}].{sorted(unknown)[0]}", "is not a field; give name, image, scale")
+            name, image, entry_scale = entry.get("name"), entry.get("image"), entry.get("scale", 1.0)
+        elif isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
+            name, image, entry_scale = (*entry, 1.0)[:3]
+        else:
+            raise InvalidRequest(f"ip_adapters[{i}]", "must be {name, image, scale} or (name, image[, scale])")
+        if name not in names:
+            raise InvalidRequest(f"ip_adapters[{i}].name", f"{name!r} is not an IP-Adapter of this engine directory; "
+                                                           f"it has {', '.join(names)}")
+        if any(p.name == name for p in prompts):
+            raise InvalidRequest(f"ip_adapters[{i}].name", f"{name!r} is given twice; give its images as one list")
+        if image is None:
+            raise InvalidRequest(f"ip_adapters[{i}].image", "is required: an image or a list of them")
+        prompts.append(AdapterPrompt(name, _images(f"ip_adapters[{i}].image", image),
+                                     _float(f"ip_adapters[{i}].scale", entry_scale)))
+    return ImagePromptJob(tuple(prompts))
+
+
+def _images(field: str, given) -> tuple[Image.Image, ...]:
+    """One image, or 1 to MAX_IMAGES of them for the one adapter."""
+    from .validate import InvalidRequest, _image
+
+    if not isinstance(given, (list, tuple)):
+        return (_image(field, given, "RGB"),)
+    if not 1 <= len(given) <= MAX_IMAGES:
+        raise InvalidRequest(field, f"takes 1 to {MAX_IMAGES} images for the one adapter (got {len(given)})")
+    return tuple(_image(f"{field}[{i}]", x, "RGB") for i, x in enumerate(given))
 
 
 def preprocess(image: Image.Image, config: dict) -> torch.Tensor:
@@ -92,12 +146,13 @@ def preprocess(image: Image.Image, config: dict) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class IpAdapterContributor:
-    """ip_image_embeds_0 [B(·2), 1, …] and ip_scale_0 into the UNet feed."""
-    embeds: torch.Tensor
-    scale: float
+    """ip_image_embeds_K [B(·2), images, …] and ip_scale_K into the UNet feed, K = 0 … adapters − 1."""
+    embeds: tuple[torch.Tensor, ...]
+    scales: tuple[float, ...]
 
     def contribute(self, feed, step):
-        return feed | {"ip_image_embeds_0": self.embeds, "ip_scale_0": torch.tensor(self.scale, dtype=torch.float32)}
+        return feed | {f"ip_image_embeds_{k}": e for k, e in enumerate(self.embeds)} | \
+            {f"ip_scale_{k}": torch.tensor(s, dtype=torch.float32) for k, s in enumerate(self.scales)}
 
 
 def image_embeds(encoder, images, config: dict, plus: bool, count: int, guided: bool) -> torch.Tensor:
@@ -110,6 +165,13 @@ def image_embeds(encoder, images, config: dict, plus: bool, count: int, guided: 
     return torch.cat([negative, positive]) if guided else positive
 
 
+def _unused_embeds(encoder_config: dict, plus: bool, rows: int) -> torch.Tensor:
+    """Zeros shaped as one image's embeddings ([rows, 1, D] or [rows, 1, T, W]) for an adapter fed scale 0."""
+    c = encoder_config
+    tokens = (c["image_size"] // c["patch_size"]) ** 2 + 1  # patches + the class token
+    return torch.zeros((rows, 1, tokens, c["hidden_size"]) if plus else (rows, 1, c["projection_dim"]))
+
+
 def attach(pipe, job, prep):
     """`prep` unchanged without an image prompt; else fed through `unet_ip` by an IpAdapterContributor."""
     ip = getattr(job, "image_prompt", None)
@@ -118,7 +180,19 @@ def attach(pipe, job, prep):
     encoder = pipe.component(IMAGE_ENCODER)
     unet = UNET_CONTROLNET_IP if prep.unet == "unet_controlnet" else UNET_IP  # runtime/controlnet_call.py went first
     pipe.component(unet)
-    config = json.loads((pipe.dir.path / IMAGE_ENCODER / "preprocessor_config.json").read_text())
-    plus = ((pipe.dir.manifest or {}).get("ip_adapter") or {}).get("kind") in ("plus", "full")  # hidden states
-    embeds = image_embeds(encoder, ip.images, config, plus, job.count, prep.guidance.enabled)
-    return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(embeds, ip.scale)], unet=unet)
+    folder = pipe.dir.path / IMAGE_ENCODER
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    given = {p.name: p for p in ip.prompts}
+    embeds, scales = [], []
+    for record in adapter_records(pipe.dir.manifest):
+        plus = record.get("kind") in ("plus", "full")  # hidden states (Plus, Plus Face, Full Face)
+        prompt = given.get(record["name"])
+        if prompt is None:
+            rows = job.count * (2 if prep.guidance.enabled else 1)
+            embeds.append(_unused_embeds(json.loads((folder / "config.json").read_text()), plus, rows))
+            scales.append(0.0)
+        else:
+            embeds.append(image_embeds(encoder, prompt.images, config, plus, job.count, prep.guidance.enabled))
+            scales.append(prompt.scale)
+    return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(tuple(embeds), tuple(scales))],
+                   unet=unet)

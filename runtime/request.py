@@ -126,10 +126,28 @@ def _control_entry(i: int, entry):
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """IP-Adapter (runtime/ip_adapter.py): an image prompt and the adapter's scale."""
+    """IP-Adapter (runtime/ip_adapter.py): an image prompt and the adapter's scale, or with several adapters in the
+    directory one {name, image, scale} per adapter used."""
 
     ip_image: Any = None  # PIL image, or a list of them (several images for the one adapter)
     ip_scale: float = 1.0
+    ip_adapters: tuple = ()  # several adapters in one directory: each {name, image (or a list), scale}
+
+    def __post_init__(self):  # JSON: lists → tuples, base64 images → PIL (a bad one raises InvalidRequest)
+        if isinstance(self.ip_adapters, list):
+            object.__setattr__(self, "ip_adapters", tuple(_ip_entry(i, x) for i, x in enumerate(self.ip_adapters)))
+
+
+def _ip_entry(i: int, entry):
+    if not isinstance(entry, dict):
+        return entry
+    image = entry.get("image")
+    if isinstance(image, str):
+        return entry | {"image": decode_image(image, f"ip_adapters[{i}].image")}
+    if isinstance(image, list):
+        return entry | {"image": tuple(decode_image(x, f"ip_adapters[{i}].image[{j}]") if isinstance(x, str) else x
+                                       for j, x in enumerate(image))}
+    return entry
 
 
 @dataclass(frozen=True)
@@ -233,6 +251,9 @@ class Request:
                 if k == "controls":
                     d[k] = [_control_out(x, encode_images) for x in v]
                     continue
+                if k == "ip_adapters":
+                    d[k] = [_ip_out(x, encode_images) for x in v]
+                    continue
                 if isinstance(v, tuple):
                     d[k] = [list(x) if isinstance(x, tuple) else x for x in v]  # nested: adapters.loras pairs
                 if encode_images and k in _IMAGE_FIELDS and v is not None:
@@ -251,6 +272,17 @@ def _control_out(entry, encode_images: bool):
         name, image, scale = entry[0], entry[1], entry[2] if len(entry) > 2 else 1.0
     if encode_images and isinstance(image, Image.Image):
         image = encode_image(image)
+    return {"name": name, "image": image, "scale": scale}
+
+
+def _ip_out(entry, encode_images: bool):
+    """An ip_adapters entry as plain data: {name, image (or a list), scale}."""
+    if isinstance(entry, dict):
+        name, image, scale = entry.get("name"), entry.get("image"), entry.get("scale", 1.0)
+    else:
+        name, image, scale = entry[0], entry[1], entry[2] if len(entry) > 2 else 1.0
+    encode = (lambda x: encode_image(x) if isinstance(x, Image.Image) else x) if encode_images else (lambda x: x)
+    image = [encode(x) for x in image] if isinstance(image, (list, tuple)) else encode(image)
     return {"name": name, "image": image, "scale": scale}
 
 

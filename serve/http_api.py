@@ -9,7 +9,7 @@ OpenAI Images (`POST /v1/images/generations`): `prompt`, `n`, `size` ("WxH" or "
 model's id, optional), `user` (accepted, unused), `stream` (false only), plus SD fields `negative_prompt`, `steps`
 (or `num_inference_steps`), `guidance_scale`, `guidance_rescale`, `seed` (absent, null or -1: random), `sampler`,
 `schedule`, `vae` (full | tiny), `vae_tiling` (auto | on | off), `cache_interval`, `loras` (names from the
-server's LoRA folder), `controls`, `control_start`, `control_end`, `guess_mode`, `ip_image`, `ip_scale`. Anything
+server's LoRA folder), `controls`, `control_start`, `control_end`, `guess_mode`, `ip_image`, `ip_scale`, `ip_adapters`. Anything
 else is refused with 422 naming it.
 
 AUTOMATIC1111 (`POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`): the fields sdrt uses are in `A1111_USED`; the
@@ -262,7 +262,7 @@ class Plan:
     def field(self, runtime_field: str | None) -> str | None:
         if runtime_field is None:
             return None
-        if runtime_field.startswith("controls["):  # controls[i].name|image|scale, as the body spells them
+        if runtime_field.startswith(("controls[", "ip_adapters[")):  # controls[i].name|image|scale, as the body spells them
             return runtime_field
         head = runtime_field.split(".")[-1]
         return self.names.get(head, head)
@@ -276,7 +276,8 @@ class Plan:
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
                  "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
                  "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval", "controls",
-                 "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image", "ip_scale")
+                 "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image", "ip_scale",
+                 "ip_adapters")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
@@ -363,8 +364,26 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
         images = b["ip_image"]
         flat["ip_image"] = tuple(decode_image(f"ip_image[{i}]", x, ctx, "RGB") for i, x in enumerate(images)) \
             if isinstance(images, list) else decode_image("ip_image", images, ctx, "RGB")
+    if "ip_adapters" in b:
+        flat["ip_adapters"] = _ip_adapters(b["ip_adapters"], ctx)
     flat["seed"] = b.get("seed", -1)
     return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None)
+
+
+def _ip_adapters(value, ctx: ModelContext) -> tuple:
+    """`ip_adapters`: [{"name": …, "image": base64 or [base64, …], "scale": …}, …] (runtime/ip_adapter.py checks
+    names and scales)."""
+    if not isinstance(value, list):
+        raise invalid("ip_adapters", f"must be a list of {{name, image, scale}} objects, not {_json_type(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise invalid(f"ip_adapters[{i}]", f"must be an object {{name, image, scale}}, not {_json_type(entry)}")
+        image = entry.get("image")
+        image = tuple(decode_image(f"ip_adapters[{i}].image[{j}]", x, ctx, "RGB") for j, x in enumerate(image)) \
+            if isinstance(image, list) else decode_image(f"ip_adapters[{i}].image", image, ctx, "RGB")
+        out.append(entry | {"image": image})
+    return tuple(out)
 
 
 def _controls(value, ctx: ModelContext) -> tuple:

@@ -262,6 +262,15 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
         assert response.status_code == 422 and response.json()["error"]["field"] == "ip_image[1]", response.text
         response = client.post("/v1/images/generations", json=body | {"ip_image": [b64, b64], "ip_scale": 0.5})
         assert response.status_code == 200, response.text  # two images for the one adapter
+        named = {"ip_adapters": [{"name": "ip-adapter", "image": [b64, b64], "scale": 0.5}]}  # the file's stem
+        response = client.post("/v1/images/generations", json=body | named)
+        assert response.status_code == 200, response.text
+        for entries, field in (([{"name": "hair", "image": b64}], "ip_adapters[0].name"),
+                               ([{"name": "ip-adapter", "image": [b64, "%%%"]}], "ip_adapters[0].image[1]"),
+                               ([{"name": "ip-adapter", "image": b64, "scale": None}], "ip_adapters[0].scale"),
+                               ("ip-adapter", "ip_adapters")):
+            response = client.post("/v1/images/generations", json=body | {"ip_adapters": entries})
+            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
 
 
 @pytest.mark.slow

@@ -79,7 +79,7 @@ def test_manifest_and_preprocessing(conditioned):
 
     engine, _ = conditioned("sd15")
     manifest = json.loads((engine / "manifest.json").read_text())
-    assert manifest["ip_adapter"]["kind"] == "plain"
+    assert [(a["name"], a["kind"]) for a in manifest["ip_adapter"]["adapters"]] == [("ip-adapter", "plain")]
     assert {"controlnet/canny", "unet_controlnet", "image_encoder", "unet_ip", "unet"} <= set(manifest["components"])
     inputs = {i["name"]: i for i in manifest["components"]["unet_ip"]["inputs"]}
     assert inputs["ip_scale_0"]["shape"] == [] and inputs["ip_image_embeds_0"]["shape"][:2] == ["batch_size", "ip_images"]
@@ -111,7 +111,7 @@ def test_bad_ip_adapter_inputs(conditioned, exported, tiny_pipeline, tmp_path):
     assert e.value.field == "ip_image"
     request = Request.of(prompt="x", ip_image=image, ip_scale=0.5, **SIZE)
     again = Request.from_dict(json.loads(json.dumps(request.to_dict(encode_images=True))))
-    assert validate(again, engine).image_prompt.scale == 0.5
+    assert validate(again, engine).image_prompt.prompts[0].scale == 0.5
     encoder, adapter = conditioned("sd15")[1]["ip"]
     with pytest.raises(UserError, match="needs --image-encoder"):
         export(ExportConfig(model=str(tiny_pipeline("sd15")), output=tmp_path / "out", ip_adapter=str(adapter)))
@@ -217,7 +217,7 @@ def test_ip_adapter_plus_and_full_face_equal_diffusers(exported, tiny_pipeline, 
     encoder, adapter = write_tiny_ip_adapter(tiny_pipeline(family), tmp_path / kind, seed=5, plus=kind == "plus",
                                              full=kind == "full")
     add_controlnets(engine, (), ip_adapter=str(adapter), image_encoder=str(encoder))
-    assert json.loads((engine / "manifest.json").read_text())["ip_adapter"]["kind"] == kind
+    assert json.loads((engine / "manifest.json").read_text())["ip_adapter"]["adapters"][0]["kind"] == kind
     ref = _reference(tiny_pipeline, family, (encoder, adapter))
     ref.set_ip_adapter_scale(0.7)
     pipe = Pipeline.load(engine, backend="ort-cpu")
@@ -228,3 +228,69 @@ def test_ip_adapter_plus_and_full_face_equal_diffusers(exported, tiny_pipeline, 
         ours = pipe.generate(Request.of(**common, ip_image=images, ip_scale=0.7))
         assert_same_images(f"ip-adapter {kind} {family}, {len(images)} image(s)", ours, theirs)
     assert np.abs(to_uint8(ours).astype(int) - to_uint8(pipe.generate(Request.of(**common))).astype(int)).max() > 8
+
+
+def test_two_adapters_in_one_directory_equal_diffusers(exported, tiny_pipeline, tmp_path):
+    """load_ip_adapter([plain, plus]) + set_ip_adapter_scale([a, b]) + ip_adapter_image=[x, [y, z]]: both adapters
+    exported into one unet_ip (ip_image_embeds_0/1, ip_scale_0/1), sharing the one image encoder; an adapter the
+    request leaves out equals diffusers with its scale 0."""
+    import diffusers
+    from transformers import CLIPVisionModelWithProjection
+
+    from sdrt.cli.generate import _ip_fields
+    from sdrt.export.tiny import write_tiny_ip_adapter
+
+    engine = tmp_path / "engine"
+    shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)
+    encoder, style = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / "style", seed=4)
+    _, face = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / "face", seed=6, plus=True)  # its encoder unused
+    add_controlnets(engine, (), ip_adapter=(f"{style}=style", f"{face}=face"), image_encoder=str(encoder))
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert [(a["name"], a["kind"]) for a in manifest["ip_adapter"]["adapters"]] == [("style", "plain"), ("face", "plus")]
+    assert {"ip_image_embeds_1", "ip_scale_1"} <= {i["name"] for i in manifest["components"]["unet_ip"]["inputs"]}
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_pipeline("sd15"), safety_checker=None,
+                                                           requires_safety_checker=False)
+    ref.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    ref.load_ip_adapter([str(style.parent), str(face.parent)], subfolder=["", ""], weight_name=[style.name, face.name],
+                        image_encoder_folder=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    x, y, z = _image(31, 56, 40), _image(32, 40, 40), _image(33, 48, 40)
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, guidance=7.5, **SIZE)
+
+    def theirs(scales, images):
+        ref.set_ip_adapter_scale(scales)
+        return ref("a cat", ip_adapter_image=images, num_inference_steps=3, guidance_scale=7.5,
+                   generator=generators(3, 1), output_type="np", **SIZE).images
+
+    both = pipe.generate(Request.of(**common, ip_adapters=[{"name": "style", "image": x, "scale": 0.7},
+                                                           {"name": "face", "image": [y, z], "scale": 0.5}]))
+    assert_same_images("two ip-adapters (plain + plus, 1 + 2 images)", both, theirs([0.7, 0.5], [x, [y, z]]))
+    face_only = pipe.generate(Request.of(**common, ip_adapters=[("face", y, 0.6)]))
+    assert_same_images("two ip-adapters, the plain one left out", face_only, theirs([0.0, 0.6], [x, y]))
+    for one in (face_only, pipe.generate(Request.of(**common, ip_adapters=[("style", x, 0.7)]))):
+        assert np.abs(to_uint8(both).astype(int) - to_uint8(one).astype(int)).max() > 8  # each adapter shows
+
+    opened = open_dir(engine)
+    request = Request.of(**common, ip_adapters=[{"name": "face", "image": [y, z], "scale": 0.5}])
+    again = Request.from_dict(json.loads(json.dumps(request.to_dict(encode_images=True))))
+    job = validate(again, opened).image_prompt
+    assert [(p.name, len(p.images), p.scale) for p in job.prompts] == [("face", 2, 0.5)]
+    for bad, field, text in [(dict(ip_image=x), "ip_image", "style, face"),
+                             (dict(ip_adapters=[("hair", x)]), "ip_adapters[0].name", "it has style, face"),
+                             (dict(ip_adapters=[("face", x), ("face", y)]), "ip_adapters[1].name", "twice"),
+                             (dict(ip_adapters=[("face", x, float("inf"))]), "ip_adapters[0].scale", "finite"),
+                             (dict(ip_adapters=[{"name": "face"}]), "ip_adapters[0].image", "required")]:
+        with pytest.raises(InvalidRequest, match=text) as e:
+            validate(Request.of(**common, **bad), opened)
+        assert e.value.field == field
+
+    for name, image in (("x", x), ("y", y), ("z", z)):
+        image.save(tmp_path / f"{name}.png")
+    fields = _ip_fields((f"style={tmp_path}/x.png:0.7", f"face={tmp_path}/y.png", f"face={tmp_path}/z.png:0.5"))
+    assert [(e["name"], len(e["image"]) if isinstance(e["image"], tuple) else 1, e["scale"])
+            for e in fields["ip_adapters"]] == [("style", 1, 0.7), ("face", 2, 0.5)]
+    with pytest.raises(UserError, match="of every image"):
+        _ip_fields((f"{tmp_path}/x.png", f"face={tmp_path}/y.png"))
