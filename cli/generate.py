@@ -191,11 +191,37 @@ def _ip_fields(texts) -> dict:
         if len(scales) > 1:
             raise UserError(f"--ip-image: the images {'of ' + name + ' ' if name else ''}share the IP-Adapter's one "
                             f"scale; give it once (got {', '.join(f'{s:g}' for s in sorted(scales))})")
+        scale = scales.pop() if scales else 1.0
+        if any(path.suffix.lower() == ".npy" for _, path, _ in parsed):  # FaceID: face embeddings [D] or [faces, D]
+            if name is None or not all(path.suffix.lower() == ".npy" for _, path, _ in parsed):
+                raise UserError("--ip-image FILE.npy: face embeddings go to a named FaceID adapter, each as "
+                                "NAME=FILE.npy[:SCALE], without images for the same adapter")
+            fields.append({"name": name, "embeds": _load_embeds([path for _, path, _ in parsed]), "scale": scale})
+            continue
         images = tuple(image_io.load_image(path) for _, path, _ in parsed)
-        fields.append((name, images[0] if len(images) == 1 else images, scales.pop() if scales else 1.0))
-    if fields[0][0] is None:
-        return {"ip_image": fields[0][1], "ip_scale": fields[0][2]}
-    return {"ip_adapters": tuple({"name": n, "image": i, "scale": s} for n, i, s in fields)}
+        fields.append({"name": name, "image": images[0] if len(images) == 1 else images, "scale": scale})
+    if fields[0]["name"] is None:
+        return {"ip_image": fields[0]["image"], "ip_scale": fields[0]["scale"]}
+    return {"ip_adapters": tuple(fields)}
+
+
+def _load_embeds(paths) -> "np.ndarray":
+    """.npy files of face embeddings ([D] or [faces, D] each; e.g. insightface's normed_embedding) → [faces, D]."""
+    import numpy as np
+
+    arrays = []
+    for path in paths:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--ip-image {path}: cannot read face embeddings ({str(e).splitlines()[0]})") from None
+        array = np.atleast_1d(array)
+        arrays.append(array.reshape(-1, array.shape[-1]))
+    try:
+        return np.concatenate(arrays).astype(np.float32)
+    except ValueError:
+        raise UserError("--ip-image: the .npy face embeddings have different widths: "
+                        + ", ".join(str(list(a.shape)) for a in arrays)) from None
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

@@ -334,7 +334,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     ip_loaded = ipa.load(pipe, ip_source) if ip_source is not None else None
     if ip_loaded is not None:
         ip_key = ipa.signature(ip_loaded["record"])
-        extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(), ip_key)
+        if ip_loaded["encoder"] is not None:
+            extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(), ip_key)
         extra[ipa.UNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded), dict(ip_loaded["unet"].config), ip_key)
         if cn.UNET_CONTROLNET in extra:  # ControlNets and the image prompt in one request
             extra[ipa.UNET_CONTROLNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded, with_residuals=True),
@@ -476,7 +477,8 @@ def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: b
             (name.startswith(t2i.PREFIX) and name[len(t2i.PREFIX):] not in new_t2i) or (name == t2i.UNET_T2I and not new_t2i)
         if extra and _reusable(old, output, name, entry.get("key")) is not None:
             kept[name] = entry
-    if (ipa.IMAGE_ENCODER in kept) != (ipa.UNET_IP in kept):  # the two only work together
+    if ipa.IMAGE_ENCODER in (old or {}).get("components", {}) and (ipa.IMAGE_ENCODER in kept) != (ipa.UNET_IP in kept):
+        # the two only work together (FaceID alone has no image encoder)
         kept.pop(ipa.IMAGE_ENCODER, None), kept.pop(ipa.UNET_IP, None)
     return kept
 

@@ -3,8 +3,9 @@
 image encoder) taking each adapter's image embeddings and scale as inputs. Plain runs keep the plain UNet graph.
 
 image_encoder: pixel_values [B,3,S,S] (CLIPImageProcessor output) → image_embeds [B,D] (CLIPVisionModelWithProjection's
-projection; plain adapters) and penultimate_hidden_states [B,T,W] (hidden_states[-2]; "plus" and "full" adapters).
-unet_ip: the UNet's inputs + ip_image_embeds_K ([B, images, D] plain, [B, images, T, W] plus/full) for each adapter K
+projection; plain adapters) and penultimate_hidden_states [B,T,W] (hidden_states[-2]; "plus" and "full" adapters);
+absent when every adapter is FaceID, whose embeddings ([B, faces, D], e.g. insightface's) the caller gives.
+unet_ip: the UNet's inputs + ip_image_embeds_K ([B, images, D] plain/faceid, [B, images, T, W] plus/full) for adapter K
 in the manifest's order, then ip_scale_K (rank 0, fp32) → out_sample. The scales are graph inputs: every
 IPAdapterAttnProcessor2_0 gets them as tensors while tracing (diffusers keeps Python floats, which a trace would bake
 in); hidden += scale_K · attention(ip_K) is then the graph's own multiply, and scale 0 adds exact zeros where
@@ -62,13 +63,16 @@ def parse_sources(given, image_encoder: str | None) -> IpAdapterSource:
 
 
 def check_source(src: IpAdapterSource) -> None:
-    """Before the model loads: every file there, and an image encoder given."""
+    """Before the model loads: every file there, and an image encoder given unless every adapter is FaceID."""
     for adapter, _ in src.adapters:
         if not Path(adapter).expanduser().is_file():
             raise UserError(f"--ip-adapter {adapter}: no such file (give the adapter's .safetensors or .bin)")
     if src.image_encoder is None:
-        raise UserError(f"--ip-adapter {src.adapter} needs --image-encoder: the CLIP vision model (a diffusers/"
-                        "transformers folder) the adapter was trained with")
+        for adapter, _ in src.adapters:
+            if kind(_read_adapter(adapter)["image_proj"]) != "faceid":
+                raise UserError(f"--ip-adapter {adapter} needs --image-encoder: the CLIP vision model (a diffusers/"
+                                "transformers folder) the adapter was trained with")
+        return
     enc = Path(src.image_encoder).expanduser()
     if not (enc / "config.json").is_file():
         raise UserError(f"--image-encoder {src.image_encoder}: not a CLIPVisionModelWithProjection folder "
@@ -85,16 +89,22 @@ def kind(state_dict_keys) -> str:
         return "plain"
     if "proj.3.weight" in keys and "perceiver_resampler.proj_in.weight" not in keys:
         return "full"
+    if "perceiver_resampler.proj_in.weight" in keys:
+        raise UserError("this is an IP-Adapter FaceID Plus (perceiver_resampler): its projection takes face embeddings "
+                        "and CLIP hidden states together, which sdrt does not export; IP-Adapter, Plus, Plus Face, "
+                        "Full Face and FaceID are exported")
+    if "norm.weight" in keys and "proj.0.weight" in keys:
+        return "faceid"
     if "latents" in keys:
         return "plus"
-    raise UserError("this IP-Adapter's image projection is not IP-Adapter (proj.weight), Full Face (proj.3.weight) "
-                    "or Plus / Plus Face (latents); sdrt exports those (FaceID takes face-recognition embeddings "
-                    "that no exported encoder computes)")
+    raise UserError("this IP-Adapter's image projection is not IP-Adapter (proj.weight), Full Face (proj.3.weight), "
+                    "FaceID (proj.0.weight, norm.weight) or Plus / Plus Face (latents); sdrt exports those")
 
 
 def uses_hidden_states(adapter_kind: str) -> bool:
-    """diffusers' prepare_ip_adapter_image_embeds: every projection but ImageProjection takes hidden_states[-2]."""
-    return adapter_kind != "plain"
+    """diffusers' prepare_ip_adapter_image_embeds: every projection but ImageProjection takes hidden_states[-2]
+    (FaceID takes the caller's face embeddings, ip_adapter_image_embeds, instead of an image)."""
+    return adapter_kind in ("plus", "full")
 
 
 def load(pipe, src: IpAdapterSource) -> dict:
@@ -103,28 +113,33 @@ def load(pipe, src: IpAdapterSource) -> dict:
     "record": manifest entry {image_encoder, adapters: [{name, source, sha256, kind}]}}."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(Path(src.image_encoder).expanduser(),
-                                                                torch_dtype=torch.float32).eval()
-    except (OSError, ValueError) as e:
-        raise UserError(f"--image-encoder {src.image_encoder}: cannot load ({str(e).splitlines()[0]})") from None
+    encoder = None
+    if src.image_encoder is not None:
+        try:
+            encoder = CLIPVisionModelWithProjection.from_pretrained(Path(src.image_encoder).expanduser(),
+                                                                    torch_dtype=torch.float32).eval()
+        except (OSError, ValueError) as e:
+            raise UserError(f"--image-encoder {src.image_encoder}: cannot load ({str(e).splitlines()[0]})") from None
     states, records = [], []
     for source, name in src.adapters:
         state = _read_adapter(source)
         adapter_kind = kind(state["image_proj"])
-        embed_dim = state["image_proj"][{"plain": "proj.weight", "full": "proj.0.weight",
+        embed_dim = state["image_proj"][{"plain": "proj.weight", "full": "proj.0.weight", "faceid": "proj.0.weight",
                                          "plus": "proj_in.weight"}[adapter_kind]].shape[-1]
-        expected = encoder.config.projection_dim if adapter_kind == "plain" else encoder.config.hidden_size
-        if embed_dim != expected:
-            raise UserError(f"--ip-adapter {source} takes image embeddings of width {embed_dim}; the image encoder "
-                            f"gives {expected}: give the image encoder the adapter was trained with")
+        if encoder is not None and adapter_kind != "faceid":
+            expected = encoder.config.projection_dim if adapter_kind == "plain" else encoder.config.hidden_size
+            if embed_dim != expected:
+                raise UserError(f"--ip-adapter {source} takes image embeddings of width {embed_dim}; the image "
+                                f"encoder gives {expected}: give the image encoder the adapter was trained with")
         path = Path(source).expanduser()
         states.append(state)
         records.append({"name": name, "source": source, "sha256": sha256_of_files([path], path.parent),
-                        "kind": adapter_kind})
+                        "kind": adapter_kind, "embed_dim": int(embed_dim)})
     unet = copy.deepcopy(pipe.unet)
     try:
         unet._load_ip_adapter_weights(states)  # several: MultiIPAdapterImageProjection, per-adapter to_k_ip/to_v_ip
+        for state in states:
+            _fuse_faceid_lora(unet, state["ip_adapter"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"--ip-adapter {src.adapter} does not fit this model's UNet ({str(e).splitlines()[0]}); "
                         "give an adapter made for this family") from None
@@ -134,9 +149,25 @@ def load(pipe, src: IpAdapterSource) -> dict:
         if isinstance(p, torch.nn.Module):
             p.lora_target = False
     processor = pipe.feature_extractor if getattr(pipe, "feature_extractor", None) is not None else \
-        CLIPImageProcessor(size=encoder.config.image_size, crop_size=encoder.config.image_size)  # load_ip_adapter's
+        CLIPImageProcessor(size=encoder.config.image_size if encoder else 224,
+                           crop_size=encoder.config.image_size if encoder else 224)  # load_ip_adapter's
     record = {"image_encoder": src.image_encoder, "adapters": records}
     return {"unet": unet, "encoder": encoder, "processor": processor.to_dict(), "record": record}
+
+
+def _fuse_faceid_lora(unet, ip_weights: dict) -> None:
+    """IP-Adapter FaceID's own LoRA (`K.to_{q,k,v,out}_lora.{down,up}` for the K-th of attn_processors), which
+    diffusers' load_ip_adapter loads through load_lora_weights at weight 1 (no alpha: scale 1): fused into this UNet
+    copy as W += up · down (fp32), so it acts wherever the FaceID adapter is loaded, as in diffusers."""
+    for key_id, name in enumerate(unet.attn_processors):
+        if f"{key_id}.to_q_lora.down.weight" not in ip_weights:
+            continue
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        with torch.no_grad():
+            for proj, linear in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
+                up = ip_weights[f"{key_id}.to_{proj}_lora.up.weight"].float()
+                down = ip_weights[f"{key_id}.to_{proj}_lora.down.weight"].float()
+                linear.weight += (up @ down).to(linear.weight.dtype)
 
 
 def signature(record: dict) -> str:
@@ -244,16 +275,16 @@ def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentS
 
         base = unet_residual_spec(pipe)
     residuals = len(base.input_names) - len(_unet_spec(added).input_names)
-    enc = loaded["encoder"].config
-    kinds = [a["kind"] for a in loaded["record"]["adapters"]]
-    tokens = (enc.image_size // enc.patch_size) ** 2 + 1
+    enc = loaded["encoder"].config if loaded["encoder"] is not None else None
+    records = loaded["record"]["adapters"]
+    kinds = [a["kind"] for a in records]
     embeds = tuple(f"ip_image_embeds_{k}" for k in range(len(kinds)))
     scales = tuple(f"ip_scale_{k}" for k in range(len(kinds)))
 
     def make_inputs(p, shape: Shape, dtype):
         g = torch.Generator().manual_seed(shape.batch * 13 + shape.latent_height)
-        dims = [(shape.batch, 1, tokens, enc.hidden_size) if uses_hidden_states(k) else (shape.batch, 1, enc.projection_dim)
-                for k in kinds]
+        dims = [(shape.batch, 1, (enc.image_size // enc.patch_size) ** 2 + 1, enc.hidden_size) if uses_hidden_states(k)
+                else (shape.batch, 1, r["embed_dim"]) for k, r in zip(kinds, records)]
         return base.make_inputs(p, shape, dtype) + tuple(torch.randn(*d, generator=g).to(dtype) for d in dims) + \
             tuple(torch.tensor(0.8 - 0.1 * k) for k in range(len(kinds)))  # non-zero: every branch traced
 
@@ -266,10 +297,11 @@ def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentS
 
 
 def write_configs(tmp: Path, loaded: dict) -> None:
-    (tmp / IMAGE_ENCODER).mkdir(parents=True, exist_ok=True)
-    (tmp / IMAGE_ENCODER / "config.json").write_text(loaded["encoder"].config.to_json_string())
-    (tmp / IMAGE_ENCODER / "preprocessor_config.json").write_text(json.dumps(loaded["processor"], indent=2,
-                                                                             default=str))
+    if loaded["encoder"] is not None:  # FaceID alone has none
+        (tmp / IMAGE_ENCODER).mkdir(parents=True, exist_ok=True)
+        (tmp / IMAGE_ENCODER / "config.json").write_text(loaded["encoder"].config.to_json_string())
+        (tmp / IMAGE_ENCODER / "preprocessor_config.json").write_text(json.dumps(loaded["processor"], indent=2,
+                                                                                 default=str))
     for name in (UNET_IP, UNET_CONTROLNET_IP):
         if (tmp / name).is_dir():
             (tmp / name / "config.json").write_text(json.dumps(dict(loaded["unet"].config), indent=2, default=str))

@@ -27,6 +27,7 @@ _BASE_SCHEDULER = {
 }
 _TEXT_WIDTH = 32
 _PROJECTION = 32
+FACEID_WIDTH = 24  # the tiny FaceID adapter's face-embedding width (insightface's is 512)
 
 
 def _text_config(vocab_size: int, eos_id: int, hidden_act: str, layers: int):
@@ -149,14 +150,17 @@ def write_tiny_controlnet(model_folder: Path, folder: Path, seed: int = 0, gain:
 
 
 def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain: float = 1.0,
-                          plus: bool = False, full: bool = False) -> tuple[Path, Path]:
+                          plus: bool = False, full: bool = False, faceid: bool = False) -> tuple[Path, Path]:
     """A tiny CLIP image encoder (CLIPVisionModelWithProjection, 32×32 input) and an IP-Adapter for the tiny
     pipeline in diffusers' format (`image_proj.proj/norm` of ImageProjection with 4 tokens, `ip_adapter.{1,3,…}.
     to_k_ip/to_v_ip` for every cross-attention in `attn_processors` order, as _convert_ip_adapter_attn_to_diffusers
     numbers them), with random weights × `gain`. `plus`: an IP-Adapter Plus instead (diffusers'
     IPAdapterPlusImageProjection, a 4-layer Resampler with 8 queries, written in the `layers.N.attn.to_q/to_kv/to_out`
     form _convert_ip_adapter_image_proj_to_diffusers reads). `full`: an IP-Adapter Full Face (proj.0 / proj.2 /
-    proj.3: IPAdapterFullImageProjection, one token per hidden state). Returns (image encoder folder, adapter file)."""
+    proj.3: IPAdapterFullImageProjection, one token per hidden state). `faceid`: an IP-Adapter FaceID (IPAdapterFaceIDImageProjection
+    over FACEID_WIDTH-wide face embeddings: proj.0 / proj.2 / norm, 4 tokens) with its LoRA on every attention
+    (`ip_adapter.K.to_{q,k,v,out}_lora.{down,up}`, rank 4, K over all attn_processors, as diffusers'
+    _load_ip_adapter_loras reads it). Returns (image encoder folder, adapter file)."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -189,6 +193,17 @@ def write_tiny_ip_adapter(model_folder: Path, folder: Path, seed: int = 0, gain:
         state = {"image_proj.proj.0.weight": rand(_TEXT_WIDTH, _TEXT_WIDTH) * 2, "image_proj.proj.0.bias": torch.zeros(_TEXT_WIDTH),
                  "image_proj.proj.2.weight": rand(cross, _TEXT_WIDTH) * 2, "image_proj.proj.2.bias": torch.zeros(cross),
                  "image_proj.proj.3.weight": torch.ones(cross), "image_proj.proj.3.bias": torch.zeros(cross)}
+    if faceid:  # FeedForward(FACEID_WIDTH → 2·FACEID_WIDTH, GELU) → Linear(→ tokens·cross) → LayerNorm(cross)
+        state = {"image_proj.proj.0.weight": rand(2 * FACEID_WIDTH, FACEID_WIDTH) * 2,
+                 "image_proj.proj.0.bias": torch.zeros(2 * FACEID_WIDTH),
+                 "image_proj.proj.2.weight": rand(tokens * cross, 2 * FACEID_WIDTH) * 2,
+                 "image_proj.proj.2.bias": torch.zeros(tokens * cross),
+                 "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+        for key_id, name in enumerate(unet.attn_processors):
+            attn = unet.get_submodule(name.removesuffix(".processor"))
+            for proj, linear in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
+                state[f"ip_adapter.{key_id}.to_{proj}_lora.down.weight"] = rand(4, linear.in_features)
+                state[f"ip_adapter.{key_id}.to_{proj}_lora.up.weight"] = rand(linear.out_features, 4)
     key = 1
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):

@@ -11,6 +11,8 @@ Reproduces diffusers' StableDiffusion[XL]Pipeline with load_ip_adapter + set_ip_
 - several images for the one adapter (diffusers: ip_adapter_image=[[a, b]]) are encoded as one batch and become
   ip_image_embeds_0 [B, images, …]: the adapter's attention then sees all their tokens (IPAdapterAttnProcessor2_0
   views them as one sequence);
+- IP-Adapter FaceID takes the caller's face embeddings (diffusers: ip_adapter_image_embeds, zeros as the negative in
+  its documented recipe) instead of an image; its LoRA is fused into unet_ip at export;
 - several adapters in one directory (diffusers: load_ip_adapter([a, b]), set_ip_adapter_scale([s_a, s_b]),
   ip_adapter_image=[image_a, image_b]) are fed as ip_image_embeds_K / ip_scale_K in the manifest's order; an adapter
   the request does not name gets zero embeddings and scale 0, which adds exact zeros (diffusers skips its branch).
@@ -37,8 +39,9 @@ MAX_IMAGES = 16  # image prompts for the one adapter in a request
 @dataclass(frozen=True, eq=False)
 class AdapterPrompt:
     name: str  # the adapter's name in the manifest
-    images: tuple[Image.Image, ...]
+    images: tuple[Image.Image, ...]  # empty for FaceID
     scale: float
+    embeds: np.ndarray | None = None  # FaceID: [faces, D] float32 face embeddings (the caller's, e.g. insightface)
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +49,7 @@ class ImagePromptJob:
     prompts: tuple[AdapterPrompt, ...]
 
     def key(self) -> tuple:
-        return tuple((p.name, tuple(id(i) for i in p.images), p.scale) for p in self.prompts)
+        return tuple((p.name, tuple(id(i) for i in p.images), id(p.embeds), p.scale) for p in self.prompts)
 
 
 def adapter_records(manifest: dict | None) -> list[dict]:
@@ -68,28 +71,36 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
     field = "ip_image" if group.ip_image is not None else "ip_adapters"
     if group.ip_image is not None and entries:
         raise InvalidRequest("ip_adapters", "give ip_image (for a directory with one adapter) or ip_adapters, not both")
+    records = {r["name"]: r for r in adapter_records(model_dir.manifest)}
+    names = list(records)
+    needs_encoder = any(r.get("kind") != "faceid" for r in records.values())
     if not (model_dir.path / UNET_IP / "model.onnx").is_file() or \
-            not (model_dir.path / IMAGE_ENCODER / "model.onnx").is_file():
+            (needs_encoder and not (model_dir.path / IMAGE_ENCODER / "model.onnx").is_file()):
         raise InvalidRequest(field, "this engine directory has no IP-Adapter (export one with --ip-adapter and "
                                     "--image-encoder)")
     if controls is not None and not (model_dir.path / UNET_CONTROLNET_IP / "model.onnx").is_file():
         raise InvalidRequest(field, "this engine directory has no UNet for ControlNets and an IP-Adapter together "
                                     "(export the ControlNets and the adapter into it again); give one of them")
-    names = [r["name"] for r in adapter_records(model_dir.manifest)]
     if group.ip_image is not None:
         if len(names) != 1:
             raise InvalidRequest("ip_image", f"this engine directory has {len(names)} IP-Adapters ({', '.join(names)}); "
                                              "name the one each image is for: ip_adapters=[{name, image, scale}, …]")
+        if records[names[0]].get("kind") == "faceid":
+            raise InvalidRequest("ip_image", f"{names[0]} is an IP-Adapter FaceID: it takes face embeddings, not images "
+                                             "(ip_adapters=[{name, embeds, scale}])")
         return ImagePromptJob((AdapterPrompt(names[0], _images("ip_image", group.ip_image), scale),))
     if not isinstance(entries, (list, tuple)):
         raise InvalidRequest("ip_adapters", f"must be a list of {{name, image, scale}}, not {type(entries).__name__}")
     prompts = []
     for i, entry in enumerate(entries):
+        embeds = None
         if isinstance(entry, dict):
-            unknown = set(entry) - {"name", "image", "scale"}
+            unknown = set(entry) - {"name", "image", "embeds", "scale"}
             if unknown:
-                raise InvalidRequest(f"ip_adapters[{i}].{sorted(unknown)[0]}", "is not a field; give name, image, scale")
+                raise InvalidRequest(f"ip_adapters[{i}].{sorted(unknown)[0]}", "is not a field; give name, image (or "
+                                                                               "embeds for FaceID), scale")
             name, image, entry_scale = entry.get("name"), entry.get("image"), entry.get("scale", 1.0)
+            embeds = entry.get("embeds")
         elif isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
             name, image, entry_scale = (*entry, 1.0)[:3]
         else:
@@ -99,11 +110,39 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
                                                            f"it has {', '.join(names)}")
         if any(p.name == name for p in prompts):
             raise InvalidRequest(f"ip_adapters[{i}].name", f"{name!r} is given twice; give its images as one list")
+        entry_scale = _float(f"ip_adapters[{i}].scale", entry_scale)
+        if records[name].get("kind") == "faceid":
+            if image is not None or embeds is None:
+                raise InvalidRequest(f"ip_adapters[{i}].embeds", f"{name} is an IP-Adapter FaceID: give its face "
+                                     f"embeddings ([faces, {records[name]['embed_dim']}] numbers), not an image")
+            prompts.append(AdapterPrompt(name, (), entry_scale, _face_embeds(f"ip_adapters[{i}].embeds", embeds,
+                                                                             records[name]["embed_dim"])))
+            continue
+        if embeds is not None:
+            raise InvalidRequest(f"ip_adapters[{i}].embeds", f"{name} takes images (image), not embeddings")
         if image is None:
             raise InvalidRequest(f"ip_adapters[{i}].image", "is required: an image or a list of them")
-        prompts.append(AdapterPrompt(name, _images(f"ip_adapters[{i}].image", image),
-                                     _float(f"ip_adapters[{i}].scale", entry_scale)))
+        prompts.append(AdapterPrompt(name, _images(f"ip_adapters[{i}].image", image), entry_scale))
     return ImagePromptJob(tuple(prompts))
+
+
+def _face_embeds(field: str, given, width: int) -> np.ndarray:
+    """[D] or [faces, D] finite numbers (a list, numpy array or tensor) → float32 [faces, D]."""
+    from .validate import InvalidRequest
+
+    try:
+        array = np.array(given.detach().cpu() if isinstance(given, torch.Tensor) else given, dtype=np.float32)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim not in (1, 2) or array.shape[-1] != width or array.size == 0:
+        got = "not numbers" if array is None else f"shape {list(array.shape)}"
+        raise InvalidRequest(field, f"must be face embeddings of shape [{width}] or [faces, {width}] (got {got})")
+    if not np.isfinite(array).all():
+        raise InvalidRequest(field, "must be finite numbers")
+    array = array.reshape(-1, width)
+    if len(array) > MAX_IMAGES:
+        raise InvalidRequest(field, f"takes 1 to {MAX_IMAGES} faces (got {len(array)})")
+    return array
 
 
 def _images(field: str, given) -> tuple[Image.Image, ...]:
@@ -165,11 +204,21 @@ def image_embeds(encoder, images, config: dict, plus: bool, count: int, guided: 
     return torch.cat([negative, positive]) if guided else positive
 
 
-def _unused_embeds(encoder_config: dict, plus: bool, rows: int) -> torch.Tensor:
+def face_embeds(embeds: np.ndarray, count: int, guided: bool) -> torch.Tensor:
+    """[count (·2), faces, D]: FaceID as diffusers' documented recipe feeds ip_adapter_image_embeds (the caller's
+    embeddings, zeros as the negative, chunked in two by prepare_ip_adapter_image_embeds)."""
+    positive = torch.from_numpy(embeds)[None].repeat(count, 1, 1)
+    return torch.cat([torch.zeros_like(positive), positive]) if guided else positive
+
+
+def _unused_embeds(folder, record: dict, rows: int) -> torch.Tensor:
     """Zeros shaped as one image's embeddings ([rows, 1, D] or [rows, 1, T, W]) for an adapter fed scale 0."""
-    c = encoder_config
+    if record.get("kind") not in ("plus", "full"):
+        width = record.get("embed_dim") or json.loads((folder / "config.json").read_text())["projection_dim"]
+        return torch.zeros(rows, 1, width)
+    c = json.loads((folder / "config.json").read_text())
     tokens = (c["image_size"] // c["patch_size"]) ** 2 + 1  # patches + the class token
-    return torch.zeros((rows, 1, tokens, c["hidden_size"]) if plus else (rows, 1, c["projection_dim"]))
+    return torch.zeros(rows, 1, tokens, c["hidden_size"])
 
 
 def attach(pipe, job, prep):
@@ -177,22 +226,24 @@ def attach(pipe, job, prep):
     ip = getattr(job, "image_prompt", None)
     if ip is None:
         return prep
-    encoder = pipe.component(IMAGE_ENCODER)
     unet = UNET_CONTROLNET_IP if prep.unet == "unet_controlnet" else UNET_IP  # runtime/controlnet_call.py went first
     pipe.component(unet)
     folder = pipe.dir.path / IMAGE_ENCODER
-    config = json.loads((folder / "preprocessor_config.json").read_text())
     given = {p.name: p for p in ip.prompts}
+    guided = prep.guidance.enabled
     embeds, scales = [], []
     for record in adapter_records(pipe.dir.manifest):
-        plus = record.get("kind") in ("plus", "full")  # hidden states (Plus, Plus Face, Full Face)
         prompt = given.get(record["name"])
         if prompt is None:
-            rows = job.count * (2 if prep.guidance.enabled else 1)
-            embeds.append(_unused_embeds(json.loads((folder / "config.json").read_text()), plus, rows))
+            embeds.append(_unused_embeds(folder, record, job.count * (2 if guided else 1)))
             scales.append(0.0)
+            continue
+        if prompt.embeds is not None:
+            embeds.append(face_embeds(prompt.embeds, job.count, guided))
         else:
-            embeds.append(image_embeds(encoder, prompt.images, config, plus, job.count, prep.guidance.enabled))
-            scales.append(prompt.scale)
+            plus = record.get("kind") in ("plus", "full")  # hidden states (Plus, Plus Face, Full Face)
+            config = json.loads((folder / "preprocessor_config.json").read_text())
+            embeds.append(image_embeds(pipe.component(IMAGE_ENCODER), prompt.images, config, plus, job.count, guided))
+        scales.append(prompt.scale)
     return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(tuple(embeds), tuple(scales))],
                    unet=unet)

@@ -131,7 +131,8 @@ class ImagePrompt:
 
     ip_image: Any = None  # PIL image, or a list of them (several images for the one adapter)
     ip_scale: float = 1.0
-    ip_adapters: tuple = ()  # several adapters in one directory: each {name, image (or a list), scale}
+    ip_adapters: tuple = ()  # several adapters in one directory: each {name, image (or a list), scale}; FaceID
+    # adapters take {name, embeds: [faces, D] numbers, scale} instead of an image
 
     def __post_init__(self):  # JSON: lists → tuples, base64 images → PIL (a bad one raises InvalidRequest)
         if isinstance(self.ip_adapters, list):
@@ -281,6 +282,9 @@ def _ip_out(entry, encode_images: bool):
         name, image, scale = entry.get("name"), entry.get("image"), entry.get("scale", 1.0)
     else:
         name, image, scale = entry[0], entry[1], entry[2] if len(entry) > 2 else 1.0
+    if isinstance(entry, dict) and entry.get("embeds") is not None:  # FaceID
+        embeds = entry["embeds"]
+        return {"name": name, "embeds": embeds.tolist() if hasattr(embeds, "tolist") else embeds, "scale": scale}
     encode = (lambda x: encode_image(x) if isinstance(x, Image.Image) else x) if encode_images else (lambda x: x)
     image = [encode(x) for x in image] if isinstance(image, (list, tuple)) else encode(image)
     return {"name": name, "image": image, "scale": scale}

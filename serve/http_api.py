@@ -371,15 +371,18 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
 
 
 def _ip_adapters(value, ctx: ModelContext) -> tuple:
-    """`ip_adapters`: [{"name": …, "image": base64 or [base64, …], "scale": …}, …] (runtime/ip_adapter.py checks
-    names and scales)."""
+    """`ip_adapters`: [{"name": …, "image": base64 or [base64, …], "scale": …}, …], FaceID {"name", "embeds": [[…]],
+    "scale"} (runtime/ip_adapter.py checks names, embeddings and scales)."""
     if not isinstance(value, list):
         raise invalid("ip_adapters", f"must be a list of {{name, image, scale}} objects, not {_json_type(value)}")
     out = []
     for i, entry in enumerate(value):
         if not isinstance(entry, dict):
             raise invalid(f"ip_adapters[{i}]", f"must be an object {{name, image, scale}}, not {_json_type(entry)}")
-        image = entry.get("image")
+        if "image" not in entry:  # FaceID: {name, embeds, scale}
+            out.append(entry)
+            continue
+        image = entry["image"]
         image = tuple(decode_image(f"ip_adapters[{i}].image[{j}]", x, ctx, "RGB") for j, x in enumerate(image)) \
             if isinstance(image, list) else decode_image(f"ip_adapters[{i}].image", image, ctx, "RGB")
         out.append(entry | {"image": image})

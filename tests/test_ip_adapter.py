@@ -294,3 +294,68 @@ def test_two_adapters_in_one_directory_equal_diffusers(exported, tiny_pipeline, 
             for e in fields["ip_adapters"]] == [("style", 1, 0.7), ("face", 2, 0.5)]
     with pytest.raises(UserError, match="of every image"):
         _ip_fields((f"{tmp_path}/x.png", f"face={tmp_path}/y.png"))
+
+
+def test_faceid_equals_diffusers_with_face_embeddings(exported, tiny_pipeline, tmp_path):
+    """IP-Adapter FaceID (IPAdapterFaceIDImageProjection + its own LoRA, loaded by diffusers through
+    load_lora_weights): exported without an image encoder; the caller's face embeddings with zeros as the negative,
+    as diffusers' FaceID recipe passes ip_adapter_image_embeds=[cat(zeros, embeds)]. Scale 0 keeps the LoRA, as in
+    diffusers, so it still differs from the plain UNet."""
+    import diffusers
+
+    from sdrt.cli.generate import _ip_fields
+    from sdrt.export.tiny import FACEID_WIDTH, write_tiny_ip_adapter
+
+    engine = tmp_path / "engine"
+    shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)
+    _, adapter = write_tiny_ip_adapter(tiny_pipeline("sd15"), tmp_path / "faceid", seed=8, faceid=True)
+    add_controlnets(engine, (), ip_adapter=f"{adapter}=faceid")  # no --image-encoder: FaceID needs none
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["ip_adapter"]["adapters"][0]["kind"] == "faceid" and "image_encoder" not in manifest["components"]
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_pipeline("sd15"), safety_checker=None,
+                                                           requires_safety_checker=False)
+    ref.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler(ref, "euler")
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    faces = np.random.default_rng(5).standard_normal((2, FACEID_WIDTH)).astype(np.float32)
+    common = dict(prompt="a cat", steps=3, sampler="euler", seed=3, guidance=7.5, **SIZE)
+
+    def theirs(scale):
+        import torch
+
+        ref.set_ip_adapter_scale(scale)
+        positive = torch.from_numpy(faces)[None]  # [1, faces, D]
+        return ref("a cat", ip_adapter_image_embeds=[torch.cat([torch.zeros_like(positive), positive])],
+                   num_inference_steps=3, guidance_scale=7.5, generator=generators(3, 1), output_type="np",
+                   **SIZE).images
+
+    ours = pipe.generate(Request.of(**common, ip_adapters=[{"name": "faceid", "embeds": faces, "scale": 0.6}]))
+    assert_same_images("ip-adapter faceid sd15, two faces", ours, theirs(0.6))
+    zero = pipe.generate(Request.of(**common, ip_adapters=[{"name": "faceid", "embeds": faces[0], "scale": 0.0}]))
+    assert_same_images("ip-adapter faceid sd15, scale 0 (the LoRA alone)", zero, theirs(0.0))
+    plain = pipe.generate(Request.of(**common))
+    for a, b in ((ours, zero), (zero, plain)):  # the face embeddings show, and so does the FaceID LoRA
+        assert np.abs(to_uint8(a).astype(int) - to_uint8(b).astype(int)).max() > 8
+
+    opened = open_dir(engine)
+    request = Request.of(**common, ip_adapters=[{"name": "faceid", "embeds": faces, "scale": 0.6}])
+    again = Request.from_dict(json.loads(json.dumps(request.to_dict(encode_images=True))))
+    assert np.array_equal(validate(again, opened).image_prompt.prompts[0].embeds, faces)
+    for bad, field, text in [(dict(ip_image=_image(0, 32, 32)), "ip_image", "face embeddings"),
+                             (dict(ip_adapters=[{"name": "faceid", "image": _image(0, 32, 32)}]), "ip_adapters[0].embeds",
+                              "not an image"),
+                             (dict(ip_adapters=[{"name": "faceid", "embeds": faces[:, :5]}]), "ip_adapters[0].embeds",
+                              rf"\[2, 5\]"),
+                             (dict(ip_adapters=[{"name": "faceid", "embeds": [[float("nan")] * FACEID_WIDTH]}]),
+                              "ip_adapters[0].embeds", "finite"),
+                             (dict(ip_adapters=[{"name": "faceid", "embeds": "abc"}]), "ip_adapters[0].embeds", "shape")]:
+        with pytest.raises(InvalidRequest, match=text) as e:
+            validate(Request.of(**common, **bad), opened)
+        assert e.value.field == field
+    np.save(tmp_path / "face.npy", faces)
+    fields = _ip_fields((f"faceid={tmp_path}/face.npy:0.6",))
+    assert np.array_equal(fields["ip_adapters"][0]["embeds"], faces) and fields["ip_adapters"][0]["scale"] == 0.6
+    with pytest.raises(UserError, match="named FaceID adapter"):
+        _ip_fields((f"{tmp_path}/face.npy",))
