@@ -593,12 +593,42 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
+        code = 0
+    except SystemExit as e:  # typer ends every command this way
+        code = e.code
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         console.print("interrupted; nothing was left on disk", highlight=False)
-        sys.exit(130)
+        code = 130
+    _exit_without_teardown(code)
+
+
+def _exit_without_teardown(code) -> None:
+    """End the process once the command is done, without the interpreter's own teardown: with torch and ONNX
+    Runtime loaded, freeing every module and object at exit took ≈ 0.4 s of a 2.5 s `sdrt run` on this CPU
+    (`python -c "import torch"` 1.40 s against 1.00 s with os._exit). Exit handlers still run (logging, weakref
+    finalizers such as temporary folders), the standard streams are flushed, and everything sdrt writes is already
+    closed and renamed into place. With another non-daemon thread still running, Python's normal exit (which waits
+    for it) is kept."""
+    import atexit
+    import os
+    import threading
+
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    code = 0 if code is None else int(code)
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_startup_measures_both_and_compares_their_images(exported, tmp_path):
     s = startup.StartupScenario(str(engine), str(startup.source_of(engine)), steps=2, runs=1, ort_cache=True)
     result = startup.measure(s)
     assert result["image_max_abs_diff_uint8"] <= 1
-    assert len(result["seconds"]["sdrt"]) == len(result["seconds"]["diffusers"]) == 1
+    assert len(result["seconds"]["sdrt"]) == len(result["seconds"]["diffusers"]) == len(result["seconds"][startup.FAST_EXIT]) == 1
     assert len(result["seconds"][startup.CACHED]) == 1 and result["diffusers_over_sdrt_cached"] > 0
     assert list((engine / "unet").glob("ort-optimized/*.onnx"))  # the first cached start wrote the unet's graph
     folder = startup.write(result, tmp_path / "out", "sdrt bench … --startup")
