@@ -9,7 +9,8 @@ OpenAI Images (`POST /v1/images/generations`): `prompt`, `n`, `size` ("WxH" or "
 model's id, optional), `user` (accepted, unused), `stream` (false only), plus SD fields `negative_prompt`, `steps`
 (or `num_inference_steps`), `guidance_scale`, `guidance_rescale`, `seed` (absent, null or -1: random), `sampler`,
 `schedule`, `vae` (full | tiny), `vae_tiling` (auto | on | off), `cache_interval`, `loras` (names from the
-server's LoRA folder), `controls`, `control_start`, `control_end`, `guess_mode`, `ip_image`, `ip_scale`, `ip_adapters`. Anything
+server's LoRA folder), `controls`, `control_start`, `control_end`, `guess_mode`, `ip_image`, `ip_scale`, `ip_adapters`, `adapter_name`,
+`adapter_image`, `adapter_scale` (a T2I-Adapter). Anything
 else is refused with 422 naming it.
 
 AUTOMATIC1111 (`POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`): the fields sdrt uses are in `A1111_USED`; the
@@ -277,7 +278,7 @@ OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_form
                  "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
                  "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval", "controls",
                  "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image", "ip_scale",
-                 "ip_adapters")
+                 "ip_adapters", "adapter_name", "adapter_image", "adapter_scale")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
@@ -353,7 +354,7 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
     if "guidance_scale" in b:
         flat["guidance"] = b["guidance_scale"]
     for key in ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval", "control_start",
-                "control_end", "guess_mode", "control_preprocess", "ip_scale"):
+                "control_end", "guess_mode", "control_preprocess", "ip_scale", "adapter_name", "adapter_scale"):
         if key in b:
             flat[key] = b[key]
     if "loras" in b:
@@ -366,6 +367,8 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
             if isinstance(images, list) else decode_image("ip_image", images, ctx, "RGB")
     if "ip_adapters" in b:
         flat["ip_adapters"] = _ip_adapters(b["ip_adapters"], ctx)
+    if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/t2i_adapter.py converts it for the adapter)
+        flat["adapter_image"] = decode_image("adapter_image", b["adapter_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
     return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None)
 

@@ -61,6 +61,36 @@ def test_bad_t2i_requests(conditioned):
     assert e.field == "adapter_name" and "together" in e.message
 
 
+def test_http_t2i_adapter_equals_the_python_request(conditioned):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from sdrt.serve.app import ServeConfig, create_app
+
+    engine, _ = conditioned("sd15")
+    image = _image(4, 48, 32)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    config = ServeConfig(engine_dir=engine, max_batch=2, max_wait_ms=20, warmup=False, backend="ort-cpu")
+    body = {"prompt": "a fox", "size": "48x32", "steps": 2, "guidance_scale": 5.0, "sampler": "euler", "seed": 4,
+            "adapter_name": "sketch", "adapter_image": b64, "adapter_scale": 0.8}
+    with TestClient(create_app(config, pipeline=pipe)) as client:
+        response = client.post("/v1/images/generations", json=body)
+        assert response.status_code == 200, response.text
+        got = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))).convert("RGB")
+        want = pipe.generate(Request.of(prompt="a fox", steps=2, guidance=5.0, sampler="euler", seed=4,
+                                        adapter_name="sketch", adapter_image=image, adapter_scale=0.8, **SIZE))[0]
+        assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+        for bad, field in (({"adapter_name": "lineart"}, "adapter_name"), ({"adapter_image": "%%%"}, "adapter_image"),
+                           ({"adapter_scale": "high"}, "adapter_scale")):
+            response = client.post("/v1/images/generations", json=body | bad)
+            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+
+
 @pytest.mark.slow
 def test_sdxl_t2i_adapter_equals_diffusers(exported, tiny_pipeline, tmp_path):
     """StableDiffusionXLAdapterPipeline (adapter_conditioning_factor 1: the features join every step)."""
