@@ -73,9 +73,9 @@ class Pipeline:
         base_loras = lora.resolve_at_load(d, loras, lora_dir)  # bad LoRAs fail before any engine loads
         text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
         text.check(d)  # so do bad embeddings
-        names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder") + \
-            tuple(n for n in ("vae_encoder", *TINY_VAE.values(), "depth_estimator", "image_encoder")
-                  if (d.path / n / "model.onnx").exists())
+        # what txt2img uses; the VAE encoder, tiny VAEs, depth estimator, image encoders, ControlNets… are opened
+        # by `component` on first use, so a run pays only for the sessions its path needs
+        names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder")
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
         tokenizers = {}
         for enc in d.text_encoder_names:
@@ -95,6 +95,7 @@ class Pipeline:
 
     def engine(self, name: str, job: Job | None = None):
         """Component `name`'s engine for this job's LoRA set (runtime/lora.py: rebuilt, never accumulated)."""
+        self.component(name)
         return self.adapters.engine(name, job.loras if job is not None else ())
 
     def lazy_engine(self, name: str):
@@ -189,7 +190,7 @@ class Pipeline:
         scaling_factor 1.0 makes this diffusers' `vae.decode(latents / vae.config.scaling_factor)` as well);
         `tiled`: the full VAE in tiles, as diffusers after vae.enable_tiling() (runtime/vae_tiling.py)."""
         name = TINY_VAE["decode"] if vae == "tiny" else "vae_decoder"
-        engine = self.engines[name]
+        engine = self.component(name)
         scaled = latents / self._scaling_factor(name)
         if tiled and vae != "tiny" and self.vae_tiles.decode_tiles(*scaled.shape[-2:]):
             out = vae_tiling.tiled_decode(lambda z: feed.run(engine, latent_sample=z)["sample"], scaled,
@@ -218,9 +219,9 @@ class Pipeline:
         its own generator (diffusers' img2img with a list of generators: retrieve_latents(..., generator[i])).
         The tiny VAE's encoder gives latents, not a distribution: retrieve_latents draws nothing for it."""
         if vae == "tiny":
-            latents = feed.run(self.engines[TINY_VAE["encode"]], sample=image)["latents"]
+            latents = feed.run(self.component(TINY_VAE["encode"]), sample=image)["latents"]
             return latents.repeat_interleave(len(generators), dim=0) * self._scaling_factor(TINY_VAE["encode"])
-        encoder = self.engines["vae_encoder"]
+        encoder = self.component("vae_encoder")
         if tiled and self.vae_tiles.encode_tiles(*image.shape[-2:]):  # AutoencoderKL._tiled_encode
             params = vae_tiling.tiled_encode(lambda x: feed.run(encoder, sample=x)["latent_parameters"], image,
                                              self.vae_tiles)
@@ -287,7 +288,7 @@ class Pipeline:
         else:
             folder = self.dir.path / "depth_estimator"
             pixels = depth.EstimatorInput.of(folder).tensor(request.init_image)
-            raw = feed.run(self.engines["depth_estimator"], pixel_values=pixels)["predicted_depth"]
+            raw = feed.run(self.component("depth_estimator"), pixel_values=pixels)["predicted_depth"]
         d = depth.normalised(raw.cpu(), h, w).repeat(n, 1, 1, 1).to(self.device)  # [N, 1, h, w]
         return [ExtraChannels(guidance.batch(d))]
 
@@ -338,7 +339,7 @@ class Pipeline:
         n = shape[0]
         guidance, generator = common["guidance"], common["generator"]
         pixels = unclip.EncoderInput.of(self.dir.path / "image_encoder").tensor(request.variation_image)
-        embeds = feed.run(self.engines["image_encoder"], pixel_values=pixels)["image_embeds"].cpu()  # [1, D]
+        embeds = feed.run(self.component("image_encoder"), pixel_values=pixels)["image_embeds"].cpu()  # [1, D]
         drawn = noise.randn((n, embeds.shape[-1]), generator)  # [N, D], CPU as diffusers' generators
         labels = unclip.EmbeddingNoise.of(self.dir.path).noised(embeds, drawn, request.noise_level)  # [N, 2D]
         if guidance.enabled:
