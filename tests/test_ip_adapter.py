@@ -206,7 +206,7 @@ def test_several_images_for_one_adapter_equal_diffusers(conditioned, pipes, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,kind", [("sd15", "plus"), ("sd15", "full"), ("sdxl", "plus")])
+@pytest.mark.parametrize("family,kind", [("sd15", "plus"), ("sd15", "full"), ("sdxl", "plus"), ("sdxl", "full")])
 def test_ip_adapter_plus_and_full_face_equal_diffusers(exported, tiny_pipeline, tmp_path, family, kind):
     """IP-Adapter Plus / Plus Face (Resampler projection; the two differ only in training data) and Full Face
     (IPAdapterFullImageProjection): penultimate hidden states, the zero image's as the negative; one and two images."""
