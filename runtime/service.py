@@ -20,6 +20,7 @@ goes on with the next. Validation happens in `submit` (InvalidRequest), as does 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -37,6 +38,13 @@ from .request import Request
 from .validate import Job, validate
 
 Progress = Callable[[int, int], None]  # (steps done, total)
+Preview = Callable[[int, int, list], None]  # (steps done, total, this request's images decoded by the tiny VAE)
+
+
+def preview_steps(total: int, previews: int) -> frozenset[int]:
+    """The steps after which `previews` progress images are decoded: evenly spaced, never the last (the finished
+    image is the result), at most one per step."""
+    return frozenset(s for i in range(previews) if 0 < (s := math.ceil(total * (i + 1) / (previews + 1))) < total)
 
 
 class QueueFull(UserError):
@@ -121,6 +129,8 @@ class _Pending:
     deadline: float | None
     token: CancelToken | None
     progress: Progress | None
+    preview: Preview | None = None
+    previews: int = 0
     started: float = 0.0
     done: bool = False
 
@@ -164,14 +174,20 @@ class Service:
                                                                  **self.pipeline.text.validate_args())  # embeddings
 
     def submit(self, request: Request | Job, *, timeout: float | None = None, cancel: CancelToken | None = None,
-               on_progress: Progress | None = None) -> Future:
+               on_progress: Progress | None = None, on_preview: Preview | None = None, previews: int = 0) -> Future:
         """Queue a request; the future's result is a Result. Raises InvalidRequest, QueueFull, ServiceClosed.
 
-        `timeout` (seconds from now) is the deadline, checked while queued and between steps.
+        `timeout` (seconds from now) is the deadline, checked while queued and between steps. `previews` progress
+        images (the request's latents decoded by the tiny VAE at `preview_steps`) go to `on_preview`, called on the
+        worker thread; the directory needs vae_decoder_tiny (export --tiny-vae).
         """
         job = self.validate(request)
+        if previews and not (self.pipeline.dir.path / "vae_decoder_tiny" / "model.onnx").is_file():
+            raise UserError("progress images are decoded by the tiny VAE, which this engine directory does not have "
+                            "(export it with --tiny-vae)")
         now = time.monotonic()
-        pending = _Pending(job, Future(), now, None if timeout is None else now + timeout, cancel, on_progress)
+        pending = _Pending(job, Future(), now, None if timeout is None else now + timeout, cancel, on_progress,
+                           on_preview, previews)
         with self._cond:
             if self._closing:
                 raise ServiceClosed("the service is shutting down and takes no new requests")
@@ -297,19 +313,24 @@ class Service:
             total = pipe.steps_to_run(merged)
             t0 = time.monotonic()
             latents = None
+            rows = [sum(q.job.count for q in live[:i]) for i in range(len(live))]  # each request's first row
+            wanted = [preview_steps(total, p.previews) if p.preview is not None else frozenset() for p in live]
             for done, latents in enumerate(pipe.steps(merged, prep), start=1):
                 now = time.monotonic()
-                for p in live:
+                for p, row, at in zip(live, rows, wanted):
                     if p.done:
                         continue
                     reason = p.stop_reason(now)
                     if reason is not None:
                         self._fail(p, reason)
-                    elif p.progress is not None:
-                        try:
+                        continue
+                    try:  # a caller's callback never stops the batch
+                        if p.progress is not None:
                             p.progress(done, total)
-                        except Exception:  # a caller's callback never stops the batch
-                            pass
+                        if done in at:
+                            p.preview(done, total, pipe.preview(latents[row:row + p.job.count]))
+                    except Exception:
+                        pass
                 if all(p.done for p in live):
                     break
             steps_time = time.monotonic() - t0

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdrt.runtime import lora, sampler_registry
+from sdrt.runtime import image_io, lora, sampler_registry
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import open_dir
@@ -95,7 +95,8 @@ class ServerState:
             name=self.model_name, default_size=self.dir.default_size,
             size_multiple=self.dir.vae_scale_factor * self.dir.latent_multiple,
             max_prompt_chars=config.max_prompt_chars, max_iterations=min(config.limits.max_batch, config.queue_size),
-            max_image_pixels=config.limits.max_pixels, lora_dir=config.lora_dir)
+            max_image_pixels=config.limits.max_pixels, lora_dir=config.lora_dir,
+            has_tiny_vae=(self.dir.path / "vae_decoder_tiny" / "model.onnx").is_file())
         self.service: Service | None = None
         self.load_error: str | None = None
         self.draining = False
@@ -299,7 +300,9 @@ _OPENAI_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
     "response_format": {"type": "string", "enum": ["b64_json"]},
     "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png"},
     "output_compression": {"type": "integer", "minimum": 0, "maximum": 100},
-    "model": {"type": "string"}, "user": {"type": "string"}, "stream": {"type": "boolean", "enum": [False]},
+    "model": {"type": "string"}, "user": {"type": "string"}, "stream": {"type": "boolean", "default": False},
+    "partial_images": {"type": "integer", "minimum": 0, "maximum": 3, "description": "with stream: progress images "
+                       "decoded by the tiny VAE"},
     "negative_prompt": {"type": "string"}, "steps": {"type": "integer", "default": 30},
     "num_inference_steps": {"type": "integer", "description": "same as steps"},
     "guidance_scale": {"type": "number", "default": 7.5}, "guidance_rescale": {"type": "number", "default": 0},
@@ -400,23 +403,49 @@ def create_app(config: ServeConfig, pipeline=None, *, test_fault_prompt: str | N
             jobs.append(job)
         return jobs
 
+    def submitted(service: Service, jobs: list, token: CancelToken, **preview) -> list:
+        """The jobs queued (429 when the queue is full, 503 while closing)."""
+        try:
+            return [service.submit(job, timeout=config.timeout_s, cancel=token, **preview) for job in jobs]
+        except QueueFull as e:
+            token.cancel()
+            state.metrics.outcome("queue_full")
+            raise HttpError(429, "queue_full", str(e), headers={"Retry-After": str(state.retry_after())}) from None
+        except ServiceClosed as e:
+            token.cancel()
+            state.metrics.outcome("closed")
+            raise HttpError(503, "shutting_down", str(e), headers={"Retry-After": "10"}) from None
+
+    def failure(e: BaseException, plan: Plan) -> HttpError:
+        """What a request that failed after it was queued answers, its outcome counted."""
+        metrics = state.metrics
+        if isinstance(e, HttpError):
+            return e
+        if isinstance(e, DeadlineExceeded):
+            metrics.outcome("deadline")
+            return HttpError(504, "timeout", f"the request did not finish within {config.timeout_s:g} s "
+                                             "(the server's per-request timeout)")
+        if isinstance(e, Cancelled):
+            metrics.outcome("cancelled")
+            return HttpError(499, "client_closed", str(e))
+        if isinstance(e, ServiceClosed):
+            metrics.outcome("closed")
+            return HttpError(503, "shutting_down", str(e), headers={"Retry-After": "10"})
+        if isinstance(e, InvalidRequest):
+            metrics.outcome("invalid")
+            return plan.invalid(e)
+        if isinstance(e, UserError):
+            metrics.outcome("invalid")
+            return http_api.invalid(None, str(e))
+        metrics.outcome("error")  # an engine failed: this request fails, the server goes on
+        return HttpError(500, "engine_error", f"generation failed: {type(e).__name__}: {e}")
+
     async def generate(request: Request, plan: Plan) -> list:
         service = state.require_service()
         metrics = state.metrics
         jobs = await asyncio.to_thread(validated, service, plan)  # image decoding and schedules: off the loop
         token = CancelToken()
-        futures = []
-        try:
-            for job in jobs:
-                futures.append(service.submit(job, timeout=config.timeout_s, cancel=token))
-        except QueueFull as e:
-            token.cancel()
-            metrics.outcome("queue_full")
-            raise HttpError(429, "queue_full", str(e), headers={"Retry-After": str(state.retry_after())}) from None
-        except ServiceClosed as e:
-            token.cancel()
-            metrics.outcome("closed")
-            raise HttpError(503, "shutting_down", str(e), headers={"Retry-After": "10"}) from None
+        futures = submitted(service, jobs, token)
         loop = asyncio.get_running_loop()
         waiter = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         give_up = None if config.timeout_s is None else loop.time() + config.timeout_s + 1.0
@@ -433,27 +462,8 @@ def create_app(config: ServeConfig, pipeline=None, *, test_fault_prompt: str | N
                     raise HttpError(499, "client_closed", "the client went away; its request was cancelled")
                 if give_up is not None and loop.time() > give_up:
                     raise DeadlineExceeded("the request's deadline passed before it finished")
-        except HttpError:
-            raise
-        except DeadlineExceeded:
-            metrics.outcome("deadline")
-            raise HttpError(504, "timeout", f"the request did not finish within {config.timeout_s:g} s "
-                                            "(the server's per-request timeout)") from None
-        except Cancelled as e:
-            metrics.outcome("cancelled")
-            raise HttpError(499, "client_closed", str(e)) from None
-        except ServiceClosed as e:
-            metrics.outcome("closed")
-            raise HttpError(503, "shutting_down", str(e), headers={"Retry-After": "10"}) from None
-        except InvalidRequest as e:
-            metrics.outcome("invalid")
-            raise plan.invalid(e) from None
-        except UserError as e:
-            metrics.outcome("invalid")
-            raise http_api.invalid(None, str(e)) from None
-        except Exception as e:  # noqa: BLE001 — an engine failed: this request fails, the server goes on
-            metrics.outcome("error")
-            raise HttpError(500, "engine_error", f"generation failed: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 — mapped to its answer (an engine failure: 500, the server goes on)
+            raise failure(e, plan) from None
         finally:
             if not finished:
                 token.cancel()
@@ -469,6 +479,57 @@ def create_app(config: ServeConfig, pipeline=None, *, test_fault_prompt: str | N
         body = await read_body(request, config.max_body_bytes)
         return await asyncio.to_thread(lambda: make(http_api.parse_json(body)))
 
+    async def stream(request: Request, plan: Plan) -> StreamingResponse:
+        """OpenAI image streaming: `partial_images` progress images (tiny VAE, runtime/service.preview_steps), then
+        the finished image, as server-sent events. Errors before the first byte are ordinary answers; after it, an
+        `error` event. A client that goes away cancels the request, as in `generate`."""
+        service = state.require_service()
+        jobs = await asyncio.to_thread(validated, service, plan)
+        loop = asyncio.get_running_loop()
+        previews: asyncio.Queue = asyncio.Queue()
+        token = CancelToken()
+        future, = submitted(service, jobs, token, previews=plan.partial_images,
+                            on_preview=lambda done, total, images: loop.call_soon_threadsafe(previews.put_nowait,
+                                                                                            images[0]))
+        size = (jobs[0].width, jobs[0].height)
+
+        async def events():
+            waiter = asyncio.wrap_future(future)
+            give_up = None if config.timeout_s is None else loop.time() + config.timeout_s + 1.0
+            index, finished = 0, False
+            try:
+                while True:
+                    while not previews.empty():  # in step order, before the result they precede
+                        data = await asyncio.to_thread(image_io.image_bytes, previews.get_nowait(), None,
+                                                       plan.output_format, plan.quality)
+                        yield http_api.stream_event("partial_image", plan, data, size, index)
+                        index += 1
+                    if waiter.done():
+                        break
+                    await asyncio.wait({waiter}, timeout=config.poll_s)
+                    if not waiter.done() and await request.is_disconnected():
+                        state.metrics.outcome("cancelled")
+                        return
+                    if give_up is not None and loop.time() > give_up:
+                        raise DeadlineExceeded("the request's deadline passed before it finished")
+                result = waiter.result()
+                encoded = await asyncio.to_thread(http_api.encode_results, plan, [result], state.model_name)
+                finished = True
+                state.metrics.outcome("ok")
+                state.metrics.on_result(result)
+                yield http_api.stream_event("completed", plan, encoded[0][0], size,
+                                            extra={"seed": result.seeds[0], "partial_images_sent": index})
+            except Exception as e:  # noqa: BLE001 — the status line is gone: an error event instead
+                yield http_api.stream_error(failure(e, plan))
+            finally:
+                if not finished:
+                    token.cancel()
+                    waiter.cancel()
+                    waiter.add_done_callback(_retrieve)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Seed": str(jobs[0].seeds[0])})
+
     @app.post("/v1/images/generations", tags=["OpenAI"], summary="Generate images (OpenAI Images API + SD fields)",
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": _OPENAI_SCHEMA}}}},
@@ -477,6 +538,8 @@ def create_app(config: ServeConfig, pipeline=None, *, test_fault_prompt: str | N
     async def images_generations(request: Request):
         accept = request.headers.get("accept")
         plan = await plan_of(request, lambda body: http_api.openai_plan(body, state.ctx, accept))
+        if plan.stream:
+            return await stream(request, plan)
         results = await generate(request, plan)
         encoded = await asyncio.to_thread(http_api.encode_results, plan, results, state.model_name)
         if plan.raw:

@@ -6,7 +6,8 @@ the way the route's clients spell the field. Two request dialects:
 
 OpenAI Images (`POST /v1/images/generations`): `prompt`, `n`, `size` ("WxH" or "auto"), `response_format`
 ("b64_json"), `output_format` (png | jpeg | webp), `output_compression` (jpeg/webp quality), `model` (the served
-model's id, optional), `user` (accepted, unused), `stream` (false only), plus SD fields `negative_prompt`, `steps`
+model's id, optional), `user` (accepted, unused), `stream` and `partial_images` (0–3; server-sent events
+`image_generation.partial_image` decoded by the tiny VAE, then `image_generation.completed`; n = 1), plus SD fields `negative_prompt`, `steps`
 (or `num_inference_steps`), `guidance_scale`, `guidance_rescale`, `seed` (absent, null or -1: random), `sampler`,
 `schedule`, `vae` (full | tiny), `vae_tiling` (auto | on | off), `cache_interval`, `loras` (names from the
 server's LoRA folder), `controls`, `control_start`, `control_end`, `guess_mode`, `ip_image`, `ip_scale`, `ip_adapters`, `adapter_name`,
@@ -82,6 +83,7 @@ class ModelContext:
     max_iterations: int  # A1111 n_iter
     max_image_pixels: int  # init images and masks larger than this are refused before decoding
     lora_dir: Path | None = None  # LoRAs a request may name (by file stem; never a path)
+    has_tiny_vae: bool = False  # vae_decoder_tiny exported: streamed partial images can be decoded
 
 
 # ---- JSON bodies -----------------------------------------------------------------------------------------
@@ -259,6 +261,8 @@ class Plan:
     send_images: bool = True
     echo: dict = field(default_factory=dict)  # A1111 `parameters`
     img2img: bool = False
+    stream: bool = False  # OpenAI `stream`: server-sent events, partial images then the finished one
+    partial_images: int = 0
 
     def field(self, runtime_field: str | None) -> str | None:
         if runtime_field is None:
@@ -275,7 +279,7 @@ class Plan:
 # ---- OpenAI Images --------------------------------------------------------------------------------------
 
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
-                 "stream", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
+                 "stream", "partial_images", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
                  "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval", "controls",
                  "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image", "ip_scale",
                  "ip_adapters", "adapter_name", "adapter_image", "adapter_scale")
@@ -311,8 +315,21 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
         raise invalid("model", f"this server serves {ctx.name!r} (GET /v1/models), not {_short(b['model'])}")
     if "user" in b and not isinstance(b["user"], str):
         raise invalid("user", f"must be a string, not {_json_type(b['user'])}")
-    if b.get("stream") not in (None, False):
-        raise invalid("stream", "sdrt answers with the finished images; send stream: false or leave it out")
+    stream = b.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("stream", f"must be true or false, not {_short(stream)}")
+    partial = 0
+    if "partial_images" in b:
+        partial = _int("partial_images", b["partial_images"], 0, 3)
+        if partial and not stream:
+            raise invalid("partial_images", "are sent while streaming; give stream: true with it")
+        if partial and not ctx.has_tiny_vae:
+            raise invalid("partial_images", "are decoded by the tiny VAE, which this model's engine directory does not "
+                                            "have (export it with --tiny-vae); send 0 or leave it out")
+    if stream and b.get("n", 1) != 1:
+        raise invalid("n", "stream: true sends one image; send n = 1")
+    if stream and wanted_media(accept) is not None:
+        raise invalid("stream", "streams server-sent events; accept text/event-stream or application/json")
     if b.get("response_format") == "url":
         raise invalid("response_format", "sdrt returns images inline; use b64_json (it stores no files to link to)")
     _choice("response_format", b.get("response_format", "b64_json"), ("b64_json",))
@@ -370,7 +387,8 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
     if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/t2i_adapter.py converts it for the adapter)
         flat["adapter_image"] = decode_image("adapter_image", b["adapter_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
-    return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None)
+    return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None, stream=stream,
+                partial_images=partial)
 
 
 def _ip_adapters(value, ctx: ModelContext) -> tuple:
@@ -750,6 +768,23 @@ def a1111_schedulers() -> list[dict]:
               "sgm uniform": "SGM Uniform", "simple": "Simple", "beta": "Beta"}
     return [{"name": (A1111_SCHEDULERS[k] or "automatic"), "label": label, "aliases": None, "default_rho": -1,
              "need_inner_model": False} for k, label in labels.items()]
+
+
+def stream_event(kind: str, plan: Plan, image_bytes: bytes, size: tuple[int, int], index: int | None = None,
+                 extra: dict | None = None) -> bytes:
+    """One server-sent event in OpenAI's image streaming shape: `image_generation.partial_image` (with
+    partial_image_index) or `image_generation.completed`."""
+    data = {"type": f"image_generation.{kind}", "b64_json": base64.b64encode(image_bytes).decode("ascii"),
+            "created_at": int(time.time()), "size": f"{size[0]}x{size[1]}", "output_format": plan.output_format}
+    if index is not None:
+        data["partial_image_index"] = index
+    data |= extra or {}
+    return f"event: image_generation.{kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def stream_error(error: HttpError) -> bytes:
+    """A failure after the stream began (its status line is sent): an `error` event with the usual error body."""
+    return f"event: error\ndata: {json.dumps(error.body())}\n\n".encode()
 
 
 def encode_results(plan: Plan, results, model_name: str) -> list[list[bytes]]:

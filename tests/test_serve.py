@@ -274,7 +274,7 @@ BAD = [  # (route, body, status, field)
     (GEN, {"prompt": "x", "output_format": "gif"}, 422, "output_format"),
     (GEN, {"prompt": "x", "output_compression": 50}, 422, "output_compression"),
     (GEN, {"prompt": "x", "model": "dall-e-3"}, 422, "model"),
-    (GEN, {"prompt": "x", "stream": True}, 422, "stream"),
+    (GEN, {"prompt": "x", "stream": 1}, 422, "stream"),
     (GEN, {"prompt": "x", "quality": "hd"}, 422, "quality"),
     (TXT, {"prompt": "x", "width": 31, "height": 32}, 422, "width"),
     (TXT, {"prompt": "x", "batch_size": 17}, 422, "batch_size"),

@@ -170,6 +170,52 @@ def test_openai_body_carries_the_vae_fields():
     assert plan.requests[0].decode.vae == "tiny" and plan.requests[0].decode.vae_tiling == "off"
 
 
+def test_openai_streaming_sends_tiny_vae_partial_images_then_the_image(with_tiny, pipe):
+    """`stream: true, partial_images: 2` over HTTP: server-sent events in OpenAI's shape, the partial images equal
+    sdrt's tiny-VAE previews of the latents after the steps runtime/service.preview_steps picks, the completed
+    image equals the same request unstreamed."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from sdrt.runtime.service import preview_steps
+    from sdrt.serve.app import ServeConfig, create_app
+    from sdrt.serve.http_api import HttpError, ModelContext, openai_plan
+
+    assert preview_steps(4, 2) == {2, 3} and preview_steps(20, 3) == {5, 10, 15}
+    assert preview_steps(1, 3) == frozenset() and preview_steps(2, 3) == {1}
+    common = dict(prompt="a cat", steps=4, guidance=5.0, sampler="euler", seed=5, width=32, height=32)
+    latents = list(pipe.denoise(Request.of(**common)))
+    want_partial = [np.asarray(pipe.preview(latents[k - 1])[0], dtype=int) for k in (2, 3)]
+    want = np.asarray(pipe.generate(Request.of(**common))[0], dtype=int)
+    body = {"prompt": "a cat", "steps": 4, "guidance_scale": 5.0, "sampler": "euler", "seed": 5, "size": "32x32",
+            "stream": True, "partial_images": 2}
+    config = ServeConfig(engine_dir=with_tiny, max_batch=2, max_wait_ms=5, warmup=False, backend="ort-cpu")
+    with TestClient(create_app(config, pipeline=pipe)) as client:
+        with client.stream("POST", "/v1/images/generations", json=body) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream"), \
+                response.read()
+            text = "".join(response.iter_text())
+        events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+                  for block in text.strip().split("\n\n")]
+        assert [e for e, _ in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+        assert [d.get("partial_image_index") for _, d in events] == [0, 1, None]
+        assert all(d["type"] == e and d["size"] == "32x32" for e, d in events)
+        got = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB"), dtype=int)
+               for _, d in events]
+        for a, b in zip(got, want_partial + [want]):
+            assert np.abs(a - b).max() <= 1
+        assert np.abs(got[1] - got[2]).max() > 8  # a partial image is not the finished one
+        for bad, field in (({"partial_images": 4}, "partial_images"), ({"stream": False}, "partial_images"),
+                           ({"n": 2}, "n"), ({"stream": "yes"}, "stream")):
+            response = client.post("/v1/images/generations", json=body | bad)
+            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+    with pytest.raises(HttpError, match="tiny VAE") as e:  # a directory without vae_decoder_tiny
+        openai_plan(body, ModelContext("m", 32, 2, 1000, 4, 4096 * 4096))
+    assert e.value.field == "partial_images"
+
+
 @pytest.mark.slow
 def test_sdxl_tiny_vae_equals_diffusers(exported, tiny_pipeline, taesd, tmp_path):
     """TAESDXL's place: SDXL (its VAE forced to fp32 in fp16 exports; the tiny one never is), guidance on."""
