@@ -84,6 +84,7 @@ class RunOptions:
     ort_cache: bool = False  # keep ONNX Runtime's optimized graphs for faster later starts (engines/ort_cache.py)
     cache_interval: int = 1  # step caching (runtime/step_cache.py)
     controls: tuple[str, ...] = ()  # "NAME=IMAGE[:SCALE]" (runtime/controlnet.py)
+    control_windows: tuple[str, ...] = ()  # "NAME=START:END": one net's own window
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
@@ -153,7 +154,7 @@ def build_request(o: RunOptions) -> Request:
         vae=o.vae,
         vae_tiling=o.vae_tiling,
         cache_interval=o.cache_interval,
-        controls=tuple((name, image_io.load_image(path), scale) for name, path, scale in map(parse_control, o.controls)),
+        controls=_controls(o.controls, o.control_windows),
         control_start=o.control_start,
         control_end=o.control_end,
         guess_mode=o.guess_mode,
@@ -161,6 +162,27 @@ def build_request(o: RunOptions) -> Request:
         **_ip_fields(o.ip_image),
         **_adapter_fields(o.adapter),
     )
+
+
+def _controls(texts, windows) -> tuple:
+    """--control NAME=IMAGE[:SCALE] … with --control-window NAME=START:END for nets with their own window."""
+    own = {}
+    for text in windows:
+        name, eq, rest = text.partition("=")
+        start, colon, end = rest.partition(":")
+        try:
+            own[name] = {"start": float(start), "end": float(end)}
+        except ValueError:
+            raise UserError(f"--control-window {text!r}: give NAME=START:END, fractions of the schedule such as "
+                            "canny=0:0.6") from None
+        if not (eq and colon and name):
+            raise UserError(f"--control-window {text!r}: give NAME=START:END")
+    parsed = [parse_control(t) for t in texts]
+    unknown = sorted(set(own) - {name for name, _, _ in parsed})
+    if unknown:
+        raise UserError(f"--control-window {unknown[0]}: no --control {unknown[0]}=IMAGE to apply it to")
+    return tuple({"name": name, "image": image_io.load_image(path), "scale": scale, **own.get(name, {})}
+                 for name, path, scale in parsed)
 
 
 def _adapter_fields(text: str | None) -> dict:

@@ -240,6 +240,8 @@ def run(
                                                 "would not fit the memory limit"),
     control: list[str] = typer.Option([], "--control", help="NAME=IMAGE[:SCALE]: a ControlNet the engine directory "
                                                            "holds and its control image (repeatable; summed in order)"),
+    control_window: list[str] = typer.Option([], "--control-window", help="NAME=START:END: that ControlNet's own "
+                                             "window (fractions of the steps), instead of --control-start/--control-end"),
     control_start: float = typer.Option(0.0, help="fraction of the steps before the ControlNets start"),
     control_end: float = typer.Option(1.0, help="fraction of the steps after which the ControlNets stop"),
     control_preprocess: Optional[str] = typer.Option(None, help="canny[:LOW:HIGH]: turn each control image (a photo) "
@@ -276,7 +278,7 @@ def run(
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
                          vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval,
-                         controls=tuple(control), control_start=control_start,
+                         controls=tuple(control), control_windows=tuple(control_window), control_start=control_start,
                          control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess,
                          ip_image=tuple(ip_image), adapter=adapter)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -8,8 +8,9 @@ mid_block_additional_residual. Everything reproduces diffusers' StableDiffusion[
 (pipelines/controlnet/pipeline_controlnet{,_sd_xl}.py) and MultiControlNetModel:
 - the control image: RGB, resized to the output size with PIL Lanczos, float32 in [0, 1], NCHW
   (VaeImageProcessor(do_normalize=False).preprocess), repeated to the batch, doubled for guidance unless guess mode;
-- keep_i = 1 − [i/N < start or (i+1)/N > end] over the N timesteps; a net whose keep is 0 is not run at all
-  (diffusers runs it with scale 0 and adds exact zeros), so a step with no net kept feeds zero residuals;
+- keep_i = 1 − [i/N < start or (i+1)/N > end] over the N timesteps, per net (diffusers' control_guidance_start/end
+  lists; one window for all by default); a net whose keep is 0 is not run at all (diffusers runs it with scale 0 and
+  adds exact zeros), so a step with no net kept feeds zero residuals;
 - several nets: residuals summed in the nets' order (first net's tensors, then + the next);
 - guess mode: each residual i × logspace(−1, 0, n)[i] · scale (ControlNetModel.forward L781-785); with guidance the
   nets see only the conditional half and zeros stand for the unconditional half.
@@ -76,6 +77,8 @@ class ControlUse:
     name: str
     image: Image.Image  # RGB
     scale: float
+    start: float = 0.0  # this net's window [start, end) of the schedule
+    end: float = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,24 +91,27 @@ class Controls:
 
     def key(self) -> tuple:
         """What two jobs must share to run in one batch (runtime/batching.py)."""
-        return (tuple((u.name, id(u.image), u.scale) for u in self.nets), self.start, self.end, self.guess_mode)
+        return (tuple((u.name, id(u.image), u.scale, u.start, u.end) for u in self.nets), self.start, self.end,
+                self.guess_mode)
 
 
 def _entry(i: int, entry) -> tuple:
-    """(name, image, scale) from a tuple/list (name, image[, scale]) or a mapping {name, image[, scale]}."""
+    """(name, image, scale, start, end) from a tuple/list (name, image[, scale]) or a mapping {name, image[, scale]
+    [, start, end]}; start/end None where the request's control_start/control_end apply."""
     from .validate import InvalidRequest
 
     field = f"controls[{i}]"
     if isinstance(entry, dict):
-        unknown = set(entry) - {"name", "image", "scale"}
+        unknown = set(entry) - {"name", "image", "scale", "start", "end"}
         if unknown:
-            raise InvalidRequest(field, f"unknown key(s) {', '.join(sorted(unknown))}; give name, image and scale")
+            raise InvalidRequest(field, f"unknown key(s) {', '.join(sorted(unknown))}; give name, image, scale (and "
+                                        "start, end for this net's window)")
         if "name" not in entry or "image" not in entry:
             raise InvalidRequest(field, "needs a name and an image")
-        return entry["name"], entry["image"], entry.get("scale", 1.0)
+        return entry["name"], entry["image"], entry.get("scale", 1.0), entry.get("start"), entry.get("end")
     if isinstance(entry, (tuple, list)) and len(entry) in (2, 3):
-        return entry[0], entry[1], entry[2] if len(entry) == 3 else 1.0
-    raise InvalidRequest(field, "must be (name, image[, scale]) or {name, image, scale}")
+        return entry[0], entry[1], entry[2] if len(entry) == 3 else 1.0, None, None
+    raise InvalidRequest(field, "must be (name, image[, scale]) or {name, image, scale, start, end}")
 
 
 def validate_controls(group, model_dir, loras=()) -> Controls | None:
@@ -129,7 +135,7 @@ def validate_controls(group, model_dir, loras=()) -> Controls | None:
     have = controlnet_names(model_dir)
     nets = []
     for i, entry in enumerate(entries):
-        name, image, scale = _entry(i, entry)
+        name, image, scale, net_start, net_end = _entry(i, entry)
         if not isinstance(name, str) or name not in have:
             listed = (f"this model has {', '.join(have)}" if have else
                       "this engine directory has none (export one with --controlnet)")
@@ -138,7 +144,12 @@ def validate_controls(group, model_dir, loras=()) -> Controls | None:
         image = _image(f"controls[{i}].image", image, "RGB")
         if image is None:
             raise InvalidRequest(f"controls[{i}].image", "is required: the control image for " + name)
-        nets.append(ControlUse(name, preprocess(image) if preprocess else image, scale))
+        net_start = start if net_start is None else _float(f"controls[{i}].start", net_start, 0.0, 1.0)
+        net_end = end if net_end is None else _float(f"controls[{i}].end", net_end, 0.0, 1.0)
+        if net_start >= net_end:
+            raise InvalidRequest(f"controls[{i}].start", f"must be below its end (got start {net_start:g}, end "
+                                                         f"{net_end:g})")
+        nets.append(ControlUse(name, preprocess(image) if preprocess else image, scale, net_start, net_end))
     if not (model_dir.path / UNET_CONTROLNET / "model.onnx").is_file():
         raise InvalidRequest("controls", f"{model_dir.path} has no {UNET_CONTROLNET} graph; re-export with "
                                          "--controlnet")
@@ -163,38 +174,39 @@ class _Net:
     image: torch.Tensor  # [B or 2B, 3, H, W]
     scale: float
     pooled: bool  # global_pool_conditions: residuals are spatial means and guess mode is forced (shuffle nets)
+    start: float = 0.0
+    end: float = 1.0
+
+    def keep(self, step) -> bool:
+        """diffusers' controlnet_keep[i] for this net at the step."""
+        i, n = step.index, step.count
+        return not (i / n < self.start or (i + 1) / n > self.end)
 
 
 @dataclass(frozen=True)
 class ControlNetContributor:
     """Writes down_block_additional_residual_i and mid_block_additional_residual into the UNet feed."""
     nets: tuple[_Net, ...]
-    start: float
-    end: float
     guess_mode: bool
     guided: bool  # classifier-free guidance doubles the batch (uncond half first)
     unet_config: dict
 
-    def keep(self, step) -> bool:
-        """diffusers' controlnet_keep[i] for the step (one window for every net)."""
-        i, n = step.index, step.count
-        return not (i / n < self.start or (i + 1) / n > self.end)
-
     def contribute(self, feed, step):
-        residuals = self._residuals(feed, step) if self.keep(step) else None
+        kept = [net for net in self.nets if net.keep(step)]
+        residuals = self._residuals(feed, step, kept) if kept else None
         if residuals is None:
             b, _, h, w = step.latents.shape
             residuals = [torch.zeros(b, c, rh, rw) for c, rh, rw, _ in residual_shapes(self.unet_config, h, w)]
         *down, mid = residuals
         return feed | {down_input(i): r for i, r in enumerate(down)} | {MID_INPUT: mid}
 
-    def _residuals(self, feed, step) -> list[torch.Tensor]:
+    def _residuals(self, feed, step, nets) -> list[torch.Tensor]:
         half = self.guess_mode and self.guided  # the nets see the conditional half only
         pick = (lambda x: x.chunk(2)[1]) if half else (lambda x: x)
         inputs = {"sample": pick(step.latents), "timestep": torch.tensor(step.t, dtype=torch.float32),
                   "encoder_hidden_states": pick(feed["encoder_hidden_states"])}
         total = None
-        for net in self.nets:
+        for net in nets:
             extra = {k: pick(feed[k]) for k in ("text_embeds", "time_ids") if k in net.engine.inputs}
             logspace = self.guess_mode and not net.pooled
             scale = torch.tensor(1.0 if logspace else net.scale, dtype=torch.float32)
@@ -220,6 +232,6 @@ def contributor(controls: Controls, engines: dict, model_dir, count: int, width:
         if guided and not guess:
             image = torch.cat([image] * 2)
         pooled = bool(controlnet_record(model_dir, use.name).get("global_pool_conditions"))
-        nets.append(_Net(engines[use.name], image, use.scale, pooled))
-    return ControlNetContributor(tuple(nets), controls.start, controls.end, guess, guided, dict(model_dir.unet_config))
+        nets.append(_Net(engines[use.name], image, use.scale, pooled, use.start, use.end))
+    return ControlNetContributor(tuple(nets), guess, guided, dict(model_dir.unet_config))
 

@@ -99,8 +99,9 @@ class Decode:
 
 @dataclass(frozen=True)
 class Control:
-    """ControlNets (runtime/controlnet.py): each entry (name, image[, scale]) or {name, image, scale}; the
-    window [control_start, control_end) of the schedule and guess mode apply to every net."""
+    """ControlNets (runtime/controlnet.py): each entry (name, image[, scale]) or {name, image, scale[, start, end]};
+    the window [control_start, control_end) of the schedule applies to every net without its own start/end, guess
+    mode to every net."""
 
     controls: tuple = ()
     control_start: float = 0.0
@@ -267,13 +268,15 @@ class Request:
 
 def _control_out(entry, encode_images: bool):
     """A control entry as plain data: {name, image, scale}."""
+    window = {}
     if isinstance(entry, dict):
         name, image, scale = entry.get("name"), entry.get("image"), entry.get("scale", 1.0)
+        window = {k: entry[k] for k in ("start", "end") if entry.get(k) is not None}  # this net's own window
     else:
         name, image, scale = entry[0], entry[1], entry[2] if len(entry) > 2 else 1.0
     if encode_images and isinstance(image, Image.Image):
         image = encode_image(image)
-    return {"name": name, "image": image, "scale": scale}
+    return {"name": name, "image": image, "scale": scale, **window}
 
 
 def _ip_out(entry, encode_images: bool):

@@ -63,7 +63,14 @@ CASES = {  # name: (controls as (net, image seed, scale), our extra fields, diff
     "guess_mode": ((("depth", 1, 1.0),), {"guess_mode": True}, {"guess_mode": True}),
     "window": ((("canny", 0, 1.0), ("depth", 1, 0.5)), {"control_start": 0.3, "control_end": 0.7},
                {"control_guidance_start": 0.3, "control_guidance_end": 0.7}),
+    # each net its own window (diffusers: lists); (net, image seed, scale, start, end)
+    "windows_per_net": ((("canny", 0, 1.0, 0.0, 0.5), ("depth", 1, 0.9, 0.4, 1.0)), {},
+                        {"control_guidance_start": [0.0, 0.4], "control_guidance_end": [0.5, 1.0]}),
 }
+
+
+def _ours(n, image, s, *window):
+    return {"name": n, "image": image, "scale": s, "start": window[0], "end": window[1]} if window else (n, image, s)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -71,11 +78,11 @@ def test_sd15_controlnet_equals_diffusers(cn, pipes, tiny_pipeline, case):
     controls, ours_extra, theirs_extra = CASES[case]
     images = {0: _image(0, 56, 40), 1: _image(1, 48, 32)}  # the first is resized (Lanczos) to the output size
     common = dict(prompt=PROMPTS, steps=STEPS, sampler="euler", seed=5, guidance=7.5, **SIZE)
-    ours = pipes["sd15"].generate(Request.of(**common, controls=tuple((n, images[i], s) for n, i, s in controls),
+    ours = pipes["sd15"].generate(Request.of(**common, controls=tuple(_ours(n, images[i], *rest) for n, i, *rest in controls),
                                              **ours_extra))
-    ref = _reference(tiny_pipeline, "sd15", cn["sd15"][1], [n for n, _, _ in controls])
-    scales = [s for _, _, s in controls]
-    theirs = ref(list(PROMPTS), image=[images[i] for _, i, _ in controls] if len(controls) > 1 else images[controls[0][1]],
+    ref = _reference(tiny_pipeline, "sd15", cn["sd15"][1], [c[0] for c in controls])
+    scales = [c[2] for c in controls]
+    theirs = ref(list(PROMPTS), image=[images[c[1]] for c in controls] if len(controls) > 1 else images[controls[0][1]],
                  controlnet_conditioning_scale=scales if len(scales) > 1 else scales[0], num_inference_steps=STEPS,
                  guidance_scale=7.5, generator=generators(5, 2), output_type="np", **SIZE, **theirs_extra).images
     assert_same_images(f"controlnet sd15 {case}", ours, theirs)
@@ -171,6 +178,16 @@ def test_bad_control_requests(cn, exported):
     assert validate(again, engine).controls.nets[0].scale == 0.5
     with pytest.raises(InvalidRequest, match=r"controls\[0\].image"):
         Request.from_dict({"prompt": "x", "controls": [{"name": "canny", "image": "@@@"}]})
+    # a net's own window: checked like the request's, and kept through JSON
+    e = invalid(controls=({"name": "canny", "image": image, "start": 0.7, "end": 0.2},))
+    assert e.field == "controls[0].start" and "below its end" in e.message
+    assert invalid(controls=({"name": "canny", "image": image, "end": 1.5},)).field == "controls[0].end"
+    assert invalid(controls=({"name": "canny", "image": image, "stop": 0.5},)).field == "controls[0]"
+    windowed = Request.of(prompt="x", controls=({"name": "canny", "image": image, "start": 0.2, "end": 0.6},
+                                                ("depth", image)), control_end=0.9, **SIZE)
+    again = Request.from_dict(json.loads(json.dumps(windowed.to_dict(encode_images=True))))
+    nets = validate(again, engine).controls.nets
+    assert [(u.start, u.end) for u in nets] == [(0.2, 0.6), (0.0, 0.9)]  # the second takes the request's window
 
 
 def test_export_refuses_a_controlnet_of_another_family(cn, tiny_pipeline):
@@ -200,6 +217,14 @@ def test_cli_control_errors_are_one_line(cn, tmp_path):
                                    ((), (f"{tmp_path / 'c.png'}:0.5", f"{tmp_path / 'c.png'}:0.7"), "give it once")):
         with pytest.raises(UserError, match=expected):
             build_request(RunOptions(engine_dir=engine, prompts=("x",), controls=controls, ip_image=ip))
+    control = (f"canny={tmp_path / 'c.png'}:0.5", f"depth={tmp_path / 'c.png'}")
+    request = build_request(RunOptions(engine_dir=engine, prompts=("x",), controls=control,
+                                       control_windows=("depth=0.3:0.8",)))
+    assert [(c["name"], c.get("start"), c.get("end")) for c in request.control.controls] == \
+        [("canny", None, None), ("depth", 0.3, 0.8)]
+    for windows, expected in ((("depth=0.3",), "NAME=START:END"), (("pose=0:1",), "no --control pose")):
+        with pytest.raises(UserError, match=expected):
+            build_request(RunOptions(engine_dir=engine, prompts=("x",), controls=control, control_windows=windows))
 
 
 def test_trt_plan_logic_covers_controlnets(cn):
