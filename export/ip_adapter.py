@@ -110,7 +110,7 @@ def uses_hidden_states(adapter_kind: str) -> bool:
 def load(pipe, src: IpAdapterSource) -> dict:
     """Load the image encoder and the adapters (into a copy of the UNet: the plain UNet stays as it is).
     Returns {"unet": adapted UNet, "encoder": CLIPVisionModelWithProjection, "processor": CLIPImageProcessor config,
-    "record": manifest entry {image_encoder, adapters: [{name, source, sha256, kind}]}}."""
+    "record": manifest entry {image_encoder, adapters: [{name, source, sha256, kind, embed_dim}]}}."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     encoder = None

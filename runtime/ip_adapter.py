@@ -93,18 +93,7 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
         raise InvalidRequest("ip_adapters", f"must be a list of {{name, image, scale}}, not {type(entries).__name__}")
     prompts = []
     for i, entry in enumerate(entries):
-        embeds = None
-        if isinstance(entry, dict):
-            unknown = set(entry) - {"name", "image", "embeds", "scale"}
-            if unknown:
-                raise InvalidRequest(f"ip_adapters[{i}].{sorted(unknown)[0]}", "is not a field; give name, image (or "
-                                                                               "embeds for FaceID), scale")
-            name, image, entry_scale = entry.get("name"), entry.get("image"), entry.get("scale", 1.0)
-            embeds = entry.get("embeds")
-        elif isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
-            name, image, entry_scale = (*entry, 1.0)[:3]
-        else:
-            raise InvalidRequest(f"ip_adapters[{i}]", "must be {name, image, scale} or (name, image[, scale])")
+        name, image, embeds, entry_scale = _entry(i, entry)
         if name not in names:
             raise InvalidRequest(f"ip_adapters[{i}].name", f"{name!r} is not an IP-Adapter of this engine directory; "
                                                            f"it has {', '.join(names)}")
@@ -124,6 +113,22 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
             raise InvalidRequest(f"ip_adapters[{i}].image", "is required: an image or a list of them")
         prompts.append(AdapterPrompt(name, _images(f"ip_adapters[{i}].image", image), entry_scale))
     return ImagePromptJob(tuple(prompts))
+
+
+def _entry(i: int, entry) -> tuple:
+    """(name, image, embeds, scale) from {name, image | embeds, scale} or (name, image[, scale])."""
+    from .validate import InvalidRequest
+
+    if isinstance(entry, dict):
+        unknown = set(entry) - {"name", "image", "embeds", "scale"}
+        if unknown:
+            raise InvalidRequest(f"ip_adapters[{i}].{sorted(unknown)[0]}", "is not a field; give name, image (or "
+                                                                           "embeds for FaceID), scale")
+        return entry.get("name"), entry.get("image"), entry.get("embeds"), entry.get("scale", 1.0)
+    if isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
+        name, image, scale = (*entry, 1.0)[:3]
+        return name, image, None, scale
+    raise InvalidRequest(f"ip_adapters[{i}]", "must be {name, image, scale} or (name, image[, scale])")
 
 
 def _face_embeds(field: str, given, width: int) -> np.ndarray:
