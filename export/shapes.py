@@ -384,13 +384,21 @@ def assemble(out: Path) -> None:
     write_tokenizer(out / "tokenizer")  # transformers 5 saves tokenizer.json only; add CLIP's own files
 
 
+def more_rounds(record: dict) -> list[str]:
+    """The record's resumed UNet rounds in order: unet_more, unet_more_2, …"""
+    keys = [k for k in record if k == "unet_more" or k.startswith("unet_more_")]
+    return sorted(keys, key=lambda k: 1 if k == "unet_more" else int(k.rsplit("_", 1)[1]))
+
+
 def _plot(record: dict, path: Path) -> None:
     """A loss plot as a PNG drawn with PIL (no matplotlib dependency)."""
     from PIL import Image, ImageDraw
 
     unet = list(record["unet"]["losses"])
-    if "unet_more" in record:  # the resumed round continues the step count
-        unet += [(record["unet"]["steps"] + s, v) for s, v in record["unet_more"]["losses"]]
+    done = record["unet"]["steps"]
+    for key in more_rounds(record):  # each resumed round continues the step count
+        unet += [(done + s, v) for s, v in record[key]["losses"]]
+        done += record[key]["steps"]
     series = [("vae mse", [(s, m) for s, m, _ in record["vae"]["losses"]], (40, 70, 220)),
               ("unet eps mse", unet, (220, 40, 40))]
     if "decoder" in record:
@@ -415,7 +423,7 @@ def _plot(record: dict, path: Path) -> None:
 
 def train(out: Path, seed: int = 0, vae_minutes: float = 8, unet_minutes: float = 36, n_images: int = 8000,
           stages: str = "vae,unet,decoder", decoder_minutes: float = 20, threads: int = 1,
-          more_minutes: float = 0) -> dict:
+          more_minutes: float = 0, offset_noise: float = 0.1) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)  # 1: on a busy 2-core machine, 2 OpenMP threads stall at every barrier
@@ -430,7 +438,7 @@ def train(out: Path, seed: int = 0, vae_minutes: float = 8, unet_minutes: float 
     record_path = out / "training.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     record |= {"command": f"python -m sdrt.export.shapes train {out} --seed {seed} --vae-minutes {vae_minutes} "
-                          f"--unet-minutes {unet_minutes} --images {n_images} --decoder-minutes {decoder_minutes} --stages {stages} --threads {threads} --more-minutes {more_minutes}",
+                          f"--unet-minutes {unet_minutes} --images {n_images} --decoder-minutes {decoder_minutes} --stages {stages} --threads {threads} --more-minutes {more_minutes} --offset-noise {offset_noise}",
                "seed": seed, "versions": _versions(), "threads": torch.get_num_threads()}
     t0 = time.time()
     if "vae" in stages:
@@ -440,9 +448,12 @@ def train(out: Path, seed: int = 0, vae_minutes: float = 8, unet_minutes: float 
     if "unet" in stages:
         log("training the UNet and text encoder")
         record["unet"] = train_unet(out, seed, unet_minutes, n_images, log)
-    if "more" in stages:  # a second UNet/text-encoder round, resumed from the first one's EMA weights
-        log("continuing the UNet and text encoder")
-        record["unet_more"] = train_unet(out, seed, more_minutes, n_images, log, resume=True)
+    if "more" in stages:  # another UNet/text-encoder round, resumed from the last one's EMA weights
+        log(f"continuing the UNet and text encoder (offset noise {offset_noise})")
+        rounds = more_rounds(record)
+        key = "unet_more" if not rounds else f"unet_more_{len(rounds) + 1}"
+        record[key] = train_unet(out, seed, more_minutes, n_images, log, resume=True, offset_noise=offset_noise) | \
+            {"offset_noise": offset_noise}
     if "decoder" in stages:
         log("fine-tuning the VAE decoder (encoder frozen)")
         record["decoder"] = train_decoder(out, seed, decoder_minutes, log)
@@ -573,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--decoder-minutes", type=float, default=20)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--more-minutes", type=float, default=0, help="stage 'more': resumed UNet/text-encoder training")
+    t.add_argument("--offset-noise", type=float, default=0.1, help="stage 'more': the offset noise's scale")
     t.add_argument("--stages", default="vae,unet,decoder",
                    help="any of vae, unet, decoder (decoder only needs vae, so it may run beside unet)")
     t.add_argument("--pack", action="store_true", help="then copy the result into the package (export/shapes_model)")
@@ -584,7 +596,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("out", type=Path)
     a = p.parse_args(argv)
     if a.cmd == "train":
-        train(a.out, a.seed, a.vae_minutes, a.unet_minutes, a.images, a.stages, a.decoder_minutes, a.threads, a.more_minutes)
+        train(a.out, a.seed, a.vae_minutes, a.unet_minutes, a.images, a.stages, a.decoder_minutes, a.threads,
+              a.more_minutes, a.offset_noise)
         if a.pack:
             pack(a.out)
     elif a.cmd == "render":
