@@ -1,14 +1,13 @@
 """The embedded shapes model (issue 14): shipped weights checked by hash, and tests of meaning, not only parity.
 
-The model (export/shapes.py, trained on this kind of CPU; record in export/shapes_model/training.json) is meant to
-draw what its caption asks for, and does part of the time. bench/shapes_eval.py classifies each generated image by pixels alone (background colour, shape
-colour, shape kind) over 36 fixed captions, 12 of them colour/shape pairs the training set never drew. These tests
-run that check on every backend and precision this machine has and through the runtime's other paths (samplers,
-img2img, inpainting, a LoRA and a ControlNet trained for the model, `make demo`). The floors sit under what the
-shipped model measured (README, "The embedded shapes model"), well above chance (1/8 for a colour, 1/4 for a kind), so
-a backend that computes the right numbers in the wrong place fails. The model does not yet reach the issue's goals:
-its backgrounds mostly come out red or orange whatever the caption says (14 %), so no test asserts on them beyond
-what the model does.
+The model (export/shapes.py, trained on this kind of CPU; record in export/shapes_model/training.json) draws what
+its caption asks for: the background colour always, the shape colour and kind most of the time. bench/shapes_eval.py
+classifies each generated image by pixels alone (background colour, shape colour, shape kind) over 36 fixed
+captions, 12 of them colour/shape pairs the training set never drew. These tests run that check on every backend and
+precision this machine has and through the runtime's other paths (samplers, img2img, inpainting, a LoRA and a
+ControlNet trained for the model, `make demo`). The floors sit under what the shipped model measured (README, "The
+embedded shapes model"), well above chance (1/8 for a colour, 1/4 for a kind), so
+a backend that computes the right numbers in the wrong place fails.
 """
 
 from __future__ import annotations
@@ -25,9 +24,10 @@ from sdrt.bench import shapes_eval
 from sdrt.export import shapes, shapes_data
 from sdrt.export.shapes_data import Spec
 
-# The shipped weights measured shape colour 58 %, shape kind 56 % (background 14 %): ORT CPU fp32, 20 Euler steps,
-# guidance 7.5, seed 0 (`python -m sdrt.bench.shapes_eval`).
-FLOOR = {"colour": 0.45, "shape": 0.42}
+# The shipped weights measured background 100 %, shape colour 94 %, shape kind 75 % (held-out pairs: 100 / 92 / 75 %):
+# ORT CPU fp32, 20 Euler steps, guidance 7.5, seed 0 (`python -m sdrt.bench.shapes_eval`); seeds 1 and 2 gave
+# 100 / 97 / 75 % and 100 / 92 / 81 %. The floors leave room for a few images that another CPU's rounding flips.
+FLOOR = {"background": 0.9, "colour": 0.83, "shape": 0.64}
 MARGIN = 0.12  # other backends, precisions and samplers: at most this far below the fp32 Euler figure
 
 
@@ -96,7 +96,7 @@ def _assert_accuracy(result: dict, floor: dict, what: str) -> None:
 def test_ort_fp32_draws_what_the_caption_asks(fp32_accuracy):
     _assert_accuracy(fp32_accuracy, FLOOR, "ORT CPU fp32, Euler 20")
     held_out = fp32_accuracy["held_out"]  # pairs never drawn in training: the model composes colour and shape
-    assert held_out["colour"] >= 0.33 and held_out["shape"] >= 0.33, held_out
+    assert held_out["background"] >= 0.9 and held_out["colour"] >= 0.67 and held_out["shape"] >= 0.5, held_out
 
 
 @pytest.mark.slow  # 36 images each; fp16 on a CPU and the torch modules are slow (about 1 min each here)
@@ -116,8 +116,9 @@ def test_other_backends_precisions_and_samplers_keep_the_meaning(engines, fp32_a
 
 def test_img2img_and_inpainting_follow_the_new_prompt(engines):
     """img2img: a rendered red circle re-captioned with another colour takes that colour and keeps its background.
-    Inpainting (the ordinary UNet with mask blending): the masked region is repainted and the rest stays (what the
-    model paints there is not checked: it rarely draws the asked colour on a given background)."""
+    Inpainting (the ordinary UNet with mask blending), the issue's "make the circle green": the left half holding a
+    red shape is masked and the caption names another colour; the masked shape takes it, the rest stays (measured,
+    seeds 0-3: 12 of 12 recoloured, masked change 27-44, the unmasked right ≤ 2.6)."""
     from sdrt.runtime.pipeline import Pipeline, Request
 
     pipe = Pipeline.load(engines("fp32"), backend="ort-cpu")
@@ -132,17 +133,20 @@ def test_img2img_and_inpainting_follow_the_new_prompt(engines):
         right += seen.colour == after and seen.background == bg
     assert right >= 3, f"img2img recoloured {right}/4"
 
-    source = Image.fromarray(shapes_data.render(Spec("circle", "red", "blue", position="left")))
-    mask = Image.new("L", source.size, 0)
-    mask.paste(255, (64, 32, 128, 96))  # the right half's middle: empty background in the source
-    out = pipe.generate(Request.of(prompt="a green square on the right on a blue background", init_image=source,
-                                   mask=mask, steps=20, guidance=7.5, sampler="euler", seed=3))[0]
-    pixels, before = np.asarray(out, dtype=int), np.asarray(source, dtype=int)
-    inside = np.asarray(mask) > 0
-    assert np.abs(pixels - before)[inside].mean() > 20  # the masked region was repainted
-    assert np.abs(pixels - before)[:, :56].mean() <= 10  # away from the mask the picture stays (VAE round trip: ~7)
-    left = shapes_eval.classify(Image.fromarray(pixels[:, :64].astype("uint8")))
-    assert (left.background, left.colour, left.shape) == ("blue", "red", "circle"), left
+    recoloured = 0
+    cases = (("circle", "blue", "green"), ("square", "black", "yellow"), ("circle", "yellow", "purple"))
+    for shape, bg, after in cases:
+        source = Image.fromarray(shapes_data.render(Spec(shape, "red", bg, position="left")))
+        mask = Image.new("L", source.size, 0)
+        mask.paste(255, (0, 16, 64, 112))  # the left half's middle, where the red shape is
+        out = pipe.generate(Request.of(prompt=Spec(shape, after, bg, position="left").caption, init_image=source,
+                                       mask=mask, steps=20, guidance=7.5, sampler="euler", seed=0))[0]
+        pixels, before = np.asarray(out, dtype=int), np.asarray(source, dtype=int)
+        assert np.abs(pixels - before)[np.asarray(mask) > 0].mean() > 20  # the masked region was repainted
+        assert np.abs(pixels - before)[:, 72:].mean() <= 5  # away from the mask the picture stays
+        seen = shapes_eval.classify(out)
+        recoloured += seen.colour == after and seen.background == bg
+    assert recoloured >= 2, f"inpainting recoloured {recoloured}/3"
 
 
 def test_make_demo_writes_pictures_of_its_prompts(engines, tmp_path):
@@ -152,16 +156,18 @@ def test_make_demo_writes_pictures_of_its_prompts(engines, tmp_path):
     paths = demo.main(tmp_path / "demo")
     assert [p.name for p in paths] == [f"demo-{i}-{k}.png" for i in range(3) for k in range(4)]
     assert Image.open(tmp_path / "demo" / "demo.png").size == (4 * 128 + 330, 3 * 128)
-    asked = [p.split()[1 + ("large" in p or "small" in p)] for p in demo.PROMPTS]  # the shape colour of each prompt
-    seen = [shapes_eval.classify(Image.open(p).convert("RGB")).colour for p in paths]
-    right = sum(colour == asked[i // 4] for i, colour in enumerate(seen))
-    assert right >= 3, list(zip(seen, [asked[i // 4] for i in range(12)]))  # measured 4; chance 12 / 8 = 1.5
+    asked = [(p.split()[-2], p.split()[1 + ("large" in p or "small" in p)]) for p in demo.PROMPTS]  # background, colour
+    seen = [shapes_eval.classify(Image.open(p).convert("RGB")) for p in paths]
+    backgrounds = sum(s.background == asked[i // 4][0] for i, s in enumerate(seen))
+    colours = sum(s.colour == asked[i // 4][1] for i, s in enumerate(seen))
+    # measured: 12 of 12 backgrounds, 11 of 12 shape colours (a yellow star drawn white); chance 12 / 8 = 1.5
+    assert backgrounds >= 10 and colours >= 9, list(zip(seen, [asked[i // 4] for i in range(12)]))
 
 
 def test_a_lora_trained_here_recolours_what_it_was_trained_on(engines):
-    """export/shapes_model/extras/red-to-green.safetensors (python -m sdrt.export.shapes_lora, 7 min here): with it,
-    shapes captioned red stop being red (they come out green, mostly dark green); shapes of other colours keep the
-    colour they had without it; without it, red shapes are red."""
+    """export/shapes_model/extras/red-to-green.safetensors (python -m sdrt.export.shapes_lora, 7 min here, 569 steps
+    on the current base): with it, shapes captioned red stop being red (measured: 5 of 6 green, one black); three of
+    the four shapes of other colours keep the colour they had without it; without it, 6 of 6 red shapes are red."""
     from sdrt.runtime.pipeline import Pipeline, Request
 
     lora = shapes.SHIPPED / "extras" / "red-to-green.safetensors"
