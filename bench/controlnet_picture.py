@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -39,9 +40,9 @@ def render(workdir: Path) -> Image.Image:
 
     model = write_shapes_pipeline(workdir / "shapes-model")
     engine = workdir / "engine"
-    if not (engine / "controlnet" / "mask").is_dir():
-        export(ExportConfig(model=str(model), output=engine, precision="fp32"))
-        add_controlnets(engine, (f"{model / 'extras' / 'controlnet-mask'}=mask",))
+    shutil.rmtree(engine, ignore_errors=True)  # always the shipped model and ControlNet as they are now
+    export(ExportConfig(model=str(model), output=engine, precision="fp32"))
+    add_controlnets(engine, (f"{model / 'extras' / 'controlnet-mask'}=mask",))
     pipe = Pipeline.load(engine, backend="ort-cpu")
     tiles = []
     for i, (prompt, mask_spec) in enumerate(ROWS):

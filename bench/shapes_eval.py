@@ -133,7 +133,7 @@ def score(specs: list[Spec], images) -> dict:
 
 def generate(engine, specs: list[Spec], backend: str = "ort-cpu", steps: int = 20,
              guidance: float = 7.5, seed: int = 0, batch: int = 12, sampler: str = "euler",
-             cache_interval: int = 1) -> list:
+             cache_interval: int = 1, vae: str = "full") -> list:
     """Images for `specs`, `batch` captions per request, request k seeded seed + k·batch (image i: seed + i).
     `engine`: an engine directory (loaded here with `backend`) or a loaded Pipeline."""
     from sdrt.runtime.pipeline import Pipeline, Request
@@ -143,51 +143,56 @@ def generate(engine, specs: list[Spec], backend: str = "ort-cpu", steps: int = 2
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
         images += pipe.generate(Request.of(prompt=tuple(s.caption for s in chunk), steps=steps, guidance=guidance,
-                                           sampler=sampler, seed=seed + i, cache_interval=cache_interval))
+                                           sampler=sampler, seed=seed + i, cache_interval=cache_interval,
+                                           vae=vae))
     return images
 
 
 def export_shipped(folder: Path, precision: str = "fp32", deepcache: bool = False) -> Path:
-    """Write the shipped model as a diffusers folder and export it; returns the engine directory."""
+    """Write the shipped model as a diffusers folder and export it, with the tiny VAE trained for it
+    (export/shapes_tiny_vae.py) beside the full one; returns the engine directory."""
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.shapes import write_shapes_pipeline
+    from sdrt.export.shapes import tiny_vae_of, write_shapes_pipeline
 
     model = folder / "shapes-model"
     if not (model / "model_index.json").exists():
         write_shapes_pipeline(model)
     engine = folder / f"engine-{precision}{'-deepcache' if deepcache else ''}"
-    export(ExportConfig(model=str(model), output=engine, precision=precision, deepcache=deepcache),
-           lambda name, status: None)
+    export(ExportConfig(model=str(model), output=engine, precision=precision, deepcache=deepcache,
+                        tiny_vae=tiny_vae_of(model)), lambda name, status: None)
     return engine
 
 
-VARIANTS = (  # (label, precision, backend, sampler, cache_interval): what `--compare` measures
-    ("ORT CPU fp32, Euler", "fp32", "ort-cpu", "euler", 1),
-    ("ORT CPU fp16, Euler", "fp16", "ort-cpu", "euler", 1),
-    ("ORT CPU fp32, Euler, step caching every 2", "fp32", "ort-cpu", "euler", 2),
-    ("ORT CPU fp32, Euler, step caching every 3", "fp32", "ort-cpu", "euler", 3),
-    ("torch fp32 (the reference modules), Euler", "fp32", "torch", "euler", 1),
+VARIANTS = (  # (label, precision, backend, sampler, cache_interval, vae): what `--compare` measures
+    ("ORT CPU fp32, Euler", "fp32", "ort-cpu", "euler", 1, "full"),
+    ("ORT CPU fp16, Euler", "fp16", "ort-cpu", "euler", 1, "full"),
+    ("ORT CPU fp32, Euler, tiny VAE", "fp32", "ort-cpu", "euler", 1, "tiny"),
+    ("ORT CPU fp32, Euler, step caching every 2", "fp32", "ort-cpu", "euler", 2, "full"),
+    ("ORT CPU fp32, Euler, step caching every 3", "fp32", "ort-cpu", "euler", 3, "full"),
+    ("torch fp32 (the reference modules), Euler", "fp32", "torch", "euler", 1, "full"),
 )
 
 
 def compare(folder: Path, steps: int = 20, guidance: float = 7.5, seed: int = 0) -> list[dict]:
-    """Accuracy beside speed for each VARIANT (the exactness trades: fp16, step caching): the 36 captions, timed from
-    the first request to the last image (engines loaded first), as seconds per image."""
+    """Accuracy beside speed for each VARIANT (the exactness trades: fp16, the tiny VAE, step caching): the 36
+    captions, timed from the first request to the last image (engines loaded and one warm-up image first), as seconds
+    per image."""
     import time
 
     from sdrt.runtime.pipeline import Pipeline
 
     specs, rows = eval_specs(), []
-    for label, precision, backend, sampler, interval in VARIANTS:
+    for label, precision, backend, sampler, interval, vae in VARIANTS:
         engine = export_shipped(folder, precision, deepcache=interval > 1)
         pipe = Pipeline.load(engine, backend=backend)  # loaded outside the timing
+        generate(pipe, specs[:1], steps=2, guidance=guidance, sampler=sampler, cache_interval=interval, vae=vae)  # warm-up
         start = time.perf_counter()
         images = generate(pipe, specs, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
-                          cache_interval=interval)
+                          cache_interval=interval, vae=vae)
         seconds = time.perf_counter() - start
         result = score(specs, images)
         rows.append({"variant": label, "precision": precision, "backend": backend, "sampler": sampler,
-                     "cache_interval": interval, "seconds_per_image": seconds / len(specs),
+                     "cache_interval": interval, "vae": vae, "seconds_per_image": seconds / len(specs),
                      **{k: result["all"][k] for k in ("background", "colour", "shape")},
                      "held_out": {k: result["held_out"][k] for k in ("background", "colour", "shape")}})
     return rows
@@ -233,10 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--cache-interval", type=int, default=1, help="step caching every N steps (DeepCache, branch 0)")
+    p.add_argument("--vae", default="full", choices=("full", "tiny"), help="decode with the full VAE or the tiny one")
     p.add_argument("--save", type=Path, help="write the generated images, a grid and result.json here")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--compare", type=Path, metavar="FOLDER", help="measure every variant (fp32, fp16, step caching, "
-                   "torch) for accuracy and seconds per image; write FOLDER/result.md and result.json")
+    p.add_argument("--compare", type=Path, metavar="FOLDER", help="measure every variant (fp32, fp16, tiny VAE, "
+                   "step caching, torch) for accuracy and seconds per image; write FOLDER/result.md and result.json")
     a = p.parse_args(argv)
     if a.compare:
         from datetime import datetime, timezone
@@ -258,11 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = a.engine or export_shipped(Path(tmp), a.precision, a.cache_interval > 1)
         images = generate(engine, specs, a.backend, a.steps, a.guidance, a.seed, sampler=a.sampler,
-                          cache_interval=a.cache_interval)
+                          cache_interval=a.cache_interval, vae=a.vae)
     result = score(specs, images)
     result["settings"] = {"command": "python -m sdrt.bench.shapes_eval " + " ".join(argv or []),
                           "backend": a.backend, "precision": a.precision, "steps": a.steps, "guidance": a.guidance,
-                          "sampler": a.sampler, "cache_interval": a.cache_interval, "seed": a.seed}
+                          "sampler": a.sampler, "cache_interval": a.cache_interval, "vae": a.vae, "seed": a.seed}
     if a.save:
         a.save.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):

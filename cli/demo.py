@@ -22,13 +22,13 @@ PROMPTS = ("a red circle on a blue background", "a large yellow star on a black 
 def main(folder: Path) -> list[Path]:
     from sdrt.cli.generate import RunOptions, generate
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.shapes import write_shapes_pipeline
+    from sdrt.export.shapes import tiny_vae_of, write_shapes_pipeline
 
     console = Console()
     folder.mkdir(parents=True, exist_ok=True)
     model = write_shapes_pipeline(folder / "shapes-model")  # verifies the shipped files' SHA-256 first
     engine_dir = folder / "engine"
-    export(ExportConfig(model=str(model), output=engine_dir, precision="fp32"),
+    export(ExportConfig(model=str(model), output=engine_dir, precision="fp32", tiny_vae=tiny_vae_of(model)),
            lambda name, status: console.print(f"  export {name}: {status}"))
     written = []
     for i, prompt in enumerate(PROMPTS):

@@ -5,10 +5,11 @@ caption vocabulary, UNet2DConditionModel with cross-attention, AutoencoderKL (fa
 channels), EulerDiscreteScheduler with SD's scaled_linear betas; epsilon prediction, trained with
 caption dropout so classifier-free guidance works, with offset noise. Packed weights are in export/shapes_model/
 (fp16 safetensors, checked against hashes.json when loaded), with the training record (training.json, loss.png) and
-extras trained for the model (a LoRA, a ControlNet: export/shapes_lora.py, export/shapes_controlnet.py). The shipped
-weights came from the stages listed in training.json's `as_run` (about 2 h 15 min of one-thread stages, two at a
-time, then a 35-minute two-thread round with stronger offset noise, on a 2-core CPU); they draw the asked background
-colour every time, the shape colour about 94 % and the shape kind about 75 % of the time (bench/shapes_eval.py).
+extras trained for the model (a tiny VAE, a LoRA, a ControlNet: export/shapes_tiny_vae.py, export/shapes_lora.py,
+export/shapes_controlnet.py). The shipped weights came from the stages listed in training.json's `as_run` (about
+2 h 15 min of one-thread stages, two at a time, then a 35-minute two-thread round with stronger offset noise, on a
+2-core CPU); they draw the asked background colour every time, the shape colour about 94 % and the shape kind about
+75 % of the time (bench/shapes_eval.py).
 
     python -m sdrt.export.shapes train OUT [--seed 0] [--vae-minutes M] [--unet-minutes M]
     python -m sdrt.export.shapes render OUT [--count N]
@@ -510,7 +511,7 @@ def pack(trained: Path, dest: Path = SHIPPED) -> None:
 
 
 def add_extra(src: Path, rel: str, dest: Path = SHIPPED) -> Path:
-    """Ship a file or folder trained for the model (a LoRA, a ControlNet) as dest/extras/REL: .safetensors as fp16,
+    """Ship a file or folder trained for the model (a tiny VAE, a LoRA, a ControlNet) as dest/extras/REL: .safetensors as fp16,
     other files as they are; then hashes.json again."""
     src, target = Path(src), dest / "extras" / rel
     if src.is_file():
@@ -561,6 +562,13 @@ def write_shapes_pipeline(folder: Path, src: Path = SHIPPED) -> Path:
         else:
             shutil.copy(src / rel, target)
     return folder
+
+
+def tiny_vae_of(model: Path) -> str | None:
+    """The tiny VAE trained for the model (export/shapes_tiny_vae.py) in a folder write_shapes_pipeline wrote, if any:
+    what `sdrt export --tiny-vae` takes."""
+    tiny = Path(model) / "extras" / "tiny-vae"
+    return str(tiny) if (tiny / "config.json").exists() else None
 
 
 def load_pipeline(src: Path = SHIPPED):

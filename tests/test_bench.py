@@ -79,6 +79,7 @@ def check_files(folder: Path) -> dict:
     return result
 
 
+@pytest.mark.slow  # about 35 s: each backend in its own worker process (the in-process path runs by default)
 def test_bench_cli_isolated_lightning_4step(exported, bench_workdir, tmp_path):
     """The real console entry point, each backend in its own worker process."""
     out = tmp_path / "results"
@@ -297,6 +298,7 @@ def test_rates_above_the_peak_are_flagged_with_their_possible_causes():
     assert warnings_about({"ort-cpu": {"status": "ok", "achieved": {"unet": {"fraction_of_peak": 0.9}}}}) == []
 
 
+@pytest.mark.slow  # the alternating loop itself runs by default (test_interleaved_backends_alternate_their_timed_runs)
 def test_alternating_backend_that_fails_leaves_the_turn(exported):
     from sdrt.bench.harness import Job, measure_alternating
     from sdrt.bench.scenarios import with_threads

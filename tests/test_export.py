@@ -36,8 +36,10 @@ def _io(path: Path) -> tuple[dict, dict]:
     return table(graph.input), table(graph.output)
 
 
-# the refiner's fp16 export is the SDXL UNet's fp16 path again (sdxl-fp16 runs by default): slow
-_FAMILY_PRECISIONS = [pytest.param(f, p, marks=pytest.mark.slow) if (f, p) == ("sdxl-refiner", "fp16") else (f, p)
+# fp16 exports of the families whose fp16 path is the SD 1.5 or SDXL UNet's again (sd15-fp16 and sdxl-fp16 run by
+# default): slow
+_FP16_AGAIN = {"sdxl-refiner", "sdxl-lightning", "sd21v", "sd15-inpaint"}
+_FAMILY_PRECISIONS = [pytest.param(f, p, marks=pytest.mark.slow) if p == "fp16" and f in _FP16_AGAIN else (f, p)
                       for f in FAMILIES for p in ("fp32", "fp16")]
 
 

@@ -19,7 +19,8 @@ from sdrt.runtime.pipeline import Pipeline
 SCHEMA = json.loads((Path(__file__).parent.parent / "export" / "manifest.schema.json").read_text())
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+# SDXL LoRAs are also checked at load time by default (test_lora.py)
+@pytest.mark.parametrize("family", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_loras_fused_at_export_equal_diffusers(tiny_pipeline, tmp_path, family):
     folder = tiny_pipeline(family)
     sdxl = family == "sdxl"
