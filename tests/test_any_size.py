@@ -260,7 +260,7 @@ def test_odd_latent_sizes_with_an_init_image(exported, tiny_pipeline, engines, f
     assert diff <= MAX_PIXEL_DIFF
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])  # the same manifest code
 def test_manifest_records_the_capability_and_the_loader_reads_it(exported, family):
     engine_dir = exported(family, "fp32")
     manifest = json.loads((engine_dir / "manifest.json").read_text())
