@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def build_tiny_vae():
 
 
 def train_tiny_vae(model: Path, out: Path, minutes: float = 10.0, seed: int = 0, threads: int = 1,
-                   log=print) -> dict:
+                   log=lambda line: print(line, flush=True)) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -67,19 +68,18 @@ def train_tiny_vae(model: Path, out: Path, minutes: float = 10.0, seed: int = 0,
         losses.append((float(decode_loss.detach()), float(encode_loss.detach())))
         if step % 50 == 0:
             d, e = np.mean(losses[-50:], axis=0)
-            log(f"tiny vae step {step} decode {d:.4f} encode {e:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            log(f"tiny vae step {step} decode {d:.4f} encode {e:.4f} ({time.time() - t0:.0f}s)")
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     tiny.eval().save_pretrained(tmp, safe_serialization=True)
     d, e = np.mean(losses[-50:], axis=0)
     record = {"command": f"python -m sdrt.export.shapes_tiny_vae {out} --minutes {minutes} --seed {seed} "
                          f"--threads {threads}",
-              "seed": seed, "steps": step, "batch": 16, "crop": 64, "seconds": round(time.time() - t0, 1), "width": WIDTH,
+              "seed": seed, "steps": step, "batch": 16, "crop": 64, "seconds": round(time.time() - t0, 1),
+              "width": WIDTH,
               "final_decode_mse": float(d), "final_encode_mse": float(e), "versions": _versions()}
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.replace(out)
     return record
