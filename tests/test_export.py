@@ -137,6 +137,7 @@ def test_rerun_skips_unchanged_components_and_force_redoes_them(tiny_pipeline, t
     assert not list(tmp_path.glob(".engine.sdrt-*"))
 
 
+@pytest.mark.slow  # about 15 s: a whole export through the console entry point
 def test_vae_swap_with_an_fp16_safe_vae_exports_it_in_fp16_and_json_summary(tiny_pipeline, tmp_path):
     """--vae with a VAE whose config clears force_upcast (like sdxl-vae-fp16-fix) lifts the fp32 fallback."""
     from diffusers import AutoencoderKL

@@ -186,7 +186,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server, monkeypatch):
 
 
 def test_short_load_run_loses_nothing(engine, tmp_path):
-    result = run_load(engine, clients=8, seconds=10, max_batch=4, log_dir=tmp_path)
+    result = run_load(engine, clients=8, seconds=6, max_batch=4, log_dir=tmp_path)
     r = result["requests"]
     assert r["sent"] > 8 and r["lost"] == 0 and r["failed"] == 0, r
     assert r["answered"] == r["sent"] and result["images"] == r["answered"]
