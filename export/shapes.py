@@ -373,6 +373,27 @@ def trainer_parser(prog: str, description: str, minutes: float):
     return p
 
 
+def run_trainer(args, train, shipped_as: dict[Path, str]) -> None:
+    """What every adapter trainer's main does after parsing: train(model) against --model or the shipped model
+    written to a temporary folder, then, with --ship, add_extra(src, rel) for each of `shipped_as`; print the
+    record without its versions."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        record = train(args.model or write_shapes_pipeline(Path(tmp) / "model"))
+    if args.ship:
+        for src, rel in shipped_as.items():
+            add_extra(src, rel)
+    print(json.dumps({k: v for k, v in record.items() if k != "versions"}))
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing what was there (the trainers save beside, then rename)."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
 def assemble(out: Path) -> None:
     """Write model_index.json and the scheduler so `out` is a full StableDiffusionPipeline folder."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -511,8 +532,8 @@ def pack(trained: Path, dest: Path = SHIPPED) -> None:
 
 
 def add_extra(src: Path, rel: str, dest: Path = SHIPPED) -> Path:
-    """Ship a file or folder trained for the model (a tiny VAE, a LoRA, a ControlNet) as dest/extras/REL: .safetensors as fp16,
-    other files as they are; then hashes.json again."""
+    """Ship a file or folder trained for the model (a tiny VAE, a LoRA, a ControlNet) as dest/extras/REL:
+    .safetensors as fp16, other files as they are; then hashes.json again."""
     src, target = Path(src), dest / "extras" / rel
     if src.is_file():
         _ship_file(src, target)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import shapes_data as data
-from .shapes import _versions, add_noise, load_frozen, sample_latents, trainer_parser, training_alphas
+from .shapes import (_versions, add_noise, load_frozen, replace_folder, run_trainer, sample_latents,
+                     trainer_parser, training_alphas)
 
 
 def mask_of(spec: data.Spec, rng_state) -> np.ndarray:
@@ -85,11 +86,7 @@ def train_controlnet(model: Path, out: Path, minutes: float = 12.0, seed: int = 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     net.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_folder(tmp, out)
     record = {"command": f"python -m sdrt.export.shapes_controlnet {out} --minutes {minutes} --seed {seed} "
                          f"--threads {threads}",
               "seed": seed, "steps": step, "batch": bs, "seconds": round(time.time() - t0, 1),
@@ -99,19 +96,9 @@ def train_controlnet(model: Path, out: Path, minutes: float = 12.0, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tempfile
-
-    from .shapes import write_shapes_pipeline
-
     a = trainer_parser("python -m sdrt.export.shapes_controlnet", __doc__.split("\n")[0], minutes=12.0).parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = a.model or write_shapes_pipeline(Path(tmp) / "model")
-        record = train_controlnet(model, a.out, a.minutes, a.seed, a.threads)
-    if a.ship:
-        from .shapes import add_extra
-
-        add_extra(a.out, "controlnet-mask")
-    print(json.dumps({k: v for k, v in record.items() if k != "versions"}))
+    run_trainer(a, lambda model: train_controlnet(model, a.out, a.minutes, a.seed, a.threads),
+                {a.out: "controlnet-mask"})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import shapes_data as data
-from .shapes import _versions, add_noise, load_frozen, sample_latents, trainer_parser, training_alphas
+from .shapes import _versions, add_noise, load_frozen, run_trainer, sample_latents, trainer_parser, training_alphas
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -99,24 +99,14 @@ def train_lora(model: Path, out: Path, minutes: float = 6.0, seed: int = 0, rank
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tempfile
-
-    from .shapes import write_shapes_pipeline
-
     p = trainer_parser("python -m sdrt.export.shapes_lora", __doc__.split("\n")[0], minutes=6.0)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--source", default="red", choices=list(data.COLOURS))
     p.add_argument("--target", default="green", choices=list(data.COLOURS))
     a = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = a.model or write_shapes_pipeline(Path(tmp) / "model")
-        record = train_lora(model, a.out, a.minutes, a.seed, a.rank, a.source, a.target, a.threads)
-    if a.ship:
-        from .shapes import add_extra
-
-        add_extra(a.out, f"{a.source}-to-{a.target}.safetensors")
-        add_extra(a.out.with_suffix(".json"), f"{a.source}-to-{a.target}.json")
-    print(json.dumps({k: v for k, v in record.items() if k != "versions"}))
+    name = f"{a.source}-to-{a.target}"
+    run_trainer(a, lambda model: train_lora(model, a.out, a.minutes, a.seed, a.rank, a.source, a.target, a.threads),
+                {a.out: f"{name}.safetensors", a.out.with_suffix(".json"): f"{name}.json"})
 
 
 if __name__ == "__main__":

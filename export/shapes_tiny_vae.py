@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from . import shapes_data as data
-from .shapes import _versions, load_frozen, to_tensor, trainer_parser
+from .shapes import _versions, load_frozen, replace_folder, run_trainer, to_tensor, trainer_parser
 
 WIDTH = 32
 
@@ -79,26 +78,13 @@ def train_tiny_vae(model: Path, out: Path, minutes: float = 10.0, seed: int = 0,
               "width": WIDTH,
               "final_decode_mse": float(d), "final_encode_mse": float(e), "versions": _versions()}
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    replace_folder(tmp, out)
     return record
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tempfile
-
-    from .shapes import write_shapes_pipeline
-
     a = trainer_parser("python -m sdrt.export.shapes_tiny_vae", __doc__.split("\n")[0], minutes=10.0).parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = a.model or write_shapes_pipeline(Path(tmp) / "model")
-        record = train_tiny_vae(model, a.out, a.minutes, a.seed, a.threads)
-    if a.ship:
-        from .shapes import add_extra
-
-        add_extra(a.out, "tiny-vae")
-    print(json.dumps({k: v for k, v in record.items() if k != "versions"}))
+    run_trainer(a, lambda model: train_tiny_vae(model, a.out, a.minutes, a.seed, a.threads), {a.out: "tiny-vae"})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ classifies each generated image by pixels alone (background colour, shape colour
 captions, 12 of them colour/shape pairs the training set never drew. These tests run that check on every backend and
 precision this machine has and through the runtime's other paths (samplers, img2img, inpainting, a LoRA and a
 ControlNet trained for the model, `make demo`). The floors sit under what the shipped model measured (README, "The
-embedded shapes model"), well above chance (1/8 for a colour, 1/4 for a kind), so
-a backend that computes the right numbers in the wrong place fails.
+embedded shapes model"), well above chance (1/8 for a colour, 1/4 for a kind), so a backend that computes the right
+numbers in the wrong place fails.
 """
 
 from __future__ import annotations
