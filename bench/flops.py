@@ -20,7 +20,7 @@ METHOD = ("2×MAC of matmul/conv/attention (aten mm, addmm, bmm, convolution, SD
           "torch.utils.flop_counter.FlopCounterMode on meta-device modules built from the engine directory's "
           "configs, per image (batch 1, 77 tokens); norms, activations, softmax excluded. The diffusers model's "
           "count, used for every backend: sdrt's exported upsamplers execute 4 taps instead of 9, so its GFLOP/s "
-          "are effective rates (python -m sdrt.bench.op_profile counts the FLOPs its graphs execute)")
+          "are effective rates (python -m sdrt.bench.experiments.op_profile counts the FLOPs its graphs execute)")
 TOKENS = 77
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
@@ -32,7 +32,7 @@ class ModelConfigs:
     unet: dict
     vae: dict
     text_encoders: dict  # name → transformers CLIPTextConfig dict
-    vae_tiny: dict | None = None  # the AutoencoderTiny beside the VAE (export/tiny_vae.py), when exported
+    vae_tiny: dict | None = None  # the AutoencoderTiny beside the VAE (export/extras/tiny_vae.py), when exported
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path) -> "ModelConfigs":

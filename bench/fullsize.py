@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .scenarios import ARCHITECTURES
+from sdrt.bench.scenarios import ARCHITECTURES
 
 
 def config(arch: str) -> dict:
@@ -40,7 +40,7 @@ def build(arch: str, seed: int = 0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdrt.export.tiny_tokenizer import write_clip_tokenizer
+    from sdrt.export.models.tiny_tokenizer import write_clip_tokenizer
 
     cfg = config(arch)
     torch.manual_seed(seed)
@@ -64,7 +64,7 @@ def build(arch: str, seed: int = 0):
 
 
 def write(arch: str, folder: Path, seed: int = 0) -> Path:
-    from sdrt.export.tiny_tokenizer import write_clip_tokenizer
+    from sdrt.export.models.tiny_tokenizer import write_clip_tokenizer
 
     build(arch, seed).save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):

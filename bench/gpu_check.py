@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.tiny import write_tiny_pipeline
+    from sdrt.export.models.tiny import write_tiny_pipeline
     from sdrt.runtime.pipeline import Pipeline, Request
 
     can_run = availability()

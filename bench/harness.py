@@ -35,8 +35,7 @@ from typing import Callable
 
 from sdrt.runtime.errors import UserError
 
-from .scenarios import (DIFFUSERS_BACKENDS, HarnessConfig, Scenario, check_config,
-                        gpu_present, with_threads)
+from sdrt.bench.scenarios import DIFFUSERS_BACKENDS, HarnessConfig, Scenario, check_config, gpu_present, with_threads
 
 SCHEMA = "sdrt-bench/1"
 STAGE_OF = {"text_encoder": "text_encoding", "text_encoder_2": "text_encoding", "unet": "unet",
@@ -286,7 +285,7 @@ def diffusers_scheduler(config, scenario: Scenario):
     """The diffusers scheduler that matches sdrt's sampler, spacing and prediction type."""
     import diffusers
 
-    from sdrt.runtime.sampler_registry import get
+    from sdrt.runtime.samplers.registry import get
 
     spec = get(scenario.sampler)
     name, kwargs = spec.diffusers_class, dict(spec.diffusers_config)
@@ -625,7 +624,7 @@ def _manifest(engine_dir: Path) -> dict | None:
 
 def _prepare_architecture(arch: str, precision: str, workdir: Path, on_progress: Progress,
                           tiny: bool = False, deepcache: bool = False) -> ModelPaths:
-    from . import fullsize
+    from sdrt.bench import fullsize
 
     folder = workdir / arch / "model"
     engine_dir = workdir / arch / f"engine-{precision}"
@@ -641,7 +640,7 @@ def _prepare_architecture(arch: str, precision: str, workdir: Path, on_progress:
         partial.rename(folder)
     tiny_dir = workdir / arch / "taesd" if tiny else None
     if tiny_dir is not None and not (tiny_dir / "config.json").is_file():
-        from sdrt.export.tiny_vae import write_tiny_vae
+        from sdrt.export.extras.tiny_vae import write_tiny_vae
 
         on_progress(f"writing a random-weight TAESD (AutoencoderTiny's default config) to {tiny_dir}", 0, 0)
         write_tiny_vae(tiny_dir, scale_factor=size_multiple_of_architecture(arch), full_size=True)
@@ -768,7 +767,7 @@ def versions() -> dict:
 
 def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = _silent, command: str = "") -> dict:
     """Prepare the model, measure the peak, count FLOPs, then every backend in turn; the full result dict."""
-    from .flops import METHOD, ModelConfigs, measure_peak, per_image_flops
+    from sdrt.bench.flops import METHOD, ModelConfigs, measure_peak, per_image_flops
 
     config = with_threads(check_config(config))
     gpu = gpu_present()

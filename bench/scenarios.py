@@ -1,6 +1,6 @@
 """What one `sdrt bench` run measures: the scenario (model, shapes, sampler, backends) and the harness settings.
 
-Presets follow the models' authors (runtime/presets.py, reference/fewstep_perf.md §1.1-1.2) and the
+Presets follow the models' authors (runtime/samplers/presets.py, reference/fewstep_perf.md §1.1-1.2) and the
 protocol of fewstep_perf.md §2.5: batch 1, guidance off for the few-step models, warm-up excluded.
 Everything here is cheap to import: no torch, no diffusers.
 """
@@ -35,7 +35,7 @@ class BenchPreset:
 
 
 PRESETS = {
-    # SDXL-Lightning: Euler, trailing, no guidance; 1-step checkpoint predicts x0 (runtime/presets.py)
+    # SDXL-Lightning: Euler, trailing, no guidance; 1-step checkpoint predicts x0 (runtime/samplers/presets.py)
     "lightning-4step": BenchPreset("euler", "trailing", 4, 0.0, "sdxl", 1024, 512),
     "lightning-1step": BenchPreset("euler", "trailing", 1, 0.0, "sdxl", 1024, 512, prediction_type="sample"),
     # SDXL-Turbo: Euler ancestral, trailing, 1 step, no guidance, trained at 512²
@@ -180,7 +180,7 @@ def resolve(preset_name: str, o: Overrides, gpu: bool | None = None) -> Scenario
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose fp32 or fp16")
     sampler = o.sampler or preset.sampler
-    from sdrt.runtime.sampler_registry import resolve
+    from sdrt.runtime.samplers.registry import resolve
 
     sampler, _ = resolve(sampler)
     steps = preset.steps if o.steps is None else o.steps

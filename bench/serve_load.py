@@ -3,7 +3,7 @@
     python -m sdrt.bench.serve_load tiny --clients 32 --seconds 180 --max-batch 8
     python -m sdrt.bench.serve_load ENGINE_DIR --clients 8 --seconds 10 --out bench/results/cpu-serve-load-x
 
-`tiny` exports a tiny SD 1.5 pipeline (random weights; sdrt.export.tiny) into the work folder first. The server
+`tiny` exports a tiny SD 1.5 pipeline (random weights; sdrt.export.models.tiny) into the work folder first. The server
 runs on 127.0.0.1 with a free port; each client sends `POST /v1/images/generations` (one image, its own prompt and
 seed) as soon as its previous one is answered, until `--seconds` have passed; then the requests in flight finish,
 the server gets SIGTERM and must exit 0. Reported: requests sent / answered (200) / failed (an HTTP error) / lost
@@ -333,7 +333,7 @@ def _tiny_engine(workdir: Path) -> Path:
     if (out / "manifest.json").exists():
         return out
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.tiny import write_tiny_pipeline
+    from sdrt.export.models.tiny import write_tiny_pipeline
 
     source = workdir / "tiny-sd15-source"
     if not source.exists():
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m sdrt.bench.serve_load " + " ".join(shlex.quote(x) for x in argv),
         "model": {"name": name, "engine_dir": str(engine_dir),
-                  "note": "tiny SD 1.5 with random weights (sdrt.export.tiny), fp32 ONNX" if a.model == "tiny"
+                  "note": "tiny SD 1.5 with random weights (sdrt.export.models.tiny), fp32 ONNX" if a.model == "tiny"
                   else "engine directory"},
         "machine": machine_info(),
         "conditions": {"load_average_before": load_before, "load_average_after": _load_average()},

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.export.shapes_data import COLOURS, HELD_OUT, Spec
+from sdrt.export.models.shapes_data import COLOURS, HELD_OUT, Spec
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
@@ -150,9 +150,9 @@ def generate(engine, specs: list[Spec], backend: str = "ort-cpu", steps: int = 2
 
 def export_shipped(folder: Path, precision: str = "fp32", deepcache: bool = False) -> Path:
     """Write the shipped model as a diffusers folder and export it, with the tiny VAE trained for it
-    (export/shapes_tiny_vae.py) beside the full one; returns the engine directory."""
+    (export/models/shapes_tiny_vae.py) beside the full one; returns the engine directory."""
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.shapes import tiny_vae_of, write_shapes_pipeline
+    from sdrt.export.models.shapes import tiny_vae_of, write_shapes_pipeline
 
     model = folder / "shapes-model"
     if not (model / "model_index.json").exists():
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.compare:
         from datetime import datetime, timezone
 
-        from .harness import machine_info, versions
+        from sdrt.bench.harness import machine_info, versions
 
         with tempfile.TemporaryDirectory() as tmp:
             rows = compare(Path(tmp), a.steps, a.guidance, a.seed)

@@ -86,7 +86,7 @@ def source_of(engine_dir: Path) -> Path:
 
 def commands(s: StartupScenario, sdrt_png: Path, diffusers_png: Path) -> tuple[list[str], list[str]]:
     from sdrt.runtime.loader import open_dir
-    from sdrt.runtime.sampler_registry import get
+    from sdrt.runtime.samplers.registry import get
 
     size = open_dir(s.engine_dir).default_size
     width, height = s.width or size, s.height or size
@@ -121,7 +121,7 @@ def _max_diff(a: Path, b: Path) -> int:
 
 def measure(s: StartupScenario, on_progress=lambda what, done, total: None) -> dict:
     """Alternating fresh processes, `runs` of each; seconds per run, medians, ratio, and the images' difference."""
-    from .harness import machine_info, versions
+    from sdrt.bench.harness import machine_info, versions
 
     if s.runs < 1:
         raise UserError(f"--runs must be at least 1 (got {s.runs})")

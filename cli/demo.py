@@ -1,8 +1,8 @@
-"""`make demo`: export the embedded shapes model (export/shapes.py, trained here on captioned shapes) and draw
+"""`make demo`: export the embedded shapes model (export/models/shapes.py, trained here on captioned shapes) and draw
 three prompts with it, four images each (seeds 0-3, 4-7, 8-11) at 128×128, 20 Euler steps, guidance 7.5, into
 demo-P-I.png and one sheet, demo.png (a row per prompt).
 
-The weights ship inside the package (export/shapes_model, fp16, content hashes checked before use), so this runs
+The weights ship inside the package (export/models/shapes_model, fp16, content hashes checked before use), so this runs
 offline on a fresh machine.
 Usage: python -m sdrt.cli.demo OUTPUT_FOLDER
 """
@@ -22,7 +22,7 @@ PROMPTS = ("a red circle on a blue background", "a large yellow star on a black 
 def main(folder: Path) -> list[Path]:
     from sdrt.cli.generate import RunOptions, generate
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.shapes import tiny_vae_of, write_shapes_pipeline
+    from sdrt.export.models.shapes import tiny_vae_of, write_shapes_pipeline
 
     console = Console()
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,12 @@ from typing import Callable
 from sdrt.runtime import image_io
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.pipeline import Pipeline
-from sdrt.runtime.presets import PRESETS
+from sdrt.runtime.samplers.presets import PRESETS
 from sdrt.runtime.request import Request
 from sdrt.runtime.loader import open_dir
-from sdrt.runtime.validate import InvalidRequest, Job, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.job import Job
+from sdrt.runtime.validate import validate
 
 OnStep = Callable[[str, int, int], None]  # (stage, steps done, total)
 
@@ -59,11 +61,11 @@ class RunOptions:
     init_image: Path | None = None
     strength: float | None = None
     mask: Path | None = None
-    outpaint: str | None = None  # "left=64,right=64,top=0,bottom=32" (runtime/outpaint.py)
+    outpaint: str | None = None  # "left=64,right=64,top=0,bottom=32" (runtime/tasks/outpaint.py)
     outpaint_fill: str | None = None  # edge | blur | noise
     outpaint_blur: int | None = None  # soft border, pixels
-    noise_level: int | None = None  # the ×4 upscaler's (runtime/upscale.py)
-    depth_map: Path | None = None  # depth-to-image's depth (runtime/depth.py); None: the estimator runs
+    noise_level: int | None = None  # the ×4 upscaler's (runtime/tasks/upscale.py)
+    depth_map: Path | None = None  # depth-to-image's depth (runtime/tasks/depth.py); None: the estimator runs
     needs: str | None = None  # `sdrt upscale` / `sdrt variations`: the kind the engine directory must hold (KINDS)
     then_upscale: Path | None = None  # `sdrt run --then-upscale DIR`: each image goes through this ×4 upscaler
     refiner: Path | None = None
@@ -72,25 +74,25 @@ class RunOptions:
     backend: str = "auto"
     out: Path = Path("sdrt.png")
     as_json: bool = False
-    loras: tuple[tuple[str, float], ...] = ()  # (file or name, scale), applied at load (runtime/lora.py)
+    loras: tuple[tuple[str, float], ...] = ()  # (file or name, scale), applied at load (runtime/lora/adapters.py)
     lora_dir: Path | None = None  # where LoRA names and <lora:NAME:SCALE> prompt tags are looked up
-    prompt_syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompt_encode.py)
+    prompt_syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompts/encode.py)
     clip_skip: int = 0
-    embeddings: tuple[Path, ...] = ()  # textual-inversion files (runtime/embeddings.py); trigger = file stem
+    embeddings: tuple[Path, ...] = ()  # textual-inversion files (runtime/prompts/embeddings.py); trigger = file stem
     embeddings_dir: Path | None = None  # every file in it is active, as in AUTOMATIC1111
-    vae: str = "full"  # full | tiny (export/tiny_vae.py)
+    vae: str = "full"  # full | tiny (export/extras/tiny_vae.py)
     preview: bool = False  # write each step's latents, decoded by the tiny VAE, as OUT-step-K.png
     vae_tiling: str = "auto"  # auto | on | off (runtime/vae_tiling.py)
     ort_cache: bool = False  # keep ONNX Runtime's optimized graphs for faster later starts (engines/ort_cache.py)
-    cache_interval: int = 1  # step caching (runtime/step_cache.py)
-    controls: tuple[str, ...] = ()  # "NAME=IMAGE[:SCALE]" (runtime/controlnet.py)
+    cache_interval: int = 1  # step caching (runtime/denoiser/step_cache.py)
+    controls: tuple[str, ...] = ()  # "NAME=IMAGE[:SCALE]" (runtime/conditioning/controlnet.py)
     control_windows: tuple[str, ...] = ()  # "NAME=START:END": one net's own window
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
     control_preprocess: str | None = None  # "canny[:LOW:HIGH]"
-    ip_image: tuple[str, ...] = ()  # "[NAME=]IMAGE[:SCALE]", repeatable (runtime/ip_adapter.py)
-    adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/t2i_adapter.py)
+    ip_image: tuple[str, ...] = ()  # "[NAME=]IMAGE[:SCALE]", repeatable (runtime/conditioning/ip_adapter.py)
+    adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/conditioning/t2i_adapter.py)
 
 
 def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
@@ -358,7 +360,7 @@ def _ort_config(o: RunOptions):
 
 
 def _check_preview(engine_dir: Path) -> None:
-    from sdrt.runtime.validate import TINY_VAE
+    from sdrt.runtime.job import TINY_VAE
 
     if not (Path(engine_dir) / TINY_VAE["decode"] / "model.onnx").exists():
         raise UserError(f"--preview decodes every step with the tiny VAE, and {engine_dir} has no "

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from sdrt.runtime import batching, image_io
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.request import FLAT, Request
-from sdrt.runtime.validate import InvalidRequest, Job
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.job import Job
 
 INT_FIELDS = ("steps", "width", "height", "seed")
 FLOAT_FIELDS = ("guidance", "guidance_rescale", "strength", "denoising_start", "denoising_end", "aesthetic_score",

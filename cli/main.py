@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from sdrt.runtime.errors import UserError
+from sdrt.runtime.samplers.registry import NAMES as SAMPLER_NAMES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Stable Diffusion inference runtime: export to ONNX/TensorRT, generate, benchmark.")
@@ -120,7 +121,7 @@ def export(
 
 def _file_scale_args(values: list[str], flag: str) -> tuple[tuple[str, float], ...]:
     """`FILE[:SCALE]` options → (file, scale) pairs; a scale that is not a finite number is a one-line error."""
-    from sdrt.runtime.lora import LoraError, parse_lora_arg
+    from sdrt.runtime.lora.adapters import LoraError, parse_lora_arg
 
     try:
         return tuple(parse_lora_arg(v) for v in values)
@@ -178,11 +179,9 @@ def run(
     steps: Optional[int] = typer.Option(None, help="denoising steps [default: 30, or the preset's]"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale; <= 1 turns it off [default: 7.5]"),
     guidance_rescale: float = typer.Option(0.0, help="guidance rescale (0 = off)"),
-    sampler: Optional[str] = typer.Option(None, help="sdrt's name (euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, "
-                                           "dpmpp_3m, dpmpp_3m_sde, dpmpp_2s, dpmpp_2s_sde, dpmpp_sde, unipc, "
-                                           "unipc_bh1, deis, lms, kdpm2, kdpm2_a, pndm, ddim, lcm, tcd) or "
-                                           "AUTOMATIC1111's ('Euler a', 'DPM++ 2M Karras', 'UniPC', 'PLMS', …; "
-                                           "`sdrt samplers` lists them) [default: the model's own scheduler]"),
+    sampler: Optional[str] = typer.Option(None, help=f"sdrt's name ({', '.join(SAMPLER_NAMES)}) or "
+                                           "AUTOMATIC1111's ('Euler a', 'DPM++ 2M Karras', …; `sdrt samplers` lists "
+                                           "them) [default: the model's own scheduler]"),
     schedule: Optional[str] = typer.Option(None, help="sigma schedule: default, karras, exponential, beta, "
                                            "sgm_uniform, simple [default: the model's, or what --sampler names]"),
     karras: bool = typer.Option(False, help="Karras sigmas (same as --schedule karras)"),
@@ -435,7 +434,7 @@ def samplers(as_json: bool = typer.Option(False, "--json", help="print the table
     """
     from rich.table import Table
 
-    from sdrt.runtime.sampler_registry import REGISTRY, display_names
+    from sdrt.runtime.samplers.registry import REGISTRY, display_names
 
     rows = [{"name": s.name, "a1111": list(display_names(s)), "diffusers": s.diffusers_class,
              "diffusers_config": dict(s.diffusers_config), "stochastic": s.stochastic,
@@ -520,7 +519,7 @@ def triton_repo(
     force: bool = typer.Option(False, help="write into a non-empty repository (replacing NAME there)"),
 ) -> None:
     """Write a Triton model repository whose Python-backend model drives sdrt's batching service."""
-    from sdrt.serve.triton_repo import RepoOptions, write_repo
+    from sdrt.serve.triton.repo import RepoOptions, write_repo
 
     written = write_repo(RepoOptions(engine_dir=engine_dir, repo=output, name=name, max_batch=max_batch,
                                      instances=instances, kind=kind, backend=backend, copy_engine=copy_engine,

@@ -22,8 +22,8 @@ import torch
 
 from sdrt.runtime.errors import UserError
 
-from . import ort_cache
-from .base import TensorSpec, validate_feed
+from sdrt.engines import ort_cache
+from sdrt.engines.base import TensorSpec, validate_feed
 
 # ONNX Runtime's NodeArg.type → numpy dtype name
 ORT_DTYPES = {
@@ -52,7 +52,7 @@ class OrtConfig:
     # all | extended | basic | disabled. "extended", not "all": on this project's CPU (AVX-512) what "all" adds (layout
     # optimizations) made the full-size SD 1.5 UNet 2x slower per call at 512² (13.7 vs 6.8 s, batch 2, 2 threads) and
     # 5x slower to load (6.3-8.0 vs 1.4-1.7 s), and 8 % slower at 256² (measured 2026-12-01,
-    # `python -m sdrt.bench.ort_levels build/bench/sd15/engine-fp32/unet/model.onnx LEVEL 2 64`).
+    # `python -m sdrt.bench.experiments.ort_levels build/bench/sd15/engine-fp32/unet/model.onnx LEVEL 2 64`).
     graph_optimization_level: str = "extended"
     device_id: int = 0  # CUDA device
     cache_optimized: bool = False  # CPU: keep ONNX Runtime's optimized graph beside the model (engines/ort_cache.py)
@@ -127,7 +127,7 @@ class OrtEngine:
     def __init__(self, path: str | Path, config: OrtConfig = OrtConfig(), initializers: dict | None = None):
         """`initializers` ({name: numpy array}) replace the graph's external initializers of those names
         (ONNX Runtime's add_external_initializers: before graph optimizations; same dims and dtype): how
-        runtime/lora.py builds a session with merged LoRA weights without re-exporting."""
+        runtime/lora/adapters.py builds a session with merged LoRA weights without re-exporting."""
         path = Path(path)
         if not path.is_file():
             state = "is not a file" if path.exists() else "is missing"

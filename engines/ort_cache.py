@@ -8,7 +8,7 @@ optimization level and CPU that wrote it (NCHWc kernels), so its name is a key o
 size and modification time. Files live in `<component>/ort-optimized/` beside the model: KEY.onnx plus KEY.onnx_data
 (weights as external data, so graphs over 2 GB can be written); the .onnx appears last, by rename, so a killed
 first load leaves no file a later one would trust. A directory that cannot be written simply goes uncached.
-CPU provider only, and never for sessions with replaced initializers (LoRA: runtime/lora.py).
+CPU provider only, and never for sessions with replaced initializers (LoRA: runtime/lora/adapters.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ _TRT_SHARED = None
 
 
 def open_engine(onnx_path: Path, backend: str = "auto", ort_config=None, cuda_graph: bool = False):
-    from .ort import OrtConfig, OrtEngine, available_backends
+    from sdrt.engines.ort import OrtConfig, OrtEngine, available_backends
 
     # `auto` takes TensorRT only for a directory that holds plans for this component.
     available = available_backends()
@@ -39,12 +39,12 @@ def open_engine(onnx_path: Path, backend: str = "auto", ort_config=None, cuda_gr
         config = OrtConfig(**{**base.__dict__, "provider": "cuda" if chosen == "ort-cuda" else "cpu"})
         return OrtEngine(onnx_path, config)
     if chosen == "torch":
-        from .torch_ref import open_torch_engine
+        from sdrt.engines.torch_ref import open_torch_engine
 
         return open_torch_engine(*locate(onnx_path))
     from sdrt.runtime.manifest import read_manifest
 
-    from .tensorrt import SharedScratch, TensorRTComponent
+    from sdrt.engines.tensorrt import SharedScratch, TensorRTComponent
 
     global _TRT_SHARED
     if _TRT_SHARED is None:  # one scratch buffer and one stream for every plan of the process
@@ -63,7 +63,7 @@ def locate(onnx_path: Path) -> tuple[Path, str]:
 
 
 def _has_plans(onnx_path: Path) -> bool:
-    from .trt_profiles import plan_prefix
+    from sdrt.engines.trt_profiles import plan_prefix
 
     engine_dir, component = locate(onnx_path)
     return any((engine_dir / "trt").glob(f"{plan_prefix(component)}__*.plan"))

@@ -19,7 +19,7 @@ import torch
 
 from sdrt.runtime.errors import UserError
 
-from .base import TensorSpec
+from sdrt.engines.base import TensorSpec
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
                 "`pip install tensorrt` (it downloads NVIDIA's libraries from NVIDIA's package index)")
@@ -114,7 +114,7 @@ class TensorRTEngine:
         return self._outputs[key]
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from .base import validate_feed
+        from sdrt.engines.base import validate_feed
 
         validate_feed(self.inputs, feed)
         feed = {n: x.contiguous() for n, x in feed.items()}
@@ -153,7 +153,7 @@ class TensorRTComponent:
 
     def __init__(self, engine_dir: Path, component: str, manifest: dict, scratch: SharedScratch,
                  stream: torch.cuda.Stream, cuda_graph: bool = False):
-        from . import trt_profiles
+        from sdrt.engines import trt_profiles
 
         self._select = trt_profiles.select
         self.engine_dir = Path(engine_dir)
@@ -173,7 +173,7 @@ class TensorRTComponent:
 
     def refit(self, arrays: dict, base) -> None:
         """Push new values of these initializers into every loaded plan, and into plans loaded later."""
-        from .trt_refit import refit_engine
+        from sdrt.engines.trt_refit import refit_engine
 
         for file, engine in self._loaded.items():
             refit_engine(engine._trt, engine.engine, arrays, base, f"{self.component} plan {file}")
@@ -191,7 +191,7 @@ class TensorRTComponent:
             engine = TensorRTEngine(self.engine_dir / plan["file"], self._scratch, self._stream,
                                     cuda_graph=self._cuda_graph and static)
             if self._refitted:  # a plan loaded after a LoRA switch gets the current weights first
-                from .trt_refit import refit_engine
+                from sdrt.engines.trt_refit import refit_engine
 
                 refit_engine(engine._trt, engine.engine, self._refitted, self._refit_base,
                              f"{self.component} plan {plan['file']}")

@@ -19,7 +19,7 @@ import torch
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import read_manifest
 
-from .base import TensorSpec, validate_feed
+from sdrt.engines.base import TensorSpec, validate_feed
 
 
 class TorchEngine:

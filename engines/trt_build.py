@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sdrt.runtime.errors import UserError
 
-from .tensorrt import import_tensorrt
+from sdrt.engines.tensorrt import import_tensorrt
 
 
 @dataclass(frozen=True)

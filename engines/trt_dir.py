@@ -10,7 +10,7 @@ from pathlib import Path
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.manifest import MANIFEST_NAME, read_manifest
 
-from . import trt_profiles as tp
+from sdrt.engines import trt_profiles as tp
 
 BUILD_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
@@ -55,7 +55,7 @@ def plan(engine_dir: Path, profiles: list[tp.Profile], components: tuple[str, ..
 def build(engine_dir: Path, planned: list[PlannedPlan], options, compute_capability: tuple[int, int],
           trt_version: str, on_plan=lambda plan, status: None) -> list[dict]:
     """Build the missing plans one at a time and record them in the manifest (rewritten atomically)."""
-    from .trt_build import build_plan
+    from sdrt.engines.trt_build import build_plan
 
     engine_dir = Path(engine_dir)
     (engine_dir / "trt").mkdir(exist_ok=True)

@@ -132,7 +132,7 @@ def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_facto
         dims = {"batch_size": component_batch(component, profile, batch, minimum), "sequence_length": text, "height": height // f, "width": width // f,
                 "latent_height": height // f, "latent_width": width // f, "sample_height": height,
                 "sample_width": width, "ip_images": 1, **{f"ip_images_{k}": 1 for k in range(1, 16)}}
-        for k in range(1, 7):  # ControlNet residuals: height_div2 = ⌈h/2⌉, … (export/controlnet.py)
+        for k in range(1, 7):  # ControlNet residuals: height_div2 = ⌈h/2⌉, … (export/extras/controlnet.py)
             dims[f"height_div{2 ** k}"] = -(-(height // f) // 2 ** k)
             dims[f"width_div{2 ** k}"] = -(-(width // f) // 2 ** k)
         return dims

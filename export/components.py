@@ -341,7 +341,7 @@ def gate_shapes(pipe, component: str) -> tuple[Shape, Shape]:
     2n at others) and at a multiple (3m × 2m, every up-sampler doubling). The VAE takes any latent size,
     and small ones keep its fp16 gate fast (ONNX Runtime's CPU provider runs fp16 convolutions slowly).
     """
-    if component.startswith("unet"):  # unet and the step-caching graphs (export/deepcache.py)
+    if component.startswith("unet"):  # unet and the step-caching graphs (export/extras/deepcache.py)
         m = unet_factor(pipe)
         return Shape(1, 2 * m - 1, 2 * m + 1), Shape(2, 3 * m, 2 * m)
     return Shape(1, 8, 8), Shape(2, 12, 8)

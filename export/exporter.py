@@ -19,22 +19,24 @@ from typing import Callable
 
 import torch
 
-from sdrt.runtime import lora
+from sdrt.runtime.lora import adapters as lora
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.family import Family, detect
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from sdrt.runtime.prompt_encode import write_text_weights
+from sdrt.runtime.prompts.encode import write_text_weights
 
-from . import gate, tiny_vae
-from . import controlnet as cn
-from . import ip_adapter as ipa
-from . import t2i_adapter as t2i
-from .components import COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor, vae_scale_factor
-from .load import load_pipeline, local_source_hash
-from .onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
-from . import hypernetwork
-from .weights_map import LORA_COMPONENTS, Mapper
-from .rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
+from sdrt.export import gate
+from sdrt.export.extras import tiny_vae
+from sdrt.export.extras import controlnet as cn
+from sdrt.export.extras import ip_adapter as ipa
+from sdrt.export.extras import t2i_adapter as t2i
+from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor,
+    vae_scale_factor)
+from sdrt.export.load import load_pipeline, local_source_hash
+from sdrt.export.onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
+from sdrt.export.extras import hypernetwork
+from sdrt.export.weights_map import LORA_COMPONENTS, Mapper
+from sdrt.export.rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
 
 EXPORT_REVISION = "4"  # bump when the exported graphs change for the same source (3: UNet takes any latent size;
 # 4: UNet and text encoders keep their weights in model.onnx_data with a weights_map.json, for LoRAs at load)
@@ -61,15 +63,15 @@ class ExportConfig:
     family: str | None = None  # for single files whose family cannot be inferred
     single_file_config: str | None = None  # diffusers folder/hub id with the configs for a single file
     force: bool = False
-    loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora.py)
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora/adapters.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
     hypernetworks: tuple[tuple[str, float], ...] = ()  # (file, scale): AUTOMATIC1111 hypernetworks baked into the UNet
     tiny_vae: str | None = None  # an AutoencoderTiny folder/hub id: vae_{de,en}coder_tiny beside the full VAE
-    deepcache: bool = False  # also the two UNet graphs step caching runs (export/deepcache.py, branch 0)
-    controlnets: tuple[str, ...] = ()  # "SRC[=NAME]": each its own component controlnet/NAME (export/controlnet.py)
-    ip_adapter: str | tuple[str, ...] | None = None  # IP-Adapter file(s) "SRC[=NAME]": image_encoder + unet_ip (export/ip_adapter.py)
+    deepcache: bool = False  # also the two UNet graphs step caching runs (export/extras/deepcache.py, branch 0)
+    controlnets: tuple[str, ...] = ()  # "SRC[=NAME]": each its own component controlnet/NAME (export/extras/controlnet.py)
+    ip_adapter: str | tuple[str, ...] | None = None  # IP-Adapter file(s) "SRC[=NAME]": image_encoder + unet_ip (export/extras/ip_adapter.py)
     image_encoder: str | None = None  # the adapter's CLIPVisionModelWithProjection folder
-    t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/t2i_adapter.py)
+    t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/extras/t2i_adapter.py)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -193,9 +195,9 @@ def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
 
 def _module_for(pipe, name):
     if name.endswith("_tiny"):
-        return pipe.vae_tiny  # export/tiny_vae.py
+        return pipe.vae_tiny  # export/extras/tiny_vae.py
     if name.startswith("unet"):
-        return pipe.unet  # unet, and export/deepcache.py's two graphs
+        return pipe.unet  # unet, and export/extras/deepcache.py's two graphs
     return pipe.vae if name.startswith("vae") else getattr(pipe, name.removesuffix(EMBEDS))
 
 
@@ -313,7 +315,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         specs |= tiny_vae.tiny_specs()
         tiny_signature = tiny_vae.source_signature(cfg.tiny_vae)
     if cfg.deepcache:
-        from .deepcache import deepcache_specs
+        from sdrt.export.extras.deepcache import deepcache_specs
 
         specs = {**{k: v for k, v in specs.items() if not k.startswith("vae")}, **deepcache_specs(pipe),
                  **{k: v for k, v in specs.items() if k.startswith("vae")}}  # after the UNet, before the VAEs

@@ -65,7 +65,7 @@ def run_passes(raw_dir: Path, out_dir: Path, mapper=None) -> tuple[list[str], li
         if mapper is None:
             onnx.save(model, str(out_dir / "model.onnx"))
             return ["model.onnx"], passes
-        from .weights_map import mark_external
+        from sdrt.export.weights_map import mark_external
 
         mark_external(model, mapper.build(model), EXTERNAL_DATA_NAME)
         onnx.save(model, str(out_dir / "model.onnx"))
@@ -75,7 +75,7 @@ def run_passes(raw_dir: Path, out_dir: Path, mapper=None) -> tuple[list[str], li
     # Over 2 GB: shape inference must go through files (onnx's in-memory API is limited to 2 GB protos).
     out_dir.mkdir(parents=True, exist_ok=True)
     if mapper is not None:
-        from .weights_map import mark_external
+        from sdrt.export.weights_map import mark_external
 
         mark_external(model, mapper.build(model), EXTERNAL_DATA_NAME)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:

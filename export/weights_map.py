@@ -33,10 +33,10 @@ import torch
 from onnx import external_data_helper, numpy_helper
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.lora_keys import canonical
-from sdrt.runtime.lora import WEIGHTS_MAP_FORMAT, WEIGHTS_MAP_NAME
+from sdrt.runtime.lora.keys import canonical
+from sdrt.runtime.lora.adapters import WEIGHTS_MAP_FORMAT, WEIGHTS_MAP_NAME
 
-from .rewrites import SubpixelUpsample2D, is_subpixel_eligible
+from sdrt.export.rewrites import SubpixelUpsample2D, is_subpixel_eligible
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SMALL_BYTES = 1024  # below this, unmapped initializers stay inside model.onnx (onnx's default threshold)
@@ -66,7 +66,7 @@ def _scope(node_name: str) -> str:
 
 def targets(module: torch.nn.Module, component: str) -> dict[str, torch.nn.Module]:
     """Canonical module path → every Linear/Conv2d of the component (what a LoRA may patch), except inside modules
-    marked `lora_target = False` (a baked hypernetwork's MLPs, export/hypernetwork.py)."""
+    marked `lora_target = False` (a baked hypernetwork's MLPs, export/extras/hypernetwork.py)."""
     excluded = [name + "." for name, m in module.named_modules() if getattr(m, "lora_target", True) is False]
     return {canonical(component, name): m for name, m in module.named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name

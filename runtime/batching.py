@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-from .validate import Job
+from sdrt.runtime.job import Job
 
 # Fields that may differ between jobs of one batch; every other field must be equal.
 _PER_IMAGE = ("prompt", "negative_prompt", "images_per_prompt", "seeds", "estimated_bytes")

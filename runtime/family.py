@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .errors import UserError
+from sdrt.runtime.errors import UserError
 
 
 class Family(str, Enum):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .errors import UserError
+from sdrt.runtime.errors import UserError
 
 
 class VaeOverflow(UserError):

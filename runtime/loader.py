@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .family import Family, ModelInfo, detect
-from .manifest import read_manifest
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.family import Family, ModelInfo, detect
+from sdrt.runtime.manifest import read_manifest
 
 
 def _json(path: Path) -> dict:

@@ -18,20 +18,25 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from . import controlnet_call, depth, feed, image_io, ip_adapter, lora, noise, outpaint, sampler_registry, samplers, \
-    schedules, step_cache, t2i_adapter, unclip, upscale, vae_tiling
-from .conditioning import Conditioning, SdxlSizes, TextEncoder, condition
-from .prompt_encode import TextOptions, TextSetup
-from .denoiser import make_denoiser
-from .errors import UserError
-from .family import Family
-from .guidance import Guidance
-from .limits import Limits
-from .loader import EngineDir, open_dir
-from .request import Request
-from .tokenizer import ClipTokenizer
-from .unet_call import ClassLabels, ExtraChannels, TextContributor, UnetCall
-from .validate import TINY_VAE, Job, validate
+from sdrt.runtime.conditioning import controlnet_call, ip_adapter, t2i_adapter
+from sdrt.runtime.tasks import depth, outpaint, unclip, upscale
+from sdrt.runtime.denoiser import feed, step_cache
+from sdrt.runtime import image_io, vae_tiling
+from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.samplers import noise, registry as sampler_registry, classic as samplers, schedules
+from sdrt.runtime.prompts.text_conditioning import Conditioning, SdxlSizes, TextEncoder, condition
+from sdrt.runtime.prompts.encode import TextOptions, TextSetup
+from sdrt.runtime.denoiser.x0 import make_denoiser
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.family import Family
+from sdrt.runtime.denoiser.guidance import Guidance
+from sdrt.runtime.limits import Limits
+from sdrt.runtime.loader import EngineDir, open_dir
+from sdrt.runtime.request import Request
+from sdrt.runtime.prompts.tokenizer import ClipTokenizer
+from sdrt.runtime.denoiser.call import ClassLabels, ExtraChannels, TextContributor, UnetCall
+from sdrt.runtime.job import Job, TINY_VAE
+from sdrt.runtime.validate import validate
 
 @dataclass
 class _Prepared:
@@ -43,7 +48,7 @@ class _Prepared:
     guidance: Guidance
     blend: tuple | None = None  # 4-channel inpaint: (mask [N,1,h,w], image latents, noise)
     generator: list | None = None  # one CPU torch.Generator per image
-    contributors: list = field(default_factory=list)  # the UNet feed's parts besides text (runtime/unet_call.py)
+    contributors: list = field(default_factory=list)  # the UNet feed's parts besides text (runtime/denoiser/call.py)
     unet: str = "unet"  # the UNet graph the contributors feed (unet_controlnet takes ControlNet residuals)
 
 
@@ -55,7 +60,7 @@ class Pipeline:
         self.limits = limits
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
         self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
-        self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompt_encode.py)
+        self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompts/encode.py)
         self.vae_tiles = vae_tiling.Tiles.of_vae(engine_dir.vae_config)  # diffusers' defaults for this VAE
         self.open_engine = None  # path → engine, for components opened on first use (set by load)
 
@@ -94,7 +99,7 @@ class Pipeline:
                                                                  self.adapters.lora_dir, **self.text.validate_args())
 
     def engine(self, name: str, job: Job | None = None):
-        """Component `name`'s engine for this job's LoRA set (runtime/lora.py: rebuilt, never accumulated)."""
+        """Component `name`'s engine for this job's LoRA set (runtime/lora/adapters.py: rebuilt, never accumulated)."""
         self.component(name)
         return self.adapters.engine(name, job.loras if job is not None else ())
 
@@ -113,7 +118,7 @@ class Pipeline:
         return schedules.SchedulerConfig.from_diffusers_json({**self.dir.scheduler_config, **overrides})
 
     def _schedule(self, job: Job):
-        return schedules.make_schedule(self.scheduler_config(job), job.sampler, job.steps, job.schedule)
+        return sampler_registry.make_schedule(self.scheduler_config(job), job.sampler, job.steps, job.schedule)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def denoise(self, request: Request | Job) -> Iterator[torch.Tensor]:
@@ -179,14 +184,14 @@ class Pipeline:
         return self.finish(job, self.decode(latents, job.vae, job.tile_vae))
 
     def finish(self, job: Job, images: list[Image.Image]) -> list[Image.Image]:
-        """What follows decoding for some jobs: outpainting's soft-border overlay (runtime/outpaint.py)."""
+        """What follows decoding for some jobs: outpainting's soft-border overlay (runtime/tasks/outpaint.py)."""
         if job.overlay is None:
             return images
         original, soft = job.overlay
         return [outpaint.overlay(image, original, soft) for image in images]
 
     def decode(self, latents: torch.Tensor, vae: str = "full", tiled: bool = False) -> list[Image.Image]:
-        """Latents → images with the full VAE or the tiny one (vae="tiny": export/tiny_vae.py, whose
+        """Latents → images with the full VAE or the tiny one (vae="tiny": export/extras/tiny_vae.py, whose
         scaling_factor 1.0 makes this diffusers' `vae.decode(latents / vae.config.scaling_factor)` as well);
         `tiled`: the full VAE in tiles, as diffusers after vae.enable_tiling() (runtime/vae_tiling.py)."""
         name = TINY_VAE["decode"] if vae == "tiny" else "vae_decoder"
@@ -279,7 +284,7 @@ class Pipeline:
         return self._prepare_inpaint(request, image, shape, common)
 
     def _depth(self, request: Job, shape: tuple, guidance: Guidance) -> list:
-        """Depth-to-image's channel (runtime/depth.py): the given map, or the estimator on the init image."""
+        """Depth-to-image's channel (runtime/tasks/depth.py): the given map, or the estimator on the init image."""
         if not self.dir.info.depth:
             return []
         n, _, h, w = shape

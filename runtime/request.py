@@ -18,14 +18,16 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
+from sdrt.runtime.fields import InvalidRequest
+
 
 @dataclass(frozen=True)
 class Prompt:
     text: str | Sequence[str] = ""  # a str is ONE prompt; a list is one prompt per entry
     negative: str | Sequence[str] | None = None  # None: diffusers' default ("" or SDXL's zeroed negatives)
-    syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompt_encode.py)
+    syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompts/encode.py)
     clip_skip: int = 0  # diffusers' numbering: 0 = the model's usual layer; AUTOMATIC1111's "Clip skip 2" is 1
-    embeddings: tuple = ()  # textual-inversion files or names (runtime/embeddings.py); trigger = file stem
+    embeddings: tuple = ()  # textual-inversion files or names (runtime/prompts/embeddings.py); trigger = file stem
 
     def __post_init__(self):  # a JSON list → a tuple, so the request equals itself after a round trip
         if isinstance(self.embeddings, list):
@@ -63,7 +65,7 @@ class ImageInputs:
     mask: Any = None  # PIL image, white = repaint
     depth_map: Any = None  # PIL image (any mode): depth-to-image's depth, else its estimator runs
     noise_level: int | None = None  # the ×4 upscaler's low-resolution noise (None: 20)
-    outpaint: Any = None  # {"left", "right", "top", "bottom", "fill", "blur"} or "left=64,top=8" (runtime/outpaint.py)
+    outpaint: Any = None  # {"left", "right", "top", "bottom", "fill", "blur"} or "left=64,top=8" (runtime/tasks/outpaint.py)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Refine:
 
 @dataclass(frozen=True)
 class Adapters:
-    """Weight adapters applied to this request only (runtime/lora.py); `<lora:NAME:SCALE>` prompt tags add to them."""
+    """Weight adapters applied to this request only (runtime/lora/adapters.py); `<lora:NAME:SCALE>` prompt tags add to them."""
 
     loras: tuple = ()  # ((name or path, scale), …): names are looked up in the LoRA folder; "NAME:SCALE" also works
 
@@ -92,14 +94,14 @@ class Adapters:
 class Decode:
     """How the final latents become pixels (runtime/pipeline.py `decode`)."""
 
-    vae: str = "full"  # full | tiny: the AutoencoderTiny (TAESD) exported beside the full VAE (export/tiny_vae.py)
+    vae: str = "full"  # full | tiny: the AutoencoderTiny (TAESD) exported beside the full VAE (export/extras/tiny_vae.py)
     vae_tiling: str = "auto"  # auto (when the untiled VAE would not fit the memory limit) | on | off (vae_tiling.py)
 
 
 
 @dataclass(frozen=True)
 class Control:
-    """ControlNets (runtime/controlnet.py): each entry (name, image[, scale]) or {name, image, scale[, start, end]};
+    """ControlNets (runtime/conditioning/controlnet.py): each entry (name, image[, scale]) or {name, image, scale[, start, end]};
     the window [control_start, control_end) of the schedule applies to every net without its own start/end, guess
     mode to every net."""
 
@@ -107,7 +109,7 @@ class Control:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
-    control_preprocess: str | None = None  # "canny[:LOW:HIGH]" on every control image (runtime/control_preprocess.py)
+    control_preprocess: str | None = None  # "canny[:LOW:HIGH]" on every control image (runtime/conditioning/preprocess.py)
 
     def __post_init__(self):  # JSON: lists → tuples, base64 images → PIL (a bad one raises InvalidRequest)
         if isinstance(self.controls, list):
@@ -127,7 +129,7 @@ def _control_entry(i: int, entry):
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """IP-Adapter (runtime/ip_adapter.py): an image prompt and the adapter's scale, or with several adapters in the
+    """IP-Adapter (runtime/conditioning/ip_adapter.py): an image prompt and the adapter's scale, or with several adapters in the
     directory one {name, image, scale} per adapter used."""
 
     ip_image: Any = None  # PIL image, or a list of them (several images for the one adapter)
@@ -154,7 +156,7 @@ def _ip_entry(i: int, entry):
 
 @dataclass(frozen=True)
 class T2i:
-    """A T2I-Adapter the engine directory holds (runtime/t2i_adapter.py), its condition image and scale."""
+    """A T2I-Adapter the engine directory holds (runtime/conditioning/t2i_adapter.py), its condition image and scale."""
 
     adapter_name: str | None = None
     adapter_image: Any = None  # PIL image
@@ -202,7 +204,6 @@ class Request:
 
         Unknown keys raise InvalidRequest naming the key; values are checked later, by validate().
         """
-        from .validate import InvalidRequest
 
         if not isinstance(data, Mapping):
             raise InvalidRequest("request", f"must be a JSON object, not {type(data).__name__}")
@@ -300,7 +301,6 @@ def encode_image(image: Image.Image) -> str:
 
 
 def decode_image(text: str, name: str) -> Image.Image:
-    from .validate import InvalidRequest
 
     if text.startswith("data:"):
         text = text.split(",", 1)[-1]

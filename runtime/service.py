@@ -31,11 +31,12 @@ from typing import Callable
 
 from PIL import Image
 
-from . import batching, image_io
-from .errors import UserError
-from .limits import Limits, memory_budget
-from .request import Request
-from .validate import Job, validate
+from sdrt.runtime import batching, image_io
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.limits import Limits, memory_budget
+from sdrt.runtime.request import Request
+from sdrt.runtime.job import Job
+from sdrt.runtime.validate import validate
 
 Progress = Callable[[int, int], None]  # (steps done, total)
 Preview = Callable[[int, int, list], None]  # (steps done, total, this request's images decoded by the tiny VAE)
@@ -146,7 +147,7 @@ class Service:
     def __init__(self, pipeline_or_dir, limits: Limits = Limits(), max_batch: int = 4, max_wait_ms: float = 10.0,
                  queue_size: int = 64, backend: str = "auto", warmup: bool = False,
                  on_batch: Callable[[BatchReport], None] | None = None, lora_dir: str | Path | None = None):
-        from .pipeline import Pipeline
+        from sdrt.runtime.pipeline import Pipeline
 
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be at least 1 and max_wait_ms at least 0")

@@ -6,158 +6,25 @@ was wrong and what would be right, and never name CLI flags.
 
 from __future__ import annotations
 
-import math
 import secrets
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from PIL import Image
 
-from . import controlnet, ip_adapter, lora, outpaint as outpaint_mod, prompt_encode, sampler_registry, t2i_adapter, \
-    unclip, upscale
-from .errors import UserError
-from .family import Family
-from .limits import GIB, Limits, estimate_bytes, memory_budget
-from .request import Request
-from .denoiser import timestep_lookup
-from .schedules import SIGMA_SCHEDULES, ScheduleError, SchedulerConfig
-from .vae_tiling import Tiles
-
-MAX_SEED = 2 ** 64 - 1
-MAX_GUIDANCE = 100.0
-
-
-class InvalidRequest(UserError, ValueError):
-    """A request field with a bad value: `field` names it (dotted for nested groups), `message` says why."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-
-@dataclass(frozen=True, eq=False)
-class Job:
-    """A validated request: every value typed, defaulted and resolved for one model."""
-
-    prompt: tuple[str, ...]
-    negative_prompt: tuple[str, ...] | None
-    steps: int
-    guidance: float
-    guidance_rescale: float
-    sampler: str  # a registry name
-    schedule: str  # one of SIGMA_SCHEDULES
-    timestep_spacing: str | None
-    prediction_type: str | None
-    width: int
-    height: int
-    images_per_prompt: int
-    seeds: tuple[int, ...]  # one per image, in batch order (prompt-major)
-    init_image: Image.Image | None
-    strength: float | None
-    mask: Image.Image | None
-    init_latents: Any
-    denoising_start: float | None
-    denoising_end: float | None
-    aesthetic_score: float
-    negative_aesthetic_score: float
-    estimated_bytes: int = 0
-    syntax: str = "a1111"  # prompt syntax (runtime/prompt_encode.py)
-    clip_skip: int = 0
-    text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
-    embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
-    loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
-    vae: str = "full"  # full | tiny (decode, and encode init images, with the tiny VAE)
-    tile_vae: bool = False  # the full VAE decodes and encodes in tiles (runtime/vae_tiling.py)
-    cache_interval: int = 1  # step caching (runtime/step_cache.py); 1 = off
-    overlay: tuple | None = None  # outpainting's soft border: (padded original, soft mask) laid over the output
-    low_res_image: Image.Image | None = None  # the ×4 upscaler's input (width, height: 4× its size)
-    noise_level: int | None = None  # the ×4 upscaler's (low-resolution image) or unCLIP's (image embedding)
-    depth_map: Image.Image | None = None  # depth-to-image's given depth ("F"); None: the estimator runs
-    variation_image: Image.Image | None = None  # unCLIP's image to vary (its noise level: noise_level)
-    controls: Any = None  # runtime/controlnet.Controls, or None
-    image_prompt: Any = None  # runtime/ip_adapter.ImagePromptJob, or None
-    t2i_adapter: Any = None  # runtime/t2i_adapter.AdapterJob, or None
-
-    @property
-    def count(self) -> int:
-        return len(self.prompt) * self.images_per_prompt
-
-    @property
-    def seed(self) -> int:
-        return self.seeds[0]
-
-    @property
-    def sampler_label(self) -> str:
-        """What AUTOMATIC1111 would show: its display name with the schedule suffix, else sdrt's name."""
-        spec = sampler_registry.get(self.sampler)
-        base = spec.a1111[0] if spec.a1111 else spec.name
-        return base if self.schedule == "default" else f"{base} {self.schedule.replace('_', ' ').title()}"
-
-
-# ---- field checks ----------------------------------------------------------------------------------------
-
-def _int(field: str, value, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InvalidRequest(field, f"must be an integer, not {value!r}")
-    if lo is not None and value < lo:
-        raise InvalidRequest(field, f"must be at least {lo} (got {value}){what}")
-    if hi is not None and value > hi:
-        raise InvalidRequest(field, f"must be at most {hi} (got {value}){what}")
-    return value
-
-
-def _float(field: str, value, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(field, f"must be a number, not {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise InvalidRequest(field, f"must be a finite number (got {value})")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise InvalidRequest(field, f"must be {'above' if lo_open else 'at least'} {lo:g} (got {value:g})")
-    if hi is not None and value > hi:
-        raise InvalidRequest(field, f"must be at most {hi:g} (got {value:g})")
-    return value
-
-
-def _texts(field: str, value, allow_empty_list: bool = False) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)  # one prompt, never its characters
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        if not value and not allow_empty_list:
-            raise InvalidRequest(field, "must hold at least one prompt")
-        return tuple(value)
-    raise InvalidRequest(field, f"must be a string or a list of strings, not {type(value).__name__}"
-                                + (" holding non-strings" if isinstance(value, (list, tuple)) else ""))
-
-
-def _image(field: str, value, mode: str) -> Image.Image | None:
-    if value is None:
-        return None
-    if not isinstance(value, Image.Image):
-        raise InvalidRequest(field, f"must be an image (PIL in Python, base64 in JSON), not {type(value).__name__}")
-    if value.width < 8 or value.height < 8:
-        raise InvalidRequest(field, f"is {value.width}x{value.height}; it must be at least 8x8 pixels")
-    try:
-        return value.convert(mode)
-    except (ValueError, OSError) as e:
-        raise InvalidRequest(field, f"has mode {value.mode!r}, which cannot be converted to {mode} ({e})") from None
-
-
-def _seeds(value, count: int) -> tuple[int, ...]:
-    seed = _int("seed", value)
-    if seed == -1:
-        seed = secrets.randbelow(MAX_SEED - count + 2)
-    if not 0 <= seed <= MAX_SEED:
-        raise InvalidRequest("seed", f"must be in 0 … 2**64 − 1 = {MAX_SEED}, or -1 for a random seed (got {seed})")
-    if seed + count - 1 > MAX_SEED:
-        raise InvalidRequest("seed", f"image i uses seed + i; with {count} images the seed must be at most "
-                                     f"{MAX_SEED - count + 1} (got {seed})")
-    return tuple(seed + i for i in range(count))
-
+from sdrt.runtime.conditioning import controlnet, ip_adapter, t2i_adapter
+from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.tasks import outpaint as outpaint_mod, unclip, upscale
+from sdrt.runtime.prompts import encode as prompt_encode
+from sdrt.runtime.samplers import registry as sampler_registry
+from sdrt.runtime import fields
+from sdrt.runtime.fields import MAX_GUIDANCE, MAX_SEED, InvalidRequest
+from sdrt.runtime.job import TINY_VAE, Job
+from sdrt.runtime.family import Family
+from sdrt.runtime.limits import GIB, Limits, estimate_bytes, memory_budget
+from sdrt.runtime.request import Request
+from sdrt.runtime.denoiser.x0 import timestep_lookup
+from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES, ScheduleError, SchedulerConfig
+from sdrt.runtime.vae_tiling import Tiles
 
 def _sampler(sampling, model_dir) -> tuple[str, str]:
     schedule = sampling.schedule
@@ -182,8 +49,8 @@ def _size(request: Request, model_dir) -> tuple[int, int]:
     size = request.size
     scale = model_dir.vae_scale_factor
     multiple = scale * model_dir.latent_multiple
-    width = None if size.width is None else _int("width", size.width, 1)
-    height = None if size.height is None else _int("height", size.height, 1)
+    width = None if size.width is None else fields.integer("width", size.width, 1)
+    height = None if size.height is None else fields.integer("height", size.height, 1)
     latents = request.refine.init_latents
     if latents is not None:
         return latents.shape[-1] * scale, latents.shape[-2] * scale
@@ -201,7 +68,7 @@ def _size(request: Request, model_dir) -> tuple[int, int]:
 
 
 def _hypernet_tags(prompts, negative, model_dir):
-    from .prompt_tags import TagError, check_hypernet_tags
+    from sdrt.runtime.prompts.tags import TagError, check_hypernet_tags
 
     baked = (getattr(model_dir, "manifest", None) or {}).get("hypernetworks") or []
     try:
@@ -215,7 +82,6 @@ def _hypernet_tags(prompts, negative, model_dir):
     return prompts, negative
 VAE_CHOICES = ("full", "tiny")
 TILING_CHOICES = ("auto", "on", "off")
-TINY_VAE = {"decode": "vae_decoder_tiny", "encode": "vae_encoder_tiny"}  # export/tiny_vae.py
 
 
 def _vae(request: Request, model_dir) -> str:
@@ -234,11 +100,11 @@ def _vae(request: Request, model_dir) -> str:
     return vae
 
 
-STEP_CACHE = ("unet_deepcache", "unet_deepcache_shallow")  # export/deepcache.py
+STEP_CACHE = ("unet_deepcache", "unet_deepcache_shallow")  # export/extras/deepcache.py
 
 
 def _cache_interval(value, model_dir, loras) -> int:
-    interval = _int("cache_interval", value, 1, 1000)
+    interval = fields.integer("cache_interval", value, 1, 1000)
     if interval > 1:
         missing = [n for n in STEP_CACHE if not (model_dir.path / n / "model.onnx").exists()]
         if missing:
@@ -262,8 +128,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     request, variation_image, unclip_level = _unclip(request, model_dir)
     noise_level = unclip_level if variation_image is not None else noise_level
     p, s, images, refine = request.prompt_group, request.sampling, request.images, request.refine
-    prompts = _texts("prompt", p.text)
-    negative = None if p.negative is None else _texts("negative_prompt", p.negative)
+    prompts = fields.texts("prompt", p.text)
+    negative = None if p.negative is None else fields.texts("negative_prompt", p.negative)
     if negative is not None and len(negative) not in (1, len(prompts)):
         raise InvalidRequest("negative_prompt", f"give one negative prompt or one per prompt ({len(prompts)}), "
                                                 f"not {len(negative)}")
@@ -272,13 +138,13 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     prompts, negative, loras = lora.request_loras(request, prompts, negative, model_dir, lora_dir)  # <lora:…> out
     prompts, negative = _hypernet_tags(prompts, negative, model_dir)  # <hypernet:…> out
 
-    batch = _int("batch", request.size.batch, 1, limits.max_batch)
+    batch = fields.integer("batch", request.size.batch, 1, limits.max_batch)
     count = len(prompts) * batch
     if count > limits.max_batch:
         raise InvalidRequest("batch", f"{len(prompts)} prompts × {batch} images = {count} images; at most "
                                       f"{limits.max_batch} per request")
-    guidance = _float("guidance", s.guidance, 0.0, MAX_GUIDANCE)
-    rescale = _float("guidance_rescale", s.guidance_rescale, 0.0, 1.0)
+    guidance = fields.number("guidance", s.guidance, 0.0, MAX_GUIDANCE)
+    rescale = fields.number("guidance_rescale", s.guidance_rescale, 0.0, 1.0)
     sampler, schedule = _sampler(s, model_dir)
     for name in ("timestep_spacing", "prediction_type"):
         if getattr(s, name) is not None and not isinstance(getattr(s, name), str):
@@ -293,7 +159,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     except ScheduleError as e:
         raise InvalidRequest("timestep_spacing" if "spacing" in str(e) else "prediction_type", str(e)) from None
     ceiling = min(limits.max_steps, sampler_registry.max_steps(cfg, sampler))
-    steps = _int("steps", s.steps, 1, ceiling,
+    steps = fields.integer("steps", s.steps, 1, ceiling,
                  f"; {sampler} on this model's schedule runs at most {ceiling} steps (its training timesteps "
                  "or the configured limit)")
     try:
@@ -310,12 +176,12 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     if width * height > limits.max_pixels:
         raise InvalidRequest("width", f"{width}x{height} is {width * height:,} pixels; at most "
                                       f"{limits.max_pixels:,} per image (Limits.max_pixels)")
-    seeds = _seeds(request.seeds.seed, count)
+    seeds = fields.seeds(request.seeds.seed, count)
     text = prompt_encode.validate_text(p, model_dir, prompts, negative, embeddings_dir, embeddings)
 
-    init_image = _image("init_image", images.init_image, "RGB")
-    mask = _image("mask", images.mask, "L")
-    strength = None if images.strength is None else _float("strength", images.strength, 0.0, 1.0, lo_open=True)
+    init_image = fields.image("init_image", images.init_image, "RGB")
+    mask = fields.image("mask", images.mask, "L")
+    strength = None if images.strength is None else fields.number("strength", images.strength, 0.0, 1.0, lo_open=True)
     if mask is not None and init_image is None:
         raise InvalidRequest("mask", "needs an init image to inpaint")
     info = model_dir.info
@@ -324,7 +190,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                                            "after a base")
     if info.inpaint and mask is None:
         raise InvalidRequest("mask", "this is an inpainting model: give an init image and a mask")
-    starts = [None if v is None else _float(n, v, 0.0, 1.0, lo_open=True)
+    starts = [None if v is None else fields.number(n, v, 0.0, 1.0, lo_open=True)
               for n, v in (("denoising_start", refine.denoising_start), ("denoising_end", refine.denoising_end))]
     for name, v in zip(("denoising_start", "denoising_end"), starts):
         if v is not None and v >= 1.0:
@@ -333,8 +199,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     image_prompt = ip_adapter.validate_image_prompt(request.image_prompt, model_dir, loras, controls)
     adapter = t2i_adapter.validate_adapter(request.t2i, model_dir, width, height,
                                            controls is not None or image_prompt is not None, loras)
-    aesthetic = _float("aesthetic_score", refine.aesthetic_score)
-    negative_aesthetic = _float("negative_aesthetic_score", refine.negative_aesthetic_score)
+    aesthetic = fields.number("aesthetic_score", refine.aesthetic_score)
+    negative_aesthetic = fields.number("negative_aesthetic_score", refine.negative_aesthetic_score)
 
     cache_interval = _cache_interval(s.cache_interval, model_dir, loras)
     vae = _vae(request, model_dir)
@@ -382,7 +248,7 @@ def _unclip(request: Request, model_dir) -> tuple[Request, Image.Image | None, i
     images = request.images
     if not model_dir.info.unclip:
         return request, None, None
-    image = _image("init_image", images.init_image, "RGB")
+    image = fields.image("init_image", images.init_image, "RGB")
     if image is None:
         raise InvalidRequest("init_image", "this is an unCLIP model: give the image to make variations of")
     for name in ("mask", "strength"):
@@ -391,7 +257,7 @@ def _unclip(request: Request, model_dir) -> tuple[Request, Image.Image | None, i
                                        "strength (they start from noise; the image enters as an embedding)"))
     top = unclip.EmbeddingNoise.levels(model_dir.path)
     level = unclip.DEFAULT_NOISE_LEVEL if images.noise_level is None else \
-        _int("noise_level", images.noise_level, 0, top, " (the image-noising scheduler's last timestep)")
+        fields.integer("noise_level", images.noise_level, 0, top, " (the image-noising scheduler's last timestep)")
     return replace(request, images=replace(images, init_image=None, noise_level=None)), image, level
 
 
@@ -407,7 +273,7 @@ def _depth(request: Request, model_dir) -> Image.Image | None:
         raise InvalidRequest("init_image", "this is a depth-to-image model: give the image to start from")
     if images.mask is not None:
         raise InvalidRequest("mask", "depth-to-image models take no mask")
-    depth = _image("depth_map", images.depth_map, "F")
+    depth = fields.image("depth_map", images.depth_map, "F")
     if depth is None and not (model_dir.path / "depth_estimator" / "model.onnx").exists():
         raise InvalidRequest("depth_map", "is needed: this engine directory has no depth_estimator (export it, "
                                           "or give a depth map)")
@@ -427,7 +293,7 @@ def _upscale(request: Request, model_dir, limits: Limits) -> tuple[Request, Imag
             raise InvalidRequest("noise_level", f"applies to the ×4 upscaler and unCLIP variations only; this is a "
                                                 f"{info.family.value} model ({info.pipeline_class})")
         return request, None, None
-    image = _image("init_image", images.init_image, "RGB")
+    image = fields.image("init_image", images.init_image, "RGB")
     if image is None:
         raise InvalidRequest("init_image", "this is a ×4 upscaler: give the low-resolution image to upscale")
     for name in ("mask", "strength"):
@@ -440,7 +306,7 @@ def _upscale(request: Request, model_dir, limits: Limits) -> tuple[Request, Imag
                              "is 4× the low-resolution image's for the ×4 upscaler; leave it out")
     noise = upscale.LowResNoise.of(model_dir)
     level = upscale.DEFAULT_NOISE_LEVEL if images.noise_level is None else \
-        _int("noise_level", images.noise_level, 0, noise.max_noise_level,
+        fields.integer("noise_level", images.noise_level, 0, noise.max_noise_level,
              " (the model's max_noise_level, within its low-resolution scheduler's timesteps)")
     f = model_dir.vae_scale_factor
     low = upscale.low_res_image(image, f)
@@ -456,7 +322,7 @@ def _upscale(request: Request, model_dir, limits: Limits) -> tuple[Request, Imag
 
 def _outpaint(request: Request, model_dir, limits: Limits) -> tuple[Request, tuple | None]:
     """An outpainting request as the inpainting request it is (padded init image, mask, canvas size), and the
-    soft border's overlay (runtime/outpaint.py); other requests unchanged."""
+    soft border's overlay (runtime/tasks/outpaint.py); other requests unchanged."""
     images = request.images
     if images.outpaint is None:
         return request, None
@@ -464,7 +330,7 @@ def _outpaint(request: Request, model_dir, limits: Limits) -> tuple[Request, tup
         spec = outpaint_mod.parse(images.outpaint)
     except outpaint_mod.OutpaintError as e:
         raise InvalidRequest("outpaint", str(e)) from None
-    init = _image("init_image", images.init_image, "RGB")
+    init = fields.image("init_image", images.init_image, "RGB")
     if init is None:
         raise InvalidRequest("outpaint", "needs an init image to extend")
     if images.mask is not None:
@@ -482,11 +348,11 @@ def _outpaint(request: Request, model_dir, limits: Limits) -> tuple[Request, tup
     if width * height > limits.max_pixels:
         raise InvalidRequest("outpaint", f"the extended canvas {width}x{height} is {width * height:,} pixels; at "
                                          f"most {limits.max_pixels:,} per image (Limits.max_pixels)")
-    seed = _int("seed", request.seeds.seed)
+    seed = fields.integer("seed", request.seeds.seed)
     if seed == -1:  # resolved here: the noise fill and the generation use the same seed
         seed = secrets.randbelow(MAX_SEED - limits.max_batch + 2)
         request = replace(request, seeds=replace(request.seeds, seed=seed))
-    seed = _seeds(seed, 1)[0]  # range checked
+    seed = fields.seeds(seed, 1)[0]  # range checked
     try:
         out = outpaint_mod.outpaint(init, spec, seed)
     except outpaint_mod.OutpaintError as e:

@@ -40,18 +40,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdrt.runtime import image_io, lora, sampler_registry
+from sdrt.runtime import image_io
+from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.samplers import registry as sampler_registry
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import open_dir
-from sdrt.runtime.schedules import SIGMA_SCHEDULES
+from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES
 from sdrt.runtime.service import (BatchReport, Cancelled, CancelToken, DeadlineExceeded, QueueFull, Service,
-                                  ServiceClosed)
-from sdrt.runtime.validate import InvalidRequest
+    ServiceClosed)
+from sdrt.runtime.fields import InvalidRequest
 
-from . import http_api
-from .http_api import HttpError, ModelContext, Plan, error_body
-from .metrics import Metrics
+from sdrt.serve import http_api
+from sdrt.serve.http_api import HttpError, ModelContext, Plan, error_body
+from sdrt.serve.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 GENERATE_PATHS = frozenset({"/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"})
@@ -598,7 +600,7 @@ def create_app(config: ServeConfig, pipeline=None, *, test_fault_prompt: str | N
 
     @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"], summary="The textual inversions prompts may use")
     async def embeddings():
-        from sdrt.runtime import embeddings as ti
+        from sdrt.runtime.prompts import embeddings as ti
 
         if config.embeddings_dir is None:
             return {"loaded": {}, "skipped": {}}

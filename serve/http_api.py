@@ -42,10 +42,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image, ImageOps
 
-from sdrt.runtime import image_io, lora, sampler_registry
-from sdrt.runtime.prompt_tags import TagError, strip_lora_tags
+from sdrt.runtime import image_io
+from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.samplers import registry as sampler_registry
+from sdrt.runtime.prompts.tags import TagError, strip_lora_tags
 from sdrt.runtime.request import Request
-from sdrt.runtime.validate import MAX_SEED, InvalidRequest
+from sdrt.runtime.fields import InvalidRequest, MAX_SEED
 
 # ---- the one error shape ---------------------------------------------------------------------------------
 
@@ -384,7 +386,7 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
             if isinstance(images, list) else decode_image("ip_image", images, ctx, "RGB")
     if "ip_adapters" in b:
         flat["ip_adapters"] = _ip_adapters(b["ip_adapters"], ctx)
-    if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/t2i_adapter.py converts it for the adapter)
+    if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/conditioning/t2i_adapter.py converts it for the adapter)
         flat["adapter_image"] = decode_image("adapter_image", b["adapter_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
     return Plan([_request(flat)], names, output_format=output, quality=quality, raw=media is not None, stream=stream,
@@ -393,7 +395,7 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
 
 def _ip_adapters(value, ctx: ModelContext) -> tuple:
     """`ip_adapters`: [{"name": …, "image": base64 or [base64, …], "scale": …}, …], FaceID {"name", "embeds": [[…]],
-    "scale"} (runtime/ip_adapter.py checks names, embeddings and scales)."""
+    "scale"} (runtime/conditioning/ip_adapter.py checks names, embeddings and scales)."""
     if not isinstance(value, list):
         raise invalid("ip_adapters", f"must be a list of {{name, image, scale}} objects, not {_json_type(value)}")
     out = []
@@ -411,7 +413,7 @@ def _ip_adapters(value, ctx: ModelContext) -> tuple:
 
 
 def _controls(value, ctx: ModelContext) -> tuple:
-    """`controls`: [{"name": …, "image": base64, "scale": …}, …] (runtime/controlnet.py checks names and scales)."""
+    """`controls`: [{"name": …, "image": base64, "scale": …}, …] (runtime/conditioning/controlnet.py checks names and scales)."""
     if not isinstance(value, list):
         raise invalid("controls", f"must be a list of {{name, image, scale}} objects, not {_json_type(value)}")
     out = []
@@ -501,7 +503,7 @@ def _with_mask(inner) -> Callable[[Any, Mapping], bool]:
 
 
 def _eta(v, body) -> bool:
-    """eta changes only DDIM (A1111 default 0) and ancestral/SDE samplers (sdrt runs them at eta 1)."""
+    """eta as the sampler's registry entry allows it (DDIM 0; ancestral and SDE samplers 1, as sdrt runs them)."""
     if v is None:
         return True
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -511,14 +513,7 @@ def _eta(v, body) -> bool:
         sampler, _ = sampler_registry.resolve(name) if isinstance(name, str) else ("euler", None)
     except Exception:  # the sampler's own error comes from validation
         return True
-    spec = sampler_registry.get(sampler)
-    if sampler == "ddim":
-        return v == 0
-    if sampler in ("lcm", "tcd"):
-        return False
-    if spec.stochastic or any(n.endswith(" a") for n in spec.a1111):
-        return v == 1
-    return True
+    return sampler_registry.get(sampler).accepts_eta(v)
 
 
 def _override_settings(ctx_name: str) -> Callable[[Any, Mapping], bool]:
@@ -689,7 +684,7 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
 
 def _a1111_outpaint(body: Mapping) -> dict:
     """sdrt's `outpaint` extension ({"left", "right", "top", "bottom"} pixels) with A1111's own fields where they
-    map: inpainting_fill → the fill of the new area, mask_blur → the soft border (runtime/outpaint.py)."""
+    map: inpainting_fill → the fill of the new area, mask_blur → the soft border (runtime/tasks/outpaint.py)."""
     spec = body["outpaint"]
     if not isinstance(spec, Mapping):
         raise invalid("outpaint", f"must be an object with left/right/top/bottom margins in pixels, not "

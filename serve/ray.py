@@ -91,7 +91,7 @@ class SdrtDeployment:
 
         from sdrt.runtime.request import Request
         from sdrt.runtime.service import DeadlineExceeded, QueueFull, ServiceClosed
-        from sdrt.runtime.validate import InvalidRequest
+        from sdrt.runtime.fields import InvalidRequest
         from sdrt.serve import http_api
 
         if http_request.method == "GET":

@@ -20,7 +20,7 @@ def tiny_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_root):
     """tiny_pipeline(family) → folder of a saved tiny diffusers pipeline (built once)."""
-    from sdrt.export.tiny import write_tiny_pipeline
+    from sdrt.export.models.tiny import write_tiny_pipeline
 
     def make(family: str) -> Path:
         folder = tiny_root / "models" / family
@@ -77,7 +77,7 @@ def conditioned(tiny_root, tiny_pipeline, exported):
     import shutil
 
     from sdrt.export.exporter import add_controlnets
-    from sdrt.export.tiny import write_tiny_controlnet, write_tiny_ip_adapter, write_tiny_t2i_adapter
+    from sdrt.export.models.tiny import write_tiny_controlnet, write_tiny_ip_adapter, write_tiny_t2i_adapter
 
     nets = {"sd15": (("canny", 1), ("depth", 2)), "sdxl": (("xl", 3),)}
     cache = {}

@@ -154,7 +154,7 @@ def test_flop_counts_match_the_reference_for_sd21():
 
 def test_every_architecture_the_cli_names_has_a_builder_with_the_published_tokenizers_and_scheduler():
     from sdrt.bench import fullsize, scenarios
-    from sdrt.export.tiny_tokenizer import EOS
+    from sdrt.export.models.tiny_tokenizer import EOS
 
     assert fullsize.ARCHITECTURES == scenarios.ARCHITECTURES
     configs = {arch: fullsize.config(arch) for arch in fullsize.ARCHITECTURES}
@@ -219,7 +219,7 @@ def test_engine_dir_precision_must_match(exported):
 
 
 def test_op_profile_groups_every_kernel_and_counts_gemm_flops(exported, tmp_path):
-    from sdrt.bench.op_profile import main, node_flops
+    from sdrt.bench.experiments.op_profile import main, node_flops
 
     assert node_flops("Conv", [[1, 4, 8, 8], [8, 4, 3, 3], [8]], [[1, 8, 8, 8]]) == 2 * 8 * 64 * 4 * 9
     assert node_flops("MatMul", [[1, 8, 64, 40], [1, 8, 40, 64]], [[1, 8, 64, 64]]) == 2 * 8 * 64 * 64 * 40

@@ -2,7 +2,7 @@
 StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline on tiny ControlNets, bad inputs, plan logic.
 
 The tiny ControlNets come from ControlNetModel.from_unet with their zero-initialised convolutions drawn at random
-(export/tiny.py), so every case also checks that the control visibly changes the image.
+(export/models/tiny.py), so every case also checks that the control visibly changes the image.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from sdrt.export.exporter import add_controlnets
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 
 PROMPTS = ("a photo of a cat", "a castle on a hill")
 SIZE = dict(width=48, height=32)

@@ -11,7 +11,8 @@ import pytest
 from test_parity import assert_same_images, diffusers_scheduler, generators, reference_pipeline, to_uint8
 
 from sdrt.runtime.request import Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_shallow_graph_with_a_cross_attention_last_block_equals_the_helper():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdrt.export.deepcache import _Full, _Shallow, deepcache_specs
+    from sdrt.export.extras.deepcache import _Full, _Shallow, deepcache_specs
 
     DeepCache = pytest.importorskip("DeepCache")
     torch.manual_seed(0)

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import run_sdrt
-from sdrt.runtime import depth
+from sdrt.runtime.tasks import depth
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 from test_parity import assert_same_images, diffusers_scheduler, generators, reference_pipeline
 
 
@@ -20,7 +21,7 @@ from test_parity import assert_same_images, diffusers_scheduler, generators, ref
 def depth2img(tmp_path_factory):
     """(diffusers folder, engine directory) of a tiny depth-to-image pipeline, exported once."""
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.tiny_pipelines import write_tiny
+    from sdrt.export.models.tiny_pipelines import write_tiny
 
     root = tmp_path_factory.mktemp("depth2img")
     folder = write_tiny("depth2img", root / "model")

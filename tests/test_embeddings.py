@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdrt.runtime import embeddings as ti
+from sdrt.runtime.prompts import embeddings as ti
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest
+from sdrt.runtime.fields import InvalidRequest
 from test_parity import assert_same_images, generators, reference_pipeline, to_uint8
 
 WIDTH = 32  # the tiny text encoders' hidden size

@@ -16,17 +16,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from sdrt.engines.base import EngineInputError, TensorSpec, validate_feed
-from sdrt.engines.ort import (
-    ORT_DTYPES,
-    EngineLoadError,
-    OrtConfig,
-    OrtConfigError,
-    OrtEngine,
-    _dlpack_ready,
-    _to_torch,
-    available_backends,
-    numpy_dtype,
-)
+from sdrt.engines.ort import (ORT_DTYPES, EngineLoadError, OrtConfig, OrtConfigError, OrtEngine, _dlpack_ready,
+    _to_torch, available_backends, numpy_dtype)
 
 W = np.arange(24, dtype=np.float32).reshape(8, 3) / 10
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from sdrt.export.exporter import ExportConfig, export
-from sdrt.export.tiny import FAMILIES
+from sdrt.export.models.tiny import FAMILIES
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "export" / "manifest.schema.json").read_text())
 

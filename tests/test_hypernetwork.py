@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 hypernetworks baked into the UNet at export (export/hypernetwork.py), against AUTOMATIC1111's
+"""AUTOMATIC1111 hypernetworks baked into the UNet at export (export/extras/hypernetwork.py), against AUTOMATIC1111's
 algorithm re-created here over diffusers' UNet: an attention processor that feeds to_k / to_v with
 context + mlp(context)·strength for every attention (self and cross) whose context width the file has
 (modules/hypernetworks/hypernetwork.py: HypernetworkModule.forward, apply_single_hypernetwork). The MLPs are
@@ -14,7 +14,7 @@ import torch
 
 from conftest import run_sdrt
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest
+from sdrt.runtime.fields import InvalidRequest
 from test_parity import assert_same_images, generators, reference_pipeline, to_uint8
 
 SCALE = 0.7
@@ -136,7 +136,7 @@ def test_bad_hypernetwork_files_are_one_line_and_exit_2(tiny_pipeline, hypernet,
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     from diffusers import UNet2DConditionModel
 
-    from sdrt.export import hypernetwork
+    from sdrt.export.extras import hypernetwork
 
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline("sd15") / "unet")
     for path, fragment in [(wrong, "widths [24]"), (lora, "not an AUTOMATIC1111 hypernetwork"),

@@ -1,5 +1,5 @@
 """IP-Adapter: image_encoder + unet_ip exported into an engine directory, equal to diffusers' load_ip_adapter +
-set_ip_adapter_scale on tiny SD 1.5 and SDXL models with a tiny adapter the tests build (export/tiny.py), and the bad
+set_ip_adapter_scale on tiny SD 1.5 and SDXL models with a tiny adapter the tests build (export/models/tiny.py), and the bad
 inputs (no adapter in the directory, non-finite scale, no image encoder, an adapter for another width)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from sdrt.export.exporter import ExportConfig, add_controlnets, export
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 
 SIZE = dict(width=48, height=32)
 
@@ -75,7 +76,7 @@ def test_ip_adapter_equals_diffusers(conditioned, pipes, tiny_pipeline, family, 
 def test_manifest_and_preprocessing(conditioned):
     from transformers import CLIPImageProcessor
 
-    from sdrt.runtime import ip_adapter
+    from sdrt.runtime.conditioning import ip_adapter
 
     engine, _ = conditioned("sd15")
     manifest = json.loads((engine / "manifest.json").read_text())
@@ -157,7 +158,7 @@ def test_controlnet_and_ip_adapter_together_equal_diffusers(conditioned, pipes, 
 
 def test_controlnet_ip_adapter_and_lora_together_equal_diffusers(conditioned, pipes, tiny_pipeline, tmp_path):
     """InstantID-style: a ControlNet, an image prompt and a LoRA (UNet + text encoder) in one request; the LoRA reaches
-    the combined UNet graph through its own weights map (runtime/lora.py UNET_VARIANTS)."""
+    the combined UNet graph through its own weights map (runtime/lora/adapters.py UNET_VARIANTS)."""
     import diffusers
     from transformers import CLIPVisionModelWithProjection
 
@@ -210,7 +211,7 @@ def test_several_images_for_one_adapter_equal_diffusers(conditioned, pipes, tiny
 def test_ip_adapter_plus_and_full_face_equal_diffusers(exported, tiny_pipeline, tmp_path, family, kind):
     """IP-Adapter Plus / Plus Face (Resampler projection; the two differ only in training data) and Full Face
     (IPAdapterFullImageProjection): penultimate hidden states, the zero image's as the negative; one and two images."""
-    from sdrt.export.tiny import write_tiny_ip_adapter
+    from sdrt.export.models.tiny import write_tiny_ip_adapter
 
     engine = tmp_path / family
     shutil.copytree(exported(family, "fp32"), engine, copy_function=os.link)
@@ -238,7 +239,7 @@ def test_two_adapters_in_one_directory_equal_diffusers(exported, tiny_pipeline, 
     from transformers import CLIPVisionModelWithProjection
 
     from sdrt.cli.generate import _ip_fields
-    from sdrt.export.tiny import write_tiny_ip_adapter
+    from sdrt.export.models.tiny import write_tiny_ip_adapter
 
     engine = tmp_path / "engine"
     shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)
@@ -304,7 +305,7 @@ def test_faceid_equals_diffusers_with_face_embeddings(exported, tiny_pipeline, t
     import diffusers
 
     from sdrt.cli.generate import _ip_fields
-    from sdrt.export.tiny import FACEID_WIDTH, write_tiny_ip_adapter
+    from sdrt.export.models.tiny import FACEID_WIDTH, write_tiny_ip_adapter
 
     engine = tmp_path / "engine"
     shutil.copytree(exported("sd15", "fp32"), engine, copy_function=os.link)

@@ -1,4 +1,4 @@
-"""LoRA at load (runtime/lora.py): parity with diffusers, switching without ghosting, key conversion checked
+"""LoRA at load (runtime/lora/adapters.py): parity with diffusers, switching without ghosting, key conversion checked
 against diffusers' own converters, weights maps, bad input, batching, the TensorRT refit logic, the bench.
 
 LoRA files are made here: peft injects LoRA layers into the tiny models' UNet / text encoders, B is drawn at
@@ -23,10 +23,10 @@ import torch
 
 from test_parity import assert_same_images, generators, reference_pipeline, to_uint8
 
-from sdrt.runtime import lora
-from sdrt.runtime.lora_keys import UnetLayout, canonical, sgm_path
+from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora.keys import UnetLayout, canonical, sgm_path
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest
+from sdrt.runtime.fields import InvalidRequest
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj", "conv"]  # "conv": LoCon on the down/up-sampler 3×3s
@@ -283,7 +283,7 @@ def test_pipeline_load_loras_apply_to_every_request_and_requests_add_to_them(exp
 # ---- prompt tags -----------------------------------------------------------------------------------------
 
 def test_strip_lora_tags():
-    from sdrt.runtime.prompt_tags import TagError, strip_lora_tags
+    from sdrt.runtime.prompts.tags import TagError, strip_lora_tags
 
     assert strip_lora_tags("a castle <lora:ink_style:0.8>, detailed") == ("a castle , detailed", [("ink_style", 0.8)])
     assert strip_lora_tags("<lora:a> x <LORA:b:-1.5>") == (" x ", [("a", 1.0), ("b", -1.5)])

@@ -1,4 +1,4 @@
-"""Outpainting (runtime/outpaint.py): the canvas and mask rule, parity with diffusers' inpainting pipeline given
+"""Outpainting (runtime/tasks/outpaint.py): the canvas and mask rule, parity with diffusers' inpainting pipeline given
 the same padded image and mask (built here independently from the documented rule), and the bad inputs."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import torch
 from PIL import Image, ImageFilter
 
 from conftest import run_sdrt
-from sdrt.runtime import outpaint
+from sdrt.runtime.tasks import outpaint
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 from test_parity import assert_same_images, diffusers_scheduler, reference_pipeline
 
 

@@ -20,7 +20,7 @@ FIGURES: dict[str, int] = {}
 def diffusers_scheduler(pipe, sampler: str, karras: bool = False, **overrides):
     import diffusers
 
-    from sdrt.runtime.sampler_registry import get
+    from sdrt.runtime.samplers.registry import get
 
     name, extra = get(sampler).diffusers_class, dict(get(sampler).diffusers_config)
     kwargs = {**extra, **overrides}

@@ -48,7 +48,7 @@ def sd15_biased(tiny_pipeline, exported, tmp_path_factory):
         norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
         norm.bias.copy_(0.5 + 0.5 * torch.randn(norm.bias.shape, generator=g))
     pipe.save_pretrained(root / "model")
-    for name in ("tokenizer",):  # the tiny tokenizer's own files, as export/tiny.py writes them
+    for name in ("tokenizer",):  # the tiny tokenizer's own files, as export/models/tiny.py writes them
         shutil.rmtree(root / "model" / name)
         shutil.copytree(tiny_pipeline("sd15") / name, root / "model" / name)
     export(ExportConfig(model=str(root / "model"), output=root / "engine", precision="fp32",

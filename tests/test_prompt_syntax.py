@@ -12,12 +12,13 @@ import torch
 
 from conftest import run_sdrt
 from sdrt.engines import trt_profiles as tp
-from sdrt.runtime import prompt_a1111 as a1111
-from sdrt.runtime import prompt_compel as compel
-from sdrt.runtime import prompt_encode
+from sdrt.runtime.prompts import a1111
+from sdrt.runtime.prompts import compel
+from sdrt.runtime.prompts import encode as prompt_encode
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.request import Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 
 # ---- AUTOMATIC1111: parse_prompt_attention's documented table (its docstring), plus the rules of §2.1 ----------
 
@@ -182,7 +183,7 @@ def test_compel_chunk_split_points_equal_compels(sd15_dir, text):
     from compel import EmbeddingsProvider
     from transformers import CLIPTokenizer
 
-    from sdrt.runtime.tokenizer import ClipTokenizer
+    from sdrt.runtime.prompts.tokenizer import ClipTokenizer
 
     provider = EmbeddingsProvider(CLIPTokenizer.from_pretrained(sd15_dir / "tokenizer"), None, truncate=False,
                                   device="cpu")

@@ -13,7 +13,8 @@ from sdrt.runtime.limits import Limits, estimate_bytes
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import Request, Sampling, Seeds, Size
-from sdrt.runtime.validate import MAX_SEED, InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest, MAX_SEED
+from sdrt.runtime.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +180,8 @@ def test_cli_json_reports_each_images_seed(sd15_dir, tmp_path):
 
 
 def test_run_help_lists_every_sampler_and_schedule():
-    from sdrt.runtime.sampler_registry import NAMES
-    from sdrt.runtime.schedules import SIGMA_SCHEDULES
+    from sdrt.runtime.samplers.registry import NAMES
+    from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES
 
     result = run_sdrt("run", "--help", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
@@ -189,7 +190,7 @@ def test_run_help_lists_every_sampler_and_schedule():
 
 
 def test_samplers_command_lists_the_registry():
-    from sdrt.runtime.sampler_registry import NAMES
+    from sdrt.runtime.samplers.registry import NAMES
 
     result = run_sdrt("samplers", "--json")
     assert result.returncode == 0, result.stderr

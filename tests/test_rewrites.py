@@ -12,7 +12,8 @@ import torch
 from diffusers.models.upsampling import Upsample2D
 
 from sdrt.export.onnx_export import torch_to_onnx
-from sdrt.export.rewrites import SUBPIXEL_PASS, SubpixelUpsample2D, is_subpixel_eligible, phase_kernels, subpixel_upsampling
+from sdrt.export.rewrites import (SUBPIXEL_PASS, SubpixelUpsample2D, is_subpixel_eligible, phase_kernels,
+    subpixel_upsampling)
 
 
 def _upsampler(channels: int, out_channels: int | None = None, seed: int = 0, **kwargs) -> Upsample2D:

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from sdrt.runtime import sampler_registry
+from sdrt.runtime.samplers import registry as sampler_registry
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.request import Request

@@ -25,11 +25,12 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 
-from sdrt.runtime import samplers, schedules  # noqa: E402
-from sdrt.runtime.denoiser import make_denoiser, timestep_lookup  # noqa: E402
+from sdrt.runtime.samplers import classic as samplers, schedules  # noqa: E402
+from sdrt.runtime.denoiser.x0 import make_denoiser, timestep_lookup  # noqa: E402
 from sdrt.runtime.errors import UserError  # noqa: E402
-from sdrt.runtime.schedules import SchedulerConfig, make_schedule  # noqa: E402
-from sdrt.runtime import sampler_registry
+from sdrt.runtime.samplers.registry import make_schedule  # noqa: E402
+from sdrt.runtime.samplers.schedules import SchedulerConfig  # noqa: E402
+from sdrt.runtime.samplers import registry as sampler_registry
 
 RTOL = 1e-5
 SHAPE = (1, 4, 8, 8)

@@ -32,11 +32,12 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning",
                                         "ignore:__array_wrap__ must accept:DeprecationWarning")
 
-from sdrt.runtime import sampler_registry, samplers, schedules  # noqa: E402  (the registry first: it loads ours)
-from sdrt.runtime import samplers_discrete as discrete  # noqa: E402
-from sdrt.runtime.denoiser import make_denoiser, timestep_lookup  # noqa: E402
+from sdrt.runtime.samplers import registry as sampler_registry, classic as samplers, schedules  # noqa: E402  (the registry first: it loads ours)
+from sdrt.runtime.samplers import discrete  # noqa: E402
+from sdrt.runtime.denoiser.x0 import make_denoiser, timestep_lookup  # noqa: E402
 from sdrt.runtime.errors import UserError  # noqa: E402
-from sdrt.runtime.schedules import SchedulerConfig, make_schedule  # noqa: E402
+from sdrt.runtime.samplers.registry import make_schedule  # noqa: E402
+from sdrt.runtime.samplers.schedules import SchedulerConfig  # noqa: E402
 
 try:
     import scipy  # noqa: F401  (diffusers' LMSDiscreteScheduler and beta sigmas need it)

@@ -1,4 +1,4 @@
-"""Layer 1 (DESIGN.md §7): the alpha-space multistep samplers (runtime/samplers_multistep.py) against diffusers.
+"""Layer 1 (DESIGN.md §7): the alpha-space multistep samplers (runtime/samplers/multistep.py) against diffusers.
 
 unipc / unipc_bh1 (UniPCMultistepScheduler), deis (DEISMultistepScheduler), dpmpp_2s / dpmpp_2s_sde
 (DPMSolverSinglestepScheduler), dpmpp_3m / dpmpp_3m_sde (DPMSolverMultistepScheduler, solver_order 3).
@@ -33,10 +33,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from sdrt.runtime import sampler_registry, samplers_multistep, schedules  # noqa: E402
-from sdrt.runtime.denoiser import make_denoiser  # noqa: E402
+from sdrt.runtime.samplers import registry as sampler_registry, multistep as samplers_multistep, schedules  # noqa: E402
+from sdrt.runtime.denoiser.x0 import make_denoiser  # noqa: E402
 from sdrt.runtime.errors import UserError  # noqa: E402
-from sdrt.runtime.schedules import SchedulerConfig  # noqa: E402
+from sdrt.runtime.samplers.schedules import SchedulerConfig  # noqa: E402
 
 RTOL = 1e-5
 SHAPE = (4, 8, 8)

@@ -12,8 +12,8 @@ import pytest
 
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import Request
-from sdrt.runtime.service import (Cancelled, CancelToken, DeadlineExceeded, QueueFull, Service, ServiceClosed)
-from sdrt.runtime.validate import InvalidRequest
+from sdrt.runtime.service import Cancelled, CancelToken, DeadlineExceeded, QueueFull, Service, ServiceClosed
+from sdrt.runtime.fields import InvalidRequest
 
 COMMON = dict(steps=3, guidance=5.0, sampler="euler_a", width=32, height=32)
 

@@ -1,6 +1,6 @@
 """The embedded shapes model (issue 14): shipped weights checked by hash, and tests of meaning, not only parity.
 
-The model (export/shapes.py, trained on this kind of CPU; record in export/shapes_model/training.json) draws what
+The model (export/models/shapes.py, trained on this kind of CPU; record in export/models/shapes_model/training.json) draws what
 its caption asks for: the background colour always, the shape colour and kind most of the time. bench/shapes_eval.py
 classifies each generated image by pixels alone (background colour, shape colour, shape kind) over 36 fixed
 captions, 12 of them colour/shape pairs the training set never drew. These tests run that check on every backend and
@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from sdrt.bench import shapes_eval
-from sdrt.export import shapes, shapes_data
-from sdrt.export.shapes_data import Spec
+from sdrt.export.models import shapes, shapes_data
+from sdrt.export.models.shapes_data import Spec
 
 # The shipped weights measured background 100 %, shape colour 94 %, shape kind 75 % (held-out pairs: 100 / 92 / 75 %):
 # ORT CPU fp32, 20 Euler steps, guidance 7.5, seed 0 (`python -m sdrt.bench.shapes_eval`); seeds 1 and 2 gave
@@ -100,7 +100,7 @@ def test_ort_fp32_draws_what_the_caption_asks(fp32_accuracy):
 
 
 def test_the_tiny_vae_trained_here_draws_what_the_full_vae_draws(engines, fp32_accuracy):
-    """export/shapes_model/extras/tiny-vae (python -m sdrt.export.shapes_tiny_vae, an AutoencoderTiny trained here),
+    """export/models/shapes_model/extras/tiny-vae (python -m sdrt.export.models.shapes_tiny_vae, an AutoencoderTiny trained here),
     exported beside the full VAE: the first 12 captions' latents are the fp32 run's (same seeds), decoded by the tiny
     VAE they read as the same background, shape colour and kind (measured: 12, 12 and 9 of 12; over all 36 captions
     100 / 92 / 69 % against the full VAE's 100 / 94 / 75 %, median PSNR 28.6 dB against the full VAE's images)."""
@@ -177,7 +177,7 @@ def test_make_demo_writes_pictures_of_its_prompts(engines, tmp_path):
 
 
 def test_a_lora_trained_here_recolours_what_it_was_trained_on(engines):
-    """export/shapes_model/extras/red-to-green.safetensors (python -m sdrt.export.shapes_lora, 7 min here, 569 steps
+    """export/models/shapes_model/extras/red-to-green.safetensors (python -m sdrt.export.models.shapes_lora, 7 min here, 569 steps
     on the current base): with it, shapes captioned red stop being red (measured: 5 of 6 green, one black); three of
     the four shapes of other colours keep the colour they had without it; without it, 6 of 6 red shapes are red."""
     from sdrt.runtime.pipeline import Pipeline, Request
@@ -208,10 +208,10 @@ def _centre_x(image, colour: str) -> float:
 
 @pytest.mark.slow  # exports the ControlNet and a residual UNet (about 30 s here)
 def test_the_mask_controlnet_trained_here_places_the_shape(engines, tmp_path):
-    """export/shapes_model/extras/controlnet-mask (python -m sdrt.export.shapes_controlnet, 12 min here), exported
+    """export/models/shapes_model/extras/controlnet-mask (python -m sdrt.export.models.shapes_controlnet, 12 min here), exported
     with `--controlnet`: a mask on the right rather than the left moves shapes whose captions name no position
     to the right (for some of them: the ControlNet is lightly trained)."""
-    from sdrt.bench.controlnet_picture import control_image
+    from sdrt.bench.experiments.controlnet_picture import control_image
     from sdrt.export.exporter import add_controlnets
     from sdrt.runtime.pipeline import Pipeline, Request
 

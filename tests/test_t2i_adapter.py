@@ -1,5 +1,5 @@
 """T2I-Adapter: t2i_adapter/NAME + unet_t2i added into an engine directory, equal to diffusers'
-StableDiffusionAdapterPipeline on a tiny adapter the tests build (export/tiny.py), and the bad inputs."""
+StableDiffusionAdapterPipeline on a tiny adapter the tests build (export/models/tiny.py), and the bad inputs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from test_parity import assert_same_images, diffusers_scheduler, generators, to_
 
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 
 SIZE = dict(width=48, height=32)
 
@@ -100,7 +101,7 @@ def test_sdxl_t2i_adapter_equals_diffusers(exported, tiny_pipeline, tmp_path):
     import diffusers
 
     from sdrt.export.exporter import add_controlnets
-    from sdrt.export.tiny import write_tiny_t2i_adapter
+    from sdrt.export.models.tiny import write_tiny_t2i_adapter
 
     engine = tmp_path / "sdxl"
     shutil.copytree(exported("sdxl", "fp32"), engine, copy_function=os.link)

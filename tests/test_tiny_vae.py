@@ -26,7 +26,7 @@ from sdrt.runtime.request import Request
 
 @pytest.fixture(scope="module")
 def taesd(tmp_path_factory):
-    from sdrt.export.tiny_vae import write_tiny_vae
+    from sdrt.export.extras.tiny_vae import write_tiny_vae
 
     return write_tiny_vae(tmp_path_factory.mktemp("taesd") / "taesd", scale_factor=2)
 
@@ -101,7 +101,8 @@ def test_tiny_vae_request_field_round_trips_and_splits_batches(pipe):
 
 def test_tiny_vae_refused_where_none_was_exported(exported):
     from sdrt.runtime.loader import open_dir
-    from sdrt.runtime.validate import InvalidRequest, validate
+    from sdrt.runtime.fields import InvalidRequest
+    from sdrt.runtime.validate import validate
 
     with pytest.raises(InvalidRequest) as e:
         validate(Request.of(prompt="a cat", vae="tiny"), open_dir(exported("sd15", "fp32")))
@@ -111,7 +112,7 @@ def test_tiny_vae_refused_where_none_was_exported(exported):
 
 def test_tiny_vae_of_another_scale_factor_is_refused(tiny_pipeline, tmp_path):
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.tiny_vae import write_tiny_vae
+    from sdrt.export.extras.tiny_vae import write_tiny_vae
 
     wrong = write_tiny_vae(tmp_path / "taesd8", scale_factor=8)
     with pytest.raises(UserError, match="scales by 8, the model's VAE by 2"):

@@ -11,8 +11,8 @@ import sys
 import pytest
 from transformers import CLIPTokenizer
 
-from sdrt.export.tiny_tokenizer import BOS, EOS, write_clip_tokenizer
-from sdrt.runtime.tokenizer import ClipTokenizer, TokenizerError
+from sdrt.export.models.tiny_tokenizer import BOS, EOS, write_clip_tokenizer
+from sdrt.runtime.prompts.tokenizer import ClipTokenizer, TokenizerError
 
 CORPUS = [
     "a photo of an astronaut riding a horse on the moon",
@@ -152,7 +152,7 @@ def test_damaged_folder_names_the_file(tmp_path, damage, message):
 
 
 def test_module_imports_neither_transformers_nor_diffusers():
-    code = ("import sys, sdrt.runtime.tokenizer; "
+    code = ("import sys, sdrt.runtime.prompts.tokenizer; "
             "print(sorted(m for m in ('transformers', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

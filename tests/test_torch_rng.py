@@ -1,4 +1,4 @@
-"""runtime/torch_rng.py: numpy's re-implementation of torch's CPU generator, bit for bit against torch.randn.
+"""runtime/samplers/torch_rng.py: numpy's re-implementation of torch's CPU generator, bit for bit against torch.randn.
 
 Shapes below 16 elements (torch's per-element double path, with its cached second sample carried across calls),
 exactly 16, multiples of 16 and sizes that are not (the last 16 recomputed), the latent shapes the runtime draws,
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdrt.runtime.torch_rng import TorchCpuGenerator, capability
+from sdrt.runtime.samplers.torch_rng import TorchCpuGenerator, capability
 
 SEEDS = (0, 1, 7, 1234, 2 ** 31 + 11, 2 ** 32 + 3, 2 ** 64 - 1)
 SHAPES = [(1,), (2,), (3,), (15,), (16,), (17,), (31,), (32,), (33,), (1, 4, 3, 3), (1, 4, 8, 8), (2, 4, 13, 7),

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from sdrt.runtime.errors import UserError
-from sdrt.serve import triton_model
-from sdrt.serve.triton_repo import RepoOptions, write_repo
+from sdrt.serve.triton import model as triton_model
+from sdrt.serve.triton.repo import RepoOptions, write_repo
 
 from conftest import run_sdrt
 
@@ -129,7 +129,7 @@ def test_rows_of_refuses_bad_inputs(inputs, message):
 
 
 def test_error_text_names_this_models_inputs():
-    from sdrt.runtime.validate import InvalidRequest
+    from sdrt.runtime.fields import InvalidRequest
 
     assert triton_model.error_text(InvalidRequest("guidance", "must be at most 100"), None) == \
         "guidance_scale: must be at most 100"

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import run_sdrt
-from sdrt.runtime import unclip
+from sdrt.runtime.tasks import unclip
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 from test_parity import assert_same_images, generators, reference_pipeline
 
 
@@ -20,7 +21,7 @@ from test_parity import assert_same_images, generators, reference_pipeline
 def unclip_model(tmp_path_factory):
     """(diffusers folder, engine directory) of a tiny unCLIP pipeline, exported once."""
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.tiny_pipelines import write_tiny
+    from sdrt.export.models.tiny_pipelines import write_tiny
 
     root = tmp_path_factory.mktemp("unclip")
     folder = write_tiny("unclip", root / "model")

@@ -15,7 +15,8 @@ from conftest import run_sdrt
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 from test_parity import assert_same_images, diffusers_scheduler, generators, reference_pipeline
 
 
@@ -23,7 +24,7 @@ from test_parity import assert_same_images, diffusers_scheduler, generators, ref
 def upscaler(tmp_path_factory):
     """(diffusers folder, engine directory) of a tiny ×4 upscaler, exported once."""
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.export.tiny_pipelines import write_tiny
+    from sdrt.export.models.tiny_pipelines import write_tiny
 
     root = tmp_path_factory.mktemp("upscaler")
     folder = write_tiny("x4-upscaler", root / "model")

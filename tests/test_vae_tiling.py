@@ -16,7 +16,8 @@ from test_parity import assert_same_images, diffusers_scheduler, generators, ref
 from sdrt.runtime.limits import Limits, estimate_bytes
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.request import Request
-from sdrt.runtime.validate import InvalidRequest, validate
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.validate import validate
 from sdrt.runtime.vae_tiling import Tiles
 
 WIDTH, HEIGHT = 64, 48

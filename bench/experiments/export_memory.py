@@ -1,0 +1,71 @@
+"""Peak RSS and wall time of `sdrt export` on a full-size architecture with random weights.
+
+Usage: python -m sdrt.bench.experiments.export_memory sd15|sdxl [--precision fp16] [--workdir DIR]
+The export runs in a child process (the real CLI); its peak RSS is the kernel's ru_maxrss for children.
+Writes bench/results/export_memory_<arch>_<precision>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("arch", choices=["sd15", "sdxl"])
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+    parser.add_argument("--workdir", type=Path, default=Path("build/fullsize"))
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+
+    from sdrt.bench.fullsize import write
+    from sdrt.export.exporter import versions
+
+    model = args.workdir / f"{args.arch}-random"
+    if not (model / "model_index.json").exists():
+        started = time.perf_counter()
+        write(args.arch, model)
+        print(f"wrote {model} in {time.perf_counter() - started:.0f} s", flush=True)
+    out = args.workdir / f"{args.arch}-{args.precision}-engine"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "sdrt.cli.main", "export", str(model), "-o", str(out),
+               "--precision", args.precision, "--json"]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"export failed:\n{result.stderr}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    summary = json.loads(result.stdout)
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = {
+        "command": " ".join(["python -m sdrt.bench.experiments.export_memory", args.arch, "--precision", args.precision]),
+        "export_command": "sdrt export <random-weight folder> -o <dir> --precision " + args.precision + " --json",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
+                    "memory_gib": round(__import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "versions": versions(),
+        "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "wall_seconds": round(wall, 1),
+        "components": {name: {"precision": c["precision"], "export_seconds": c["export_seconds"],
+                              "files_mib": round(sum((out / name / f).stat().st_size for f in c["files"]) / 2**20, 1),
+                              "gate": summary["components"][name]["gate_bound"],
+                              "worst_rel_error": summary["components"][name]["worst_rel_error"],
+                              "worst_psnr_db": summary["components"][name]["worst_psnr_db"]}
+                       for name, c in manifest["components"].items()},
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"export_memory_{args.arch}_{args.precision}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

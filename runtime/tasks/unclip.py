@@ -1,0 +1,136 @@
+"""unCLIP image variations' own parts (diffusers StableUnCLIPImg2ImgPipeline), without transformers or diffusers.
+
+The image is fed to the exported CLIP image encoder (image_encoder/model.onnx) as its CLIPImageProcessor feeds it
+(shortest edge resized, centre crop, rescale, normalise); the embedding is noised at `noise_level`
+(`noise_image_embeddings`: normalised by the StableUnCLIPImageNormalizer's mean/std, DDPM add_noise with the
+pipeline's image_noising_scheduler, un-normalised) and joined by the noise level's sinusoidal embedding; that
+[image embedding ‖ noise-level embedding] is the UNet's class label (zeros for the unconditional half).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdrt.runtime.samplers import schedules
+from sdrt.runtime.errors import UserError
+
+DEFAULT_NOISE_LEVEL = 0  # StableUnCLIPImg2ImgPipeline.__call__'s default
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is missing or damaged ({e}); re-export the engine directory") from None
+
+
+def _hw(value, what: str) -> tuple[int, int] | int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list):  # [h, w] in older configs
+        return int(value[0]), int(value[1])
+    if "shortest_edge" in value and what == "size":
+        return int(value["shortest_edge"])
+    return int(value["height"]), int(value["width"])
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    """transformers' CLIPImageProcessor (PIL backend): resize the shortest edge (bicubic), centre crop, × rescale
+    (float64, then float32), (x − mean) / std."""
+    size: int | tuple[int, int]  # shortest edge, or (height, width)
+    crop: tuple[int, int] | None
+    resample: int
+    rescale_factor: float | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    @classmethod
+    def of(cls, folder: Path) -> "EncoderInput":
+        c = _json(Path(folder) / "preprocessor_config.json")
+        crop = c.get("crop_size") if c.get("do_center_crop", True) else None
+        crop = (crop, crop) if isinstance(crop, int) else (None if crop is None else _hw(crop, "crop"))
+        return cls(_hw(c.get("size", 224), "size") if c.get("do_resize", True) else 0, crop,
+                   int(c.get("resample", 3)),
+                   float(c.get("rescale_factor", 1 / 255)) if c.get("do_rescale", True) else None,
+                   tuple(c["image_mean"]) if c.get("do_normalize", True) else None,
+                   tuple(c["image_std"]) if c.get("do_normalize", True) else None)
+
+    def tensor(self, image: Image.Image) -> torch.Tensor:
+        """PIL → pixel_values [1, 3, H, W] float32."""
+        image = image.convert("RGB")
+        w, h = image.size
+        if isinstance(self.size, tuple):
+            image = image.resize((self.size[1], self.size[0]), resample=self.resample)
+        elif self.size:  # transformers get_resize_output_image_size(default_to_square=False)
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.size, int(self.size * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            image = image.resize(size, resample=self.resample)
+        a = np.asarray(image)
+        if self.crop is not None:
+            ch, cw = self.crop
+            top, left = (a.shape[0] - ch) // 2, (a.shape[1] - cw) // 2
+            a = a[max(top, 0):max(top, 0) + ch, max(left, 0):max(left, 0) + cw]
+        x = a.astype(np.float32)
+        if self.rescale_factor is not None:
+            x = (a.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.mean is not None:
+            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+
+def timestep_embedding(levels: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """diffusers get_timestep_embedding(levels, dim, flip_sin_to_cos=True, downscale_freq_shift=0): [B] → [B, dim]."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half
+    emb = levels[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(emb), torch.sin(emb)], dim=-1)  # sin ‖ cos, flipped
+    return torch.nn.functional.pad(emb, (0, 1, 0, 0)) if dim % 2 else emb
+
+
+@dataclass(frozen=True)
+class EmbeddingNoise:
+    """The image normaliser's mean/std [1, D] and the image-noising scheduler's abar_t (float32 [T])."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    alphas_cumprod: torch.Tensor
+
+    @property
+    def max_noise_level(self) -> int:
+        return len(self.alphas_cumprod) - 1
+
+    @classmethod
+    def of(cls, engine_dir: Path) -> "EmbeddingNoise":
+        from safetensors.torch import load_file
+
+        path = Path(engine_dir) / "image_normalizer" / "diffusion_pytorch_model.safetensors"
+        try:
+            weights = load_file(str(path))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is missing or damaged ({e}); re-export the engine directory") from None
+        config = schedules.SchedulerConfig.from_diffusers_json(
+            _json(Path(engine_dir) / "image_noising_scheduler" / "scheduler_config.json"))
+        return cls(weights["mean"].float(), weights["std"].float(), schedules.alphas_cumprod(config, "ddim"))
+
+    @classmethod
+    def levels(cls, engine_dir: Path) -> int:
+        """The largest noise level (the image-noising scheduler's last timestep), read without the weights."""
+        cfg = _json(Path(engine_dir) / "image_noising_scheduler" / "scheduler_config.json")
+        return int(cfg.get("num_train_timesteps", 1000)) - 1
+
+    def noised(self, embeds: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+        """noise_image_embeddings: embeds [1 or N, D], noise [N, D] → [N, 2D] = unscale(add_noise(scale(e), ε, level)) ‖ embedding(level)."""
+        scaled = (embeds - self.mean) * 1.0 / self.std
+        abar = self.alphas_cumprod[level]
+        noisy = abar ** 0.5 * scaled + (1 - abar) ** 0.5 * noise
+        unscaled = noisy * self.std + self.mean
+        levels = torch.full((unscaled.shape[0],), int(level), dtype=torch.int64)
+        return torch.cat([unscaled, timestep_embedding(levels, unscaled.shape[-1])], dim=1)
