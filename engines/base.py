@@ -37,6 +37,12 @@ class Engine(Protocol):
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
+    # Optional, for LoRA (runtime/lora/adapters.py; DESIGN.md §4a, weights rebuilt never accumulated):
+    # def adapted(self, weights: AdaptedWeights) -> Engine
+    # an engine holding the stored base weights plus a LoRA set's deltas: ONNX Runtime opens a new session with the
+    # merged initializers, the torch reference copies its base module, TensorRT refits itself in place and returns
+    # itself. The runtime calls only this, so it never branches on the backend.
+
 
 class EngineInputError(ValueError):
     """A feed that does not fit the engine: the message names the tensor, the expected and the given."""

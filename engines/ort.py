@@ -175,6 +175,10 @@ class OrtEngine:
         self.inputs = {i.name: _spec(i) for i in self.session.get_inputs()}
         self.outputs = {o.name: _spec(o) for o in self.session.get_outputs()}
 
+    def adapted(self, weights) -> "OrtEngine":
+        """A new session over the same file whose LoRA-touched initializers are base + deltas (engines/base.py)."""
+        return OrtEngine(weights.onnx_path, self.config, initializers=weights.merged())
+
     @staticmethod
     def _create(path: Path, options, providers, temporary: Path | None, config: OrtConfig):
         try:

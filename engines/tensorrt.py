@@ -20,6 +20,7 @@ import torch
 from sdrt.runtime.errors import UserError
 
 from sdrt.engines.base import TensorSpec
+from sdrt.engines.trt_refit import RefitInPlace
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
                 "`pip install tensorrt` (it downloads NVIDIA's libraries from NVIDIA's package index)")
@@ -147,7 +148,7 @@ class TensorRTEngine:
         return outputs
 
 
-class TensorRTComponent:
+class TensorRTComponent(RefitInPlace):
     """Engine protocol over all plans of one component: each call runs the plan whose profile covers it
     (trt_profiles.select), loading plans on first use. Output ownership as in TensorRTEngine."""
 

@@ -31,6 +31,26 @@ class TorchEngine:
         self.inputs = inputs
         self.outputs = outputs
         self.device = device
+        self._base: TorchEngine | None = None  # the engine holding the stored weights, for adapted copies
+
+    def adapted(self, weights) -> "TorchEngine":
+        """A copy whose module is the base module plus the LoRA deltas (engines/base.py); the base stays untouched
+        and every copy starts from it, never from another adapted copy."""
+        import copy
+
+        base = self._base or self
+        engine = copy.copy(base)
+        engine.module = copy.deepcopy(base.module)
+        engine._base = base
+        inner = next(iter(engine.module.children()))  # the diffusers/transformers model inside the export wrapper
+        with torch.no_grad():
+            for path, delta in weights.module_deltas().items():
+                try:
+                    target = inner.get_submodule(path)
+                except AttributeError:
+                    target = inner.get_submodule("text_model." + path)
+                target.weight += torch.from_numpy(delta).to(target.weight.dtype).reshape(target.weight.shape)
+        return engine
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         validate_feed(self.inputs, feed)

@@ -46,6 +46,19 @@ class Refitter:
         self.touched = set(merged)
 
 
+class RefitInPlace:
+    """The Engine method `adapted` (engines/base.py) for components refitted in place: each LoRA set is pushed into
+    the one engine by a Refitter (base + the new set's deltas, the old set's weights restored), which returns it."""
+
+    _refitter: Refitter | None = None
+
+    def adapted(self, weights):
+        if self._refitter is None:
+            self._refitter = Refitter(self, weights.base)
+        self._refitter.switch(weights.merged())
+        return self
+
+
 def refit_engine(trt, engine, arrays: dict[str, np.ndarray], base: Callable[[str], np.ndarray], label: str) -> None:
     """Refit one deserialized ICudaEngine with `arrays` (+ base values for what TensorRT reports missing)."""
     if not getattr(engine, "refittable", False):

@@ -545,7 +545,9 @@ def test_refitted_component_goes_back_to_the_base_values(exported, files):
     one with a LoRA pushes the stored base values back. The component is a recording stand-in (no TensorRT)."""
     from sdrt.runtime.loader import open_dir
 
-    class TensorRTComponent:  # named as engines/tensorrt.py's, which is what Adapters dispatches on
+    from sdrt.engines.trt_refit import RefitInPlace
+
+    class TensorRTComponent(RefitInPlace):  # adapted() as engines/tensorrt.py's: refit in place
         def __init__(self):
             self.pushed = []
 

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
                                         "ignore:__array_wrap__ must accept:DeprecationWarning")
 
 from sdrt.runtime.samplers import registry as sampler_registry, classic as samplers, schedules  # noqa: E402  (the registry first: it loads ours)
-from sdrt.runtime.samplers import discrete  # noqa: E402
+from sdrt.runtime.samplers import discrete, stochastic  # noqa: E402
 from sdrt.runtime.denoiser.x0 import make_denoiser, timestep_lookup  # noqa: E402
 from sdrt.runtime.errors import UserError  # noqa: E402
 from sdrt.runtime.samplers.registry import make_schedule  # noqa: E402
@@ -137,7 +137,7 @@ def samplers_noise(gens) -> torch.Tensor:
 def sdrt_schedule(sampler, config, steps, schedule="default", eta=0.0):
     cfg = SchedulerConfig.from_diffusers_json(config)
     sch = make_schedule(cfg, sampler, steps, schedule)
-    return (discrete.with_eta(sch, eta) if sampler == "tcd" else sch), cfg
+    return (stochastic.with_eta(sch, eta) if sampler == "tcd" else sch), cfg
 
 
 def run_sdrt(sampler, config, steps, schedule="default", seed=0, batch=1, eta=0.0, image=None, strength=1.0,
@@ -351,14 +351,14 @@ def test_tcd_eta_matches_diffusers(prediction, steps):
 def test_tcd_eta_is_a_schedule_parameter():
     schedule, _ = sdrt_schedule("tcd", SD, 4)
     assert schedule.extra["eta"] == 0.0  # what the SD pipelines pass (their eta defaults to 0.0)
-    assert discrete.with_eta(schedule, 0.3).extra["eta"] == 0.3
+    assert stochastic.with_eta(schedule, 0.3).extra["eta"] == 0.3
     a, _ = run_sdrt("tcd", SD, 4, eta=0.0, seed=1)
     b, _ = run_sdrt("tcd", SD, 4, eta=0.0, seed=1, batch=2)
     assert torch.equal(a[0], b[0])  # eta 0 draws nothing
     c, _ = run_sdrt("tcd", SD, 4, eta=1.0, seed=1)
     assert not torch.equal(a, c)
     with pytest.raises(ValueError, match=r"eta \(gamma\) must be in \[0, 1\]"):
-        discrete.with_eta(schedule, 1.5)
+        stochastic.with_eta(schedule, 1.5)
 
 
 # ---- stochastic samplers: per-image generators -----------------------------------------------------------
@@ -398,7 +398,7 @@ def test_dpmpp_sde_single_generator_and_none_follow_diffusers():
     x = samplers.initial_latents(torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5)), schedule)
     denoise = make_denoiser(stand_in, schedule, cfg.prediction_type)
     # one generator: one tree over the whole batch, seeded like diffusers' noise_sampler_seed
-    for ours in discrete.dpmpp_sde(denoise, x, schedule, torch.Generator().manual_seed(77)):
+    for ours in stochastic.dpmpp_sde(denoise, x, schedule, torch.Generator().manual_seed(77)):
         pass
     sched = diffusers.DPMSolverSDEScheduler.from_config({**SD, "noise_sampler_seed": 77})
     sched.set_timesteps(5)
@@ -411,10 +411,10 @@ def test_dpmpp_sde_single_generator_and_none_follow_diffusers():
     assert torch.equal(ours, latents)
     # None: the seed comes from torch's global RNG, as in diffusers without noise_sampler_seed
     torch.manual_seed(123)
-    for a in discrete.dpmpp_sde(denoise, x, schedule, None):
+    for a in stochastic.dpmpp_sde(denoise, x, schedule, None):
         pass
     torch.manual_seed(123)
-    for b in discrete.dpmpp_sde(denoise, x, schedule, None):
+    for b in stochastic.dpmpp_sde(denoise, x, schedule, None):
         pass
     assert torch.equal(a, b)
 
@@ -424,10 +424,10 @@ def test_dpmpp_sde_without_torchsde_says_what_to_install(monkeypatch):
     with pytest.raises(ValueError, match="pip install torchsde") as info:
         make_schedule(SchedulerConfig.from_diffusers_json(SD), "dpmpp_sde", 4)
     assert isinstance(info.value, UserError)
-    schedule = discrete.build_dpmpp_sde(SchedulerConfig.from_diffusers_json(SD).resolved(
+    schedule = stochastic.build_dpmpp_sde(SchedulerConfig.from_diffusers_json(SD).resolved(
         sampler_registry.get("dpmpp_sde").class_defaults), None, 4)
     with pytest.raises(ValueError, match="pip install torchsde"):
-        next(discrete.dpmpp_sde(make_denoiser(stand_in, schedule, "epsilon"), torch.zeros(SHAPE), schedule))
+        next(stochastic.dpmpp_sde(make_denoiser(stand_in, schedule, "epsilon"), torch.zeros(SHAPE), schedule))
 
 
 # ---- img2img windows, inpainting ----------------------------------------------------------------------------
@@ -557,7 +557,7 @@ def _cfg(**overrides) -> SchedulerConfig:
     (lambda: make_schedule(_cfg(rescale_betas_zero_snr=True), "tcd", 4), "rescale_betas_zero_snr"),
     (lambda: make_schedule(_cfg(), "pndm", 1001), "at most num_train_timesteps"),
     (lambda: schedules.from_index(make_schedule(_cfg(), "kdpm2", 4), 1), "splits a Heun step"),
-    (lambda: discrete.with_eta(make_schedule(_cfg(), "lms", 4), 0.3), "eta applies to tcd"),
+    (lambda: stochastic.with_eta(make_schedule(_cfg(), "lms", 4), 0.3), "eta applies to tcd"),
 ])
 def test_unsupported_settings_raise_one_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match) as info:

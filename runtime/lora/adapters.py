@@ -640,8 +640,6 @@ class Adapters:
         self.resident: dict[str, tuple] = {}  # component → LoRA set key its resident engine holds (absent: none)
         self.cache: OrderedDict[tuple, object] = OrderedDict()
         self._model: Model | None = None
-        self._refitters: dict[str, object] = {}
-        self._plain: dict[str, object] = {}  # torch engines holding the base weights (what adapted copies start from)
 
     @property
     def model(self) -> Model:
@@ -665,7 +663,6 @@ class Adapters:
         for name in list(engines):
             key = set_key(self.base, lora_component(name))
             if key != self.resident.get(name, ()):
-                self._keep_plain(name, engines[name])
                 engines[name] = self._build(name, touching(self.base, name), engines[name])
                 self.resident[name] = key
 
@@ -678,16 +675,14 @@ class Adapters:
         key = set_key(wanted, lora_component(name))
         if key == self.resident.get(name, ()):  # (a refitted TensorRT engine is resident with its set's key)
             return resident
-        self._keep_plain(name, resident)
-        if self._is_trt(resident):  # one engine per component, refitted in place
-            self._build(name, touching(wanted, lora_component(name)), resident)
-            self.resident[name] = key
-            return resident
         cached = self.cache.get((name, key))
         if cached is not None:
             self.cache.move_to_end((name, key))
             return cached
         engine = self._build(name, touching(wanted, lora_component(name)), resident)
+        if engine is resident:  # refitted in place (TensorRT): one engine per component, resident with this set
+            self.resident[name] = key
+            return resident
         self.cache[(name, key)] = engine
         mine = [k for k in self.cache if k[0] == name]
         for k in mine[:max(0, len(mine) - self.max_per_component)]:
@@ -695,16 +690,6 @@ class Adapters:
         return engine
 
     # ---- building ----
-    def _keep_plain(self, name: str, engine) -> None:
-        """Remember a torch engine while it still holds the base weights (ONNX Runtime and TensorRT engines are
-        rebuilt or refitted from the weights map instead, so none is kept alive for this)."""
-        if self.resident.get(name, ()) == () and type(engine).__name__ == "TorchEngine":
-            self._plain.setdefault(name, engine)
-
-    @staticmethod
-    def _is_trt(engine) -> bool:
-        return type(engine).__name__ == "TensorRTComponent"
-
     def merged(self, name: str, refs: Sequence[LoraRef]) -> dict[str, np.ndarray]:
         """{initializer: base + Σ deltas} for component `name` and the set `refs` (empty for no LoRA)."""
         component_deltas = deltas(refs, self.model, lora_component(name))
@@ -712,44 +697,30 @@ class Adapters:
         return merged_initializers(self.dir.path / name, doc, component_deltas)
 
     def _build(self, name: str, refs: Sequence[LoraRef], template):
-        from sdrt.engines.ort import OrtEngine
-
-        if isinstance(template, OrtEngine):
-            return OrtEngine(self.dir.onnx_path(name), template.config, initializers=self.merged(name, refs))
-        if self._is_trt(template):
-            from sdrt.engines.trt_refit import Refitter
-
-            refitter = self._refitters.get(name)
-            if refitter is None:
-                doc = weights_map(self.dir.path, name)
-                folder = self.dir.path / name
-                refitter = self._refitters[name] = Refitter(
-                    template, lambda init_name: base_initializer(folder, doc, doc.get("external", {})[init_name]))
-            refitter.switch(self.merged(name, refs))
-            return template
-        if type(template).__name__ == "TorchEngine":  # a copy of the base module, never of an adapted one
-            return _torch_adapted(self._plain.get(name, template), name, deltas(refs, self.model, name))
-        raise LoraError(f"LoRAs at load need the ONNX Runtime, TensorRT or torch backend, not "
-                        f"{type(template).__name__}")
+        """`template`'s engine holding the base weights plus `refs`' deltas: the backend's own swap (ONNX Runtime: a
+        new session; TensorRT: a refit in place, which returns `template`; torch: a module copy), engines/base.py."""
+        adapt = getattr(template, "adapted", None)
+        if adapt is None:
+            raise LoraError(f"LoRAs at load need the ONNX Runtime, TensorRT or torch backend, not "
+                            f"{type(template).__name__}")
+        doc = lambda: weights_map(self.dir.path, name)  # noqa: E731 (read when a backend needs it)
+        return adapt(AdaptedWeights(
+            onnx_path=self.dir.onnx_path(name),
+            merged=lambda: self.merged(name, refs),
+            base=lambda init: base_initializer(self.dir.path / name, doc(), doc().get("external", {})[init]),
+            module_deltas=lambda: deltas(refs, self.model, name)))
 
 
-def _torch_adapted(template, component: str, component_deltas: dict[str, np.ndarray]):
-    """The torch reference engine with the deltas added to a copy of its module (the base stays untouched)."""
-    import copy
+@dataclass(frozen=True)
+class AdaptedWeights:
+    """What an engine's `adapted` may read to take a LoRA set (each computed only when called): the component's
+    ONNX file, its merged initializers (ONNX names, as the weights map and TensorRT's refit name them), one
+    initializer's stored base value (what a refit pushes back), and the deltas by torch module path."""
 
-    import torch
-
-    engine = copy.copy(template)
-    engine.module = copy.deepcopy(template.module)
-    inner = next(iter(engine.module.children()))  # the diffusers/transformers model inside the export wrapper
-    with torch.no_grad():
-        for path, delta in component_deltas.items():
-            try:
-                target = inner.get_submodule(path)
-            except AttributeError:
-                target = inner.get_submodule("text_model." + path)
-            target.weight += torch.from_numpy(delta).to(target.weight.dtype).reshape(target.weight.shape)
-    return engine
+    onnx_path: Path
+    merged: Callable[[], dict[str, np.ndarray]]
+    base: Callable[[str], np.ndarray]
+    module_deltas: Callable[[], dict[str, np.ndarray]]
 
 
 # ---- export: fusing into the torch modules before they are traced ----------------------------------------

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Mapping
 
-import torch
-
-from sdrt.runtime.samplers import classic, discrete, multistep
+from sdrt.runtime.samplers import classic, discrete, multistep, stochastic
 from sdrt.runtime.samplers.spec import SamplerSpec
 from sdrt.runtime.samplers.schedules import (PREDICTION_TYPES, SIGMA_CONVERSIONS, SIGMA_SCHEDULES, Schedule,
-    ScheduleError, SchedulerConfig, alphas_cumprod, ddim, dpm_multistep, euler_family, lcm)
+    ScheduleError, SchedulerConfig, alphas_cumprod)
+
 
 def _collect() -> dict[str, SamplerSpec]:
     registry: dict[str, SamplerSpec] = {}
-    for spec in (*classic.SPECS, *multistep.SPECS, *discrete.SPECS):  # the order `sdrt samplers` lists
+    # the order `sdrt samplers` lists
+    for spec in (*classic.SPECS, *multistep.SPECS, *discrete.SPECS, *stochastic.SPECS):
         if spec.name in registry:
             raise RuntimeError(f"two samplers are registered as {spec.name!r}")
         registry[spec.name] = spec
