@@ -1,41 +1,46 @@
 """Running several validated Jobs as one batch (DESIGN.md §4a): what may share a UNet batch, and how.
 
-Jobs are compatible when everything that shapes the batch's computation is equal (model settings, size, steps,
-sampler, schedule, guidance, image inputs); they may differ in prompts, negative prompts and seeds. The merged
+Jobs are compatible when every field of the Job is equal but those that may differ per image (prompts, negative
+prompts and seeds); the key is derived from the Job's fields, not listed by hand. The merged
 Job lists one prompt per image (images_per_prompt 1) and keeps each image's own seed, so with per-image
 generators each image is the one its own Job would give (within the engines' batch rounding, ≤ 1/255).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Sequence
 
 from sdrt.runtime.job import Job
 
-# Fields that may differ between jobs of one batch; every other field must be equal.
-_PER_IMAGE = ("prompt", "negative_prompt", "images_per_prompt", "seeds", "estimated_bytes")
+# Fields that may differ between the jobs of one batch (a negative prompt's presence may not: see below), and
+# fields derived from others that are compared already (the scheduler config and schedule follow from the model,
+# sampler, steps, schedule, spacing and prediction type).
+PER_IMAGE = ("prompt", "negative_prompt", "images_per_prompt", "seeds", "estimated_bytes")
+DERIVED = ("scheduler_config", "full_schedule")
+
+
+def _comparable(value):
+    """A value two jobs share a batch by: plain values themselves, groups element by element, feature records by
+    their key() (ControlNets, IP-Adapter, T2I-Adapter) or key (LoRAs), anything else (images, latents, loaded
+    embeddings) by identity: the same object, as a request's own images are."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, tuple):
+        return tuple(_comparable(v) for v in value)
+    key = getattr(value, "key", None)
+    if key is not None:
+        return key() if callable(key) else key
+    return ("id", id(value))
+
+
+_KEYED = tuple(f.name for f in fields(Job) if f.name not in PER_IMAGE + DERIVED)
 
 
 def compatibility_key(job: Job) -> tuple:
-    """Equal keys ⇔ the jobs can share text-encoder, UNet and VAE batches."""
-    images = (id(job.init_image) if job.init_image is not None else None,
-              id(job.mask) if job.mask is not None else None,
-              id(job.init_latents) if job.init_latents is not None else None,
-              id(job.low_res_image) if job.low_res_image is not None else None, job.noise_level,
-              id(job.depth_map) if job.depth_map is not None else None,
-              id(job.variation_image) if job.variation_image is not None else None)
-    return (job.sampler, job.schedule, job.steps, job.guidance, job.guidance_rescale, job.timestep_spacing,
-            job.prediction_type, job.width, job.height, job.strength, job.denoising_start, job.denoising_end,
-            job.aesthetic_score, job.negative_aesthetic_score, job.negative_prompt is None, images,
-            job.syntax, job.clip_skip, job.text_chunks,  # equal chunk counts: no prompt padded beyond its own run
-            tuple(id(e) for e in job.embeddings),  # one set of textual inversions (loaded once per file version)
-            tuple(r.key for r in job.loras),  # one LoRA set (files and scales) per batch: one set of engines
-            job.vae, job.tile_vae,  # one VAE, tiled or not, decodes (and encodes) the batch
-            job.cache_interval,  # one step-caching schedule
-            job.controls.key() if job.controls is not None else None,  # the same ControlNets, images and window
-            job.image_prompt.key() if job.image_prompt is not None else None,  # the same IP-Adapter image, scale
-            job.t2i_adapter.key() if job.t2i_adapter is not None else None)
+    """Equal keys ⇔ the jobs can share text-encoder, UNet and VAE batches: every field of the Job but the
+    per-image ones is equal (a new Job field joins the key by itself)."""
+    return (job.negative_prompt is None, *(_comparable(getattr(job, name)) for name in _KEYED))
 
 
 def _per_image(job: Job, values: tuple | None) -> tuple | None:

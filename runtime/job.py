@@ -55,6 +55,10 @@ class Job:
     controls: Any = None  # runtime/controlnet.Controls, or None
     image_prompt: Any = None  # runtime/ip_adapter.ImagePromptJob, or None
     t2i_adapter: Any = None  # runtime/t2i_adapter.AdapterJob, or None
+    uses: tuple[str, ...] = ()  # the conditioning kinds in use (runtime/conditioning/graphs.py names)
+    task: str = "txt2img"  # the runtime/tasks/ module that runs it (tasks/table.py)
+    scheduler_config: Any = None  # runtime/samplers/schedules.SchedulerConfig: the model's, with the overrides
+    full_schedule: Any = None  # the sampler's whole schedule for `steps`, built once (validation checks it)
 
     @property
     def count(self) -> int:

@@ -34,6 +34,7 @@ from PIL import Image
 from sdrt.runtime import batching, image_io
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.limits import Limits, memory_budget
+from sdrt.runtime.pipeline import Generation, Pipeline
 from sdrt.runtime.request import Request
 from sdrt.runtime.job import Job
 from sdrt.runtime.validate import validate
@@ -147,8 +148,6 @@ class Service:
     def __init__(self, pipeline_or_dir, limits: Limits = Limits(), max_batch: int = 4, max_wait_ms: float = 10.0,
                  queue_size: int = 64, backend: str = "auto", warmup: bool = False,
                  on_batch: Callable[[BatchReport], None] | None = None, lora_dir: str | Path | None = None):
-        from sdrt.runtime.pipeline import Pipeline
-
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be at least 1 and max_wait_ms at least 0")
         if isinstance(pipeline_or_dir, (str, Path)):
@@ -307,16 +306,15 @@ class Service:
         encode = steps_time = decode = 0.0
         try:
             merged = batching.merge([p.job for p in live])
-            pipe = self.pipeline
+            run = Generation(self.pipeline, merged)
             t0 = time.monotonic()
-            prep = pipe.prepare(merged)
+            run.prepare()
             encode = time.monotonic() - t0
-            total = pipe.steps_to_run(merged)
+            total = run.total
             t0 = time.monotonic()
-            latents = None
             rows = [sum(q.job.count for q in live[:i]) for i in range(len(live))]  # each request's first row
             wanted = [preview_steps(total, p.previews) if p.preview is not None else frozenset() for p in live]
-            for done, latents in enumerate(pipe.steps(merged, prep), start=1):
+            for done, latents in enumerate(run.steps(), start=1):
                 now = time.monotonic()
                 for p, row, at in zip(live, rows, wanted):
                     if p.done:
@@ -329,20 +327,17 @@ class Service:
                         if p.progress is not None:
                             p.progress(done, total)
                         if done in at:
-                            p.preview(done, total, pipe.preview(latents[row:row + p.job.count]))
+                            p.preview(done, total, self.pipeline.preview(latents[row:row + p.job.count]))
                     except Exception:
                         pass
                 if all(p.done for p in live):
                     break
             steps_time = time.monotonic() - t0
-            if latents is None:
-                raise UserError(f"{merged.steps} steps at this strength leave no denoising step; raise the steps "
-                                "or the strength")
-            if all(p.done for p in live):
+            if run.latents is not None and all(p.done for p in live):
                 self._report(batch, encode, steps_time, decode, failed=False)
                 return
             t0 = time.monotonic()
-            images = pipe.decode(latents, merged.vae, merged.tile_vae)
+            images = run.decode()
             decode = time.monotonic() - t0
         except Exception as e:  # noqa: BLE001 — an engine error fails this batch, never the worker
             for p in live:
@@ -354,7 +349,7 @@ class Service:
             if p.done:
                 continue
             p.done = True
-            own = pipe.finish(p.job, own)
+            own = run.finish(own, p.job)
             timings = Timings(p.started - p.enqueued, encode, steps_time, decode)
             p.future.set_result(Result(own, p.job.seeds, timings, count, p.job))
         self._report(batch, encode, steps_time, decode, failed=False)

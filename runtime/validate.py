@@ -6,24 +6,23 @@ was wrong and what would be right, and never name CLI flags.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import replace
 
 from PIL import Image
 
-from sdrt.runtime.conditioning import controlnet, ip_adapter, t2i_adapter
+from sdrt.runtime.conditioning import controlnet, graphs, ip_adapter, t2i_adapter
 from sdrt.runtime.lora import adapters as lora
-from sdrt.runtime.tasks import outpaint as outpaint_mod, unclip, upscale
+from sdrt.runtime.tasks import table as tasks
 from sdrt.runtime.prompts import encode as prompt_encode
 from sdrt.runtime.samplers import registry as sampler_registry
 from sdrt.runtime import fields
-from sdrt.runtime.fields import MAX_GUIDANCE, MAX_SEED, InvalidRequest
+from sdrt.runtime.fields import MAX_GUIDANCE, InvalidRequest
 from sdrt.runtime.job import TINY_VAE, Job
 from sdrt.runtime.family import Family
 from sdrt.runtime.limits import GIB, Limits, estimate_bytes, memory_budget
 from sdrt.runtime.request import Request
 from sdrt.runtime.denoiser.x0 import timestep_lookup
-from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES, ScheduleError, SchedulerConfig
+from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES, ScheduleError, scheduler_config
 from sdrt.runtime.vae_tiling import Tiles
 
 def _sampler(sampling, model_dir) -> tuple[str, str]:
@@ -122,11 +121,10 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     """Check every field of `request` for the model in `model_dir` (runtime/loader.EngineDir) and the limits."""
     if not isinstance(request, Request):
         raise InvalidRequest("request", f"must be a Request, not {type(request).__name__}")
-    request, overlay = _outpaint(request, model_dir, limits)
-    request, low_res, noise_level = _upscale(request, model_dir, limits)
-    depth_map = _depth(request, model_dir)
-    request, variation_image, unclip_level = _unclip(request, model_dir)
-    noise_level = unclip_level if variation_image is not None else noise_level
+    task_fields = {}  # what the tasks' own checks resolve (outpaint's overlay, the upscaler's image, …)
+    for task in tasks.VALIDATING:
+        request, found = task.validate(request, model_dir, limits)
+        task_fields.update(found)
     p, s, images, refine = request.prompt_group, request.sampling, request.images, request.refine
     prompts = fields.texts("prompt", p.text)
     negative = None if p.negative is None else fields.texts("negative_prompt", p.negative)
@@ -149,13 +147,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     for name in ("timestep_spacing", "prediction_type"):
         if getattr(s, name) is not None and not isinstance(getattr(s, name), str):
             raise InvalidRequest(name, f"must be a string, not {getattr(s, name)!r}")
-    config = dict(model_dir.scheduler_config)
-    if s.timestep_spacing:
-        config["timestep_spacing"] = s.timestep_spacing
-    if s.prediction_type:
-        config["prediction_type"] = s.prediction_type
     try:
-        cfg = SchedulerConfig.from_diffusers_json(config)
+        cfg = scheduler_config(model_dir.scheduler_config, s.timestep_spacing, s.prediction_type)
     except ScheduleError as e:
         raise InvalidRequest("timestep_spacing" if "spacing" in str(e) else "prediction_type", str(e)) from None
     ceiling = min(limits.max_steps, sampler_registry.max_steps(cfg, sampler))
@@ -229,7 +222,9 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     if cache_interval > 1 and (controls is not None or image_prompt is not None or adapter is not None):
         raise InvalidRequest("cache_interval", "step caching's graphs take no ControlNet, IP-Adapter or T2I-Adapter "
                                                "inputs; use 1 (off) with them")
-    return Job(prompt=prompts, negative_prompt=negative, steps=steps, guidance=guidance, guidance_rescale=rescale,
+    uses = tuple(kind for kind, use in ((graphs.CONTROLNET, controls), (graphs.IP_ADAPTER, image_prompt),
+                                        (graphs.T2I_ADAPTER, adapter)) if use is not None)
+    job = Job(prompt=prompts, negative_prompt=negative, steps=steps, guidance=guidance, guidance_rescale=rescale,
                sampler=sampler, schedule=schedule, timestep_spacing=s.timestep_spacing,
                prediction_type=s.prediction_type, width=width, height=height, images_per_prompt=batch, seeds=seeds,
                init_image=init_image, strength=strength, mask=mask, init_latents=refine.init_latents,
@@ -237,126 +232,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
                vae=vae, tile_vae=tile_vae, cache_interval=cache_interval,
-               overlay=overlay, low_res_image=low_res, noise_level=noise_level, depth_map=depth_map,
-               variation_image=variation_image, controls=controls, image_prompt=image_prompt,
-               t2i_adapter=adapter)
+               controls=controls, image_prompt=image_prompt, t2i_adapter=adapter, **task_fields,
+               scheduler_config=cfg, full_schedule=built, uses=uses)
+    return replace(job, task=tasks.task_for(job, model_dir).NAME)
 
 
-def _unclip(request: Request, model_dir) -> tuple[Request, Image.Image | None, int | None]:
-    """For unCLIP image variations: the image to vary (taken out of init_image: the size is the model's unless
-    given, as diffusers) and the embedding's noise level."""
-    images = request.images
-    if not model_dir.info.unclip:
-        return request, None, None
-    image = fields.image("init_image", images.init_image, "RGB")
-    if image is None:
-        raise InvalidRequest("init_image", "this is an unCLIP model: give the image to make variations of")
-    for name in ("mask", "strength"):
-        if getattr(images, name) is not None:
-            raise InvalidRequest(name, "unCLIP variations take no " + ("mask" if name == "mask" else
-                                       "strength (they start from noise; the image enters as an embedding)"))
-    top = unclip.EmbeddingNoise.levels(model_dir.path)
-    level = unclip.DEFAULT_NOISE_LEVEL if images.noise_level is None else \
-        fields.integer("noise_level", images.noise_level, 0, top, " (the image-noising scheduler's last timestep)")
-    return replace(request, images=replace(images, init_image=None, noise_level=None)), image, level
-
-
-def _depth(request: Request, model_dir) -> Image.Image | None:
-    """Depth-to-image's inputs: an init image, no mask, and a depth map or the exported estimator."""
-    images, info = request.images, model_dir.info
-    if not info.depth:
-        if images.depth_map is not None:
-            raise InvalidRequest("depth_map", f"applies to depth-to-image models only; this is a "
-                                              f"{info.family.value} model ({info.pipeline_class})")
-        return None
-    if images.init_image is None:
-        raise InvalidRequest("init_image", "this is a depth-to-image model: give the image to start from")
-    if images.mask is not None:
-        raise InvalidRequest("mask", "depth-to-image models take no mask")
-    depth = fields.image("depth_map", images.depth_map, "F")
-    if depth is None and not (model_dir.path / "depth_estimator" / "model.onnx").exists():
-        raise InvalidRequest("depth_map", "is needed: this engine directory has no depth_estimator (export it, "
-                                          "or give a depth map)")
-    if depth is not None:
-        lo, hi = depth.getextrema()
-        if lo == hi:
-            raise InvalidRequest("depth_map", "is constant; give a map with some depth in it")
-    return depth
-
-
-def _upscale(request: Request, model_dir, limits: Limits) -> tuple[Request, Image.Image | None, int | None]:
-    """For the ×4 upscaler: its low-resolution image (taken out of init_image, so nothing treats the request as
-    img2img), the output size (4× that image) and the noise level; other models refuse a noise level."""
-    images, info = request.images, model_dir.info
-    if not info.upscaler:
-        if images.noise_level is not None and not info.unclip:
-            raise InvalidRequest("noise_level", f"applies to the ×4 upscaler and unCLIP variations only; this is a "
-                                                f"{info.family.value} model ({info.pipeline_class})")
-        return request, None, None
-    image = fields.image("init_image", images.init_image, "RGB")
-    if image is None:
-        raise InvalidRequest("init_image", "this is a ×4 upscaler: give the low-resolution image to upscale")
-    for name in ("mask", "strength"):
-        if getattr(images, name) is not None:
-            raise InvalidRequest(name, "the ×4 upscaler takes no " + ("mask" if name == "mask" else
-                                       "strength (it always starts from noise at the low-resolution size)"))
-    size = request.size
-    if size.width is not None or size.height is not None:
-        raise InvalidRequest("width" if size.width is not None else "height",
-                             "is 4× the low-resolution image's for the ×4 upscaler; leave it out")
-    noise = upscale.LowResNoise.of(model_dir)
-    level = upscale.DEFAULT_NOISE_LEVEL if images.noise_level is None else \
-        fields.integer("noise_level", images.noise_level, 0, noise.max_noise_level,
-             " (the model's max_noise_level, within its low-resolution scheduler's timesteps)")
-    f = model_dir.vae_scale_factor
-    low = upscale.low_res_image(image, f)
-    width, height = low.width * f, low.height * f
-    if width * height > limits.max_pixels:
-        raise InvalidRequest("init_image", f"is {image.width}x{image.height}; upscaled ×{f} it would be {width}x"
-                                           f"{height} = {width * height:,} pixels, more than {limits.max_pixels:,} "
-                                           "(Limits.max_pixels); give a smaller image")
-    request = replace(request, images=replace(images, init_image=None, noise_level=None),
-                      size=replace(size, width=width, height=height))
-    return request, low, level
-
-
-def _outpaint(request: Request, model_dir, limits: Limits) -> tuple[Request, tuple | None]:
-    """An outpainting request as the inpainting request it is (padded init image, mask, canvas size), and the
-    soft border's overlay (runtime/tasks/outpaint.py); other requests unchanged."""
-    images = request.images
-    if images.outpaint is None:
-        return request, None
-    try:
-        spec = outpaint_mod.parse(images.outpaint)
-    except outpaint_mod.OutpaintError as e:
-        raise InvalidRequest("outpaint", str(e)) from None
-    init = fields.image("init_image", images.init_image, "RGB")
-    if init is None:
-        raise InvalidRequest("outpaint", "needs an init image to extend")
-    if images.mask is not None:
-        raise InvalidRequest("mask", "outpainting builds its own mask; give a mask or outpaint margins, not both")
-    size = request.size
-    if size.width is not None or size.height is not None:
-        raise InvalidRequest("width" if size.width is not None else "height",
-                             "is set by the outpaint margins (init image plus margins); leave it out")
-    width, height = spec.canvas(*init.size)
-    multiple = model_dir.vae_scale_factor * model_dir.latent_multiple
-    if width % multiple or height % multiple:
-        raise InvalidRequest("outpaint", f"the extended canvas is {width}x{height}, not a multiple of {multiple} "
-                                         f"for this model; the init image is {init.width}x{init.height}: crop or "
-                                         f"resize it to a multiple of {multiple} first")
-    if width * height > limits.max_pixels:
-        raise InvalidRequest("outpaint", f"the extended canvas {width}x{height} is {width * height:,} pixels; at "
-                                         f"most {limits.max_pixels:,} per image (Limits.max_pixels)")
-    seed = fields.integer("seed", request.seeds.seed)
-    if seed == -1:  # resolved here: the noise fill and the generation use the same seed
-        seed = secrets.randbelow(MAX_SEED - limits.max_batch + 2)
-        request = replace(request, seeds=replace(request.seeds, seed=seed))
-    seed = fields.seeds(seed, 1)[0]  # range checked
-    try:
-        out = outpaint_mod.outpaint(init, spec, seed)
-    except outpaint_mod.OutpaintError as e:
-        raise InvalidRequest("outpaint", str(e)) from None
-    request = replace(request, images=replace(images, init_image=out.image, mask=out.mask, outpaint=None),
-                      size=replace(size, width=width, height=height))
-    return request, None if out.soft is None else (out.image, out.soft)

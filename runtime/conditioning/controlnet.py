@@ -19,18 +19,19 @@ mid_block_additional_residual. Everything reproduces diffusers' StableDiffusion[
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sdrt.runtime.conditioning.graphs import CONTROLNET, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
 from sdrt.runtime import fields
 from sdrt.runtime.fields import InvalidRequest
 
-UNET_CONTROLNET = "unet_controlnet"
+UNET_CONTROLNET = graph_for({CONTROLNET})
 PREFIX = "controlnet/"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MID = "mid_block_res_sample"
@@ -221,7 +222,7 @@ class ControlNetContributor:
         return total
 
 
-def contributor(controls: Controls, engines: dict, model_dir, count: int, width: int, height: int,
+def contributor_of(controls: Controls, engines: dict, model_dir, count: int, width: int, height: int,
                 guided: bool) -> ControlNetContributor:
     """`engines`: ControlNet name → its engine. `count`: images in the batch."""
     guess = controls.guess_mode or any(controlnet_record(model_dir, u.name).get("global_pool_conditions")
@@ -235,3 +236,13 @@ def contributor(controls: Controls, engines: dict, model_dir, count: int, width:
         nets.append(_Net(engines[use.name], image, use.scale, pooled, use.start, use.end))
     return ControlNetContributor(tuple(nets), guess, guided, dict(model_dir.unet_config))
 
+
+def attach(parts, job, prep):
+    """`prep` unchanged without ControlNets; else with runtime/conditioning/controlnet.ControlNetContributor added
+    (its nets opened on first use and kept)."""
+    if job.controls is None:
+        return prep
+    engines = {u.name: parts.component(PREFIX + u.name) for u in job.controls.nets}
+    contributor = contributor_of(job.controls, engines, parts.dir, job.count, job.width, job.height,
+                                 prep.guidance.enabled)
+    return replace(prep, contributors=[*prep.contributors, contributor])

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdrt.runtime.conditioning.graphs import CONTROLNET, IP_ADAPTER, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
 from sdrt.runtime import fields
 from sdrt.runtime.fields import InvalidRequest
 
 IMAGE_ENCODER = "image_encoder"
-UNET_IP = "unet_ip"
-UNET_CONTROLNET_IP = "unet_controlnet_ip"
+UNET_IP = graph_for({IP_ADAPTER})
+UNET_CONTROLNET_IP = graph_for({CONTROLNET, IP_ADAPTER})
 MAX_IMAGES = 16  # image prompts for the one adapter in a request
 
 
@@ -224,18 +225,16 @@ def _unused_embeds(folder, record: dict, rows: int) -> torch.Tensor:
     return torch.zeros(rows, 1, tokens, c["hidden_size"])
 
 
-def attach(pipe, job, prep):
-    """`prep` unchanged without an image prompt; else fed through `unet_ip` by an IpAdapterContributor."""
-    ip = getattr(job, "image_prompt", None)
+def attach(parts, job, prep):
+    """`prep` unchanged without an image prompt; else with an IpAdapterContributor added."""
+    ip = job.image_prompt
     if ip is None:
         return prep
-    unet = UNET_CONTROLNET_IP if prep.unet == "unet_controlnet" else UNET_IP  # runtime/conditioning/controlnet_call.py went first
-    pipe.component(unet)
-    folder = pipe.dir.path / IMAGE_ENCODER
+    folder = parts.dir.path / IMAGE_ENCODER
     given = {p.name: p for p in ip.prompts}
     guided = prep.guidance.enabled
     embeds, scales = [], []
-    for record in adapter_records(pipe.dir.manifest):
+    for record in adapter_records(parts.dir.manifest):
         prompt = given.get(record["name"])
         if prompt is None:
             embeds.append(_unused_embeds(folder, record, job.count * (2 if guided else 1)))
@@ -246,7 +245,6 @@ def attach(pipe, job, prep):
         else:
             plus = record.get("kind") in ("plus", "full")  # hidden states (Plus, Plus Face, Full Face)
             config = json.loads((folder / "preprocessor_config.json").read_text())
-            embeds.append(image_embeds(pipe.component(IMAGE_ENCODER), prompt.images, config, plus, job.count, guided))
+            embeds.append(image_embeds(parts.component(IMAGE_ENCODER), prompt.images, config, plus, job.count, guided))
         scales.append(prompt.scale)
-    return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(tuple(embeds), tuple(scales))],
-                   unet=unet)
+    return replace(prep, contributors=[*prep.contributors, IpAdapterContributor(tuple(embeds), tuple(scales))])

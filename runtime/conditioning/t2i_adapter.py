@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdrt.runtime.conditioning.graphs import T2I_ADAPTER, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
+from sdrt.runtime.errors import UserError
 from sdrt.runtime import fields
 from sdrt.runtime.fields import InvalidRequest
 
 PREFIX = "t2i_adapter/"
-UNET_T2I = "unet_t2i"
+UNET_T2I = graph_for({T2I_ADAPTER})
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,22 +81,21 @@ class T2iAdapterContributor:
         return feed | {f"down_intrablock_additional_residual_{i}": f for i, f in enumerate(self.features)}
 
 
-def attach(pipe, job, prep):
-    use = getattr(job, "t2i_adapter", None)
+def attach(parts, job, prep):
+    """`prep` unchanged without a T2I-Adapter; else with a T2iAdapterContributor holding the adapter's features."""
+    use = job.t2i_adapter
     if use is None:
         return prep
-    if pipe.adapters.base:
-        from sdrt.runtime.errors import UserError
-
+    if parts.adapters.base:
         raise UserError("LoRAs applied at load do not reach the T2I-Adapter UNet yet; fuse them at export instead")
-    engine = pipe.component(PREFIX + use.name)
-    unet = pipe.component(UNET_T2I)
+    engine = parts.component(PREFIX + use.name)
+    unet = parts.component(UNET_T2I)
     used = sum(1 for n in unet.inputs if n.startswith("down_intrablock_additional_residual_"))
-    channels = int(_record(pipe.dir, use.name).get("in_channels", 3))
+    channels = int(_record(parts.dir, use.name).get("in_channels", 3))
     out = feed_mod.run(engine, image=adapter_image(use.image, job.width, job.height, channels))
     features = []
     for i in range(used):
         f = out[f"feature_{i}"] * use.scale  # adapter_state[k] = v * adapter_conditioning_scale
         f = f.repeat(job.count, 1, 1, 1)  # num_images_per_prompt
         features.append(torch.cat([f] * 2) if prep.guidance.enabled else f)
-    return replace(prep, contributors=[*prep.contributors, T2iAdapterContributor(tuple(features))], unet=UNET_T2I)
+    return replace(prep, contributors=[*prep.contributors, T2iAdapterContributor(tuple(features))])

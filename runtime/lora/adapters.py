@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from sdrt.runtime.conditioning.graphs import LORA_UNET_VARIANTS
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.lora.keys import COMPONENTS, LYCORIS_PARTS, Targets, UnetLayout, lookup_table, parse_key
 from sdrt.runtime.fields import InvalidRequest
@@ -387,14 +388,11 @@ def deltas(refs: Sequence[LoraRef], model: Model, component: str) -> dict[str, n
 
 # ---- the engine directory's side -------------------------------------------------------------------------
 
-# UNet graphs with extra inputs (ControlNet residuals, IP-Adapter embeddings) hold the same UNet weights: a LoRA's
-# "unet" deltas apply to each through its own weights_map.json (export/extras/controlnet.py, export/extras/ip_adapter.py).
-UNET_VARIANTS = ("unet_controlnet", "unet_ip", "unet_controlnet_ip")
 
 
 def lora_component(name: str) -> str:
     """The component whose LoRA deltas apply to graph `name` (a UNet variant takes the UNet's)."""
-    return "unet" if name in UNET_VARIANTS else name
+    return "unet" if name in LORA_UNET_VARIANTS else name  # runtime/conditioning/graphs.py
 
 
 def weights_map(engine_dir: Path, name: str) -> dict:

@@ -432,6 +432,18 @@ def lcm(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
                     c_skip=c_skip.numpy(), c_out=c_out.numpy(), num_train_timesteps=t_count)
 
 
+
+def scheduler_config(model_json: Mapping, timestep_spacing: str | None = None,
+                     prediction_type: str | None = None) -> SchedulerConfig:
+    """A model's scheduler_config.json with a request's overrides (few-step presets set "trailing" spacing,
+    SDXL-Lightning 1-step predicts the sample)."""
+    overrides = {}
+    if timestep_spacing:
+        overrides["timestep_spacing"] = timestep_spacing
+    if prediction_type:
+        overrides["prediction_type"] = prediction_type
+    return SchedulerConfig.from_diffusers_json({**model_json, **overrides})
+
 # ---- img2img and base/refiner windows ----------------------------------------------------------------
 
 def strength_start_index(schedule: Schedule, steps: int, strength: float) -> int:

@@ -15,11 +15,19 @@ The rule, which tests rebuild independently:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+
+from sdrt.runtime import fields
+from sdrt.runtime.fields import MAX_SEED, InvalidRequest
+from sdrt.runtime.limits import Limits
+from sdrt.runtime.request import Request
+from sdrt.runtime.tasks import inpaint
+from sdrt.runtime.tasks.base import Common, Prepared
 
 FILLS = ("edge", "blur", "noise")
 SIDES = ("left", "right", "top", "bottom")
@@ -158,3 +166,63 @@ def outpaint(image: Image.Image, spec: Outpaint, seed: int = 0) -> Outpainted:
                             f"px); give at most {min(width, height) // 2}")
     hard = mask(width, height, spec)
     return Outpainted(padded_image(image, spec, seed), hard, soft_mask(hard, spec))
+
+
+# ---- the task (runtime/tasks/base.py): inpainting on the extended canvas, then the soft border laid over --------
+
+NAME = "outpaint"
+
+
+def applies(job, model_dir) -> bool:
+    return job.mask is not None and job.overlay is not None
+
+
+def validate(request: Request, model_dir, limits: Limits) -> tuple[Request, dict]:
+    """An outpainting request as the inpainting request it is (padded init image, mask, canvas size), and the
+    soft border's overlay (runtime/tasks/outpaint.py); other requests unchanged."""
+    images = request.images
+    if images.outpaint is None:
+        return request, {}
+    try:
+        spec = parse(images.outpaint)
+    except OutpaintError as e:
+        raise InvalidRequest("outpaint", str(e)) from None
+    init = fields.image("init_image", images.init_image, "RGB")
+    if init is None:
+        raise InvalidRequest("outpaint", "needs an init image to extend")
+    if images.mask is not None:
+        raise InvalidRequest("mask", "outpainting builds its own mask; give a mask or outpaint margins, not both")
+    size = request.size
+    if size.width is not None or size.height is not None:
+        raise InvalidRequest("width" if size.width is not None else "height",
+                             "is set by the outpaint margins (init image plus margins); leave it out")
+    width, height = spec.canvas(*init.size)
+    multiple = model_dir.vae_scale_factor * model_dir.latent_multiple
+    if width % multiple or height % multiple:
+        raise InvalidRequest("outpaint", f"the extended canvas is {width}x{height}, not a multiple of {multiple} "
+                                         f"for this model; the init image is {init.width}x{init.height}: crop or "
+                                         f"resize it to a multiple of {multiple} first")
+    if width * height > limits.max_pixels:
+        raise InvalidRequest("outpaint", f"the extended canvas {width}x{height} is {width * height:,} pixels; at "
+                                         f"most {limits.max_pixels:,} per image (Limits.max_pixels)")
+    seed = fields.integer("seed", request.seeds.seed)
+    if seed == -1:  # resolved here: the noise fill and the generation use the same seed
+        seed = secrets.randbelow(MAX_SEED - limits.max_batch + 2)
+        request = replace(request, seeds=replace(request.seeds, seed=seed))
+    seed = fields.seeds(seed, 1)[0]  # range checked
+    try:
+        out = outpaint(init, spec, seed)
+    except OutpaintError as e:
+        raise InvalidRequest("outpaint", str(e)) from None
+    request = replace(request, images=replace(images, init_image=out.image, mask=out.mask, outpaint=None),
+                      size=replace(size, width=width, height=height))
+    return request, {"overlay": None if out.soft is None else (out.image, out.soft)}
+
+
+def prepare(parts, job, common: Common) -> Prepared:
+    return inpaint.prepare(parts, job, common)
+
+
+def finish(job, images: list) -> list:
+    original, soft = job.overlay
+    return [overlay(image, original, soft) for image in images]

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sdrt.runtime.samplers import schedules
+from sdrt.runtime import fields
+from sdrt.runtime.denoiser import feed
+from sdrt.runtime.denoiser.call import ClassLabels
 from sdrt.runtime.errors import UserError
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.limits import Limits
+from sdrt.runtime.request import Request
+from sdrt.runtime.samplers import classic, noise
+from sdrt.runtime.samplers import schedules
+from sdrt.runtime.tasks.base import Common, Prepared
 
 DEFAULT_NOISE_LEVEL = 0  # StableUnCLIPImg2ImgPipeline.__call__'s default
 
@@ -134,3 +142,52 @@ class EmbeddingNoise:
         unscaled = noisy * self.std + self.mean
         levels = torch.full((unscaled.shape[0],), int(level), dtype=torch.int64)
         return torch.cat([unscaled, timestep_embedding(levels, unscaled.shape[-1])], dim=1)
+
+
+# ---- the task (runtime/tasks/base.py) ---------------------------------------------------------------------
+
+NAME = "unclip"
+
+
+def applies(job, model_dir) -> bool:
+    return job.variation_image is not None
+
+
+def validate(request: Request, model_dir, limits: Limits) -> tuple[Request, dict]:
+    """For unCLIP image variations: the image to vary (taken out of init_image: the size is the model's unless
+    given, as diffusers) and the embedding's noise level."""
+    images = request.images
+    if not model_dir.info.unclip:
+        return request, {}
+    image = fields.image("init_image", images.init_image, "RGB")
+    if image is None:
+        raise InvalidRequest("init_image", "this is an unCLIP model: give the image to make variations of")
+    for name in ("mask", "strength"):
+        if getattr(images, name) is not None:
+            raise InvalidRequest(name, "unCLIP variations take no " + ("mask" if name == "mask" else
+                                       "strength (they start from noise; the image enters as an embedding)"))
+    top = EmbeddingNoise.levels(model_dir.path)
+    level = DEFAULT_NOISE_LEVEL if images.noise_level is None else \
+        fields.integer("noise_level", images.noise_level, 0, top, " (the image-noising scheduler's last timestep)")
+    return replace(request, images=replace(images, init_image=None, noise_level=None)), \
+        {"variation_image": image, "noise_level": level}
+
+
+def prepare(parts, job, common: Common) -> Prepared:
+    # diffusers StableUnCLIPImg2ImgPipeline: _encode_image → noise_image_embeddings (one draw), then
+    # prepare_latents (one draw); each image draws both with its own generator (diffusers' batches noise the
+    # one embedding with generator[0] only). Unconditional class labels are zeros, as diffusers.
+    n = common.shape[0]
+    guidance, generator = common.guidance, common.generator
+    pixels = EncoderInput.of(parts.dir.path / "image_encoder").tensor(job.variation_image)
+    embeds = feed.run(parts.component("image_encoder"), pixel_values=pixels)["image_embeds"].cpu()  # [1, D]
+    drawn = noise.randn((n, embeds.shape[-1]), generator)  # [N, D], CPU as diffusers' generators
+    labels = EmbeddingNoise.of(parts.dir.path).noised(embeds, drawn, job.noise_level)  # [N, 2D]
+    if guidance.enabled:
+        labels = torch.cat([torch.zeros_like(labels), labels])
+    x = classic.initial_latents(parts.randn(common.shape, generator), common.schedule)
+    return Prepared.of(x, common, contributors=[ClassLabels(labels.to(parts.device))])
+
+
+def finish(job, images: list) -> list:
+    return images

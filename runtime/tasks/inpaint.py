@@ -1,0 +1,58 @@
+"""Inpainting (diffusers StableDiffusion(XL)InpaintPipeline): 9-channel inpainting UNets take the mask and the masked
+image's latents as extra input channels; ordinary 4-channel UNets re-impose the noised original outside the mask
+after every step."""
+
+from __future__ import annotations
+
+import torch
+
+from sdrt.runtime import image_io
+from sdrt.runtime.denoiser.call import ExtraChannels
+from sdrt.runtime.samplers import classic
+from sdrt.runtime.tasks.base import Common, Prepared
+
+NAME = "inpaint"
+
+
+def applies(job, model_dir) -> bool:
+    return job.mask is not None
+
+
+def prepare(parts, job, common: Common) -> Prepared:
+    # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG).
+    # Each image samples its own posteriors with its own generator: for one image that is diffusers' draw;
+    # diffusers' batches sample the shared encodings with generator[0] only, which would tie image i to seed s.
+    n, _, h, w = common.shape
+    schedule, guidance, generator = common.schedule, common.guidance, common.generator
+    image = image_io.to_tensor(job.init_image, job.width, job.height).to(parts.device)
+    mask = image_io.mask_to_tensor(job.mask, image.shape[-1], image.shape[-2]).to(parts.device)
+    masked_image = image * (mask < 0.5)
+    strength = 1.0 if job.strength is None else job.strength
+    nine_channel = parts.dir.info.inpaint
+    image_latents = None
+    if not nine_channel or strength < 1.0:
+        image_latents = parts.encode_image(image, generator, job.vae, job.tile_vae)
+    drawn = parts.randn(common.shape, generator)
+    if strength >= 1.0:
+        x = classic.initial_latents(drawn, schedule)
+    else:
+        x = image_latents + drawn * float(schedule.sigmas[0])
+    latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
+    masked_latents = parts.encode_image(masked_image, generator, job.vae, job.tile_vae)
+    if nine_channel:
+        extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
+        return Prepared.of(x, common, contributors=[ExtraChannels(extra)])
+    return Prepared.of(x, common, after_step=_blend(latent_mask, image_latents, drawn, schedule))
+
+
+def _blend(mask: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor, schedule):
+    """Ordinary (4-channel) UNets inpaint by re-imposing the noised original outside the mask each step."""
+    def after_step(x: torch.Tensor, i: int) -> torch.Tensor:
+        next_sigma = float(schedule.sigmas[i + 1]) if i + 1 < len(schedule.sigmas) else 0.0
+        proper = image_latents + noise * next_sigma
+        return (1 - mask) * proper + mask * x
+    return after_step
+
+
+def finish(job, images: list) -> list:
+    return images
