@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from sdrt.export.extras import ip_adapter as ipa
 from sdrt.export.extras import t2i_adapter as t2i
 from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor,
     vae_scale_factor)
-from sdrt.export.load import load_pipeline, local_source_hash
+from sdrt.export.load import load_pipeline, local_source_hash, sha256_of_file
 from sdrt.export.onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
 from sdrt.export.extras import hypernetwork
 from sdrt.export.weights_map import LORA_COMPONENTS, Mapper
@@ -75,26 +76,22 @@ class ExportConfig:
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
+# the packages whose versions a manifest records
+EXPORTED_WITH = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "polygraphy")
 
 
-def versions() -> dict[str, str]:
+def versions(packages: tuple[str, ...] = EXPORTED_WITH, python: bool = False) -> dict[str, str]:
+    """Installed versions of `packages` (those not installed left out), after Python's own with python=True: the
+    provenance a manifest (the default packages) and a training record (export/models/shapes_train.py) note."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for pkg in ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "polygraphy"):
+    out = {"python": sys.version.split()[0]} if python else {}
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             continue
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_output(cfg: ExportConfig, source_sha: str) -> dict | None:
@@ -188,7 +185,7 @@ def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
         return None
     for rel, digest in entry["sha256"].items():
         path = out / name / rel
-        if not path.exists() or _sha256(path) != digest:
+        if not path.exists() or sha256_of_file(path) != digest:
             return None
     return entry
 
@@ -251,7 +248,7 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
         "opset": spec_io["opset"],
         "inputs": spec_io["inputs"],
         "outputs": spec_io["outputs"],
-        "sha256": {f: _sha256(tmp / spec.name / f) for f in files},
+        "sha256": {f: sha256_of_file(tmp / spec.name / f) for f in files},
         "gate": {"bound": gate.bound_text(precision), "passed": gate.passes(precision, all_figures), "cases": cases},
         "passes": rewrites + ["torch.onnx.export(do_constant_folding)"] + passes,
         "export_seconds": round(time.perf_counter() - started, 2),

@@ -37,10 +37,21 @@ def sha256_of_files(paths: list[Path], root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(str(p.relative_to(root)).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        _hash_into(h, p)
     return h.hexdigest()
+
+
+def sha256_of_file(path: Path) -> str:
+    """SHA-256 of one file's contents (hex): what manifests and the shapes model's hashes.json record per file."""
+    return _hash_into(hashlib.sha256(), path).hexdigest()
+
+
+def _hash_into(h, path: Path):
+    """Feed the file at `path` into the hash `h` in 4 MiB chunks (weights files are large); returns `h`."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h
 
 
 def _source_hash(files: list[Path], root: Path, vae: str | None) -> str:

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdrt.export.exporter import versions
 from sdrt.export.models import shapes_data as data
-from sdrt.export.models.shapes import (_versions, add_noise, load_frozen, replace_folder, run_trainer,
+from sdrt.export.models.shapes_train import (TRAINED_WITH, add_noise, load_frozen, replace_folder, run_trainer,
     sample_latents, trainer_parser, training_alphas)
 
 
@@ -90,7 +91,7 @@ def train_controlnet(model: Path, out: Path, minutes: float = 12.0, seed: int = 
     record = {"command": f"python -m sdrt.export.models.shapes_controlnet {out} --minutes {minutes} --seed {seed} "
                          f"--threads {threads}",
               "seed": seed, "steps": step, "batch": bs, "seconds": round(time.time() - t0, 1),
-              "final_loss": float(np.mean(losses[-50:])), "versions": _versions()}
+              "final_loss": float(np.mean(losses[-50:])), "versions": versions(TRAINED_WITH, python=True)}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 

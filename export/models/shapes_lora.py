@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdrt.export.exporter import versions
 from sdrt.export.models import shapes_data as data
-from sdrt.export.models.shapes import (_versions, add_noise, load_frozen, run_trainer, sample_latents,
+from sdrt.export.models.shapes_train import (TRAINED_WITH, add_noise, load_frozen, run_trainer, sample_latents,
     trainer_parser, training_alphas)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -94,7 +95,8 @@ def train_lora(model: Path, out: Path, minutes: float = 6.0, seed: int = 0, rank
     record = {"command": f"python -m sdrt.export.models.shapes_lora {out} --minutes {minutes} --seed {seed} --rank {rank} "
                          f"--source {source} --target {target} --threads {threads}",
               "seed": seed, "steps": step, "batch": 16, "seconds": round(time.time() - t0, 1), "rank": rank,
-              "targets": TARGETS, "final_loss": float(np.mean(losses[-50:])), "versions": _versions()}
+              "targets": TARGETS, "final_loss": float(np.mean(losses[-50:])),
+              "versions": versions(TRAINED_WITH, python=True)}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdrt.export.exporter import versions
 from sdrt.export.models import shapes_data as data
-from sdrt.export.models.shapes import _versions, load_frozen, replace_folder, run_trainer, to_tensor, trainer_parser
+from sdrt.export.models.shapes_train import (TRAINED_WITH, load_frozen, replace_folder, run_trainer, to_tensor,
+    trainer_parser)
 
 WIDTH = 32
 
@@ -76,7 +78,8 @@ def train_tiny_vae(model: Path, out: Path, minutes: float = 10.0, seed: int = 0,
                          f"--threads {threads}",
               "seed": seed, "steps": step, "batch": 16, "crop": 64, "seconds": round(time.time() - t0, 1),
               "width": WIDTH,
-              "final_decode_mse": float(d), "final_encode_mse": float(e), "versions": _versions()}
+              "final_decode_mse": float(d), "final_encode_mse": float(e),
+              "versions": versions(TRAINED_WITH, python=True)}
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     replace_folder(tmp, out)
     return record
