@@ -61,7 +61,11 @@ class EngineDir:
     def text_encoder_names(self) -> list[str]:
         names = ["text_encoder", "text_encoder_2"] if self.info.family in (Family.SDXL, Family.SDXL_REFINER) \
             else ["text_encoder"]
-        return [n for n in names if (self.path / n / "model.onnx").exists()]
+        return [n for n in names if self.has(n)]
+
+    def has(self, component: str) -> bool:
+        """Whether the directory holds `component`'s graph (component/model.onnx)."""
+        return (self.path / component / "model.onnx").is_file()
 
     def onnx_path(self, component: str) -> Path:
         path = self.path / component / "model.onnx"
@@ -78,13 +82,9 @@ def open_dir(path: str | Path) -> EngineDir:
     if manifest is None and not (path / "model_index.json").exists():
         raise UserError(f"{path} is not an engine directory (no manifest.json or model_index.json); "
                         "create one with `sdrt export MODEL -o DIR`")
-    vae_config_path = path / "vae_decoder" / "config.json"
-    return EngineDir(
-        path=path,
-        info=model_info(path),
-        model_index=_json(path / "model_index.json"),
-        scheduler_config=_json(path / "scheduler" / "scheduler_config.json"),
-        unet_config=_json(path / "unet" / "config.json"),
-        vae_config=_json(vae_config_path),
-        manifest=manifest,
-    )
+    model_index = _json(path / "model_index.json")
+    unet_config = _json(path / "unet" / "config.json")
+    scheduler_config = _json(path / "scheduler" / "scheduler_config.json")
+    return EngineDir(path=path, info=detect(model_index, unet_config, scheduler_config), model_index=model_index,
+                     scheduler_config=scheduler_config, unet_config=unet_config,
+                     vae_config=_json(path / "vae_decoder" / "config.json"), manifest=manifest)

@@ -182,7 +182,7 @@ class Service:
         worker thread; the directory needs vae_decoder_tiny (export --tiny-vae).
         """
         job = self.validate(request)
-        if previews and not (self.pipeline.dir.path / "vae_decoder_tiny" / "model.onnx").is_file():
+        if previews and not self.pipeline.dir.has("vae_decoder_tiny"):
             raise UserError("progress images are decoded by the tiny VAE, which this engine directory does not have "
                             "(export it with --tiny-vae)")
         now = time.monotonic()

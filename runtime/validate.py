@@ -89,7 +89,7 @@ def _vae(request: Request, model_dir) -> str:
         raise InvalidRequest("vae", f"must be one of {', '.join(VAE_CHOICES)} (got {vae!r})")
     if vae == "tiny":
         has = [n for n in ("vae_decoder", "vae_encoder", *TINY_VAE.values())
-               if (model_dir.path / n / "model.onnx").exists()]
+               if model_dir.has(n)]
         needs = [TINY_VAE["decode"]] + ([TINY_VAE["encode"]] if request.images.init_image is not None else [])
         missing = [n for n in needs if n not in has]
         if missing:
@@ -105,7 +105,7 @@ STEP_CACHE = ("unet_deepcache", "unet_deepcache_shallow")  # export/extras/deepc
 def _cache_interval(value, model_dir, loras) -> int:
     interval = fields.integer("cache_interval", value, 1, 1000)
     if interval > 1:
-        missing = [n for n in STEP_CACHE if not (model_dir.path / n / "model.onnx").exists()]
+        missing = [n for n in STEP_CACHE if not model_dir.has(n)]
         if missing:
             raise InvalidRequest("cache_interval", f"step caching needs {' and '.join(missing)} in the engine "
                                                    "directory; re-export the model with the step-caching graphs, "

@@ -47,7 +47,7 @@ def _error(status: int, kind: str, message: str, field: str | None = None, heade
 
 
 class _NoFolders:
-    lora_dir = None  # a replica has no LoRA folder: requests cannot name LoRAs (serve/http_api.py confine_adapters)
+    lora_dir = None  # a replica has no LoRA folder: requests cannot name LoRAs (serve/fields.py confine_adapters)
 
 
 class SdrtDeployment:
@@ -92,7 +92,7 @@ class SdrtDeployment:
         from sdrt.runtime.request import Request
         from sdrt.runtime.service import DeadlineExceeded, QueueFull, ServiceClosed
         from sdrt.runtime.fields import InvalidRequest
-        from sdrt.serve import http_api
+        from sdrt.serve import errors, fields
 
         if http_request.method == "GET":
             return JSONResponse({"model": self.model, "ready": self.service.ready,
@@ -105,9 +105,9 @@ class SdrtDeployment:
             return _error(400, "invalid_json", "the body is not a JSON object")
         try:
             request = Request.from_dict(body)
-            http_api.confine_adapters(request, self.context)
+            fields.confine_adapters(request, self.context)
             result = await self._run(request)
-        except http_api.HttpError as e:
+        except errors.HttpError as e:
             return _error(e.status, e.kind, e.message, e.field)
         except InvalidRequest as e:
             return _error(422, "invalid_request", e.message, e.field)

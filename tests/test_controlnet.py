@@ -256,7 +256,8 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
 
     from fastapi.testclient import TestClient
 
-    from sdrt.serve.app import ServeConfig, create_app
+    from sdrt.serve.app import create_app
+    from sdrt.serve.edge import ServeConfig
 
     engine, _ = cn["sd15"]
     image = _image(0, 48, 32)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import run_sdrt
 from sdrt.runtime.tasks import depth
+from sdrt.runtime.conditioning import image_processors
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.fields import InvalidRequest
@@ -53,7 +54,7 @@ def _depth_map() -> Image.Image:
 def test_estimator_input_equals_the_image_processor(depth2img, ref):
     image = _image(1)
     theirs = ref.feature_extractor(images=[image], return_tensors="pt").pixel_values
-    ours = depth.EstimatorInput.of(depth2img[1] / "depth_estimator").tensor(image)
+    ours = image_processors.DptInput.of(depth2img[1] / "depth_estimator").tensor(image)
     assert torch.equal(ours, theirs)
 
 
@@ -121,7 +122,8 @@ def test_a1111_img2img_on_a_depth_model(depth2img, pipe):
 
     from fastapi.testclient import TestClient
 
-    from sdrt.serve.app import ServeConfig, create_app
+    from sdrt.serve.app import create_app
+    from sdrt.serve.edge import ServeConfig
 
     buf = io.BytesIO()
     _image(4).save(buf, format="PNG")

@@ -16,6 +16,7 @@ from test_parity import assert_same_images, diffusers_scheduler, generators, to_
 
 from sdrt.export.exporter import ExportConfig, add_controlnets, export
 from sdrt.runtime.errors import UserError
+from sdrt.runtime.conditioning import image_processors
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.fields import InvalidRequest
@@ -88,7 +89,7 @@ def test_manifest_and_preprocessing(conditioned):
     image = _image(8, 70, 45)
     want = CLIPImageProcessor(**{k: v for k, v in config.items() if k != "image_processor_type"})(
         image, return_tensors="pt").pixel_values
-    assert float((ip_adapter.preprocess(image, config) - want).abs().max()) < 1e-6
+    assert float((image_processors.preprocess(image, config) - want).abs().max()) < 1e-6
     from sdrt.engines import trt_dir
     from sdrt.engines import trt_profiles as tp
 

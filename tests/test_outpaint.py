@@ -157,7 +157,8 @@ def test_a1111_img2img_with_the_outpaint_extension(ort_pipelines, exported):
 
     from fastapi.testclient import TestClient
 
-    from sdrt.serve.app import ServeConfig, create_app
+    from sdrt.serve.app import create_app
+    from sdrt.serve.edge import ServeConfig
 
     engine, pipe = exported("sd15", "fp32"), ort_pipelines("sd15")
     image = _image(16, 16, 4)

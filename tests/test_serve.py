@@ -18,8 +18,9 @@ from PIL import Image
 from conftest import run_sdrt
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.pipeline import Pipeline
-from sdrt.serve import http_api
-from sdrt.serve.app import ServeConfig, create_app
+from sdrt.serve import a1111, openai
+from sdrt.serve.app import create_app
+from sdrt.serve.edge import ServeConfig
 
 GEN = "/v1/images/generations"
 TXT = "/sdapi/v1/txt2img"
@@ -364,9 +365,9 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
 PLAUSIBLE = st.one_of(JSON, st.integers(-3, 70), st.sampled_from(
     ["32x32", "64x32", "auto", "31x32", "Euler a", "DPM++ 2M Karras", "euler", "karras", "Karras", "png", "jpeg",
      "b64_json", "sd15-fp32", "", "<lora:x:1>", 0.5, 1.0, -1, 2 ** 64, "iVBORw0KGgo="]))
-FIELDS = {GEN: http_api.OPENAI_FIELDS,
-          TXT: http_api.A1111_USED + tuple(http_api.a1111_neutral("sd15-fp32", False)),
-          IMG: http_api.A1111_USED + http_api.A1111_IMG2IMG_USED + tuple(http_api.a1111_neutral("sd15-fp32", True))}
+FIELDS = {GEN: openai.OPENAI_FIELDS,
+          TXT: a1111.A1111_USED + tuple(a1111.a1111_neutral("sd15-fp32", False)),
+          IMG: a1111.A1111_USED + a1111.A1111_IMG2IMG_USED + tuple(a1111.a1111_neutral("sd15-fp32", True))}
 
 
 def _b64_png(image: Image.Image) -> str:
@@ -417,8 +418,8 @@ def _valid(route: str):
 
 
 def _near_valid(route: str):
-    used = {GEN: [f for f in http_api.OPENAI_FIELDS if f not in ("model", "user", "stream")], TXT: http_api.A1111_USED,
-            IMG: http_api.A1111_USED + http_api.A1111_IMG2IMG_USED}[route]
+    used = {GEN: [f for f in openai.OPENAI_FIELDS if f not in ("model", "user", "stream")], TXT: a1111.A1111_USED,
+            IMG: a1111.A1111_USED + a1111.A1111_IMG2IMG_USED}[route]
     required = {"prompt": st.text(max_size=30), "steps": st.integers(1, 3)}
     if route == IMG:
         required["init_images"] = NEAR_VALID["init_images"]

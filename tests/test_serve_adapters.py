@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.serve.app import ServeConfig, create_app
+from sdrt.serve.app import create_app
+from sdrt.serve.edge import ServeConfig
 from test_embeddings import ti_engine, vectors  # noqa: F401 (fixture)
 from test_lora import make_layers, write_diffusers
 from test_serve import A_SMALL, GEN, SMALL, TXT, _diff, _error, _png
@@ -128,15 +129,15 @@ def test_network_requests_name_loras_from_the_folder_only(folders):
     """serve/ray.py's JSON bodies are whole Requests: confine_adapters keeps their LoRAs and embeddings off the
     server's file system."""
     from sdrt.runtime.request import Request as R
-    from sdrt.serve import http_api
+    from sdrt.serve import errors, fields
 
-    ctx = http_api.ModelContext("m", 64, 8, 100, 4, 4096 ** 2, lora_dir=folders / "loras")
-    http_api.confine_adapters(R.of(prompt="x", loras=[["ink", 0.5]]), ctx)
+    ctx = fields.ModelContext("m", 64, 8, 100, 4, 4096 ** 2, lora_dir=folders / "loras")
+    fields.confine_adapters(R.of(prompt="x", loras=[["ink", 0.5]]), ctx)
     for request, field in [(R.of(prompt="x", loras=[[str(folders / "elsewhere.safetensors"), 1.0]]), "loras"),
                            (R.of(prompt="x", embeddings=[str(folders / "embeddings" / "shiny.safetensors")]),
                             "embeddings")]:
-        with pytest.raises(http_api.HttpError) as e:
-            http_api.confine_adapters(request, ctx)
+        with pytest.raises(errors.HttpError) as e:
+            fields.confine_adapters(request, ctx)
         assert e.value.status == 422 and e.value.field == field
-    with pytest.raises(http_api.HttpError, match="no LoRA folder"):
-        http_api.confine_adapters(R.of(prompt="x", loras=[["ink", 0.5]]), http_api.ModelContext("m", 64, 8, 100, 4, 1))
+    with pytest.raises(errors.HttpError, match="no LoRA folder"):
+        fields.confine_adapters(R.of(prompt="x", loras=[["ink", 0.5]]), fields.ModelContext("m", 64, 8, 100, 4, 1))

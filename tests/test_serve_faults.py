@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from sdrt.bench.serve_load import ServerProcess, parse_metrics, run_load
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import Request
-from sdrt.serve.app import ServeConfig, create_app
+from sdrt.serve.app import create_app
+from sdrt.serve.edge import ServeConfig
 
 GEN = "/v1/images/generations"
 SMALL = {"size": "32x32", "steps": 3, "guidance_scale": 5.0, "sampler": "euler_a"}

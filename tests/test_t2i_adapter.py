@@ -68,7 +68,8 @@ def test_http_t2i_adapter_equals_the_python_request(conditioned):
 
     from fastapi.testclient import TestClient
 
-    from sdrt.serve.app import ServeConfig, create_app
+    from sdrt.serve.app import create_app
+    from sdrt.serve.edge import ServeConfig
 
     engine, _ = conditioned("sd15")
     image = _image(4, 48, 32)

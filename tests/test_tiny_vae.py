@@ -164,7 +164,8 @@ def test_bench_vae_tiny_against_diffusers_with_the_same_and_the_full_vae(with_ti
 
 
 def test_openai_body_carries_the_vae_fields():
-    from sdrt.serve.http_api import ModelContext, openai_plan
+    from sdrt.serve.fields import ModelContext
+    from sdrt.serve.openai import openai_plan
 
     ctx = ModelContext("m", 32, 2, 1000, 4, 4096 * 4096)
     plan = openai_plan({"prompt": "a cat", "vae": "tiny", "vae_tiling": "off"}, ctx)
@@ -181,8 +182,11 @@ def test_openai_streaming_sends_tiny_vae_partial_images_then_the_image(with_tiny
     from fastapi.testclient import TestClient
 
     from sdrt.runtime.service import preview_steps
-    from sdrt.serve.app import ServeConfig, create_app
-    from sdrt.serve.http_api import HttpError, ModelContext, openai_plan
+    from sdrt.serve.app import create_app
+    from sdrt.serve.edge import ServeConfig
+    from sdrt.serve.errors import HttpError
+    from sdrt.serve.fields import ModelContext
+    from sdrt.serve.openai import openai_plan
 
     assert preview_steps(4, 2) == {2, 3} and preview_steps(20, 3) == {5, 10, 15}
     assert preview_steps(1, 3) == frozenset() and preview_steps(2, 3) == {1}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import run_sdrt
-from sdrt.runtime.tasks import unclip
+from sdrt.runtime.conditioning import image_processors
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.fields import InvalidRequest
@@ -49,7 +49,7 @@ def _image(seed: int = 0) -> Image.Image:
 def test_encoder_input_equals_the_image_processor(unclip_model, ref):
     image = _image(1)
     theirs = ref.feature_extractor(images=[image], return_tensors="pt").pixel_values
-    assert torch.equal(unclip.EncoderInput.of(unclip_model[1] / "image_encoder").tensor(image), theirs)
+    assert torch.equal(image_processors.ClipInput.of(unclip_model[1] / "image_encoder").tensor(image), theirs)
 
 
 def test_equals_diffusers_at_two_noise_levels(ref, pipe):

@@ -151,7 +151,7 @@ def validate_controls(group, model_dir, loras=()) -> Controls | None:
             raise InvalidRequest(f"controls[{i}].start", f"must be below its end (got start {net_start:g}, end "
                                                          f"{net_end:g})")
         nets.append(ControlUse(name, preprocess(image) if preprocess else image, scale, net_start, net_end))
-    if not (model_dir.path / UNET_CONTROLNET / "model.onnx").is_file():
+    if not model_dir.has(UNET_CONTROLNET):
         raise InvalidRequest("controls", f"{model_dir.path} has no {UNET_CONTROLNET} graph; re-export with "
                                          "--controlnet")
     return Controls(tuple(nets), start, end, group.guess_mode)

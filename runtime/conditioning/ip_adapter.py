@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdrt.runtime.conditioning.image_processors import preprocess
 from sdrt.runtime.conditioning.graphs import CONTROLNET, IP_ADAPTER, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
 from sdrt.runtime import fields
@@ -76,11 +77,11 @@ def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePro
     records = {r["name"]: r for r in adapter_records(model_dir.manifest)}
     names = list(records)
     needs_encoder = any(r.get("kind") != "faceid" for r in records.values())
-    if not (model_dir.path / UNET_IP / "model.onnx").is_file() or \
-            (needs_encoder and not (model_dir.path / IMAGE_ENCODER / "model.onnx").is_file()):
+    if not model_dir.has(UNET_IP) or \
+            (needs_encoder and not model_dir.has(IMAGE_ENCODER)):
         raise InvalidRequest(field, "this engine directory has no IP-Adapter (export one with --ip-adapter and "
                                     "--image-encoder)")
-    if controls is not None and not (model_dir.path / UNET_CONTROLNET_IP / "model.onnx").is_file():
+    if controls is not None and not model_dir.has(UNET_CONTROLNET_IP):
         raise InvalidRequest(field, "this engine directory has no UNet for ControlNets and an IP-Adapter together "
                                     "(export the ControlNets and the adapter into it again); give one of them")
     if group.ip_image is not None:
@@ -158,33 +159,6 @@ def _images(field: str, given) -> tuple[Image.Image, ...]:
     if not 1 <= len(given) <= MAX_IMAGES:
         raise InvalidRequest(field, f"takes 1 to {MAX_IMAGES} images for the one adapter (got {len(given)})")
     return tuple(fields.image(f"{field}[{i}]", x, "RGB") for i, x in enumerate(given))
-
-
-def preprocess(image: Image.Image, config: dict) -> torch.Tensor:
-    """PIL → pixel_values [1, 3, S, S] float32, as transformers' CLIPImageProcessor (PIL backend) with `config`."""
-    image = image.convert("RGB") if config.get("do_convert_rgb", True) else image
-    if config.get("do_resize", True):
-        size = config["size"]
-        if "shortest_edge" in size:  # get_resize_output_image_size(default_to_square=False)
-            short, long = sorted(image.size)
-            new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
-            w, h = (new_short, new_long) if image.width <= image.height else (new_long, new_short)
-        else:
-            w, h = size["width"], size["height"]
-        image = image.resize((w, h), resample=Image.Resampling(config.get("resample", 3)))
-    array = np.asarray(image)
-    if config.get("do_center_crop", True):
-        ch, cw = config["crop_size"]["height"], config["crop_size"]["width"]
-        top, left = (array.shape[0] - ch) // 2, (array.shape[1] - cw) // 2
-        array = array[top:top + ch, left:left + cw]
-    out = array.astype(np.float32)
-    if config.get("do_rescale", True):
-        out = (array.astype(np.float64) * config.get("rescale_factor", 1 / 255)).astype(np.float32)
-    if config.get("do_normalize", True):
-        mean = np.asarray(config["image_mean"], dtype=np.float32)
-        std = np.asarray(config["image_std"], dtype=np.float32)
-        out = (out - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))[None]
 
 
 @dataclass(frozen=True)

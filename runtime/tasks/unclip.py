@@ -9,16 +9,14 @@ pipeline's image_noising_scheduler, un-normalised) and joined by the noise level
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from sdrt.runtime import fields
+from sdrt.runtime.conditioning.image_processors import ClipInput, read_config
 from sdrt.runtime.denoiser import feed
 from sdrt.runtime.denoiser.call import ClassLabels
 from sdrt.runtime.errors import UserError
@@ -30,69 +28,6 @@ from sdrt.runtime.samplers import schedules
 from sdrt.runtime.tasks.base import Common, Prepared
 
 DEFAULT_NOISE_LEVEL = 0  # StableUnCLIPImg2ImgPipeline.__call__'s default
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is missing or damaged ({e}); re-export the engine directory") from None
-
-
-def _hw(value, what: str) -> tuple[int, int] | int:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, list):  # [h, w] in older configs
-        return int(value[0]), int(value[1])
-    if "shortest_edge" in value and what == "size":
-        return int(value["shortest_edge"])
-    return int(value["height"]), int(value["width"])
-
-
-@dataclass(frozen=True)
-class EncoderInput:
-    """transformers' CLIPImageProcessor (PIL backend): resize the shortest edge (bicubic), centre crop, × rescale
-    (float64, then float32), (x − mean) / std."""
-    size: int | tuple[int, int]  # shortest edge, or (height, width)
-    crop: tuple[int, int] | None
-    resample: int
-    rescale_factor: float | None
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-
-    @classmethod
-    def of(cls, folder: Path) -> "EncoderInput":
-        c = _json(Path(folder) / "preprocessor_config.json")
-        crop = c.get("crop_size") if c.get("do_center_crop", True) else None
-        crop = (crop, crop) if isinstance(crop, int) else (None if crop is None else _hw(crop, "crop"))
-        return cls(_hw(c.get("size", 224), "size") if c.get("do_resize", True) else 0, crop,
-                   int(c.get("resample", 3)),
-                   float(c.get("rescale_factor", 1 / 255)) if c.get("do_rescale", True) else None,
-                   tuple(c["image_mean"]) if c.get("do_normalize", True) else None,
-                   tuple(c["image_std"]) if c.get("do_normalize", True) else None)
-
-    def tensor(self, image: Image.Image) -> torch.Tensor:
-        """PIL → pixel_values [1, 3, H, W] float32."""
-        image = image.convert("RGB")
-        w, h = image.size
-        if isinstance(self.size, tuple):
-            image = image.resize((self.size[1], self.size[0]), resample=self.resample)
-        elif self.size:  # transformers get_resize_output_image_size(default_to_square=False)
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.size, int(self.size * long / short)
-            size = (new_short, new_long) if w <= h else (new_long, new_short)
-            image = image.resize(size, resample=self.resample)
-        a = np.asarray(image)
-        if self.crop is not None:
-            ch, cw = self.crop
-            top, left = (a.shape[0] - ch) // 2, (a.shape[1] - cw) // 2
-            a = a[max(top, 0):max(top, 0) + ch, max(left, 0):max(left, 0) + cw]
-        x = a.astype(np.float32)
-        if self.rescale_factor is not None:
-            x = (a.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        if self.mean is not None:
-            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
 
 def timestep_embedding(levels: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -125,13 +60,13 @@ class EmbeddingNoise:
         except (OSError, ValueError) as e:
             raise UserError(f"{path} is missing or damaged ({e}); re-export the engine directory") from None
         config = schedules.SchedulerConfig.from_diffusers_json(
-            _json(Path(engine_dir) / "image_noising_scheduler" / "scheduler_config.json"))
+            read_config(Path(engine_dir) / "image_noising_scheduler" / "scheduler_config.json"))
         return cls(weights["mean"].float(), weights["std"].float(), schedules.alphas_cumprod(config, "ddim"))
 
     @classmethod
     def levels(cls, engine_dir: Path) -> int:
         """The largest noise level (the image-noising scheduler's last timestep), read without the weights."""
-        cfg = _json(Path(engine_dir) / "image_noising_scheduler" / "scheduler_config.json")
+        cfg = read_config(Path(engine_dir) / "image_noising_scheduler" / "scheduler_config.json")
         return int(cfg.get("num_train_timesteps", 1000)) - 1
 
     def noised(self, embeds: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
@@ -179,7 +114,7 @@ def prepare(parts, job, common: Common) -> Prepared:
     # one embedding with generator[0] only). Unconditional class labels are zeros, as diffusers.
     n = common.shape[0]
     guidance, generator = common.guidance, common.generator
-    pixels = EncoderInput.of(parts.dir.path / "image_encoder").tensor(job.variation_image)
+    pixels = ClipInput.of(parts.dir.path / "image_encoder").tensor(job.variation_image)
     embeds = feed.run(parts.component("image_encoder"), pixel_values=pixels)["image_embeds"].cpu()  # [1, D]
     drawn = noise.randn((n, embeds.shape[-1]), generator)  # [N, D], CPU as diffusers' generators
     labels = EmbeddingNoise.of(parts.dir.path).noised(embeds, drawn, job.noise_level)  # [N, 2D]
