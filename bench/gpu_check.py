@@ -15,14 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.bench.measure.stats import psnr
+
 FAMILIES = {"sd15": 7.5, "sdxl": 5.0, "sdxl-lightning": 0.0}
 SIZE = 64
 MIN_PSNR_DB = 35.0
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def availability() -> dict[str, str | None]:

@@ -36,7 +36,7 @@ def make_lora(engine_dir: Path, path: Path, rank: int = 16, alpha: float = 8.0, 
     """A kohya-format LoRA on every UNet attention projection, random (small) values; returns its module count."""
     from safetensors.numpy import save_file
 
-    from sdrt.runtime.lora.adapters import read_weights_maps
+    from sdrt.runtime.lora.weights import read_weights_maps
 
     weights = read_weights_maps(engine_dir)["unet"]["weights"]
     rng = np.random.default_rng(seed)
@@ -83,7 +83,8 @@ def _steps(engine, feed: dict, count: int) -> list[float]:
 
 
 def measure(engine_dir: Path, rank: int, resolution: int, steps: int, backend: str, lora_dir: Path) -> dict:
-    from sdrt.runtime.lora.adapters import normalize_entries, resolve
+    from sdrt.runtime.lora.files import normalize_entries
+    from sdrt.runtime.lora.refs import resolve
     from sdrt.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()
@@ -185,7 +186,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None, command: str | None = None) -> int:
     import datetime
 
-    from sdrt.bench.harness import machine_info, versions
+    from sdrt.bench.machine import machine_info, versions
 
     parser = argparse.ArgumentParser(prog="python -m sdrt.bench.lora_switch", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="an engine directory, or sd15 (random-weight full-size SD 1.5, exported once)")
@@ -218,14 +219,14 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
 
 def _fullsize_sd15(workdir: Path) -> Path:
     from sdrt.export.exporter import ExportConfig, export
-    from sdrt.runtime.lora.adapters import read_weights_maps
+    from sdrt.runtime.lora.weights import read_weights_maps
 
-    from sdrt.bench.harness import _prepare_architecture
+    from sdrt.bench.models import prepare_architecture
 
     def progress(what, done, total):
         print(what, file=sys.stderr)
 
-    paths = _prepare_architecture("sd15", "fp32", Path(workdir), progress)
+    paths = prepare_architecture("sd15", "fp32", Path(workdir), progress)
     if "unet" not in read_weights_maps(paths.engine_dir):  # exported before weights maps: export again (resumes)
         export(ExportConfig(model=str(paths.source_dir), output=paths.engine_dir, precision="fp32"),
                lambda name, status: progress(f"export {name}: {status}", 0, 0))

@@ -195,7 +195,7 @@ def markdown(result: dict) -> str:
 
 
 def variant_suffix(scenario: dict) -> str:
-    """The result-key suffix of runs with the tiny VAE and/or step caching (bench/harness.py Job.key)."""
+    """The result-key suffix of runs with the tiny VAE and/or step caching (bench/measure/jobs.py Job.key)."""
     return ("+tiny-vae" if scenario.get("vae") == "tiny" else "") + \
         (f"+cache{scenario['cache_interval']}" if scenario.get("cache_interval", 1) > 1 else "")
 

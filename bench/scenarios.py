@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from sdrt.runtime.errors import UserError
 
@@ -82,6 +83,13 @@ class HarnessConfig:
     interleave: bool = False  # all backends in this process, timed runs alternating: a drifting machine hits all alike
     alternate: bool = False  # timed runs alternating as with interleave, each in a fresh process after its own warm-up
     peak_matmul_size: int = 2048
+
+
+Progress = Callable[[str, int, int], None]  # (what, done, total); total 0: a one-off message
+
+
+def silent(what: str, done: int, total: int) -> None:
+    pass
 
 
 @dataclass(frozen=True)

@@ -342,13 +342,6 @@ def _tiny_engine(workdir: Path) -> Path:
     return out
 
 
-def _load_average():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m sdrt.bench.serve_load", description=__doc__.split("\n\n")[0])
@@ -369,14 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.clients < 1 or a.seconds <= 0 or a.max_batch < 1 or a.seconds > 3600:
         p.error("--clients and --max-batch must be at least 1, --seconds in (0, 3600]")
-    from sdrt.bench.harness import machine_info, versions
+    from sdrt.bench.machine import load_average, machine_info, versions
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     engine_dir = _tiny_engine(a.workdir) if a.model == "tiny" else Path(a.model)
     name = "tiny" if a.model == "tiny" else engine_dir.name
     out = a.out or Path("bench/results") / f"cpu-serve-load-{name}-b{a.max_batch}-c{a.clients}"
     out.mkdir(parents=True, exist_ok=True)
-    load_before = _load_average()
+    load_before = load_average()
     result = run_load(engine_dir, a.clients, a.seconds, a.max_batch, a.max_wait_ms, a.size, a.steps, a.guidance,
                       a.sampler, a.request_timeout, a.backend, log_dir=a.workdir / out.name,
                       progress=lambda text: print(text, file=sys.stderr, flush=True))
@@ -388,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                   "note": "tiny SD 1.5 with random weights (sdrt.export.models.tiny), fp32 ONNX" if a.model == "tiny"
                   else "engine directory"},
         "machine": machine_info(),
-        "conditions": {"load_average_before": load_before, "load_average_after": _load_average()},
+        "conditions": {"load_average_before": load_before, "load_average_after": load_average()},
         "versions": versions() | _serve_versions(),
         **result,
     }

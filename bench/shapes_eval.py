@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.compare:
         from datetime import datetime, timezone
 
-        from sdrt.bench.harness import machine_info, versions
+        from sdrt.bench.machine import machine_info, versions
 
         with tempfile.TemporaryDirectory() as tmp:
             rows = compare(Path(tmp), a.steps, a.guidance, a.seed)

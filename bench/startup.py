@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -121,11 +120,11 @@ def _max_diff(a: Path, b: Path) -> int:
 
 def measure(s: StartupScenario, on_progress=lambda what, done, total: None) -> dict:
     """Alternating fresh processes, `runs` of each; seconds per run, medians, ratio, and the images' difference."""
-    from sdrt.bench.harness import machine_info, versions
+    from sdrt.bench.machine import load_average, machine_info, versions
 
     if s.runs < 1:
         raise UserError(f"--runs must be at least 1 (got {s.runs})")
-    load_before = _load_average()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as scratch:
         ours_png, theirs_png = Path(scratch) / "sdrt.png", Path(scratch) / "diffusers.png"
         ours, theirs = commands(s, ours_png, theirs_png)
@@ -155,18 +154,10 @@ def measure(s: StartupScenario, on_progress=lambda what, done, total: None) -> d
         "diffusers_fast_exit_over_sdrt": medians[FAST_EXIT] / medians["sdrt"],
         **cache_ratio,
         "image_max_abs_diff_uint8": diff,
-        "conditions": {"load_average_before": load_before, "load_average_after": _load_average()},
+        "conditions": {"load_average_before": load_before, "load_average_after": load_average()},
         "machine": machine_info(),
         "versions": versions(),
     }
-
-
-def _load_average() -> list[float] | None:
-    """1, 5 and 15-minute load averages: other work on the machine shows here."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def markdown(result: dict, command: str = "") -> str:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import files as lora_files, fuse as lora_fuse, weights as lora_weights
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.family import Family, detect
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
@@ -64,7 +64,7 @@ class ExportConfig:
     family: str | None = None  # for single files whose family cannot be inferred
     single_file_config: str | None = None  # diffusers folder/hub id with the configs for a single file
     force: bool = False
-    loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora/adapters.py)
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale): fused into the exported weights (runtime/lora/fuse.py)
     textual_inversion: bool = False  # also the text encoders' inputs_embeds variants (export/components.py)
     hypernetworks: tuple[tuple[str, float], ...] = ()  # (file, scale): AUTOMATIC1111 hypernetworks baked into the UNet
     tiny_vae: str | None = None  # an AutoencoderTiny folder/hub id: vae_{de,en}coder_tiny beside the full VAE
@@ -217,7 +217,7 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
     rewrites = [f"{SUBPIXEL_PASS} ({rewritten} upsamplers)"] if rewritten else []
     if sized and sized == upsamplers:  # each up-sampler resizes to its skip connection: any latent size runs
         rewrites.append(f"{SKIP_SIZE_PASS} ({sized} upsamplers)")
-    mapped = lora.lora_component(spec.name)  # UNet variants map the UNet's weights as the UNet does
+    mapped = lora_weights.lora_component(spec.name)  # UNet variants map the UNet's weights as the UNet does
     mapper = Mapper(module_owner, mapped) if mapped in LORA_COMPONENTS else None  # LoRAs at load
     files, passes = run_passes(raw, tmp / spec.name, mapper)
     del mapper  # it holds the module, which is released below
@@ -279,8 +279,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     if early_hash is not None:  # refuse a bad output before spending minutes loading a model
         _check_output(cfg, early_hash)
     for path, scale in cfg.loras:  # unreadable files and bad scales fail before the model loads
-        lora.check_scale(scale, path)
-        lora.read_header(Path(path).expanduser())
+        lora_files.check_scale(scale, path)
+        lora_files.read_header(Path(path).expanduser())
     hypernets = [(hypernetwork.load(path), hypernetwork.check_scale(scale, path)) for path, scale in cfg.hypernetworks]
     tiny = tiny_vae.load_tiny_vae(cfg.tiny_vae) if cfg.tiny_vae is not None else None  # fails before the model loads
     net_sources = [cn.parse_arg(a) for a in cfg.controlnets]
@@ -498,8 +498,8 @@ def _fuse_loras(pipe, info, loras) -> list[dict]:
     if not loras:
         return []
     modules = {n: getattr(pipe, n) for n in LORA_COMPONENTS if getattr(pipe, n, None) is not None}
-    model = lora.model_from_modules(modules, dict(pipe.unet.config), info.family.value)
-    return lora.fuse_into_modules(modules, model, loras)
+    model = lora_fuse.model_from_modules(modules, dict(pipe.unet.config), info.family.value)
+    return lora_fuse.fuse_into_modules(modules, model, loras)
 
 
 def _lora_signature(records: list[dict]) -> str:

@@ -34,7 +34,7 @@ from onnx import external_data_helper, numpy_helper
 
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.lora.keys import canonical
-from sdrt.runtime.lora.adapters import WEIGHTS_MAP_FORMAT, WEIGHTS_MAP_NAME
+from sdrt.runtime.lora.weights import WEIGHTS_MAP_FORMAT, WEIGHTS_MAP_NAME
 
 from sdrt.export.rewrites import SubpixelUpsample2D, is_subpixel_eligible
 

@@ -21,7 +21,7 @@ from sdrt.runtime.errors import UserError
 from sdrt.runtime.job import TINY_VAE, Job
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import EngineDir
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import adapters as lora_adapters
 from sdrt.runtime.prompts.encode import TextSetup
 from sdrt.runtime.samplers import noise
 
@@ -33,7 +33,7 @@ class Components:
         self.tokenizers = tokenizers
         self.limits = limits
         self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
-        self.adapters = lora.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
+        self.adapters = lora_adapters.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
         self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompts/encode.py)
         self.vae_tiles = vae_tiling.Tiles.of_vae(engine_dir.vae_config)  # diffusers' defaults for this VAE
         self.open_engine: Callable | None = None  # path → engine, for components opened on first use (set by load)

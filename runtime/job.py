@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdrt.runtime import image_io
 from sdrt.runtime.samplers import registry as sampler_registry
 
 
@@ -67,6 +68,17 @@ class Job:
     @property
     def seed(self) -> int:
         return self.seeds[0]
+
+    def parameters(self, index: int, model: str, size: tuple[int, int] | None = None,
+                   seed: int | None = None) -> image_io.GenerationParameters:
+        """The PNG `parameters` of image `index` (AUTOMATIC1111's text): its prompt, negative prompt and seed;
+        `size` (width, height) when the image is not the job's size (after ×4 upscaling)."""
+        row = index // self.images_per_prompt
+        width, height = size or (self.width, self.height)
+        return image_io.GenerationParameters(
+            prompt=self.prompt[row], negative_prompt=(self.negative_prompt or ("",) * len(self.prompt))[row],
+            steps=self.steps, sampler=self.sampler_label, cfg_scale=self.guidance,
+            seed=self.seeds[index] if seed is None else seed, width=width, height=height, model=model)
 
     @property
     def sampler_label(self) -> str:

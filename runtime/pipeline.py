@@ -27,7 +27,7 @@ from sdrt.runtime.family import Family
 from sdrt.runtime.job import Job
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import EngineDir, open_dir
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import refs as lora_refs
 from sdrt.runtime.prompts.encode import TextOptions, TextSetup
 from sdrt.runtime.prompts.text_conditioning import SdxlSizes, TextEncoder, condition
 from sdrt.runtime.prompts.tokenizer import ClipTokenizer
@@ -53,7 +53,7 @@ class Pipeline(Components):
         from sdrt.engines.select import open_engine
 
         d = path if isinstance(path, EngineDir) else open_dir(path)
-        base_loras = lora.resolve_at_load(d, loras, lora_dir)  # bad LoRAs fail before any engine loads
+        base_loras = lora_refs.resolve_at_load(d, loras, lora_dir)  # bad LoRAs fail before any engine loads
         text = TextSetup(embeddings_dir, embeddings, lambda p: open_engine(p, backend, ort_config))
         text.check(d)  # so do bad embeddings
         # what txt2img uses; the VAE encoder, tiny VAEs, depth estimator, image encoders, ControlNets… are opened
@@ -127,9 +127,9 @@ class Pipeline(Components):
         negative = list(job.negative_prompt) if job.negative_prompt is not None else None
         sizes = SdxlSizes(original=(height, width), crop=(0, 0), target=(height, width),
                           aesthetic_score=job.aesthetic_score, negative_aesthetic_score=job.negative_aesthetic_score)
-        loras = lora.combine(self.adapters.base, job.loras)
+        loras = lora_refs.combine(self.adapters.base, job.loras)
         encoders = [TextEncoder(self.tokenizers[n], self.engine(n, job), self.dir.path / n,
-                                self.text.variant(self.dir, n, lora.touching(loras, n)))
+                                self.text.variant(self.dir, n, lora_refs.touching(loras, n)))
                     for n in self.dir.text_encoder_names]
         cond = condition(self.dir.info.family, encoders, list(job.prompt), negative, job.images_per_prompt,
                          guidance.enabled, bool(self.dir.model_index.get("force_zeros_for_empty_prompt", True)),

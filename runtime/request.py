@@ -81,7 +81,7 @@ class Refine:
 
 @dataclass(frozen=True)
 class Adapters:
-    """Weight adapters applied to this request only (runtime/lora/adapters.py); `<lora:NAME:SCALE>` prompt tags add to them."""
+    """Weight adapters applied to this request only (runtime/lora/); `<lora:NAME:SCALE>` prompt tags add to them."""
 
     loras: tuple = ()  # ((name or path, scale), …): names are looked up in the LoRA folder; "NAME:SCALE" also works
 

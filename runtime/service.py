@@ -103,12 +103,7 @@ class Result:
 
     def parameters(self, index: int, model: str) -> image_io.GenerationParameters:
         """The PNG `parameters` of image `index`, as `sdrt run` writes them."""
-        job = self.job
-        return image_io.GenerationParameters(
-            prompt=job.prompt[index // job.images_per_prompt],
-            negative_prompt=(job.negative_prompt or ("",) * len(job.prompt))[index // job.images_per_prompt],
-            steps=job.steps, sampler=job.sampler_label, cfg_scale=job.guidance, seed=self.seeds[index],
-            width=job.width, height=job.height, model=model)
+        return self.job.parameters(index, model, seed=self.seeds[index])
 
 
 @dataclass(frozen=True)

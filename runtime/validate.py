@@ -11,7 +11,7 @@ from dataclasses import replace
 from PIL import Image
 
 from sdrt.runtime.conditioning import controlnet, graphs, ip_adapter, t2i_adapter
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import refs as lora_refs
 from sdrt.runtime.tasks import table as tasks
 from sdrt.runtime.prompts import encode as prompt_encode
 from sdrt.runtime.samplers import registry as sampler_registry
@@ -133,7 +133,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                                                 f"not {len(negative)}")
     if negative is not None and len(negative) == 1 and len(prompts) > 1:
         negative = negative * len(prompts)
-    prompts, negative, loras = lora.request_loras(request, prompts, negative, model_dir, lora_dir)  # <lora:…> out
+    prompts, negative, loras = lora_refs.request_loras(request, prompts, negative, model_dir, lora_dir)  # <lora:…> out
     prompts, negative = _hypernet_tags(prompts, negative, model_dir)  # <hypernet:…> out
 
     batch = fields.integer("batch", request.size.batch, 1, limits.max_batch)

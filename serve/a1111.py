@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from PIL import ImageOps
 
 from sdrt.runtime.fields import MAX_SEED
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import refs as lora_refs
 from sdrt.runtime.prompts.tags import TagError, strip_lora_tags
 from sdrt.runtime.samplers import registry as sampler_registry
 from sdrt.serve import fields, jobs
@@ -454,7 +454,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     async def loras():
         folder = config.lora_dir
         return [{"name": name, "alias": name, "path": str(path.relative_to(Path(folder).absolute())), "metadata": {}}
-                for name, path in sorted(lora.available(folder.absolute() if folder else None).items())]
+                for name, path in sorted(lora_refs.available(folder.absolute() if folder else None).items())]
 
     @app.post("/sdapi/v1/refresh-loras", tags=["AUTOMATIC1111"], summary="Re-read the LoRA folder (always current)")
     async def refresh_loras():

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 from PIL import Image
 
 from sdrt.runtime.fields import InvalidRequest
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import files as lora_files, refs as lora_refs
 from sdrt.runtime.request import Request
 from sdrt.serve.errors import HttpError, invalid
 
@@ -142,7 +142,7 @@ def lora_names_check(field_name: str, names: Sequence[str], ctx: ModelContext) -
     if ctx.lora_dir is None:
         raise invalid(field_name, f"names a LoRA ({short(names[0])}), but this server has no LoRA folder (start it "
                                   "with a LoRA folder to allow them)")
-    available = lora.available(ctx.lora_dir)
+    available = lora_refs.available(ctx.lora_dir)
     for name in names:
         if name not in available:
             listing = ", ".join(sorted(available)[:20]) or "none"
@@ -154,8 +154,8 @@ def confine_adapters(request: Request, ctx: ModelContext) -> None:
     """A Request that came over the network (Ray's JSON body): LoRAs by name from the server's folder only, no
     embedding files (the server's embeddings folder serves every prompt)."""
     try:
-        names = [name for name, _ in lora.normalize_entries(request.adapters.loras)]
-    except lora.LoraError as e:
+        names = [name for name, _ in lora_files.normalize_entries(request.adapters.loras)]
+    except lora_files.LoraError as e:
         raise invalid("loras", str(e)) from None
     lora_names_check("loras", names, ctx)
     if request.prompt_group.embeddings:

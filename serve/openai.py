@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sdrt.runtime import image_io
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import files as lora_files
 from sdrt.runtime.samplers import registry as sampler_registry
 from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES
 from sdrt.runtime.service import CancelToken, DeadlineExceeded
@@ -161,8 +161,8 @@ def _choice(field: str, value, choices: Sequence[str]) -> str:
 def lora_entries(field_name: str, value, ctx: ModelContext) -> list[list]:
     """OpenAI `loras`: ["NAME:SCALE", …] or [{"name": …, "scale": …}, …] → [[name, scale], …] (names checked)."""
     try:
-        entries = lora.normalize_entries(value, field_name)
-    except lora.LoraError as e:
+        entries = lora_files.normalize_entries(value, field_name)
+    except lora_files.LoraError as e:
         raise invalid(field_name, str(e)) from None
     fields.lora_names_check(field_name, [name for name, _ in entries], ctx)
     return [[name, scale] for name, scale in entries]

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import run_sdrt
-from sdrt.bench.harness import EngineCall, Sample, stage_times
+from sdrt.bench.measure.timing import EngineCall, Sample, stage_times
 from sdrt.bench.scenarios import PRESETS, HarnessConfig, Overrides, check_config, resolve
 from sdrt.runtime.errors import UserError
 
@@ -202,7 +202,7 @@ def test_bad_scenarios_are_user_errors(overrides, fragment):
 
 
 def test_size_is_checked_against_the_architecture_before_building(tmp_path):
-    from sdrt.bench.harness import check_size, size_multiple_of_architecture
+    from sdrt.bench.models import check_size, size_multiple_of_architecture
 
     with pytest.raises(UserError, match="multiples of 8"):
         resolve("sd15-classic", Overrides(model="sd15", resolution="516", backends=("ort-cpu",)), gpu=False)
@@ -211,7 +211,7 @@ def test_size_is_checked_against_the_architecture_before_building(tmp_path):
 
 
 def test_engine_dir_precision_must_match(exported):
-    from sdrt.bench.harness import prepare_model
+    from sdrt.bench.models import prepare_model
 
     scenario = resolve("turbo", Overrides(model=str(exported("sdxl-lightning", "fp32")), precision="fp16"), gpu=False)
     with pytest.raises(UserError, match="exported in fp32"):
@@ -276,7 +276,7 @@ def test_interleave_and_alternate_together_are_refused():
 
 
 def test_interleaved_backend_that_fails_is_reported_and_the_others_go_on(exported):
-    from sdrt.bench.harness import Job, measure_interleaved
+    from sdrt.bench.measure.jobs import Job, measure_interleaved
     from sdrt.bench.scenarios import with_threads
 
     engine = str(exported("sdxl-lightning", "fp32"))
@@ -300,7 +300,7 @@ def test_rates_above_the_peak_are_flagged_with_their_possible_causes():
 
 @pytest.mark.slow  # the alternating loop itself runs by default (test_interleaved_backends_alternate_their_timed_runs)
 def test_alternating_backend_that_fails_leaves_the_turn(exported):
-    from sdrt.bench.harness import Job, measure_alternating
+    from sdrt.bench.measure.jobs import Job, measure_alternating
     from sdrt.bench.scenarios import with_threads
 
     engine = str(exported("sdxl-lightning", "fp32"))

@@ -8,10 +8,10 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import numpy as np
 import pytest
 import torch
 
+from sdrt.bench.measure.stats import psnr
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.pipeline import Pipeline, Request
 
@@ -24,12 +24,6 @@ requires_ort_cuda = pytest.mark.skipif(
 requires_tensorrt = pytest.mark.skipif(
     not HAS_CUDA or importlib.util.find_spec("tensorrt") is None,
     reason="needs a CUDA GPU and TensorRT (TensorRT cannot be installed where sdrt is developed)")
-
-
-def psnr(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((a - b) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 REQUEST = Request.of(prompt=("a photo of a cat",), steps=4, guidance=0.0, sampler="euler", timestep_spacing="trailing",

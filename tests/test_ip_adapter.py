@@ -159,7 +159,7 @@ def test_controlnet_and_ip_adapter_together_equal_diffusers(conditioned, pipes, 
 
 def test_controlnet_ip_adapter_and_lora_together_equal_diffusers(conditioned, pipes, tiny_pipeline, tmp_path):
     """InstantID-style: a ControlNet, an image prompt and a LoRA (UNet + text encoder) in one request; the LoRA reaches
-    the combined UNet graph through its own weights map (runtime/lora/adapters.py UNET_VARIANTS)."""
+    the combined UNet graph through its own weights map (runtime/conditioning/graphs.py)."""
     import diffusers
     from transformers import CLIPVisionModelWithProjection
 

@@ -23,7 +23,7 @@ import torch
 
 from test_parity import assert_same_images, generators, reference_pipeline, to_uint8
 
-from sdrt.runtime.lora import adapters as lora
+from sdrt.runtime.lora import adapters as lora_adapters, refs as lora_refs, weights as lora_weights
 from sdrt.runtime.lora.keys import UnetLayout, canonical, sgm_path
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.fields import InvalidRequest
@@ -232,7 +232,7 @@ def test_text_encoder_only_and_unet_only_loras_each_move_the_image(pipes, tiny_p
     pipe = pipes("sd15")
     base = ours(pipe, prompt, seed)
     for path, scale, components in ((te_only, 1.0, ("text_encoder",)), (files["sd15-unet"], 1.0, ("unet",))):
-        ref = lora.resolve([(str(path), scale)], pipe.adapters.model, None)[0]
+        ref = lora_refs.resolve([(str(path), scale)], pipe.adapters.model, None)[0]
         assert ref.components == components
         theirs = diffusers_images(tiny_pipeline("sd15"), [(path, scale)], prompt, seed)
         assert moved(theirs, base) >= MIN_MOVE
@@ -257,14 +257,14 @@ def test_switching_a_b_none_gives_exactly_b_alone_and_the_base(exported, files):
 def test_adapted_engines_are_cached_per_set_and_bounded(exported, files):
     pipe = Pipeline.load(exported("sd15", "fp32"), backend="ort-cpu")
     adapters = pipe.adapters
-    sets = [lora.resolve([(str(files["sd15-unet"]), s)], adapters.model, None) for s in (0.5, 1.0, 1.5)]
+    sets = [lora_refs.resolve([(str(files["sd15-unet"]), s)], adapters.model, None) for s in (0.5, 1.0, 1.5)]
     first = adapters.engine("unet", sets[0])
     assert adapters.engine("unet", sets[0]) is first  # cached
     assert adapters.engine("unet", ()) is pipe.engines["unet"]  # the base stays resident
     assert adapters.engine("text_encoder", sets[0]) is pipe.engines["text_encoder"]  # UNet-only LoRA
     adapters.engine("unet", sets[1])
     adapters.engine("unet", sets[2])  # a third set evicts the least recently used
-    assert len([k for k in adapters.cache if k[0] == "unet"]) == lora.MAX_ADAPTED_PER_COMPONENT
+    assert len([k for k in adapters.cache if k[0] == "unet"]) == lora_adapters.MAX_ADAPTED_PER_COMPONENT
     assert adapters.engine("unet", sets[0]) is not first
 
 
@@ -485,7 +485,7 @@ def test_subpixel_transform_of_a_delta_equals_the_rewrites_kernels():
     for name, value in after.items():
         if name == "bias":
             continue
-        got = before[name].numpy() + lora.transform(delta.numpy(), f"subpixel:{name}")
+        got = before[name].numpy() + lora_weights.transform(delta.numpy(), f"subpixel:{name}")
         assert np.allclose(got, value.numpy(), atol=1e-6), name
 
 
@@ -494,7 +494,7 @@ def test_weights_map_names_every_weight_with_its_base_value(exported, tiny_pipel
     import diffusers
 
     engine = exported(family, "fp32")
-    maps = lora.read_weights_maps(engine)
+    maps = lora_weights.read_weights_maps(engine)
     assert set(maps) == ({"unet", "text_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set()))
     pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_pipeline(family))
     transforms = set()
@@ -509,7 +509,7 @@ def test_weights_map_names_every_weight_with_its_base_value(exported, tiny_pipel
                 if init["transform"] in ("identity", "transpose"):
                     weight = module.get_submodule(path if path in dict(module.named_modules()) else
                                                   "text_model." + path).weight.detach().numpy()
-                    value = lora.base_initializer(engine / component, doc, init)
+                    value = lora_weights.base_initializer(engine / component, doc, init)
                     assert np.array_equal(value, weight if init["transform"] == "identity" else weight.T), path
     assert transforms == {"identity", "transpose", "subpixel"}
 
@@ -556,17 +556,17 @@ def test_refitted_component_goes_back_to_the_base_values(exported, files):
 
     engine_dir = open_dir(exported("sd15", "fp32"))
     component = TensorRTComponent()
-    adapters = lora.Adapters(engine_dir, lambda: {"unet": component})
-    refs = lora.resolve([(str(files["sd15-unet"]), 1.0)], adapters.model, None)
+    adapters = lora_adapters.Adapters(engine_dir, lambda: {"unet": component})
+    refs = lora_refs.resolve([(str(files["sd15-unet"]), 1.0)], adapters.model, None)
     assert adapters.engine("unet", refs) is component
     assert adapters.engine("unet", refs) is component and len(component.pushed) == 1  # same set: no refit
     adapters.engine("unet", ())
     applied, restored = component.pushed
     assert set(applied) == set(restored) and applied
-    doc = lora.read_weights_maps(engine_dir.path)["unet"]
+    doc = lora_weights.read_weights_maps(engine_dir.path)["unet"]
     inits = {i["name"]: i for e in doc["weights"].values() for i in e["initializers"]}
     for name, value in restored.items():
-        base = lora.base_initializer(engine_dir.path / "unet", doc, inits[name])
+        base = lora_weights.base_initializer(engine_dir.path / "unet", doc, inits[name])
         assert np.array_equal(value, base) and not np.array_equal(applied[name], base), name
 
 

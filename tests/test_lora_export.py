@@ -13,7 +13,7 @@ from test_lora import MIN_MOVE, diffusers_images, make_layers, moved, ours, writ
 from test_parity import assert_same_images
 
 from sdrt.export.exporter import ExportConfig, export
-from sdrt.runtime.lora.adapters import file_sha256
+from sdrt.runtime.lora.files import file_sha256
 from sdrt.runtime.pipeline import Pipeline
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "export" / "manifest.schema.json").read_text())

@@ -61,6 +61,7 @@ def export_decoder(arch: str, folder: Path) -> tuple[Path, dict]:
 
 
 def measure(arch: str, size: int, threads: int) -> dict:
+    from sdrt.bench.machine import versions
     from sdrt.runtime import limits, vae_tiling
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +82,7 @@ def measure(arch: str, size: int, threads: int) -> dict:
         "estimate_untiled_bytes": limits.vae_decoder_bytes(vae_config, 1, latent, latent, 8),
         "estimate_tiled_bytes": limits.tiled_vae_decoder_bytes(vae_config, 1, latent, latent, 8, tile),
         "machine": f"{platform.processor() or platform.machine()}, {_cores()} logical cores, {_ram_gib()} GiB",
-        "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -95,14 +96,6 @@ def _ram_gib() -> float:
     import os
 
     return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-
-
-def _versions() -> dict:
-    import diffusers
-    import onnxruntime
-    import torch
-
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__}
 
 
 def markdown(r: dict, command: str) -> str:

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from sdrt.bench.flops import measure_peak
-    from sdrt.bench.harness import cpu_model
+    from sdrt.bench.machine import cpu_model
 
     parser = argparse.ArgumentParser(prog="python -m sdrt.bench.experiments.op_profile")
     parser.add_argument("engine", type=Path)
