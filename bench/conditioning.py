@@ -48,7 +48,7 @@ def _feed(entry: dict, latent_h: int, latent_w: int, factor: int, batch: int = 2
 
 def measure(engine_dir: Path, resolution: int, calls: int, backend: str) -> dict:
     from sdrt.engines.select import open_engine
-    from sdrt.runtime.manifest import read_manifest
+    from sdrt.runtime.loader import read_manifest
 
     manifest = read_manifest(engine_dir)
     factor = manifest["vae_scale_factor"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.loader import read_manifest
 
 _COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 

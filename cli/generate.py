@@ -8,7 +8,7 @@ from typing import Callable
 
 from sdrt.runtime import image_io
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.pipeline import Generation, Pipeline
 from sdrt.runtime.samplers.presets import PRESETS
 from sdrt.runtime.request import Request
 from sdrt.runtime.loader import open_dir
@@ -280,12 +280,12 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
     if o.preview:
         _check_preview(o.engine_dir)
     upscaler = _check_then_upscale(o, job)
-    pipe = Pipeline.load(o.engine_dir, backend=o.backend, lora_dir=o.lora_dir,
+    pipe = Pipeline.load(model, backend=o.backend, lora_dir=o.lora_dir,
                          embeddings_dir=o.embeddings_dir, ort_config=_ort_config(o))
     previews = _previews(pipe, paths) if o.preview else None
-    latents = _run(pipe, job, "base" if o.refiner else "denoise", on_step, previews)
-    decoder, decode_job = pipe, job
+    run = _run(pipe, job, "base" if o.refiner else "denoise", on_step, previews)
     if o.refiner:
+        latents = run.final_latents()
         refiner = Pipeline.load(o.refiner, backend=o.backend, embeddings_dir=o.embeddings_dir,
                                 ort_config=_ort_config(o))
         follow = Request.of(prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
@@ -298,21 +298,16 @@ def generate(o: RunOptions, on_step: OnStep = lambda stage, done, total: None) -
             follow_job = refiner.validate(follow)
         except InvalidRequest as e:
             raise as_cli_error(e) from None
-        latents = _run(refiner, follow_job, "refiner", on_step)
-        decoder, decode_job = refiner, follow_job
-    images = decoder.finish(job, decoder.decode(latents, decode_job.vae, decode_job.tile_vae))
+        run = _run(refiner, follow_job, "refiner", on_step)
+    images = run.finish(run.decode(), job)
     if upscaler is not None:  # txt2img → ×4: each image with its own prompt and seed
         up = Pipeline.load(o.then_upscale, backend=o.backend)
-        images = [up.decode(_run(up, up.validate(_upscale_request(o, job, i, image)), "upscale ×4", on_step))[0]
+        images = [_run(up, up.validate(_upscale_request(o, job, i, image)), "upscale ×4", on_step).decode()[0]
                   for i, image in enumerate(images)]
-    width, height = images[0].size
     written = []
     for i, (image, path) in enumerate(zip(images, paths)):
-        prompt = job.prompt[i // job.images_per_prompt]
-        params = image_io.GenerationParameters(
-            prompt=prompt, negative_prompt=o.negative_prompt or "", steps=job.steps, sampler=job.sampler_label,
-            cfg_scale=job.guidance, seed=job.seeds[i], width=width, height=height, model=Path(o.engine_dir).name)
-        written.append(Written(image_io.save_png(image, path, params), job.seeds[i], prompt, image.size))
+        params = job.parameters(i, Path(o.engine_dir).name, size=images[0].size)
+        written.append(Written(image_io.save_png(image, path, params), job.seeds[i], params.prompt, image.size))
     return job, written
 
 
@@ -341,14 +336,15 @@ def _check_then_upscale(o: RunOptions, job: Job):
     return model
 
 
-def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep, previews: Callable | None = None):
-    latents = None
-    total = pipe.steps_to_run(job)
-    for done, latents in enumerate(pipe.denoise(job), start=1):
+def _run(pipe: Pipeline, job: Job, stage: str, on_step: OnStep, previews: Callable | None = None) -> Generation:
+    """The job's steps, reported to `on_step` (and written as previews); the Generation then decodes them."""
+    run = Generation(pipe, job)
+    total = run.total
+    for done, latents in enumerate(run.steps(), start=1):
         if previews is not None:
             previews(done, latents)
         on_step(stage, done, total)
-    return latents
+    return run
 
 
 def _ort_config(o: RunOptions):

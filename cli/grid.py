@@ -190,10 +190,7 @@ def run_grid(pipe, base: dict, axes: Sequence[Axis], out: Path, model_name: str,
 
     written = []
     for ((k, j, i), _), job, image in zip(grid_cells, jobs, results):
-        params = image_io.GenerationParameters(
-            prompt=job.prompt[0], negative_prompt=(job.negative_prompt or ("",))[0], steps=job.steps,
-            sampler=job.sampler_label, cfg_scale=job.guidance, seed=job.seed, width=job.width, height=job.height,
-            model=model_name)
+        params = job.parameters(0, model_name)
         written.append(image_io.save_png(image, folder / f"z{k}-y{j}-x{i}.png", params))
     padded = list(axes) + [Axis("", (None,))] * (3 - len(axes))
     x, y, z = padded

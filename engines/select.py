@@ -42,7 +42,7 @@ def open_engine(onnx_path: Path, backend: str = "auto", ort_config=None, cuda_gr
         from sdrt.engines.torch_ref import open_torch_engine
 
         return open_torch_engine(*locate(onnx_path))
-    from sdrt.runtime.manifest import read_manifest
+    from sdrt.runtime.loader import read_manifest
 
     from sdrt.engines.tensorrt import SharedScratch, TensorRTComponent
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.loader import read_manifest
 
 from sdrt.engines.base import TensorSpec, validate_feed
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.manifest import MANIFEST_NAME, read_manifest
+from sdrt.runtime.loader import MANIFEST_NAME, read_manifest
 
 from sdrt.engines import trt_profiles as tp
 

@@ -23,7 +23,7 @@ import torch
 from sdrt.runtime.lora import files as lora_files, fuse as lora_fuse, weights as lora_weights
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.family import Family, detect
-from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from sdrt.runtime.loader import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from sdrt.runtime.prompts.encode import write_text_weights
 
 from sdrt.export import gate

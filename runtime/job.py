@@ -43,8 +43,8 @@ class Job:
     syntax: str = "a1111"  # prompt syntax (runtime/prompts/encode.py)
     clip_skip: int = 0
     text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
-    embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions its prompts may use
-    loras: tuple = ()  # runtime/lora.LoraRef, the request's own (prompt tags included); the pipeline's come on top
+    embeddings: tuple = ()  # runtime/prompts/embeddings.Embedding: the textual inversions its prompts may use
+    loras: tuple = ()  # runtime/lora/files.LoraRef, the request's own (prompt tags included); the pipeline's come on top
     vae: str = "full"  # full | tiny (decode, and encode init images, with the tiny VAE)
     tile_vae: bool = False  # the full VAE decodes and encodes in tiles (runtime/vae_tiling.py)
     cache_interval: int = 1  # step caching (runtime/denoiser/step_cache.py); 1 = off
@@ -53,9 +53,9 @@ class Job:
     noise_level: int | None = None  # the ×4 upscaler's (low-resolution image) or unCLIP's (image embedding)
     depth_map: Image.Image | None = None  # depth-to-image's given depth ("F"); None: the estimator runs
     variation_image: Image.Image | None = None  # unCLIP's image to vary (its noise level: noise_level)
-    controls: Any = None  # runtime/controlnet.Controls, or None
-    image_prompt: Any = None  # runtime/ip_adapter.ImagePromptJob, or None
-    t2i_adapter: Any = None  # runtime/t2i_adapter.AdapterJob, or None
+    controls: Any = None  # runtime/conditioning/controlnet.Controls, or None
+    image_prompt: Any = None  # runtime/conditioning/ip_adapter.ImagePromptJob, or None
+    t2i_adapter: Any = None  # runtime/conditioning/t2i_adapter.AdapterJob, or None
     uses: tuple[str, ...] = ()  # the conditioning kinds in use (runtime/conditioning/graphs.py names)
     task: str = "txt2img"  # the runtime/tasks/ module that runs it (tasks/table.py)
     scheduler_config: Any = None  # runtime/samplers/schedules.SchedulerConfig: the model's, with the overrides

@@ -1,4 +1,5 @@
-"""Opening an engine directory (sdrt's or optimum's layout): configs, tokenizers and one engine per component."""
+"""Opening an engine directory (sdrt's or optimum's layout) once: its manifest.json (written by sdrt.export; schema in
+export/manifest.schema.json), configs and the components it holds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,27 @@ from pathlib import Path
 
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.family import Family, ModelInfo, detect
-from sdrt.runtime.manifest import read_manifest
+
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def read_manifest(engine_dir: Path) -> dict | None:
+    """The manifest, or None for a folder without one (e.g. exported by optimum-cli)."""
+    path = Path(engine_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable manifest ({e}); re-export the model with `sdrt export`") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has manifest format version {version}, newer than this sdrt reads ({FORMAT_VERSION}); "
+            "upgrade sdrt or re-export with this version")
+    return manifest
 
 
 def _json(path: Path) -> dict:

@@ -181,12 +181,16 @@ class Generation:
         for self.latents in self.pipe.steps(self.job, self.prepared or self.prepare()):
             yield self.latents
 
-    def decode(self) -> list[Image.Image]:
-        """The last step's latents as images, before `finish` (one per image of the job)."""
+    def final_latents(self) -> torch.Tensor:
+        """The last step's latents (what a base hands to a refiner)."""
         if self.latents is None:  # as diffusers, which needs int(steps * strength) >= 1
             raise UserError(f"{self.job.steps} steps at this strength leave no denoising step; raise the steps or "
                             "the strength")
-        return self.pipe.decode(self.latents, self.job.vae, self.job.tile_vae)
+        return self.latents
+
+    def decode(self) -> list[Image.Image]:
+        """The last step's latents as images, before `finish` (one per image of the job)."""
+        return self.pipe.decode(self.final_latents(), self.job.vae, self.job.tile_vae)
 
     def finish(self, images: list[Image.Image], job: Job | None = None) -> list[Image.Image]:
         """The task's finish for `job` (a batch's own job, when several ran merged)."""

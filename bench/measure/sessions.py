@@ -1,6 +1,6 @@
 """Sessions: a backend loaded, its engines timed, ready to run the scenario once.
 
-sdrt's backends are driven through `Pipeline.denoise` (a generator yielding the latents after each step), so each
+sdrt's backends are driven through `pipeline.Generation` (its steps yield the latents after each step), so each
 step is marked; diffusers is timed the same way, with wrappers around `pipe.text_encoder(_2).forward`,
 `pipe.unet.forward` and `pipe.vae.decode`, and `callback_on_step_end` marking the steps.
 """
@@ -37,7 +37,7 @@ def open_sdrt(scenario: Scenario, backend: str, engine_dir: Path, threads: int) 
     import torch
 
     from sdrt.engines.ort import OrtConfig
-    from sdrt.runtime.pipeline import Pipeline, Request
+    from sdrt.runtime.pipeline import Generation, Pipeline, Request
 
     torch.set_num_threads(threads)  # the sampler's tensor math runs in torch
     clock = Clock(cuda=backend != "ort-cpu")
@@ -62,10 +62,10 @@ def open_sdrt(scenario: Scenario, backend: str, engine_dir: Path, threads: int) 
         recorder.calls.clear()
         marks: list[int] = []
         start = clock.now()
-        latents = None
-        for latents in pipe.denoise(request):
+        run = Generation(pipe, request)
+        for _ in run.steps():
             marks.append(recorder.count("unet"))
-        images = pipe.decode(latents, request.vae, request.tile_vae)
+        images = run.finish(run.decode())
         end_to_end = clock.now() - start
         return Sample(end_to_end, tuple(recorder.calls), tuple(marks), _pixels(images))
 

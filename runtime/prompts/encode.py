@@ -51,7 +51,7 @@ class TextOptions:
     syntax: str = DEFAULT_SYNTAX
     clip_skip: int = 0
     chunks: int = 1  # 77-token chunks every prompt of the job is padded to
-    embeddings: tuple = ()  # runtime/embeddings.Embedding: the textual inversions prompts may use
+    embeddings: tuple = ()  # runtime/prompts/embeddings.Embedding: the textual inversions prompts may use
 
 
 @dataclass(frozen=True)
