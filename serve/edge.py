@@ -81,7 +81,7 @@ class ServerState:
             size_multiple=self.dir.vae_scale_factor * self.dir.latent_multiple,
             max_prompt_chars=config.max_prompt_chars, max_iterations=min(config.limits.max_batch, config.queue_size),
             max_image_pixels=config.limits.max_pixels, lora_dir=config.lora_dir,
-            has_tiny_vae=(self.dir.path / "vae_decoder_tiny" / "model.onnx").is_file())
+            has_tiny_vae=self.dir.has("vae_decoder_tiny"))
         self.service: Service | None = None
         self.load_error: str | None = None
         self.draining = False

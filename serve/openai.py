@@ -338,7 +338,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "family": d.info.family.value, "inpaint": d.info.inpaint, "prediction_type": d.info.prediction_type,
             "precision": manifest.get("precision"), "default_size": d.default_size,
             "size_multiple": state.ctx.size_multiple,
-            "img2img": (Path(config.engine_dir) / "vae_encoder" / "model.onnx").exists(),
+            "img2img": d.has("vae_encoder"),
             "default_sampler": sampler_registry.default_for(d.scheduler_config),
             "samplers": list(sampler_registry.REGISTRY),
             "a1111_samplers": [s["name"] for s in a1111.a1111_samplers()],
