@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdrt-installed
 DEMO_DIR ?= build/demo
 
-.PHONY: demo test venv clean triton-server
+.PHONY: demo test venv clean triton-server browser
 
 venv: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python -m sdrt.cli.demo $(DEMO_DIR)
 
-test: $(STAMP) triton-server
+test: $(STAMP) triton-server browser
 	$(BIN)/python -m pytest -q --durations=15
 
 clean:
@@ -34,3 +34,10 @@ clean:
 # says so and the real-server tests skip.
 triton-server: | $(BIN)/python
 	$(BIN)/python tests/triton_server_setup.py $(VENV)
+
+# Debian's chromium and chromium-driver for tests/test_playground.py (the page driven in a real headless browser).
+# Where they cannot be installed (no root, no apt) it says so and those tests skip with the reason.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	    >/dev/null 2>&1 || echo "browser: chromium and chromium-driver could not be installed; tests/test_playground.py skips"; }

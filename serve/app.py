@@ -10,7 +10,8 @@ Routes (request and response shapes: serve/openai.py, serve/a1111.py):
     POST /v1/images/generations        OpenAI Images (+ SD fields); Accept: image/png (n = 1) → the raw image
     POST /sdapi/v1/txt2img, /img2img   AUTOMATIC1111's shapes; GET /sdapi/v1/samplers, /schedulers, /sd-models
     GET  /v1/models                    what the engine directory can do
-    GET  /healthz (alive), /readyz (engines loaded and warmed), /metrics (Prometheus), /docs (OpenAPI)
+    GET  /healthz (alive), /readyz (engines loaded and warmed), /metrics (Prometheus), /docs and /redoc (OpenAPI,
+         their files served from the package), / (the playground page, serve/playground.py, for browsers)
 
 Errors are `{"error": {"type", "field", "message"}}`: 422 invalid input (the field named as the route's clients
 spell it), 413 body over the limit (from Content-Length and while reading), 401 without the API key when one is
@@ -37,9 +38,10 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from sdrt.runtime.errors import UserError
-from sdrt.serve import a1111, edge, openai
+from sdrt.serve import a1111, edge, openai, playground
 from sdrt.serve.edge import ServeConfig, ServerState
 
 
@@ -54,13 +56,16 @@ def create_app(config: ServeConfig, pipeline=None, *, test_fault_prompt: str | N
         yield
         await asyncio.to_thread(state.close, (config.timeout_s or 600) + 30)
 
-    app = FastAPI(title="sdrt", summary="Stable Diffusion over ONNX Runtime / TensorRT engines",
+    # /docs and /redoc with Swagger UI's and ReDoc's files from the fastapi-offline package: no CDN, so the
+    # documentation works on hosts without internet (FastAPI's own pages load their scripts from a CDN)
+    app = FastAPIOffline(title="sdrt", summary="Stable Diffusion over ONNX Runtime / TensorRT engines",
                   description=f"Serving `{state.model_name}` ({state.dir.info.family.value}). Errors: "
                               '`{"error": {"type", "field", "message"}}`.', lifespan=lifespan)
     app.state.sdrt = state
     openai.add_routes(app, state)
     a1111.add_routes(app, state)
     edge.add_routes(app, state)
+    playground.add_routes(app)
     edge.install(app, state)
     return app
 

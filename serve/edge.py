@@ -36,7 +36,8 @@ from sdrt.serve.errors import HttpError, error_body
 from sdrt.serve.fields import ModelContext
 from sdrt.serve.metrics import Metrics
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
+OPEN_PREFIXES = ("/playground/", "/static-offline-docs/")  # the page's and the docs' own files (no data in them)
 GENERATE_PATHS = frozenset({"/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"})
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 
@@ -203,7 +204,7 @@ class _Edge:
 
     def _refusal(self, scope, path: str) -> HttpError | None:
         key = self.state.config.api_key
-        if key and path not in OPEN_PATHS:
+        if key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             given = b""
             for name, value in scope.get("headers", ()):
                 if name == b"authorization":

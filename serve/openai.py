@@ -339,6 +339,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "precision": manifest.get("precision"), "default_size": d.default_size,
             "size_multiple": state.ctx.size_multiple,
             "img2img": d.has("vae_encoder"),
+            "previews": d.has("vae_decoder_tiny"),  # streaming with partial_images (the tiny VAE decodes them)
             "default_sampler": sampler_registry.default_for(d.scheduler_config),
             "samplers": list(sampler_registry.REGISTRY),
             "a1111_samplers": [s["name"] for s in a1111.a1111_samplers()],
