@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from sdrt.runtime.components import Components
-from sdrt.runtime.conditioning import controlnet, graphs, ip_adapter, t2i_adapter
+from sdrt.runtime.conditioning import graphs, kinds
 from sdrt.runtime.denoiser import step_cache
 from sdrt.runtime.denoiser.call import TextContributor, UnetCall
 from sdrt.runtime.denoiser.guidance import Guidance
@@ -36,9 +36,6 @@ from sdrt.runtime.samplers import noise, registry as sampler_registry, schedules
 from sdrt.runtime.tasks import table as tasks
 from sdrt.runtime.tasks.base import Common, Prepared
 from sdrt.runtime.validate import validate
-
-KINDS = (controlnet, ip_adapter, t2i_adapter)  # each adds its contributor when the job uses it
-
 
 class Pipeline(Components):
     @classmethod
@@ -84,7 +81,7 @@ class Pipeline(Components):
     def prepare(self, job: Job) -> Prepared:
         """Text encoding, the task's first latents and contributors, then each conditioning kind's."""
         prep = tasks.BY_NAME[job.task].prepare(self, job, self._common(job))
-        for kind in KINDS:
+        for kind in kinds.KINDS:
             prep = kind.attach(self, job, prep)
         return prep
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from PIL import Image
 
-from sdrt.runtime.conditioning import controlnet, graphs, ip_adapter, t2i_adapter
+from sdrt.runtime.conditioning import kinds
 from sdrt.runtime.lora import refs as lora_refs
 from sdrt.runtime.tasks import table as tasks
 from sdrt.runtime.prompts import encode as prompt_encode
@@ -188,10 +188,11 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     for name, v in zip(("denoising_start", "denoising_end"), starts):
         if v is not None and v >= 1.0:
             raise InvalidRequest(name, f"must be below 1 (got {v:g})")
-    controls = controlnet.validate_controls(request.control, model_dir, loras)
-    image_prompt = ip_adapter.validate_image_prompt(request.image_prompt, model_dir, loras, controls)
-    adapter = t2i_adapter.validate_adapter(request.t2i, model_dir, width, height,
-                                           controls is not None or image_prompt is not None, loras)
+    kind_uses = {}  # the conditioning kinds the request uses: NAME → its validated inputs
+    for kind in kinds.KINDS:
+        use = kind.validate(request, model_dir, kinds.Context(width, height, loras, dict(kind_uses)))
+        if use is not None:
+            kind_uses[kind.NAME] = use
     aesthetic = fields.number("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = fields.number("negative_aesthetic_score", refine.negative_aesthetic_score)
 
@@ -219,11 +220,9 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                                       f"{estimate / GIB:,.1f} GiB (attention and VAE buffers){tiled}, more than the "
                                       f"{budget / GIB:,.1f} GiB this machine allows a request; lower the size "
                                       "or the batch")
-    if cache_interval > 1 and (controls is not None or image_prompt is not None or adapter is not None):
+    if cache_interval > 1 and kind_uses:
         raise InvalidRequest("cache_interval", "step caching's graphs take no ControlNet, IP-Adapter or T2I-Adapter "
                                                "inputs; use 1 (off) with them")
-    uses = tuple(kind for kind, use in ((graphs.CONTROLNET, controls), (graphs.IP_ADAPTER, image_prompt),
-                                        (graphs.T2I_ADAPTER, adapter)) if use is not None)
     job = Job(prompt=prompts, negative_prompt=negative, steps=steps, guidance=guidance, guidance_rescale=rescale,
                sampler=sampler, schedule=schedule, timestep_spacing=s.timestep_spacing,
                prediction_type=s.prediction_type, width=width, height=height, images_per_prompt=batch, seeds=seeds,
@@ -232,8 +231,8 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
                vae=vae, tile_vae=tile_vae, cache_interval=cache_interval,
-               controls=controls, image_prompt=image_prompt, t2i_adapter=adapter, **task_fields,
-               scheduler_config=cfg, full_schedule=built, uses=uses)
+               **{kind.FIELD: kind_uses.get(kind.NAME) for kind in kinds.KINDS}, **task_fields,
+               scheduler_config=cfg, full_schedule=built, uses=tuple(kind_uses))
     return replace(job, task=tasks.task_for(job, model_dir).NAME)
 
 

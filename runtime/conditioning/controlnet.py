@@ -32,6 +32,7 @@ from sdrt.runtime import fields
 from sdrt.runtime.fields import InvalidRequest
 
 UNET_CONTROLNET = graph_for({CONTROLNET})
+NAME, FIELD = CONTROLNET, "controls"  # its name in Job.uses and graphs.py, the Job field of its use
 PREFIX = "controlnet/"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MID = "mid_block_res_sample"
@@ -116,9 +117,9 @@ def _entry(i: int, entry) -> tuple:
     raise InvalidRequest(field, "must be (name, image[, scale]) or {name, image, scale, start, end}")
 
 
-def validate_controls(group, model_dir, loras=()) -> Controls | None:
+def validate(request, model_dir, context) -> Controls | None:
     """The request's Control group checked against the directory's ControlNets; None when it asks for none."""
-
+    group = request.control
     entries = group.controls
     if not isinstance(entries, (tuple, list)):
         raise InvalidRequest("controls", "must be a list of (name, image, scale) entries")

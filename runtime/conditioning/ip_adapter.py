@@ -37,6 +37,7 @@ from sdrt.runtime.fields import InvalidRequest
 IMAGE_ENCODER = "image_encoder"
 UNET_IP = graph_for({IP_ADAPTER})
 UNET_CONTROLNET_IP = graph_for({CONTROLNET, IP_ADAPTER})
+NAME, FIELD = IP_ADAPTER, "image_prompt"  # its name in Job.uses and graphs.py, the Job field of its use
 MAX_IMAGES = 16  # image prompts for the one adapter in a request
 
 
@@ -65,8 +66,10 @@ def adapter_records(manifest: dict | None) -> list[dict]:
     return [{"name": Path(record["source"]).stem, **record}] if record.get("source") else []
 
 
-def validate_image_prompt(group, model_dir, loras=(), controls=None) -> ImagePromptJob | None:
-
+def validate(request, model_dir, context) -> ImagePromptJob | None:
+    """The request's image prompt checked against the directory's IP-Adapters (and, with ControlNets validated
+    before it, the UNet graph that takes both); None when it gives none."""
+    group, controls = request.image_prompt, context.earlier.get(CONTROLNET)
     scale = fields.number("ip_scale", group.ip_scale)
     entries = group.ip_adapters
     if group.ip_image is None and not entries:

@@ -20,6 +20,7 @@ from sdrt.runtime.fields import InvalidRequest
 
 PREFIX = "t2i_adapter/"
 UNET_T2I = graph_for({T2I_ADAPTER})
+NAME, FIELD = T2I_ADAPTER, "t2i_adapter"  # its name in Job.uses and graphs.py, the Job field of its use
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,8 +37,10 @@ def _record(model_dir, name: str) -> dict:
     return next((r for r in (model_dir.manifest or {}).get("t2i_adapters", []) if r["name"] == name), {})
 
 
-def validate_adapter(group, model_dir, width: int, height: int, others: bool, loras=()) -> AdapterJob | None:
-
+def validate(request, model_dir, context) -> AdapterJob | None:
+    """The request's T2I-Adapter checked against the directory's adapters and the image size; None without one."""
+    group, width, height = request.t2i, context.width, context.height
+    others, loras = bool(context.earlier), context.loras
     scale = fields.number("adapter_scale", group.adapter_scale)
     if group.adapter_name is None and group.adapter_image is None:
         return None
