@@ -254,6 +254,20 @@ def test_switching_a_b_none_gives_exactly_b_alone_and_the_base(exported, files):
     assert moved(sequence[0], sequence[1]) >= MIN_MOVE and moved(sequence[1], fresh_base) >= MIN_MOVE
 
 
+def test_the_torch_reference_takes_loras_through_its_own_adapted_copy(exported, files):
+    """The torch reference engine's `adapted` (a copy of its base module plus the deltas): the same image as ONNX
+    Runtime's new session with merged initializers, and the base untouched afterwards."""
+    loras = [(files["sd15-diffusers"], 0.8)]
+    prompt, seed = "a small boat", 4
+    torch_pipe = Pipeline.load(exported("sd15", "fp32"), backend="torch")
+    base = ours(torch_pipe, prompt, seed)
+    with_lora = ours(torch_pipe, prompt, seed, loras)
+    assert moved(with_lora, base) >= MIN_MOVE
+    assert np.array_equal(to_uint8(ours(torch_pipe, prompt, seed)), to_uint8(base))
+    ort_pipe = Pipeline.load(exported("sd15", "fp32"), backend="ort-cpu")
+    assert_same_images("lora-torch-vs-ort", with_lora, ours(ort_pipe, prompt, seed, loras))
+
+
 def test_adapted_engines_are_cached_per_set_and_bounded(exported, files):
     pipe = Pipeline.load(exported("sd15", "fp32"), backend="ort-cpu")
     adapters = pipe.adapters
