@@ -58,6 +58,9 @@ def serve(
                                                        "(`loras`, `<lora:NAME:SCALE>`), by file stem"),
     embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual inversions every prompt may use "
                                                              "(trigger word: the file's stem)"),
+    model_name: Optional[str] = typer.Option(None, help="the model id clients see (OpenAI `model`, /v1/models, "
+                                                        "AUTOMATIC1111's sd_model_checkpoint) [default: the engine "
+                                                        "directory's name]"),
 ) -> None:
     """Serve an engine directory over HTTP: OpenAI Images, AUTOMATIC1111's /sdapi/v1, health and metrics.
 
@@ -83,7 +86,8 @@ def serve(
             raise UserError(f"{flag} {folder}: not a directory; give the folder that holds the files")
     config = ServeConfig(engine_dir=engine_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                          timeout_s=timeout_s or None, api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20),
-                         backend=backend, warmup=warmup, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+                         backend=backend, warmup=warmup, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                         model_name=model_name or None)
     code = run_server(config, host=host, port=port, log_level=log_level,
                       announce=lambda line: print(line, flush=True))
     if code:

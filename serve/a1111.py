@@ -165,7 +165,8 @@ def a1111_neutral(model_name: str, img2img: bool) -> dict[str, Neutral]:
     table |= {
         "resize_mode": Neutral("0 or null (\"Just resize\": the init image is resized to width x height)",
                                _is(0, None)),
-        "image_cfg_scale": Neutral("null (no instruct-pix2pix)", _is(None)),
+        "image_cfg_scale": Neutral("any value (AUTOMATIC1111 uses it for instruct-pix2pix models only, which sdrt "
+                                   "does not serve; webuiapi sends 1.5)", _any),
         "mask_blur": Neutral("0 or null with a mask (sdrt does not blur masks); anything without one (with outpaint: "
                              "the soft border)",
                              _with_mask(_is(0, None))),
@@ -408,6 +409,27 @@ def _neutral_doc(img2img: bool) -> str:
             "values whose behaviour sdrt already has; other values are refused with 422 naming the field:\n\n" + rows)
 
 
+def parse_parameters(text: str) -> dict:
+    """AUTOMATIC1111's `parameters` text (prompt, "Negative prompt: …", then "Key: value, …") as a dict, as its
+    png-info route answers it ("Size" also split into "Size-1" and "Size-2")."""
+    if not text:
+        return {}
+    lines = text.strip().split("\n")
+    last = lines.pop() if re.match(r"^\w[\w ]*: ", lines[-1]) and ", " in lines[-1] or lines[-1].startswith("Steps: ") \
+        else ""
+    negative = [i for i, line in enumerate(lines) if line.startswith("Negative prompt: ")]
+    prompt_lines = lines[:negative[0]] if negative else lines
+    out = {"Prompt": "\n".join(prompt_lines)}
+    if negative:
+        out["Negative prompt"] = "\n".join(lines[negative[0]:])[len("Negative prompt: "):]
+    for part in re.split(r",\s*(?=\w[\w ]*: )", last) if last else []:
+        key, _, value = part.partition(": ")
+        out[key.strip()] = value.strip()
+        if key.strip() == "Size" and "x" in value:
+            out["Size-1"], out["Size-2"] = value.strip().split("x", 1)
+    return out
+
+
 def add_routes(app: FastAPI, state: ServerState) -> None:
     """The dialect's routes on `app`, over the app's shared state."""
     config = state.config
@@ -441,14 +463,60 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     async def schedulers():
         return a1111_schedulers()
 
-    @app.get("/sdapi/v1/sd-models", tags=["AUTOMATIC1111"])
-    async def sd_models():
+    def checkpoint() -> tuple[str, str | None]:
+        """(the title AUTOMATIC1111 lists the model under, its sha256) from the manifest's source record."""
         source = (state.dir.manifest or {}).get("source") or {}
         sha = source.get("sha256") if isinstance(source, dict) else None
         short = sha[:10] if isinstance(sha, str) else None
-        return [{"title": f"{state.model_name} [{short}]" if short else state.model_name,
-                 "model_name": state.model_name, "hash": short, "sha256": sha,
+        return (f"{state.model_name} [{short}]" if short else state.model_name), sha
+
+    @app.get("/sdapi/v1/sd-models", tags=["AUTOMATIC1111"])
+    async def sd_models():
+        title, sha = checkpoint()
+        return [{"title": title, "model_name": state.model_name, "hash": sha[:10] if sha else None, "sha256": sha,
                  "filename": str(Path(config.engine_dir).resolve()), "config": None}]
+
+    @app.get("/sdapi/v1/options", tags=["AUTOMATIC1111"], summary="The settings clients read (one model, served)")
+    async def options():
+        title, sha = checkpoint()
+        return {"sd_model_checkpoint": title, "sd_checkpoint_hash": sha, "samples_format": "png",
+                "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
+
+    @app.post("/sdapi/v1/options", tags=["AUTOMATIC1111"],
+              summary="Choose the model: only the served one (settings are per request here)")
+    async def set_options(request: Request):
+        body = fields.parse_json(await jobs.read_body(request, config.max_body_bytes))
+        if not isinstance(body, dict):
+            raise invalid("body", f"must be a JSON object of settings, not {fields.json_type(body)}")
+        title, _ = checkpoint()
+        for key, value in body.items():
+            if key != "sd_model_checkpoint":
+                raise invalid(key, "is not a setting of this server: it serves one model and takes every other "
+                                   "setting per request")
+            if value not in (title, state.model_name):
+                raise invalid(key, f"this server serves {title!r} (GET /sdapi/v1/sd-models), not "
+                                   f"{fields.short(value)}")
+        return None
+
+    @app.get("/sdapi/v1/cmd-flags", tags=["AUTOMATIC1111"], summary="How the server was started, as A1111 flags")
+    async def cmd_flags():
+        return {"api": True, "nowebui": True, "api_auth": None, "listen": None, "port": None,
+                "ckpt": str(Path(config.engine_dir).resolve()), "lora_dir": str(config.lora_dir or "") or None,
+                "embeddings_dir": str(config.embeddings_dir or "") or None}
+
+    @app.get("/sdapi/v1/scripts", tags=["AUTOMATIC1111"], summary="Scripts: none (sdrt runs none)")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @app.post("/sdapi/v1/png-info", tags=["AUTOMATIC1111"], summary="The generation parameters a PNG carries")
+    async def png_info(request: Request):
+        body = fields.parse_json(await jobs.read_body(request, config.max_body_bytes))
+        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+            raise invalid("image", "is required: a base64 PNG")
+        image = fields.decode_image("image", body["image"], state.ctx, None)
+        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        text = items.pop("parameters", "")
+        return {"info": text, "items": items, "parameters": parse_parameters(text)}
 
     @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111"], summary="The LoRAs requests may name")
     async def loras():

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,6 +46,7 @@ OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_form
                  "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image", "ip_scale",
                  "ip_adapters", "adapter_name", "adapter_image", "adapter_scale")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+JS_SAFE_SEEDS = 2 ** 53  # random seeds are drawn below it, so a JavaScript client can send one back exactly
 _MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
 _OPENAI_NAMES = {"guidance": "guidance_scale", "batch": "n", "width": "size", "height": "size", "request": "body"}
@@ -148,6 +150,8 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
     if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/conditioning/t2i_adapter.py converts it for the adapter)
         flat["adapter_image"] = fields.decode_image("adapter_image", b["adapter_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
+    if flat["seed"] == -1 and not isinstance(flat["seed"], bool):  # JavaScript's JSON numbers are exact to 2**53
+        flat["seed"] = secrets.randbelow(JS_SAFE_SEEDS - 2 ** 16)  # image i gets seed + i: room for any batch
     return Plan([fields.request_of(flat)], names, output_format=output, quality=quality, raw=media is not None,
                 stream=stream, partial_images=partial)
 
@@ -327,12 +331,11 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                             headers={"X-Seed": str(r.seeds[0]), "X-Batch-Size": str(r.batch_size)})
         return JSONResponse(openai_response(plan, results, encoded))
 
-    @app.get("/v1/models", tags=["OpenAI"], summary="The served model and what it can do")
-    async def models():
+    def model_card() -> dict:
         d, limits = state.dir, config.limits
         manifest = d.manifest or {}
         service = state.service
-        return {"object": "list", "data": [{
+        return {
             "id": state.model_name, "object": "model", "owned_by": "sdrt",
             "created": int((Path(config.engine_dir) / "model_index.json").stat().st_mtime),
             "family": d.info.family.value, "inpaint": d.info.inpaint, "prediction_type": d.info.prediction_type,
@@ -351,4 +354,15 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "batching": {"max_batch": service.max_batch if service else min(config.max_batch, limits.max_batch),
                          "max_wait_ms": config.max_wait_ms, "queue_size": config.queue_size},
             "ready": state.ready,
-        }]}
+        }
+
+    @app.get("/v1/models", tags=["OpenAI"], summary="The served model and what it can do")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}", tags=["OpenAI"], summary="The served model, by its id")
+    async def model(model_id: str):
+        if model_id != state.model_name:
+            raise HttpError(404, "not_found", f"this server serves {state.model_name!r}, not "
+                                              f"{fields.short(model_id)} (GET /v1/models)", "model")
+        return model_card()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,35 @@ def conditioned(tiny_root, tiny_pipeline, exported):
         return cache[family]
 
     return make
+
+
+class LoopbackServer:
+    """`create_app` under uvicorn on 127.0.0.1 in a thread, with a Pipeline loaded once."""
+
+    def __init__(self, engine: Path, pipeline, api_key: str | None = None, **config):
+        import httpx
+        import uvicorn
+
+        from sdrt.serve.app import create_app
+        from sdrt.serve.edge import ServeConfig
+
+        app = create_app(ServeConfig(engine_dir=engine, api_key=api_key, max_batch=1, max_wait_ms=0, **config), pipeline)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("the server did not become ready in 60 s")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -13,10 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -35,6 +31,8 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from conftest import LoopbackServer  # noqa: E402
+
 STEPS = 3
 SEED = 11
 
@@ -50,37 +48,6 @@ def engine(exported, tiny_pipeline, tmp_path_factory):
     shutil.copytree(exported("sd15", "fp32"), out)
     export(ExportConfig(model=str(tiny_pipeline("sd15")), output=out, precision="fp32", tiny_vae=str(taesd)))
     return out
-
-
-class LoopbackServer:
-    """`create_app` under uvicorn on 127.0.0.1 in a thread, with a Pipeline loaded once."""
-
-    def __init__(self, engine: Path, pipeline, api_key: str | None = None):
-        import uvicorn
-
-        from sdrt.serve.app import create_app
-        from sdrt.serve.edge import ServeConfig
-
-        app = create_app(ServeConfig(engine_dir=engine, api_key=api_key, max_batch=1, max_wait_ms=0), pipeline)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("the server did not become ready in 60 s")
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
