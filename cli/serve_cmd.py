@@ -58,6 +58,9 @@ def serve(
                                                        "(`loras`, `<lora:NAME:SCALE>`), by file stem"),
     embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual inversions every prompt may use "
                                                              "(trigger word: the file's stem)"),
+    api_auth_env: Optional[str] = typer.Option(None, help="environment variable holding AUTOMATIC1111-style "
+                                                          "credentials, user:password[,user2:password2]; clients "
+                                                          "then send HTTP Basic (beside --api-key-env, either works)"),
     model_name: Optional[str] = typer.Option(None, help="the model id clients see (OpenAI `model`, /v1/models, "
                                                         "AUTOMATIC1111's sd_model_checkpoint) [default: the engine "
                                                         "directory's name]"),
@@ -80,6 +83,16 @@ def serve(
         api_key = os.environ.get(api_key_env, "")
         if not api_key:
             raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+    api_auth = ()
+    if api_auth_env:
+        from sdrt.serve.edge import parse_api_auth
+
+        if not os.environ.get(api_auth_env):
+            raise UserError(f"--api-auth-env {api_auth_env}: that environment variable is not set or empty")
+        try:
+            api_auth = parse_api_auth(os.environ[api_auth_env])
+        except UserError as e:
+            raise UserError(f"--api-auth-env {api_auth_env}: {e}") from None
     open_dir(engine_dir)  # a folder that is no engine directory fails here, before binding
     for flag, folder in (("--lora-dir", lora_dir), ("--embeddings-dir", embeddings_dir)):
         if folder is not None and not folder.is_dir():
@@ -87,7 +100,7 @@ def serve(
     config = ServeConfig(engine_dir=engine_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                          timeout_s=timeout_s or None, api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20),
                          backend=backend, warmup=warmup, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                         model_name=model_name or None)
+                         model_name=model_name or None, api_auth=api_auth)
     code = run_server(config, host=host, port=port, log_level=log_level,
                       announce=lambda line: print(line, flush=True))
     if code:

@@ -96,7 +96,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860, log_le
             state.begin_drain()  # /readyz and new generation requests answer 503 from now on
             super().handle_exit(sig, frame)
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+    if host not in ("127.0.0.1", "localhost", "::1") and not (config.api_key or config.api_auth):
         print(f"warning: listening on {host} without an API key (--api-key-env): anyone who can reach this port "
               "can generate", file=sys.stderr, flush=True)
     server = Server(uv)

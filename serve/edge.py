@@ -12,6 +12,8 @@ while shutting down; /healthz (alive), /readyz (engines loaded and warmed), /met
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import math
@@ -52,6 +54,8 @@ class ServeConfig:
     queue_size: int = 64  # queued requests; more get 429
     timeout_s: float | None = 300.0  # per-request deadline (queue wait + generation); 504 past it
     api_key: str | None = None  # when set, every route but health and docs needs `Authorization: Bearer KEY`
+    # AUTOMATIC1111's --api-auth: ((user, password), …) for HTTP Basic; with a key too, either one lets a request in
+    api_auth: tuple[tuple[str, str], ...] = ()
     max_body_bytes: int = 32 * 2 ** 20
     max_prompt_chars: int = 10_000
     backend: str = "auto"
@@ -67,6 +71,33 @@ class ServeConfig:
             raise UserError("max_body_bytes and max_prompt_chars must be at least 1 and poll_s above 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise UserError(f"the request timeout must be above 0 seconds (got {self.timeout_s})")
+
+
+def parse_api_auth(text: str) -> tuple[tuple[str, str], ...]:
+    """AUTOMATIC1111's `--api-auth` value, "user:password[,user2:password2]" → ((user, password), …)."""
+    pairs = []
+    for item in text.split(","):
+        user, colon, password = item.strip().partition(":")
+        if not colon or not user or not password:
+            raise UserError(f"api auth entries are user:password, separated by commas (got {item.strip()!r})")
+        pairs.append((user, password))
+    return tuple(pairs)
+
+
+def _authorized(header: bytes, config: ServeConfig) -> bool:
+    """`Authorization: Bearer KEY` with the API key, or `Basic base64(user:password)` with one of the api_auth pairs;
+    compared in constant time."""
+    scheme, _, token = header.partition(b" ")
+    token = token.strip()
+    if scheme.lower() == b"bearer" and config.api_key:
+        return hmac.compare_digest(token, config.api_key.encode())
+    if scheme.lower() == b"basic" and config.api_auth:
+        try:
+            given = base64.b64decode(token, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return any(hmac.compare_digest(given, f"{user}:{password}".encode()) for user, password in config.api_auth)
+    return False
 
 
 class ServerState:
@@ -203,16 +234,19 @@ class _Edge:
             metrics.duration.labels(route).observe(time.perf_counter() - started)
 
     def _refusal(self, scope, path: str) -> HttpError | None:
-        key = self.state.config.api_key
-        if key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+        config = self.state.config
+        if (config.api_key or config.api_auth) and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             given = b""
             for name, value in scope.get("headers", ()):
                 if name == b"authorization":
                     given = value
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
-                return HttpError(401, "unauthorized", "send the API key as `Authorization: Bearer KEY`",
-                                 headers={"WWW-Authenticate": "Bearer"})
+            if not _authorized(given, config):
+                ways = ([] if not config.api_key else ["the API key as `Authorization: Bearer KEY`"]) + \
+                       ([] if not config.api_auth else ["a user and password with HTTP Basic"])
+                schemes = ", ".join((["Bearer"] if config.api_key else []) + (['Basic realm="sdrt"'] if config.api_auth
+                                                                               else []))
+                return HttpError(401, "unauthorized", "send " + " or ".join(ways),
+                                 headers={"WWW-Authenticate": schemes})
         if self.state.draining and path in GENERATE_PATHS:
             return HttpError(503, "shutting_down", "the server is shutting down and takes no new requests",
                              headers={"Retry-After": "10"})

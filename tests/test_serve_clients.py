@@ -98,3 +98,26 @@ def _png_text(text: str):
     chunk = PngImagePlugin.PngInfo()
     chunk.add_text("parameters", text)
     return chunk
+
+
+def test_http_basic_auth_as_automatic1111s_api_auth_for_webuiapis_set_auth(exported):
+    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.serve.edge import parse_api_auth
+
+    engine = exported("sd15", "fp32")
+    s = LoopbackServer(engine, Pipeline.load(engine, backend="ort-cpu"), api_key="k3y",
+                       api_auth=parse_api_auth("ann:pw1,bob:pw2"))
+    try:
+        host, port = s.url.removeprefix("http://").split(":")
+        client = webuiapi.WebUIApi(host=host, port=int(port))
+        refused = httpx.get(s.url + "/sdapi/v1/sd-models")
+        assert refused.status_code == 401 and "Basic" in refused.headers["www-authenticate"]
+        client.set_auth("bob", "pw2")
+        assert client.util_get_current_model().startswith("sd15")
+        assert httpx.get(s.url + "/sdapi/v1/sd-models", auth=("ann", "pw1")).status_code == 200
+        assert httpx.get(s.url + "/sdapi/v1/sd-models", auth=("ann", "pw2")).status_code == 401
+        assert httpx.get(s.url + "/sdapi/v1/sd-models", headers={"Authorization": "Bearer k3y"}).status_code == 200
+    finally:
+        s.stop()
+    with pytest.raises(Exception, match="user:password"):
+        parse_api_auth("ann")
