@@ -405,6 +405,7 @@ def test_bad_requests_fail_alone(server, reference):
     for (case, message), result in zip(bad, results[len(good):]):
         assert isinstance(result, InferenceServerException), f"{case} should have failed"
         assert message in result.message(), result.message()
+        assert result.status() == "400", (case, result.status())  # INVALID_ARG: clients do not retry it
     assert _get(f"http://{server.url}/v2/models/{NAME}/ready")[0] == 200
     images, seeds = _infer(server.url, "after the errors", seed=5, **GOOD)
     assert seeds == [5] and images.shape == (1, 32, 32, 3)

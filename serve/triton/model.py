@@ -99,6 +99,21 @@ def rows_of(inputs: dict[str, np.ndarray]) -> list[dict]:
     return rows
 
 
+def client_mistake(error: BaseException) -> bool:
+    """A bad input (a field the client got wrong, a row that does not fit), not a failure of the server."""
+    from sdrt.runtime.fields import InvalidRequest
+
+    return isinstance(error, (InvalidRequest, RowError))
+
+
+def triton_error(message: str, invalid: bool):
+    """pb_utils.TritonError with INVALID_ARG for a client's mistake, so Triton answers it 400 and clients that retry
+    server errors do not retry it; Python backends without error codes get the message alone."""
+    if invalid and hasattr(pb_utils.TritonError, "INVALID_ARG"):
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.TritonError(message)
+
+
 def error_text(error: BaseException, row: int | None) -> str:
     """The message a client sees: InvalidRequest fields named as this model's inputs, a row index when it has many."""
     from sdrt.runtime.errors import UserError
@@ -122,6 +137,7 @@ class _Pending:
         self.futures: list = []
         self.tokens: list = []
         self.error: str | None = None
+        self.invalid = False  # the client's mistake (a bad input): answered as Triton's INVALID_ARG, HTTP 400
 
 
 class TritonPythonModel:
@@ -200,6 +216,7 @@ class TritonPythonModel:
                 jobs.append((p, validated))
             except Exception as e:  # noqa: BLE001 — this request's own error
                 p.error = error_text(e, row if len(rows) > 1 else None)
+                p.invalid = client_mistake(e)
         for p, validated in jobs:
             try:
                 for job in validated:
@@ -247,7 +264,7 @@ class TritonPythonModel:
                     p.error = error_text(e, row if len(p.futures) > 1 else None)
                     break
         if p.error is not None:
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(p.error))
+            return pb_utils.InferenceResponse(output_tensors=[], error=triton_error(p.error, p.invalid))
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("image", np.ascontiguousarray(np.stack(images))),
             pb_utils.Tensor("seed", np.asarray(seeds, dtype=np.uint64).reshape(-1, 1)),
