@@ -23,7 +23,7 @@ console = Console(stderr=True)
 
 app.command()(export_cmd.export)
 app.command()(info_cmd.info)
-app.command()(run_cmd.run)
+app.command(cls=run_cmd.RunCommand)(run_cmd.run)
 app.command()(run_cmd.upscale)
 app.command()(run_cmd.variations)
 app.command()(export_cmd.build)

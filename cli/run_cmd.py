@@ -11,13 +11,30 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
 
 from sdrt.cli.export_cmd import file_scale_args
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.samplers.registry import NAMES as SAMPLER_NAMES
 
 console = Console(stderr=True)
+
+
+SAMPLER_HELP = ("sdrt's name ({names}) or AUTOMATIC1111's ('Euler a', 'DPM++ 2M Karras', …; `sdrt samplers` lists "
+                "them) [default: the model's own scheduler]")
+
+
+class RunCommand(TyperCommand):
+    """`sdrt run`, whose --sampler help lists every name in the sampler registry. The names are read when the help
+    is drawn: the registry imports torch, which `sdrt --help`, `sdrt info` and the like should not pay for."""
+
+    def format_help(self, ctx, formatter):
+        from sdrt.runtime.samplers.registry import NAMES
+
+        for param in self.params:
+            if param.name == "sampler":
+                param.help = SAMPLER_HELP.format(names=", ".join(NAMES))
+        return super().format_help(ctx, formatter)
 
 
 def run(
@@ -27,9 +44,7 @@ def run(
     steps: Optional[int] = typer.Option(None, help="denoising steps [default: 30, or the preset's]"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale; <= 1 turns it off [default: 7.5]"),
     guidance_rescale: float = typer.Option(0.0, help="guidance rescale (0 = off)"),
-    sampler: Optional[str] = typer.Option(None, help=f"sdrt's name ({', '.join(SAMPLER_NAMES)}) or "
-                                           "AUTOMATIC1111's ('Euler a', 'DPM++ 2M Karras', …; `sdrt samplers` lists "
-                                           "them) [default: the model's own scheduler]"),
+    sampler: Optional[str] = typer.Option(None, help=SAMPLER_HELP.format(names="see `sdrt samplers`")),
     schedule: Optional[str] = typer.Option(None, help="sigma schedule: default, karras, exponential, beta, "
                                            "sgm_uniform, simple [default: the model's, or what --sampler names]"),
     karras: bool = typer.Option(False, help="Karras sigmas (same as --schedule karras)"),

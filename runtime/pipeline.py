@@ -166,8 +166,8 @@ class Generation:
 
     @property
     def total(self) -> int:
-        """How many latents `steps()` yields."""
-        return self.prepared.steps_to_run if self.prepared is not None else self.pipe.steps_to_run(self.job)
+        """How many latents `steps()` yields (preparing the job if it is not yet)."""
+        return (self.prepared or self.prepare()).steps_to_run
 
     def prepare(self) -> Prepared:
         self.prepared = self.pipe.prepare(self.job)

@@ -179,6 +179,15 @@ def test_cli_json_reports_each_images_seed(sd15_dir, tmp_path):
     assert "Sampler: Euler a" in Image.open(out[1]["path"]).text["parameters"]
 
 
+def test_the_cli_starts_without_torch():
+    """`sdrt --help`, `sdrt info` … do not import torch: `sdrt run --help` reads the sampler names when it draws."""
+    import subprocess
+    import sys
+
+    code = "import sys, sdrt.cli.main; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_run_help_lists_every_sampler_and_schedule():
     from sdrt.runtime.samplers.registry import NAMES
     from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES
