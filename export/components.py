@@ -94,14 +94,25 @@ def split_added_cond(rest, added: bool) -> tuple[dict | None, list]:
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet, with_added_cond: bool):
+    """sample, timestep, encoder_hidden_states, then SDXL's text_embeds and time_ids, then LCM's timestep_cond
+    [B, time_cond_proj_dim] (the guidance-scale embedding of LCM-distilled UNets) where the UNet takes them."""
+
+    def __init__(self, unet, with_added_cond: bool, with_timestep_cond: bool = False):
         super().__init__()
         self.unet = unet
         self.with_added_cond = with_added_cond
+        self.with_timestep_cond = with_timestep_cond
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.with_added_cond else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        added, rest = split_added_cond(rest, self.with_added_cond)
+        cond = rest[0] if self.with_timestep_cond else None
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=cond, added_cond_kwargs=added,
+                         return_dict=False)[0]
+
+
+def has_timestep_cond(pipe) -> bool:
+    """An LCM-distilled UNet: its guidance scale enters as an embedding (diffusers' get_guidance_scale_embedding)."""
+    return pipe.unet.config.get("time_cond_proj_dim") is not None
 
 
 class _UNetClassLabels(torch.nn.Module):
@@ -233,12 +244,13 @@ def text_output_names(pipe, name: str) -> tuple[str, ...]:
     return ("last_hidden_state", pooled) + tuple(f"hidden_states.{i}" for i in range(layers + 1))
 
 
-def _unet_spec(with_added_cond: bool, class_labels: bool = False) -> ComponentSpec:
+def _unet_spec(with_added_cond: bool, class_labels: bool = False, timestep_cond: bool = False) -> ComponentSpec:
     inputs = ("sample", "timestep", "encoder_hidden_states") + (("text_embeds", "time_ids") if with_added_cond else ())
     inputs += ("class_labels",) if class_labels else ()
+    inputs += ("timestep_cond",) if timestep_cond else ()
 
     def make_module(pipe):
-        return _UNetClassLabels(pipe.unet) if class_labels else _UNet(pipe.unet, with_added_cond)
+        return _UNetClassLabels(pipe.unet) if class_labels else _UNet(pipe.unet, with_added_cond, timestep_cond)
 
     def make_inputs(pipe, shape: Shape, dtype):
         cfg = pipe.unet.config
@@ -258,6 +270,8 @@ def _unet_spec(with_added_cond: bool, class_labels: bool = False) -> ComponentSp
             args.append(torch.randn(b, cfg.projection_class_embeddings_input_dim, generator=g).to(dtype))
         elif class_labels:  # the ×4 upscaler's noise levels, int64 [B]
             args.append(torch.randint(0, cfg.num_class_embeds or 1000, (b,), generator=g))
+        if timestep_cond:
+            args.append(torch.randn(b, cfg.time_cond_proj_dim, generator=g).to(dtype))
         return tuple(args)
 
     axes = {
@@ -269,6 +283,8 @@ def _unet_spec(with_added_cond: bool, class_labels: bool = False) -> ComponentSp
         axes |= {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}}
     if class_labels:
         axes |= {"class_labels": {0: "batch_size"}}
+    if timestep_cond:
+        axes |= {"timestep_cond": {0: "batch_size"}}
     return ComponentSpec("unet", inputs, ("out_sample",), axes, make_module, make_inputs, ("timestep",))
 
 
@@ -320,7 +336,7 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
                                                   or base.name.endswith(EMBEDS)},
                                                  base.make_module, base.make_inputs)
     specs["unet"] = _unet_spec(with_added_cond=pipe.unet.config.addition_embed_type == "text_time",
-                               class_labels=has_class_labels(pipe))
+                               class_labels=has_class_labels(pipe), timestep_cond=has_timestep_cond(pipe))
     specs["vae_decoder"] = _vae_decoder_spec()
     if getattr(pipe, "low_res_scheduler", None) is None:  # the ×4 upscaler never encodes an image
         specs["vae_encoder"] = _vae_encoder_spec()

@@ -59,6 +59,11 @@ def run_passes(raw_dir: Path, out_dir: Path, mapper=None) -> tuple[list[str], li
         logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
         model = fold_constants(model, num_passes=2, fold_shapes=True, error_ok=False)
         passes.append("polygraphy.fold_constants")
+        # The folder's symbolic shape inference leaves value_info that gives an any-size up-sampler's doubled tensor
+        # the size of its skip-size crop (2m and 2m - 1 get one symbol); ONNX Runtime's memory planner then reuses a
+        # buffer of the wrong size at odd latent sizes ("Shape mismatch attempting to re-use buffer" at
+        # up_blocks.N/upsamplers.0/Slice_4). Dropped here; ONNX's own inference below names such sizes apart.
+        del model.graph.value_info[:]
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         passes.append("onnx.infer_shapes")
         out_dir.mkdir(parents=True, exist_ok=True)

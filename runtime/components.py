@@ -18,6 +18,7 @@ from PIL import Image
 from sdrt.runtime import image_io, vae_tiling
 from sdrt.runtime.denoiser import feed
 from sdrt.runtime.errors import UserError
+from sdrt.runtime.family import Family
 from sdrt.runtime.job import TINY_VAE, Job
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import EngineDir
@@ -79,7 +80,11 @@ class Components:
         mean, logvar = params.chunk(2, dim=1)  # diffusers DiagonalGaussianDistribution
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         eps = noise.randn((len(generators), *mean.shape[1:]), generators, mean.device, mean.dtype)
-        return (mean + std * eps) * float(self.dir.vae_config.get("scaling_factor", 0.18215))
+        latents = mean + std * eps
+        stats = self.latents_stats("vae_encoder")
+        if stats is not None:  # StableDiffusionXLImg2ImgPipeline.prepare_latents
+            return (latents - stats[0]) * float(self.dir.vae_config.get("scaling_factor", 0.18215)) / stats[1]
+        return latents * float(self.dir.vae_config.get("scaling_factor", 0.18215))
 
     def decode(self, latents: torch.Tensor, vae: str = "full", tiled: bool = False) -> list[Image.Image]:
         """Latents → images with the full VAE or the tiny one (vae="tiny": export/extras/tiny_vae.py, whose
@@ -87,7 +92,9 @@ class Components:
         `tiled`: the full VAE in tiles, as diffusers after vae.enable_tiling() (runtime/vae_tiling.py)."""
         name = TINY_VAE["decode"] if vae == "tiny" else "vae_decoder"
         engine = self.component(name)
-        scaled = latents / self.scaling_factor(name)
+        stats = self.latents_stats(name)
+        scaled = latents / self.scaling_factor(name) if stats is None else \
+            latents * stats[1] / self.scaling_factor(name) + stats[0]  # StableDiffusionXLPipeline.__call__'s decode
         if tiled and vae != "tiny" and self.vae_tiles.decode_tiles(*scaled.shape[-2:]):
             out = vae_tiling.tiled_decode(lambda z: feed.run(engine, latent_sample=z)["sample"], scaled,
                                           self.vae_tiles)
@@ -98,6 +105,17 @@ class Components:
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
         """Progress images: a step's latents decoded by the tiny VAE (needs vae_decoder_tiny)."""
         return self.decode(latents, "tiny")
+
+    def latents_stats(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE's per-channel latents_mean / latents_std ([1, C, 1, 1] float32: Playground v2.5's VAE), which
+        diffusers' SDXL pipelines apply around the scaling factor (its SD 1.x/2.x pipelines never read them)."""
+        if name not in ("vae_decoder", "vae_encoder") or self.dir.info.family not in (Family.SDXL, Family.SDXL_REFINER):
+            return None
+        mean, std = self.dir.vae_config.get("latents_mean"), self.dir.vae_config.get("latents_std")
+        if mean is None or std is None:
+            return None
+        return (torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def scaling_factor(self, name: str) -> float:
         config = self.dir.vae_config if name in ("vae_decoder", "vae_encoder") else \

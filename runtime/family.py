@@ -23,6 +23,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
     "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableUnCLIPImg2ImgPipeline",
+    "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline",  # LCM-distilled SD 1.5 (LCM Dreamshaper)
 )
 SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants, SD 2 depth-to-image, SD 2.1 unCLIP image variations and the SD ×4 upscaler"
 UPSCALER = "StableDiffusionUpscalePipeline"

@@ -20,7 +20,7 @@ from sdrt.runtime.components import Components
 from sdrt.runtime.conditioning import graphs, kinds
 from sdrt.runtime.denoiser import step_cache
 from sdrt.runtime.denoiser.call import TextContributor, UnetCall
-from sdrt.runtime.denoiser.guidance import Guidance
+from sdrt.runtime.denoiser.guidance import Guidance, GuidanceEmbedding, guidance_scale_embedding
 from sdrt.runtime.denoiser.x0 import make_denoiser
 from sdrt.runtime.errors import UserError
 from sdrt.runtime.family import Family
@@ -86,10 +86,14 @@ class Pipeline(Components):
         return prep
 
     def steps(self, job: Job, prep: Prepared) -> Iterator[torch.Tensor]:
-        """The sampler loop over a prepared job: yields the latents after each step."""
+        """The sampler loop over a prepared job: yields the latents after each step (send() replaces them)."""
         unet = self.engine(graphs.graph_for(job.uses), job)
         text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
-        unet, parts = step_cache.setup(self.lazy_engine, job.cache_interval, unet, [text, *prep.contributors])
+        parts = [text, *prep.contributors]
+        if "timestep_cond" in unet.inputs:
+            parts.append(GuidanceEmbedding(guidance_scale_embedding(job.guidance, job.count,
+                                                                    self.dir.unet_config["time_cond_proj_dim"])))
+        unet, parts = step_cache.setup(self.lazy_engine, job.cache_interval, unet, parts)
         model = UnetCall(unet, prep.guidance, parts, prep.schedule.timesteps)
         denoise_fn = make_denoiser(model, prep.schedule, job.scheduler_config.prediction_type)
         run = sampler_registry.get_sampler(prep.sampler)(denoise_fn, prep.x, prep.schedule, prep.generator)
@@ -99,7 +103,9 @@ class Pipeline(Components):
                 return
             if prep.after_step is not None:  # the task's change goes back into the sampler's state
                 x = prep.after_step(x, i)
-            yield x
+            replaced = yield x  # a caller may send the latents back changed (sdrt.compat's step callbacks)
+            if replaced is not None:
+                x = replaced
             if i + 1 < prep.steps_to_run:
                 try:
                     x = run.send(x)
@@ -120,7 +126,8 @@ class Pipeline(Components):
     # ---- preparation --------------------------------------------------------------------------------
     def _common(self, job: Job) -> Common:
         width, height = job.width, job.height
-        guidance = Guidance(job.guidance, job.guidance_rescale)
+        embedded = self.dir.unet_config.get("time_cond_proj_dim") is not None  # LCM-distilled
+        guidance = Guidance(job.guidance, job.guidance_rescale, embedded)
         negative = list(job.negative_prompt) if job.negative_prompt is not None else None
         sizes = SdxlSizes(original=(height, width), crop=(0, 0), target=(height, width),
                           aesthetic_score=job.aesthetic_score, negative_aesthetic_score=job.negative_aesthetic_score)

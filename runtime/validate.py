@@ -30,12 +30,16 @@ def _sampler(sampling, model_dir) -> tuple[str, str]:
     if schedule is not None and schedule not in SIGMA_SCHEDULES:
         raise InvalidRequest("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
     if sampling.sampler is None:
-        name, implied = sampler_registry.default_for(model_dir.scheduler_config), None
+        try:
+            return sampler_registry.for_model(None, model_dir.scheduler_config), schedule or "default"
+        except ScheduleError as e:
+            raise InvalidRequest("sampler", str(e)) from None
     else:
         if not isinstance(sampling.sampler, str):
             raise InvalidRequest("sampler", f"must be a sampler name, not {sampling.sampler!r}")
         try:
             name, implied = sampler_registry.resolve(sampling.sampler)
+            name = sampler_registry.for_model(name, model_dir.scheduler_config)
         except ScheduleError as e:
             raise InvalidRequest("sampler", str(e)) from None
     if implied is not None and schedule not in (None, "default", implied):
@@ -158,7 +162,9 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     try:
         built = sampler_registry.build_schedule(cfg, sampler, steps, schedule)
     except ScheduleError as e:
-        raise InvalidRequest("sampler", str(e)) from None
+        own = "" if s.sampler is not None else \
+            f"this model's own scheduler ({model_dir.scheduler_config.get('_class_name')}, sdrt's {sampler}): "
+        raise InvalidRequest("sampler", own + str(e)) from None
     try:  # many steps can round two timesteps onto one float32 sigma, which the denoiser cannot tell apart
         timestep_lookup(built)
     except ScheduleError:

@@ -40,6 +40,16 @@ def to_x0(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str
     return out
 
 
+def edm_preconditioning(sigma: float, sigma_data: float, prediction_type: str) -> tuple[torch.Tensor, ...]:
+    """(c_in, c_skip, c_out) of diffusers' EDM schedulers (precondition_inputs / precondition_outputs), float32 0-d:
+    c_in = 1/sqrt(s^2 + sd^2), c_skip = sd^2/(s^2 + sd^2), c_out = ±s sd/sqrt(s^2 + sd^2) (- for v_prediction)."""
+    s = torch.tensor(float(sigma), dtype=torch.float32)
+    c_in = 1 / ((s ** 2 + sigma_data ** 2) ** 0.5)
+    c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+    c_out = s * sigma_data / (s ** 2 + sigma_data ** 2) ** 0.5
+    return c_in, c_skip, -c_out if prediction_type == "v_prediction" else c_out
+
+
 def make_denoiser(model: Model, schedule: Schedule, prediction_type: str) -> Denoise:
     """`denoise(x, sigma) -> x0` for a sampler running `schedule`; `model(scaled_x, timestep)` is the UNet call."""
     if prediction_type not in PREDICTION_TYPES:
@@ -52,6 +62,9 @@ def make_denoiser(model: Model, schedule: Schedule, prediction_type: str) -> Den
         t = timesteps.get(float(s))
         if t is None:
             raise ScheduleError(f"sigma {float(s)} is not an evaluation sigma of this schedule")
+        if schedule.sigma_data is not None:  # EDM (runtime/samplers/edm.py)
+            c_in, c_skip, c_out = edm_preconditioning(float(s), schedule.sigma_data, prediction_type)
+            return c_skip * x + c_out * model(x * c_in, t).float()
         out = model(x / input_scale(s), t)
         return to_x0(out.float(), x, float(s), prediction_type)
 

@@ -26,8 +26,8 @@ import torch
 from sdrt.runtime.samplers import schedules
 from sdrt.runtime.samplers.noise import Generators, randn_like
 from sdrt.runtime.samplers.schedules import Schedule, ScheduleError, SchedulerConfig, input_scale
-from sdrt.runtime.samplers.spec import (SD_BETAS, SamplerSpec, check_dpm, check_finite_first_sigma, choice,
-                                       original_steps_limit)
+from sdrt.runtime.samplers.spec import (SD_BETAS, SamplerSpec, check_dpm, check_finite_first_sigma,
+                                       check_no_thresholding, choice, original_steps_limit)
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 Sampler = Callable[[Denoise, torch.Tensor, Schedule, "Generators | torch.Generator | None"], Iterator[torch.Tensor]]
@@ -253,7 +253,7 @@ SPECS = (
     SamplerSpec("ddim", ddim, schedules.ddim, "DDIMScheduler",
                 class_defaults={**SD_BETAS, "timestep_spacing": "leading", "set_alpha_to_one": True,
                                 "clip_sample": True},
-                a1111=("DDIM",), check=check_finite_first_sigma("ddim"), eta=(0.0,), description="DDIM, eta 0"),
+                a1111=("DDIM",), check=check_no_thresholding, eta=(0.0,), description="DDIM, eta 0"),
     SamplerSpec("lcm", lcm, schedules.lcm, "LCMScheduler",
                 class_defaults=dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     timestep_spacing="leading", set_alpha_to_one=True, clip_sample=False),

@@ -17,7 +17,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Mapping
 
-from sdrt.runtime.samplers import classic, discrete, multistep, stochastic
+from sdrt.runtime.samplers import classic, discrete, edm, multistep, stochastic
 from sdrt.runtime.samplers.spec import SamplerSpec
 from sdrt.runtime.samplers.schedules import (PREDICTION_TYPES, SIGMA_CONVERSIONS, SIGMA_SCHEDULES, Schedule,
     ScheduleError, SchedulerConfig, alphas_cumprod)
@@ -26,7 +26,7 @@ from sdrt.runtime.samplers.schedules import (PREDICTION_TYPES, SIGMA_CONVERSIONS
 def _collect() -> dict[str, SamplerSpec]:
     registry: dict[str, SamplerSpec] = {}
     # the order `sdrt samplers` lists
-    for spec in (*classic.SPECS, *multistep.SPECS, *discrete.SPECS, *stochastic.SPECS):
+    for spec in (*classic.SPECS, *multistep.SPECS, *discrete.SPECS, *stochastic.SPECS, *edm.SPECS):
         if spec.name in registry:
             raise RuntimeError(f"two samplers are registered as {spec.name!r}")
         registry[spec.name] = spec
@@ -149,7 +149,8 @@ def max_steps(cfg: SchedulerConfig, sampler: str) -> int:
 
 # The default sampler for a model's scheduler class (its scheduler_config.json `_class_name`). Entries that share
 # a class are told apart by their `from_config` overrides: an entry is out when the json sets one of its keys to
-# another value; of the rest, the one with most of its keys present in the json wins, then registry order.
+# another value; of the rest, the one with most of its keys present in the json wins, then registry order. A class
+# (or setting) no entry reproduces is refused, never replaced by another sampler.
 def default_for(scheduler_config: Mapping) -> str:
     class_name = scheduler_config.get("_class_name", "")
     candidates = []
@@ -160,4 +161,46 @@ def default_for(scheduler_config: Mapping) -> str:
         if any(k in scheduler_config and scheduler_config[k] != v for k, v in items):
             continue
         candidates.append((-sum(k in scheduler_config for k, _ in items), order, spec.name))
-    return min(candidates)[2] if candidates else "euler"
+    if not candidates:
+        same_class = [f"{k}={scheduler_config[k]!r}" for s in REGISTRY.values() if s.diffusers_class == class_name
+                      for k in s.diffusers_config if k in scheduler_config]
+        what = f"{class_name or 'an unnamed scheduler'}" + (f" with {', '.join(sorted(set(same_class)))}"
+                                                             if same_class else "")
+        raise ScheduleError(f"this model's scheduler ({what}) is not one sdrt reproduces, and sdrt does not silently "
+                            f"run another; name a sampler (--sampler / \"sampler\") to choose one knowingly: "
+                            f"{', '.join(NAMES)}")
+    return min(candidates)[2]
+
+
+# Settings of diffusers' scheduler classes that change the result and that no sdrt sampler models, with the value
+# that means "off" (diffusers 0.42's __init__ defaults). A model whose config sets one otherwise is refused for a
+# sampler whose class would read it.
+_UNMODELLED = {
+    "UniPCMultistepScheduler": {"predict_x0": True, "disable_corrector": [], "solver_p": None, "shift_terminal": None},
+    "DPMSolverSDEScheduler": {"noise_sampler_seed": None},
+}
+
+
+def for_model(requested: str | None, scheduler_config: Mapping) -> str:
+    """The sampler a request runs on this model: the model's own when none is named (default_for); a named one in
+    the model's formulation (an EDM model runs EDM samplers: `dpmpp_2m` becomes `edm_dpmpp_2m`). Raises
+    ScheduleError for a sampler the model cannot run or a model setting the sampler would ignore."""
+    name = default_for(scheduler_config) if requested is None else requested
+    model_edm = scheduler_config.get("_class_name") in edm.EDM_CLASSES
+    if model_edm and name not in (s.name for s in edm.SPECS):
+        if name not in edm.EDM_FORM:
+            raise ScheduleError(f"this model is EDM-trained ({scheduler_config.get('_class_name')}); {name} samples "
+                                f"the discrete-time formulation. Choose one of {', '.join(s.name for s in edm.SPECS)} "
+                                f"(or {', '.join(edm.EDM_FORM)}, which run as their EDM forms)")
+        name = edm.EDM_FORM[name]
+    if not model_edm and name in (s.name for s in edm.SPECS):
+        raise ScheduleError(f"{name} is for EDM-trained models (EDMEulerScheduler / EDMDPMSolverMultistepScheduler); "
+                            f"this model's scheduler is {scheduler_config.get('_class_name') or 'not EDM'}")
+    spec = get(name)
+    defaulted = set(scheduler_config.get("_use_default_values", ()))
+    for key, off in _UNMODELLED.get(spec.diffusers_class, {}).items():
+        if key not in defaulted and scheduler_config.get(key, off) != off:
+            raise ScheduleError(f"this model's scheduler config sets {key}={scheduler_config[key]!r}, which "
+                                f"{spec.diffusers_class} would apply and sdrt's {name} does not; choose another "
+                                "sampler")
+    return name

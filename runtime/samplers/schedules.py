@@ -82,6 +82,10 @@ class SchedulerConfig:
     # LCM
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    # EDM (EDMEulerScheduler, EDMDPMSolverMultistepScheduler): set only by EDM configs
+    sigma_data: float | None = None
+    sigma_schedule: str | None = None  # karras | exponential
+    rho: float = 7.0
 
     def __post_init__(self):
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -152,6 +156,10 @@ class Schedule:
     c_skip: np.ndarray | None = None  # LCM boundary condition per step, float32 [n]
     c_out: np.ndarray | None = None
     num_train_timesteps: int = 1000
+    # EDM preconditioning (Karras et al. 2022, Table 1, as diffusers' EDM schedulers): the UNet is fed
+    # x / sqrt(sigma^2 + sigma_data^2) at timestep 0.25 ln(sigma) and x0 = c_skip x + c_out F (runtime/denoiser/x0.py);
+    # None: the variance-preserving UNets' x / sqrt(sigma^2 + 1) and eps / v / sample outputs
+    sigma_data: float | None = None
     # Whatever else one sampler's schedule builder hands to its sampler (name → value). Arrays with one entry
     # per evaluation ([n]) are cut by from_index like the fields above; anything else is passed as is.
     extra: Mapping = field(default_factory=dict)
@@ -396,12 +404,26 @@ def dpm_multistep(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
                     solver_type=cfg.solver_type, num_train_timesteps=cfg.num_train_timesteps)
 
 
+# Zero terminal SNR (rescale_betas_zero_snr): DDIMScheduler keeps alphas_cumprod[-1] = 0, an infinite sigma. The
+# sigma-space loop holds it as 2**60: the start x = noise * 2**60 (sqrt(1 + 2**120) is 2**60 in float32), the UNet
+# input x / 2**60 is the noise itself (a power of two: exact), v → x0 gives -v (the x / (sigma^2 + 1) term, ~1e-18,
+# is below float32's resolution of x0) and DDIM's eps = (x - x0) / sigma is the noise, as in diffusers' alpha space.
+ZERO_SNR_SIGMA = 2.0 ** 60
+
+
 def ddim(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
     # diffusers DDIMScheduler.set_timesteps / step (eta = 0)
     t_count = cfg.num_train_timesteps
     if n > t_count:
         raise ScheduleError(f"DDIM runs at most num_train_timesteps ({t_count}) steps, not {n}")
+    if cfg.rescale_betas_zero_snr:
+        if cfg.prediction_type != "v_prediction":  # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) divides by 0
+            raise ScheduleError("rescale_betas_zero_snr needs a v_prediction model (its last timestep has no signal "
+                                f"to recover with {cfg.prediction_type}); diffusers would produce NaN")
+        abar = abar.clone()
+        abar[-1] = 0.0
     train = _train_sigmas(abar)
+    train = np.where(np.isinf(train), np.float32(ZERO_SNR_SIGMA), train).astype(np.float32)
     t = _spaced(cfg, n, np.int64)
     final_abar = torch.tensor(1.0) if cfg.set_alpha_to_one else abar[0]
     prev = t - t_count // n  # diffusers steps to t - T//N whatever the spacing
