@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdrt-installed
 DEMO_DIR ?= build/demo
 
-.PHONY: demo test venv clean triton-server browser
+.PHONY: demo test venv clean triton-server browser transformers4
 
 venv: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python -m sdrt.cli.demo $(DEMO_DIR)
 
-test: $(STAMP) triton-server browser
+test: $(STAMP) triton-server browser transformers4
 	$(BIN)/python -m pytest -q --durations=15
 
 clean:
@@ -41,3 +41,11 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
 	    >/dev/null 2>&1 || echo "browser: chromium and chromium-driver could not be installed; tests/test_playground.py skips"; }
+
+# transformers 4 (what optimum pins, < 4.58) in a side venv, without torch, for tests/test_export_bookkeeping.py: an
+# engine's tokenizer folder must load there too. Where it cannot be made (no PyPI) it says so and that test skips.
+transformers4: | $(BIN)/python
+	@test -f $(VENV)/tf4/.sdrt-ready || { rm -rf $(VENV)/tf4 && $(BIN)/python -m venv $(VENV)/tf4 && \
+	  $(VENV)/tf4/bin/python -m pip install --quiet 'transformers<4.58' tokenizers >/dev/null 2>&1 && \
+	  touch $(VENV)/tf4/.sdrt-ready; } || \
+	  { rm -rf $(VENV)/tf4; echo "transformers4: could not make a transformers 4 venv; its tokenizer test skips"; }

@@ -31,16 +31,18 @@ from sdrt.export.extras import tiny_vae
 from sdrt.export.extras import controlnet as cn
 from sdrt.export.extras import ip_adapter as ipa
 from sdrt.export.extras import t2i_adapter as t2i
-from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, unet_factor,
-    vae_scale_factor)
-from sdrt.export.load import load_pipeline, local_source_hash, sha256_of_file
+from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, has_timestep_cond,
+    unet_factor, vae_scale_factor)
+from sdrt.export.load import load_pipeline, local_location, local_source_hash, sha256_of_file
+from sdrt.export import tokenizer_files
 from sdrt.export.onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
 from sdrt.export.extras import hypernetwork
 from sdrt.export.weights_map import LORA_COMPONENTS, Mapper
 from sdrt.export.rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
 
-EXPORT_REVISION = "4"  # bump when the exported graphs change for the same source (3: UNet takes any latent size;
-# 4: UNet and text encoders keep their weights in model.onnx_data with a weights_map.json, for LoRAs at load)
+EXPORT_REVISION = "5"  # bump when the exported graphs change for the same source (3: UNet takes any latent size;
+# 4: UNet and text encoders keep their weights in model.onnx_data with a weights_map.json, for LoRAs at load;
+# 5: no symbolic value_info from the constant folder, which broke fp32 UNets at odd latent sizes)
 PRECISIONS = ("fp32", "fp16")
 VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows in fp16 and decodes black "
                    "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
@@ -131,7 +133,8 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str], precision: str = "f
     """model_index.json, scheduler, tokenizers and a config.json per component, as optimum lays them out.
 
     Tokenizer folders are copied from the source when it is a folder (transformers 5 would save only
-    tokenizer.json; the source's vocab.json/merges.txt are what other tools read).
+    tokenizer.json; the source's vocab.json/merges.txt are what other tools read); what a folder still lacks of
+    those is derived from its tokenizer.json (export/tokenizer_files.py).
     """
     source_dir = Path(str(pipe.config.get("_name_or_path", "") or pipe.name_or_path or ""))
     (tmp / "model_index.json").write_text(json.dumps(_model_index(pipe), indent=2, default=str))
@@ -152,6 +155,7 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str], precision: str = "f
             shutil.copytree(source_dir / tok, tmp / tok)
         else:
             getattr(pipe, tok).save_pretrained(tmp / tok)
+        tokenizer_files.complete(tmp / tok)
     for name in names:
         folder = tmp / name
         folder.mkdir(exist_ok=True)
@@ -235,11 +239,7 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
         setattr(pipe, spec.name, None)
     del module_owner
     gc.collect()
-    session = gate.cpu_session(tmp / spec.name / "model.onnx")
-    cases = [{"shape": asdict(shape),
-              "outputs": [asdict(f) for f in gate.compare_outputs(session, x, ref, spec.input_names, spec.output_names)]}
-             for shape, x, ref in zip(shapes, inputs, references)]
-    del session
+    cases = _gate_cases(spec, precision, tmp / spec.name / "model.onnx", shapes, inputs, references)
     all_figures = [gate.OutputFigures(**o) for c in cases for o in c["outputs"]]
     spec_io = io_specs(tmp / spec.name / "model.onnx")
     return {
@@ -253,6 +253,25 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
         "passes": rewrites + ["torch.onnx.export(do_constant_folding)"] + passes,
         "export_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _gate_cases(spec, precision: str, path: Path, shapes, inputs, references) -> list[dict]:
+    """The parity gate's figures per shape. ONNX Runtime failing to load or run the graph is an export failure
+    told in one line (GateFailed), never a traceback out of the session."""
+    cases, shape = [], None
+    try:
+        session = gate.cpu_session(path)
+        for shape, x, ref in zip(shapes, inputs, references):
+            figures = gate.compare_outputs(session, x, ref, spec.input_names, spec.output_names)
+            cases.append({"shape": asdict(shape), "outputs": [asdict(f) for f in figures]})
+    except Exception as e:  # onnxruntime's pybind errors (Fail, InvalidArgument, RuntimeException, …)
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        where = f" at {asdict(shape)}" if shape is not None else ""
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GateFailed(f"parity gate could not run {spec.name} ({precision}) in ONNX Runtime{where}: {detail} "
+                         "(an sdrt export bug; please report it with the model's config)") from None
+    return cases
 
 
 def _worst(entry: dict) -> str:
@@ -273,7 +292,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         if unknown:
             raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENT_NAMES)}")
     output = Path(cfg.output).expanduser().absolute()
-    cfg = ExportConfig(**{**asdict(cfg), "output": output})
+    # local sources as absolute paths: the manifest is read again from other folders (add_controlnets)
+    cfg = ExportConfig(**{**asdict(cfg), "output": output, "tiny_vae": local_location(cfg.tiny_vae),
+                          "image_encoder": local_location(cfg.image_encoder)})
     _check_output_parent(output)
     early_hash = local_source_hash(cfg.model, cfg.vae)
     if early_hash is not None:  # refuse a bad output before spending minutes loading a model
@@ -294,10 +315,16 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         if not cfg.ip_adapter:
             raise UserError("--image-encoder is the IP-Adapter's image encoder; give --ip-adapter FILE with it")
         ip_source = ipa.parse_sources(cfg.ip_adapter, cfg.image_encoder)
+        ip_source = ipa.IpAdapterSource(tuple((local_location(f), n) for f, n in ip_source.adapters),
+                                        ip_source.image_encoder)
         ipa.check_source(ip_source)
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
+    if has_timestep_cond(pipe) and (net_sources or ip_source or t2i_sources or cfg.deepcache):
+        raise UserError("this UNet is LCM-distilled (time_cond_proj_dim: its guidance scale is an input); sdrt's "
+                        "ControlNet, IP-Adapter, T2I-Adapter and step-caching graphs do not carry that input yet; "
+                        "export it without them, or use an LCM-LoRA on the base model instead")
     old = _check_output(cfg, source.sha256)
     nets = _load_controlnets(pipe, net_sources)  # wrong family or width fails here, before anything is written
     lora_records = _fuse_loras(pipe, info, cfg.loras)
@@ -318,8 +345,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                  **{k: v for k, v in specs.items() if k.startswith("vae")}}  # after the UNet, before the VAEs
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
+    kept_tiny, tiny_record = _kept_tiny_vae(cfg, old, output, source.sha256 + _lora_signature(lora_records))
     kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, ip_source is not None,
-                                  {s.name for s in t2i_sources})
+                                  {s.name for s in t2i_sources}) | kept_tiny
     extra = _controlnet_specs(pipe, nets, bool(nets) or any(k.startswith(cn.PREFIX) for k in kept_nets))
     t2i_loaded = {src: t2i.load(src) for src in t2i_sources}
     t2i_used = {}
@@ -350,7 +378,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     try:
         _write_pipeline_files(pipe, tmp, names, cfg.precision)
         components = {}
-        for name, entry in kept_nets.items():  # ControlNets already in the directory and not given again
+        for name, entry in kept_nets.items():  # ControlNets (and a tiny VAE) already there and not given again
             (tmp / name).mkdir(parents=True)
             for path in (output / name).iterdir():  # the graph's files, config.json, preprocessor_config.json
                 os.link(path, tmp / name / path.name)
@@ -413,8 +441,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "vae_scale_factor": vae_scale_factor(pipe),
             "loras": lora_records,
             "hypernetworks": hypernet_records,
-            "tiny_vae": None if cfg.tiny_vae is None else {"location": cfg.tiny_vae,
-                                                           "signature": tiny_signature.removeprefix("|tiny:")},
+            "tiny_vae": tiny_record if cfg.tiny_vae is None else {"location": cfg.tiny_vae,
+                                                                  "signature": tiny_signature.removeprefix("|tiny:")},
             "controlnets": [r for r in (old or {}).get("controlnets", []) if cn.PREFIX + r["name"] in kept_nets]
                            + [cn.record(src, net, digest) for src, (net, digest) in nets.items()],
             "ip_adapter": ip_loaded["record"] if ip_loaded is not None else
@@ -439,7 +467,8 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
     re-run with more ControlNets (or IP-Adapters, replacing the ones there). Every component
     already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
-    which must still be there (the residual UNet and the gate's shapes need its UNet)."""
+    which must still be there (the residual UNet and the gate's shapes need its UNet). The tiny VAE, step-caching
+    graphs, textual-inversion variants and hypernetworks stay (the tiny VAE reused without its source)."""
     manifest = read_manifest(engine_dir)
     if manifest is None:
         raise UserError(f"{engine_dir} has no manifest.json; ControlNets are added to directories `sdrt export` wrote")
@@ -451,8 +480,11 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     recorded = manifest.get("ip_adapter") or {}
     if not ip_adapter and image_encoder is None and recorded and controlnets:  # the adapters join the new nets
         ip_adapter, image_encoder = ipa.recorded_sources(recorded), recorded.get("image_encoder")
+    hypernets = tuple((r["file"], r["scale"]) for r in manifest.get("hypernetworks") or [])
     cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
-                       components=present, vae=source.get("vae"), controlnets=tuple(controlnets),
+                       components=present, vae=source.get("vae"), family=source.get("family"),
+                       single_file_config=source.get("config"), hypernetworks=hypernets,
+                       deepcache=any(n.startswith("unet_deepcache") for n in present), controlnets=tuple(controlnets),
                        ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters))
     return export(cfg, progress)
 
@@ -480,6 +512,24 @@ def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: b
         # the two only work together (FaceID alone has no image encoder)
         kept.pop(ipa.IMAGE_ENCODER, None), kept.pop(ipa.UNET_IP, None)
     return kept
+
+
+def _kept_tiny_vae(cfg: ExportConfig, old: dict | None, output: Path, signature: str) -> tuple[dict, dict | None]:
+    """The directory's tiny VAE components when cfg names them without a tiny VAE source (add_controlnets): reused
+    by the keys an export with that source gives them, so the source is not needed again. ({name: entry}, the
+    manifest's tiny_vae record)."""
+    record = (old or {}).get("tiny_vae")
+    wanted = [n for n in (tiny_vae.TINY_DECODER, tiny_vae.TINY_ENCODER) if n in (cfg.components or ())]
+    if cfg.tiny_vae is not None or not record or not wanted:
+        return {}, None
+    kept = {}
+    for name in wanted:
+        key = _component_key(signature + "|tiny:" + record["signature"], name, cfg.precision)
+        kept[name] = _reusable(old, output, name, key)
+        if kept[name] is None:
+            raise UserError(f"{output}/{name} cannot be reused (its files or the model changed); export again with "
+                            f"--tiny-vae {record['location']}")
+    return kept, record
 
 
 def _controlnet_specs(pipe, nets: dict, any_net: bool) -> dict:

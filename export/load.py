@@ -30,6 +30,17 @@ class Source:
     location: str
     sha256: str
     vae: str | None = None
+    family: str | None = None  # single files: the --family and --config they were loaded with, so that
+    config: str | None = None  # `sdrt export DIR --controlnet …` loads them again the same way
+
+
+def local_location(given: str | None) -> str | None:
+    """A local file or folder as an absolute path (manifests are read from other working directories); hub ids
+    and None unchanged."""
+    if given is None:
+        return None
+    path = Path(given).expanduser()
+    return str(path.absolute()) if path.exists() else given
 
 
 def sha256_of_files(paths: list[Path], root: Path) -> str:
@@ -130,6 +141,7 @@ def resolve_source(model: str, vae: str | None = None) -> tuple[str, Path | None
 def local_source_hash(model: str, vae: str | None = None) -> str | None:
     """The source hash of a local folder or file, computed without loading it; None for hub ids."""
     kind, path = resolve_source(model)
+    vae = local_location(vae)
     if kind == "folder":
         return _folder_hash(path, vae)
     if kind == "single_file":
@@ -150,7 +162,10 @@ def load_pipeline(model: str, *, vae: str | None = None, family: str | None = No
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     kind, path = resolve_source(model)
+    vae = local_location(vae)
     try:
         if kind == "folder":
             extra = {"safety_checker": None} if _has_safety_checker(path) else {}
@@ -166,10 +181,16 @@ def load_pipeline(model: str, *, vae: str | None = None, family: str | None = No
                 raise UserError(f"cannot tell the family of {path.name} from its tensor names; pass --family "
                                 f"({', '.join(SINGLE_FILE_CLASSES)})")
             cls = getattr(diffusers, SINGLE_FILE_CLASSES[family])
-            pipe = cls.from_single_file(str(path), config=config) if config else cls.from_single_file(str(path))
+            config = local_location(config)
+            # a checkpoint saved without its VAE (first_stage_model.*) loads only with the VAE given up front
+            given = ({"config": config} if config else {}) | ({"vae": _load_vae(vae)} if vae else {})
+            pipe = cls.from_single_file(str(path), **given)
             digest = source_hash or _source_hash([path], path.parent, vae)
     except UserError:
         raise
+    except SingleFileComponentError as e:
+        raise UserError(f"cannot load {path.name}: {str(e).strip().splitlines()[0]} (a checkpoint without its VAE "
+                        "needs --vae FOLDER_OR_FILE)") from None
     except OSError as e:
         if kind == "hub":
             raise UserError(f"cannot load {model}: it is not in the local Hugging Face cache and the hub cannot be "
@@ -177,9 +198,10 @@ def load_pipeline(model: str, *, vae: str | None = None, family: str | None = No
                             "folder or checkpoint file") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {model}: {first}") from None
-    if vae:
+    if vae and kind != "single_file":
         pipe.vae = _load_vae(vae)
-    return pipe, Source(kind, str(path or model), digest, vae)
+    single = {"family": family, "config": config} if kind == "single_file" else {}
+    return pipe, Source(kind, str(path.absolute()) if path else model, digest, vae, **single)
 
 
 def _has_safety_checker(folder: Path) -> bool:
