@@ -194,6 +194,9 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
     for name, v in zip(("denoising_start", "denoising_end"), starts):
         if v is not None and v >= 1.0:
             raise InvalidRequest(name, f"must be below 1 (got {v:g})")
+        if v is not None and built.sigma_data is not None:  # diffusers' cut compares c_noise with 1000·(1 - v)
+            raise InvalidRequest(name, "an EDM model's timesteps are 0.25·ln(sigma), not training steps: the "
+                                       "base/refiner hand-off does not apply to it")
     kind_uses = {}  # the conditioning kinds the request uses: NAME → its validated inputs
     for kind in kinds.KINDS:
         use = kind.validate(request, model_dir, kinds.Context(width, height, loras, dict(kind_uses)))

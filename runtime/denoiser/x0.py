@@ -62,6 +62,8 @@ def make_denoiser(model: Model, schedule: Schedule, prediction_type: str) -> Den
         t = timesteps.get(float(s))
         if t is None:
             raise ScheduleError(f"sigma {float(s)} is not an evaluation sigma of this schedule")
+        if schedule.flow:  # flow matching (runtime/samplers/flow.py): velocity out, x0 = x - s v
+            return x - float(s) * model(x, t).float()
         if schedule.sigma_data is not None:  # EDM (runtime/samplers/edm.py)
             c_in, c_skip, c_out = edm_preconditioning(float(s), schedule.sigma_data, prediction_type)
             return c_skip * x + c_out * model(x * c_in, t).float()

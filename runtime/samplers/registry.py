@@ -17,7 +17,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Mapping
 
-from sdrt.runtime.samplers import classic, discrete, edm, multistep, stochastic
+from sdrt.runtime.samplers import classic, discrete, edm, flow, multistep, stochastic
 from sdrt.runtime.samplers.spec import SamplerSpec
 from sdrt.runtime.samplers.schedules import (PREDICTION_TYPES, SIGMA_CONVERSIONS, SIGMA_SCHEDULES, Schedule,
     ScheduleError, SchedulerConfig, alphas_cumprod)
@@ -26,7 +26,8 @@ from sdrt.runtime.samplers.schedules import (PREDICTION_TYPES, SIGMA_CONVERSIONS
 def _collect() -> dict[str, SamplerSpec]:
     registry: dict[str, SamplerSpec] = {}
     # the order `sdrt samplers` lists
-    for spec in (*classic.SPECS, *multistep.SPECS, *discrete.SPECS, *stochastic.SPECS, *edm.SPECS):
+    for spec in (*classic.SPECS, *multistep.SPECS, *discrete.SPECS, *stochastic.SPECS, *edm.SPECS,
+                 *flow.SPECS):
         if spec.name in registry:
             raise RuntimeError(f"two samplers are registered as {spec.name!r}")
         registry[spec.name] = spec
@@ -186,6 +187,15 @@ def for_model(requested: str | None, scheduler_config: Mapping) -> str:
     the model's formulation (an EDM model runs EDM samplers: `dpmpp_2m` becomes `edm_dpmpp_2m`). Raises
     ScheduleError for a sampler the model cannot run or a model setting the sampler would ignore."""
     name = default_for(scheduler_config) if requested is None else requested
+    flow_names = [s.name for s in flow.SPECS]
+    if scheduler_config.get("_class_name") in flow.FLOW_CLASSES:  # a flow-matching model runs flow samplers only
+        name = flow.FLOW_FORM.get(name, name)
+        if name not in flow_names:
+            raise ScheduleError(f"this is a flow-matching model ({scheduler_config.get('_class_name')}); {name} "
+                                f"samples a diffusion schedule. Choose one of {', '.join(flow_names)}")
+    elif name in flow_names:
+        raise ScheduleError(f"{name} is for flow-matching models (SD3, FLUX.1); this model's scheduler is "
+                            f"{scheduler_config.get('_class_name') or 'not a flow-matching one'}")
     model_edm = scheduler_config.get("_class_name") in edm.EDM_CLASSES
     if model_edm and name not in (s.name for s in edm.SPECS):
         if name not in edm.EDM_FORM:

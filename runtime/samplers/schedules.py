@@ -82,6 +82,18 @@ class SchedulerConfig:
     # LCM
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    # flow matching (FlowMatchEulerDiscreteScheduler; runtime/samplers/flow.py)
+    shift: float = 1.0
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+    shift_terminal: float | None = None
+    invert_sigmas: bool = False
+    stochastic_sampling: bool = False
+    mu: float | None = None  # dynamic shifting: set per request from the packed image sequence length
+    pipeline_sigmas: bool = False  # the family's pipeline passes linspace(1, 1/N, N) sigmas (Flux), SD3's none
     # EDM (EDMEulerScheduler, EDMDPMSolverMultistepScheduler): set only by EDM configs
     sigma_data: float | None = None
     sigma_schedule: str | None = None  # karras | exponential
@@ -104,7 +116,8 @@ class SchedulerConfig:
             given["trained_betas"] = tuple(float(b) for b in given["trained_betas"])
         if given.get("solver_type") in ("logrho", "bh1", "bh2"):  # DPMSolverMultistepScheduler.__init__ remaps these
             given["solver_type"] = "midpoint"
-        for k in ("num_train_timesteps", "steps_offset", "solver_order", "original_inference_steps"):
+        for k in ("num_train_timesteps", "steps_offset", "solver_order", "original_inference_steps",
+                  "base_image_seq_len", "max_image_seq_len"):
             if k in given:
                 given[k] = int(given[k])
         return cls(**given)
@@ -160,6 +173,9 @@ class Schedule:
     # x / sqrt(sigma^2 + sigma_data^2) at timestep 0.25 ln(sigma) and x0 = c_skip x + c_out F (runtime/denoiser/x0.py);
     # None: the variance-preserving UNets' x / sqrt(sigma^2 + 1) and eps / v / sample outputs
     sigma_data: float | None = None
+    # flow matching (runtime/samplers/flow.py): the latent is (1 - s) x0 + s noise, the model is fed it unscaled at
+    # timestep s·T and predicts the velocity (x0 = x - s v)
+    flow: bool = False
     # Whatever else one sampler's schedule builder hands to its sampler (name → value). Arrays with one entry
     # per evaluation ([n]) are cut by from_index like the fields above; anything else is passed as is.
     extra: Mapping = field(default_factory=dict)
