@@ -92,3 +92,14 @@ def test_flow_models_run_flow_samplers_only():
         registry.for_model("dpmpp_2m", SD3)
     with pytest.raises(ScheduleError, match="for flow-matching models"):
         registry.for_model("flow_euler", {"_class_name": "EulerDiscreteScheduler"})
+
+
+def test_flow_presets_select_flow_euler_on_flow_models_only():
+    from sdrt.runtime.samplers.presets import PRESETS
+
+    for name in ("flux-schnell", "sd35-turbo"):
+        preset = PRESETS[name]
+        assert (preset.steps, preset.guidance, preset.timestep_spacing) == (4, 0.0, None)
+        assert registry.for_model(preset.sampler, SD3) == "flow_euler"
+        with pytest.raises(ScheduleError, match="for flow-matching models"):
+            registry.for_model(preset.sampler, {"_class_name": "EulerDiscreteScheduler"})

@@ -2,7 +2,9 @@
 
 SDXL-Lightning (ByteDance model card): Euler, timestep_spacing "trailing", guidance 0, steps equal to the
 checkpoint's; the 1-step checkpoint predicts x0 (prediction_type "sample"). SDXL-Turbo: Euler ancestral,
-trailing, 1 step, guidance 0 (its Hub scheduler config; diffusers' sdxl_turbo doc).
+trailing, 1 step, guidance 0 (its Hub scheduler config; diffusers' sdxl_turbo doc). FLUX.1-schnell: flow-match
+Euler, 4 steps, no guidance (black-forest-labs' model card; its transformer has no guidance embedding); SD 3.5 Large
+Turbo: flow-match Euler, 4 steps, guidance 0 (stabilityai's model card). Flow models have no timestep spacing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Preset:
     sampler: str
-    timestep_spacing: str
+    timestep_spacing: str | None
     steps: int
     guidance: float
     prediction_type: str | None = None
@@ -25,4 +27,6 @@ PRESETS = {
     "lightning-4step": Preset("euler", "trailing", 4, 0.0),
     "lightning-8step": Preset("euler", "trailing", 8, 0.0),
     "turbo": Preset("euler_a", "trailing", 1, 0.0),
+    "flux-schnell": Preset("flow_euler", None, 4, 0.0),
+    "sd35-turbo": Preset("flow_euler", None, 4, 0.0),
 }
