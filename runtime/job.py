@@ -49,6 +49,7 @@ class Job:
     tile_vae: bool = False  # the full VAE decodes and encodes in tiles (runtime/vae_tiling.py)
     cache_interval: int = 1  # step caching (runtime/denoiser/step_cache.py); 1 = off
     overlay: tuple | None = None  # outpainting's soft border: (padded original, soft mask) laid over the output
+    a1111_inpaint: Any = None  # runtime/tasks/inpaint_a1111.Finish: AUTOMATIC1111 inpainting's latent fill and overlay
     low_res_image: Image.Image | None = None  # the ×4 upscaler's input (width, height: 4× its size)
     noise_level: int | None = None  # the ×4 upscaler's (low-resolution image) or unCLIP's (image embedding)
     depth_map: Image.Image | None = None  # depth-to-image's given depth ("F"); None: the estimator runs

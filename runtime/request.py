@@ -66,6 +66,7 @@ class ImageInputs:
     depth_map: Any = None  # PIL image (any mode): depth-to-image's depth, else its estimator runs
     noise_level: int | None = None  # the ×4 upscaler's low-resolution noise (None: 20)
     outpaint: Any = None  # {"left", "right", "top", "bottom", "fill", "blur"} or "left=64,top=8" (runtime/tasks/outpaint.py)
+    inpaint: Any = None  # AUTOMATIC1111's inpainting: {"mask_blur", "fill", "only_masked", "padding", "invert"} (runtime/tasks/inpaint_a1111.py)
 
 
 @dataclass(frozen=True)

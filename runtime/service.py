@@ -41,6 +41,7 @@ from sdrt.runtime.validate import validate
 
 Progress = Callable[[int, int], None]  # (steps done, total)
 Preview = Callable[[int, int, list], None]  # (steps done, total, this request's images decoded by the tiny VAE)
+Latents = Callable[[int, int, object], None]  # (steps done, total, this request's latents after that step: a tensor)
 
 
 def preview_steps(total: int, previews: int) -> frozenset[int]:
@@ -66,17 +67,26 @@ class ServiceClosed(UserError):
 
 
 class CancelToken:
-    """Set from any thread; the worker checks it between steps."""
+    """Set from any thread; the worker checks it between steps. `cancel()` fails the request (Cancelled);
+    `finish()` ends it after the current step with the images of the latents it has (AUTOMATIC1111's interrupt)."""
 
     def __init__(self):
         self._event = threading.Event()
+        self._finish = threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
 
+    def finish(self) -> None:
+        self._finish.set()
+
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+    @property
+    def finishing(self) -> bool:
+        return self._finish.is_set()
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,7 @@ class _Pending:
     progress: Progress | None
     preview: Preview | None = None
     previews: int = 0
+    latents: Latents | None = None
     started: float = 0.0
     done: bool = False
 
@@ -169,12 +180,14 @@ class Service:
                                                                  **self.pipeline.text.validate_args())  # embeddings
 
     def submit(self, request: Request | Job, *, timeout: float | None = None, cancel: CancelToken | None = None,
-               on_progress: Progress | None = None, on_preview: Preview | None = None, previews: int = 0) -> Future:
+               on_progress: Progress | None = None, on_preview: Preview | None = None, previews: int = 0,
+               on_latents: Latents | None = None) -> Future:
         """Queue a request; the future's result is a Result. Raises InvalidRequest, QueueFull, ServiceClosed.
 
         `timeout` (seconds from now) is the deadline, checked while queued and between steps. `previews` progress
         images (the request's latents decoded by the tiny VAE at `preview_steps`) go to `on_preview`, called on the
-        worker thread; the directory needs vae_decoder_tiny (export --tiny-vae).
+        worker thread; the directory needs vae_decoder_tiny (export --tiny-vae). `on_latents` gets the request's
+        latents after every step (worker thread; keep it cheap).
         """
         job = self.validate(request)
         if previews and not self.pipeline.dir.has("vae_decoder_tiny"):
@@ -182,7 +195,7 @@ class Service:
                             "(export it with --tiny-vae)")
         now = time.monotonic()
         pending = _Pending(job, Future(), now, None if timeout is None else now + timeout, cancel, on_progress,
-                           on_preview, previews)
+                           on_preview, previews, on_latents)
         with self._cond:
             if self._closing:
                 raise ServiceClosed("the service is shutting down and takes no new requests")
@@ -308,6 +321,7 @@ class Service:
             total = run.total
             t0 = time.monotonic()
             rows = [sum(q.job.count for q in live[:i]) for i in range(len(live))]  # each request's first row
+            count_all = sum(p.job.count for p in live)
             wanted = [preview_steps(total, p.previews) if p.preview is not None else frozenset() for p in live]
             for done, latents in enumerate(run.steps(), start=1):
                 now = time.monotonic()
@@ -318,13 +332,18 @@ class Service:
                     if reason is not None:
                         self._fail(p, reason)
                         continue
+                    own = latents[row:row + p.job.count]
                     try:  # a caller's callback never stops the batch
                         if p.progress is not None:
                             p.progress(done, total)
+                        if p.latents is not None:
+                            p.latents(done, total, own)
                         if done in at:
-                            p.preview(done, total, self.pipeline.preview(latents[row:row + p.job.count]))
+                            p.preview(done, total, self.pipeline.preview(own))
                     except Exception:
                         pass
+                    if p.token is not None and p.token.finishing and done < total:
+                        self._finish_early(p, run, own, encode, time.monotonic() - t0, count_all)
                 if all(p.done for p in live):
                     break
             steps_time = time.monotonic() - t0
@@ -348,6 +367,19 @@ class Service:
             timings = Timings(p.started - p.enqueued, encode, steps_time, decode)
             p.future.set_result(Result(own, p.job.seeds, timings, count, p.job))
         self._report(batch, encode, steps_time, decode, failed=False)
+
+    def _finish_early(self, p: _Pending, run: Generation, latents, encode: float, steps_time: float,
+                      count: int) -> None:
+        """The request's images from the latents it has now (its token's finish()); its batch-mates go on."""
+        t0 = time.monotonic()
+        try:
+            images = run.finish(self.pipeline.decode(latents, p.job.vae, p.job.tile_vae), p.job)
+        except Exception as e:  # noqa: BLE001 — fails this request alone
+            self._fail(p, e)
+            return
+        p.done = True
+        timings = Timings(p.started - p.enqueued, encode, steps_time, time.monotonic() - t0)
+        p.future.set_result(Result(images, p.job.seeds, timings, count, p.job))
 
     def _report(self, batch, encode, steps_time, decode, failed) -> None:
         if self.on_batch is not None:

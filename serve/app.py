@@ -8,12 +8,14 @@
 
 Routes (request and response shapes: serve/openai.py, serve/a1111.py):
     POST /v1/images/generations        OpenAI Images (+ SD fields); Accept: image/png (n = 1) → the raw image
+    POST /v1/images/edits, /variations OpenAI's multipart edits (img2img, inpainting) and unCLIP variations
     POST /sdapi/v1/txt2img, /img2img   AUTOMATIC1111's shapes; GET /sdapi/v1/samplers, /schedulers, /sd-models
     GET  /v1/models                    what the engine directory can do
     GET  /healthz (alive), /readyz (engines loaded and warmed), /metrics (Prometheus), /docs and /redoc (OpenAPI,
          their files served from the package), / (the playground page, serve/playground.py, for browsers)
 
-Errors are `{"error": {"type", "field", "message"}}`: 422 invalid input (the field named as the route's clients
+Errors are `{"error": {"type", "field", "message"}}` (under /v1/ OpenAI's `{"message", "type", "param", "code"}`,
+400 for 422: serve/errors.py): 422 invalid input (the field named as the route's clients
 spell it), 413 body over the limit (from Content-Length and while reading), 401 without the API key when one is
 set, 404 unknown route, 429 + Retry-After when the queue is full, 504 past the per-request deadline, 503 while
 loading or shutting down, 500 only when an engine fails. A client that disconnects cancels its request: the

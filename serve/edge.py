@@ -34,13 +34,14 @@ from sdrt.runtime.errors import UserError
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import open_dir
 from sdrt.runtime.service import BatchReport, Service
-from sdrt.serve.errors import HttpError, error_body
+from sdrt.serve.errors import HttpError, rendered
 from sdrt.serve.fields import ModelContext
 from sdrt.serve.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
 OPEN_PREFIXES = ("/playground/", "/static-offline-docs/")  # the page's and the docs' own files (no data in them)
-GENERATE_PATHS = frozenset({"/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"})
+GENERATE_PATHS = frozenset({"/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/sdapi/v1/txt2img",
+                            "/sdapi/v1/img2img"})
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 
 
@@ -225,7 +226,7 @@ class _Edge:
         try:
             refusal = self._refusal(scope, path)
             if refusal is not None:
-                await _send_error(send_status, refusal)
+                await _send_error(send_status, refusal, path)
             else:
                 await self.app(scope, receive, send_status)
         finally:
@@ -253,16 +254,18 @@ class _Edge:
         return None
 
 
-async def _send_error(send, error: HttpError) -> None:
-    body = json.dumps(error.body()).encode()
+async def _send_error(send, error: HttpError, path: str) -> None:
+    status, content = rendered(error, path)  # OpenAI's error object under /v1/ (serve/errors.py)
+    body = json.dumps(content).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def _error_response(error: HttpError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def _error_response(error: HttpError, path: str = "") -> JSONResponse:
+    status, body = rendered(error, path)
+    return JSONResponse(body, status_code=status, headers=error.headers)
 
 
 def install(app: FastAPI, state: ServerState) -> None:
@@ -272,18 +275,19 @@ def install(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(HttpError)
     async def on_http_error(request: Request, e: HttpError):
-        return _error_response(e)
+        return _error_response(e, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_starlette(request: Request, e: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         message = (f"no route {request.method} {request.url.path}; GET /docs lists the routes"
                    if e.status_code == 404 else str(e.detail))
-        return JSONResponse(error_body(kind, message), status_code=e.status_code, headers=getattr(e, "headers", None))
+        return _error_response(HttpError(e.status_code, kind, message, headers=getattr(e, "headers", None)),
+                               request.url.path)
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, e: Exception):
-        return JSONResponse(error_body("internal", f"internal error: {type(e).__name__}"), status_code=500)
+        return _error_response(HttpError(500, "internal", f"internal error: {type(e).__name__}"), request.url.path)
 
     routes = frozenset(getattr(r, "path", "") for r in app.routes)
     app.add_middleware(_Edge, state=state, routes=routes)

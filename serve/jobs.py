@@ -79,10 +79,14 @@ def validated(state: ServerState, service: Service, plan: Plan) -> list:
     return jobs
 
 
-def submitted(state: ServerState, service: Service, jobs: list, token: CancelToken, **preview) -> list:
-    """The jobs queued (429 when the queue is full, 503 while closing)."""
+def submitted(state: ServerState, service: Service, jobs: list, token: CancelToken, watch=None, **preview) -> list:
+    """The jobs queued (429 when the queue is full, 503 while closing). `watch` (A1111's progress,
+    serve/a1111/progress.py): `watch.tokens[i]` is job i's CancelToken, `watch.callbacks(i)` its submit callbacks."""
+    tokens = watch.tokens if watch is not None else [token] * len(jobs)
     try:
-        return [service.submit(job, timeout=state.config.timeout_s, cancel=token, **preview) for job in jobs]
+        return [service.submit(job, timeout=state.config.timeout_s, cancel=t,
+                               **(watch.callbacks(i) if watch is not None else {}), **preview)
+                for i, (job, t) in enumerate(zip(jobs, tokens))]
     except QueueFull as e:
         token.cancel()
         state.metrics.outcome("queue_full")
@@ -101,13 +105,17 @@ def failure(state: ServerState, e: BaseException, plan: Plan) -> HttpError:
     return error
 
 
-async def generate(state: ServerState, request: Request, plan: Plan) -> list:
-    """The plan's results, in order (its errors as HttpError: 422, 429, 499, 503, 504, 500)."""
+async def generate(state: ServerState, request: Request, plan: Plan, watch=None) -> list:
+    """The plan's results, in order (its errors as HttpError: 422, 429, 499, 503, 504, 500). `watch(jobs)` (A1111's
+    progress) gives each job its own CancelToken and callbacks, and is cancelled with the request."""
     service = state.require_service()
     metrics, config = state.metrics, state.config
     jobs = await asyncio.to_thread(validated, state, service, plan)  # image decoding and schedules: off the loop
     token = CancelToken()
-    futures = submitted(state, service, jobs, token)
+    if watch is not None:
+        watch = watch(jobs)
+        token = watch  # its cancel() cancels every job of the plan
+    futures = submitted(state, service, jobs, token, watch)
     loop = asyncio.get_running_loop()
     waiter = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
     give_up = None if config.timeout_s is None else loop.time() + config.timeout_s + 1.0

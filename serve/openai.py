@@ -1,127 +1,79 @@
-"""The OpenAI Images API dialect of `sdrt serve`: POST /v1/images/generations and GET /v1/models.
+"""The OpenAI Images API dialect of `sdrt serve`: POST /v1/images/generations, /v1/images/edits, /v1/images/variations
+and GET /v1/models, /v1/models/{id}, for the official `openai` SDK unchanged.
 
-OpenAI Images (`POST /v1/images/generations`): `prompt`, `n`, `size` ("WxH" or "auto"), `response_format`
-("b64_json"), `output_format` (png | jpeg | webp), `output_compression` (jpeg/webp quality), `model` (the served
-model's id, optional), `user` (accepted, unused), `stream` and `partial_images` (0–3; server-sent events
-`image_generation.partial_image` decoded by the tiny VAE, then `image_generation.completed`; n = 1), plus SD fields `negative_prompt`, `steps`
-(or `num_inference_steps`), `guidance_scale`, `guidance_rescale`, `seed` (absent, null or -1: random), `sampler`,
-`schedule`, `vae` (full | tiny), `vae_tiling` (auto | on | off), `cache_interval`, `loras` (names from the
-server's LoRA folder), `controls`, `control_start`, `control_end`, `guess_mode`, `ip_image`, `ip_scale`, `ip_adapters`, `adapter_name`,
-`adapter_image`, `adapter_scale` (a T2I-Adapter). Anything
-else is refused with 422 naming it.
+The OpenAI fields (serve/openai_spec.py says what each does here) plus sdrt's extension fields (the SDK sends them
+through `extra_body`): `negative_prompt`, `steps` (or `num_inference_steps`), `guidance_scale`, `guidance_rescale`,
+`seed` (absent, null or -1: random, below 2**53), `sampler`, `schedule`, `vae` (full | tiny), `vae_tiling`,
+`cache_interval`, `loras`; on generations also `controls`, `control_start`, `control_end`, `guess_mode`,
+`control_preprocess`, `ip_image`, `ip_scale`, `ip_adapters`, `adapter_name`, `adapter_image`, `adapter_scale`; on
+edits `strength`; on variations `prompt`, `negative_prompt` and `noise_level`. Anything else is refused with 400
+naming it. Errors are OpenAI's error object (serve/errors.py).
 
+Edits (multipart, as `client.images.edit` sends them): one `image`; without `mask` img2img, with one inpainting where
+the mask's fully transparent pixels (alpha 0) are repainted; `strength` defaults to the runtime's (diffusers'): 0.8
+for img2img, 1.0 for inpainting. Variations: unCLIP image variations on an unCLIP export; 400 on any other model.
 With `Accept: image/png` (or jpeg, webp) and n = 1 the answer is the raw image (seed in `X-Seed`); with `stream`,
-server-sent events (`_stream`).
+server-sent events (serve/openai_stream.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
-import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.formparsers import MultiPartParser
 
-from sdrt.runtime import image_io
 from sdrt.runtime.lora import files as lora_files
 from sdrt.runtime.samplers import registry as sampler_registry
 from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES
-from sdrt.runtime.service import CancelToken, DeadlineExceeded
-from sdrt.serve import a1111, fields, jobs
+from sdrt.serve import a1111, fields, jobs, openai_stream
 from sdrt.serve.edge import ServerState
 from sdrt.serve.errors import HttpError, invalid
-from sdrt.serve.fields import ModelContext, Plan
+from sdrt.serve.fields import ModelContext
+from sdrt.serve.openai_spec import (EDIT_SPEC, GENERATE_SPEC, OUTPUT_FORMATS, VARIATION_SPEC, OpenAIPlan, form_body,
+                                    image_file, one_image, openai_mask, spec_fields, unknown_check, wanted_media)
 
-# ---- the body → a Plan ---------------------------------------------------------------------------------------
+__all__ = ["OPENAI_FIELDS", "OUTPUT_FORMATS", "openai_plan", "edit_plan", "variation_plan", "wanted_media",
+           "add_routes"]
 
-OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "output_compression", "user",
-                 "stream", "partial_images", "negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale",
-                 "seed", "sampler", "schedule", "loras", "vae", "vae_tiling", "cache_interval", "controls",
-                 "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image", "ip_scale",
-                 "ip_adapters", "adapter_name", "adapter_image", "adapter_scale")
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# ---- the bodies → Plans --------------------------------------------------------------------------------------
+
+SAMPLING = ("negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale", "seed", "sampler",
+            "schedule", "vae", "vae_tiling", "cache_interval")
+CONDITIONING = ("controls", "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image",
+                "ip_scale", "ip_adapters", "adapter_name", "adapter_image", "adapter_scale")
+OPENAI_FIELDS = GENERATE_SPEC + SAMPLING + ("loras",) + CONDITIONING
+EDIT_FIELDS = EDIT_SPEC + SAMPLING + ("loras", "strength")
+VARIATION_FIELDS = VARIATION_SPEC + ("prompt", "output_format", "output_compression") + SAMPLING + ("noise_level",)
 JS_SAFE_SEEDS = 2 ** 53  # random seeds are drawn below it, so a JavaScript client can send one back exactly
-_MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
-_SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
-_OPENAI_NAMES = {"guidance": "guidance_scale", "batch": "n", "width": "size", "height": "size", "request": "body"}
+_OPENAI_NAMES = {"guidance": "guidance_scale", "batch": "n", "width": "size", "height": "size", "request": "body",
+                 "init_image": "image"}
+_PASSED = ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval", "control_start",
+           "control_end", "guess_mode", "control_preprocess", "ip_scale", "adapter_name", "adapter_scale", "strength",
+           "noise_level")
 
 
-def wanted_media(accept: str | None) -> str | None:
-    """The image format an Accept header asks for instead of JSON (None: JSON)."""
-    if not accept:
-        return None
-    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
-    if "application/json" in types:
-        return None
-    for t in types:
-        if t in _MEDIA:
-            return _MEDIA[t]
-    return None
+def _present(body: Mapping, known) -> dict:
+    unknown_check(body, known)
+    return {k: v for k, v in body.items() if v is not None or k == "prompt"}
 
 
-def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> Plan:
-    unknown = [k for k in body if k not in OPENAI_FIELDS]
-    if unknown:
-        raise invalid(unknown[0], f"is not a field of this API (unknown: {', '.join(unknown)}); known: "
-                                  f"{', '.join(OPENAI_FIELDS)}")
-    b = {k: v for k, v in body.items() if v is not None or k == "prompt"}
-    if "prompt" not in b or b["prompt"] is None:
-        raise invalid("prompt", "is required: a string")
-    flat: dict[str, Any] = {"prompt": fields.text("prompt", b["prompt"], ctx)}
-    if "model" in b and b["model"] not in (ctx.name, "sdrt"):
-        raise invalid("model", f"this server serves {ctx.name!r} (GET /v1/models), not {fields.short(b['model'])}")
-    if "user" in b and not isinstance(b["user"], str):
-        raise invalid("user", f"must be a string, not {fields.json_type(b['user'])}")
-    stream = b.get("stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("stream", f"must be true or false, not {fields.short(stream)}")
-    partial = 0
-    if "partial_images" in b:
-        partial = fields.integer("partial_images", b["partial_images"], 0, 3)
-        if partial and not stream:
-            raise invalid("partial_images", "are sent while streaming; give stream: true with it")
-        if partial and not ctx.has_tiny_vae:
-            raise invalid("partial_images", "are decoded by the tiny VAE, which this model's engine directory does not "
-                                            "have (export it with --tiny-vae); send 0 or leave it out")
-    if stream and b.get("n", 1) != 1:
-        raise invalid("n", "stream: true sends one image; send n = 1")
-    if stream and wanted_media(accept) is not None:
-        raise invalid("stream", "streams server-sent events; accept text/event-stream or application/json")
-    if b.get("response_format") == "url":
-        raise invalid("response_format", "sdrt returns images inline; use b64_json (it stores no files to link to)")
-    _choice("response_format", b.get("response_format", "b64_json"), ("b64_json",))
-    output = _choice("output_format", b.get("output_format", "png"), OUTPUT_FORMATS + ("jpg",))
-    output = "jpeg" if output == "jpg" else output
-    quality = None
-    if "output_compression" in b:
-        quality = fields.integer("output_compression", b["output_compression"], 0, 100)
-        if output == "png" and quality != 100:
-            raise invalid("output_compression", "applies to jpeg and webp; PNG is lossless (give 100 or leave it "
-                                                "out)")
-    n = b.get("n", 1)
-    flat["batch"] = n
-    media = wanted_media(accept)
-    if media is not None:
-        if "output_format" in b and output != media:
-            raise invalid("output_format", f"is {output} but the Accept header asks for image/{media}")
-        if n != 1:
-            raise invalid("n", "an image/* Accept header returns one raw image; send n = 1, or accept "
-                               "application/json for several")
-        output = media
-    if "size" in b and b["size"] != "auto":
-        size = b["size"]
-        match = _SIZE.match(size) if isinstance(size, str) else None
-        if match is None:
-            raise invalid("size", f"must be \"WIDTHxHEIGHT\" (e.g. \"{ctx.default_size}x{ctx.default_size}\") or "
-                                  f"\"auto\", not {fields.short(size)}")
-        flat["width"], flat["height"] = int(match.group(1)), int(match.group(2))
-    names = dict(_OPENAI_NAMES)
+def _prompt(b: Mapping, ctx: ModelContext, required: bool = True) -> str:
+    if b.get("prompt") is None:
+        if not required:
+            return ""
+        raise invalid("prompt", "is required: a string", code="missing_required_parameter")
+    return fields.text("prompt", b["prompt"], ctx)
+
+
+def _sd_fields(b: Mapping, flat: dict, names: dict, ctx: ModelContext) -> None:
+    """sdrt's extension fields present in `b` → the Request's flat fields (and how this route names them)."""
     if "steps" in b and "num_inference_steps" in b:
         raise invalid("num_inference_steps", "give steps or num_inference_steps, not both")
     if "num_inference_steps" in b:
@@ -133,8 +85,7 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
         flat["negative_prompt"] = fields.text("negative_prompt", b["negative_prompt"], ctx, allow_list=True)
     if "guidance_scale" in b:
         flat["guidance"] = b["guidance_scale"]
-    for key in ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval", "control_start",
-                "control_end", "guess_mode", "control_preprocess", "ip_scale", "adapter_name", "adapter_scale"):
+    for key in _PASSED:
         if key in b:
             flat[key] = b[key]
     if "loras" in b:
@@ -147,19 +98,58 @@ def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> 
             if isinstance(images, list) else fields.decode_image("ip_image", images, ctx, "RGB")
     if "ip_adapters" in b:
         flat["ip_adapters"] = _ip_adapters(b["ip_adapters"], ctx)
-    if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/conditioning/t2i_adapter.py converts it for the adapter)
+    if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/conditioning/t2i_adapter.py converts it)
         flat["adapter_image"] = fields.decode_image("adapter_image", b["adapter_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)
     if flat["seed"] == -1 and not isinstance(flat["seed"], bool):  # JavaScript's JSON numbers are exact to 2**53
         flat["seed"] = secrets.randbelow(JS_SAFE_SEEDS - 2 ** 16)  # image i gets seed + i: room for any batch
-    return Plan([fields.request_of(flat)], names, output_format=output, quality=quality, raw=media is not None,
-                stream=stream, partial_images=partial)
 
 
-def _choice(field: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value.lower() not in choices:
-        raise invalid(field, f"must be one of {', '.join(choices)}, not {fields.short(value)}")
-    return value.lower()
+def _plan(flat: dict, names: dict, options: dict, **extra) -> OpenAIPlan:
+    return OpenAIPlan([fields.request_of(flat)], names, **options, prompt=flat.get("prompt") or "", **extra)
+
+
+def openai_plan(body: Mapping, ctx: ModelContext, accept: str | None = None) -> OpenAIPlan:
+    """POST /v1/images/generations (JSON)."""
+    b = _present(body, OPENAI_FIELDS)
+    flat: dict[str, Any] = {"prompt": _prompt(b, ctx)}
+    options = spec_fields(b, ctx, flat, accept)
+    names = dict(_OPENAI_NAMES)
+    _sd_fields(b, flat, names, ctx)
+    return _plan(flat, names, options)
+
+
+def edit_plan(body: Mapping, ctx: ModelContext, accept: str | None = None, unclip: bool = False) -> OpenAIPlan:
+    """POST /v1/images/edits (the multipart form as `openai_spec.form_body` reads it): img2img, or with `mask`
+    inpainting."""
+    b = _present(body, EDIT_FIELDS)
+    flat: dict[str, Any] = {"prompt": _prompt(b, ctx)}
+    if unclip:
+        raise invalid("image", f"{ctx.name} is an unCLIP model: it makes variations of an image "
+                               "(POST /v1/images/variations), not edits")
+    image = one_image(b, ctx)
+    flat["init_image"] = image.convert("RGB")  # an alpha channel is dropped: transparency marks nothing without mask
+    if "mask" in b:
+        flat["mask"] = openai_mask(image_file("mask", b["mask"], ctx), image)
+    options = spec_fields(b, ctx, flat, accept)
+    names = dict(_OPENAI_NAMES)
+    _sd_fields(b, flat, names, ctx)
+    return _plan(flat, names, options, events="image_edit")
+
+
+def variation_plan(body: Mapping, ctx: ModelContext, accept: str | None = None, unclip: bool = False) -> OpenAIPlan:
+    """POST /v1/images/variations: unCLIP image variations (runtime/tasks/unclip.py) on an unCLIP model."""
+    b = _present(body, VARIATION_FIELDS)
+    if not unclip:
+        raise invalid("model", f"{ctx.name} makes no image variations: variations need an unCLIP model (sdrt export "
+                               "of a StableUnCLIPImg2ImgPipeline); use POST /v1/images/edits for img2img",
+                      code="unsupported_model")
+    flat: dict[str, Any] = {"prompt": _prompt(b, ctx, required=False)}
+    flat["init_image"] = one_image(b, ctx).convert("RGB")
+    options = spec_fields(b, ctx, flat, accept)
+    names = dict(_OPENAI_NAMES)
+    _sd_fields(b, flat, names, ctx)
+    return _plan(flat, names, options)
 
 
 def lora_entries(field_name: str, value, ctx: ModelContext) -> list[list]:
@@ -207,35 +197,44 @@ def _controls(value, ctx: ModelContext) -> tuple:
 
 # ---- the answers ---------------------------------------------------------------------------------------------
 
-def openai_response(plan: Plan, results, encoded: list[list[bytes]]) -> dict:
+def openai_response(plan: OpenAIPlan, results, encoded: list[list[bytes]], usage: dict) -> dict:
     result = results[0]
     t = result.timings
-    return {
+    body = {
         "created": int(time.time()),
         "data": [{"b64_json": base64.b64encode(data).decode("ascii"), "seed": seed}
                  for data, seed in zip(encoded[0], result.seeds)],
+        "background": plan.background,
         "output_format": plan.output_format,
         "size": f"{result.job.width}x{result.job.height}",
+        "usage": usage,
         "timings": {"queue_wait": round(t.queue_wait, 4), "encode": round(t.encode, 4), "steps": round(t.steps, 4),
                     "decode": round(t.decode, 4), "total": round(t.total, 4), "batch_size": result.batch_size},
     }
+    if plan.quality_asked != "auto":  # echoed: sdrt has no quality tiers (steps set the effort)
+        body["quality"] = plan.quality_asked
+    return body
 
 
-def stream_event(kind: str, plan: Plan, image_bytes: bytes, size: tuple[int, int], index: int | None = None,
-                 extra: dict | None = None) -> bytes:
-    """One server-sent event in OpenAI's image streaming shape: `image_generation.partial_image` (with
-    partial_image_index) or `image_generation.completed`."""
-    data = {"type": f"image_generation.{kind}", "b64_json": base64.b64encode(image_bytes).decode("ascii"),
-            "created_at": int(time.time()), "size": f"{size[0]}x{size[1]}", "output_format": plan.output_format}
-    if index is not None:
-        data["partial_image_index"] = index
-    data |= extra or {}
-    return f"event: image_generation.{kind}\ndata: {json.dumps(data)}\n\n".encode()
+async def read_form(state: ServerState, request: Request) -> dict:
+    """A multipart body (edits, variations) as `openai_spec.form_body` reads it; 413 past the body limit."""
+    data = await jobs.read_body(request, state.config.max_body_bytes)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise invalid("body", "must be multipart/form-data with the image as a file part (as the openai SDK sends "
+                              "it)")
 
+    async def chunks():
+        yield data
 
-def stream_error(error: HttpError) -> bytes:
-    """A failure after the stream began (its status line is sent): an `error` event with the usual error body."""
-    return f"event: error\ndata: {json.dumps(error.body())}\n\n".encode()
+    try:
+        form = await MultiPartParser(request.headers, chunks(), max_files=20, max_fields=200).parse()
+    except Exception as e:  # noqa: BLE001 — MultiPartException, a missing boundary, …
+        raise invalid("body", f"is not a readable multipart form ({getattr(e, 'message', None) or type(e).__name__})") \
+            from None
+    try:
+        return await asyncio.to_thread(form_body, form.multi_items())
+    finally:
+        await form.close()
 
 
 # ---- the routes ----------------------------------------------------------------------------------------------
@@ -246,6 +245,8 @@ _OPENAI_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
     "response_format": {"type": "string", "enum": ["b64_json"]},
     "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png"},
     "output_compression": {"type": "integer", "minimum": 0, "maximum": 100},
+    "quality": {"type": "string", "description": "accepted, no effect (steps set the effort)"},
+    "background": {"type": "string", "enum": ["auto", "opaque"]},
     "model": {"type": "string"}, "user": {"type": "string"}, "stream": {"type": "boolean", "default": False},
     "partial_images": {"type": "integer", "minimum": 0, "maximum": 3, "description": "with stream: progress images "
                        "decoded by the tiny VAE"},
@@ -255,81 +256,54 @@ _OPENAI_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {
     "seed": {"type": "integer", "description": "image i uses seed + i; absent or -1: random (returned)"},
     "sampler": {"type": "string", "example": "DPM++ 2M Karras"},
     "schedule": {"type": "string", "enum": list(SIGMA_SCHEDULES)}}}
-
-
-async def _stream(state: ServerState, request: Request, plan: Plan) -> StreamingResponse:
-    """OpenAI image streaming: `partial_images` progress images (tiny VAE, runtime/service.preview_steps), then
-    the finished image, as server-sent events. Errors before the first byte are ordinary answers; after it, an
-    `error` event. A client that goes away cancels the request, as in `jobs.generate`."""
-    service = state.require_service()
-    queued = await asyncio.to_thread(jobs.validated, state, service, plan)
-    loop = asyncio.get_running_loop()
-    previews: asyncio.Queue = asyncio.Queue()
-    token = CancelToken()
-    future, = jobs.submitted(state, service, queued, token, previews=plan.partial_images,
-                             on_preview=lambda done, total, images: loop.call_soon_threadsafe(previews.put_nowait,
-                                                                                             images[0]))
-    size = (queued[0].width, queued[0].height)
-
-    async def events():
-        waiter = asyncio.wrap_future(future)
-        give_up = None if state.config.timeout_s is None else loop.time() + state.config.timeout_s + 1.0
-        index, finished = 0, False
-        try:
-            while True:
-                while not previews.empty():  # in step order, before the result they precede
-                    data = await asyncio.to_thread(image_io.image_bytes, previews.get_nowait(), None,
-                                                   plan.output_format, plan.quality)
-                    yield stream_event("partial_image", plan, data, size, index)
-                    index += 1
-                if waiter.done():
-                    break
-                await asyncio.wait({waiter}, timeout=state.config.poll_s)
-                if not waiter.done() and await request.is_disconnected():
-                    state.metrics.outcome("cancelled")
-                    return
-                if give_up is not None and loop.time() > give_up:
-                    raise DeadlineExceeded("the request's deadline passed before it finished")
-            result = waiter.result()
-            encoded = await asyncio.to_thread(jobs.encode_results, plan, [result], state.model_name)
-            finished = True
-            state.metrics.outcome("ok")
-            state.metrics.on_result(result)
-            yield stream_event("completed", plan, encoded[0][0], size,
-                               extra={"seed": result.seeds[0], "partial_images_sent": index})
-        except Exception as e:  # noqa: BLE001 — the status line is gone: an error event instead
-            yield stream_error(jobs.failure(state, e, plan))
-        finally:
-            if not finished:
-                token.cancel()
-                waiter.cancel()
-                waiter.add_done_callback(jobs.retrieve)
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Seed": str(queued[0].seeds[0])})
+_FORM_SCHEMA = {"type": "object", "required": ["image"], "properties": {
+    "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
+    "prompt": {"type": "string"}, "n": {"type": "integer", "default": 1}, "size": {"type": "string"},
+    "strength": {"type": "number"}, "steps": {"type": "integer"}, "seed": {"type": "integer"}}}
+_IMAGES = {200: {"content": {"application/json": {}, "image/png": {}, "image/jpeg": {}, "image/webp": {}}}}
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
     """The dialect's routes on `app`, over the app's shared state."""
     config = state.config
+    unclip = bool(state.dir.info.unclip)
 
-    @app.post("/v1/images/generations", tags=["OpenAI"], summary="Generate images (OpenAI Images API + SD fields)",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": _OPENAI_SCHEMA}}}},
-              responses={200: {"content": {"application/json": {}, "image/png": {}, "image/jpeg": {},
-                                           "image/webp": {}}}})
-    async def images_generations(request: Request):
-        accept = request.headers.get("accept")
-        plan = await jobs.plan_of(state, request, lambda body: openai_plan(body, state.ctx, accept))
+    async def answer(request: Request, plan: OpenAIPlan):
         if plan.stream:
-            return await _stream(state, request, plan)
+            return await openai_stream.stream(state, request, plan)
         results = await jobs.generate(state, request, plan)
         encoded = await asyncio.to_thread(jobs.encode_results, plan, results, state.model_name)
         if plan.raw:
             r = results[0]
             return Response(encoded[0][0], media_type=f"image/{plan.output_format}",
                             headers={"X-Seed": str(r.seeds[0]), "X-Batch-Size": str(r.batch_size)})
-        return JSONResponse(openai_response(plan, results, encoded))
+        usage = await asyncio.to_thread(openai_stream.usage, state, plan.prompt)
+        return JSONResponse(openai_response(plan, results, encoded, usage))
+
+    async def from_form(request: Request, make: Callable[..., OpenAIPlan]):
+        body = await read_form(state, request)
+        accept = request.headers.get("accept")
+        return await answer(request, await asyncio.to_thread(make, body, state.ctx, accept, unclip))
+
+    @app.post("/v1/images/generations", tags=["OpenAI"], summary="Generate images (OpenAI Images API + SD fields)",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": _OPENAI_SCHEMA}}}}, responses=_IMAGES)
+    async def images_generations(request: Request):
+        accept = request.headers.get("accept")
+        return await answer(request, await jobs.plan_of(state, request, lambda body: openai_plan(body, state.ctx,
+                                                                                                 accept)))
+
+    @app.post("/v1/images/edits", tags=["OpenAI"], summary="Edit an image: img2img, or inpainting with a mask",
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                  "schema": _FORM_SCHEMA}}}}, responses=_IMAGES)
+    async def images_edits(request: Request):
+        return await from_form(request, edit_plan)
+
+    @app.post("/v1/images/variations", tags=["OpenAI"], summary="Variations of an image (unCLIP models)",
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                  "schema": _FORM_SCHEMA}}}}, responses=_IMAGES)
+    async def images_variations(request: Request):
+        return await from_form(request, variation_plan)
 
     def model_card() -> dict:
         d, limits = state.dir, config.limits
@@ -341,9 +315,10 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "family": d.info.family.value, "inpaint": d.info.inpaint, "prediction_type": d.info.prediction_type,
             "precision": manifest.get("precision"), "default_size": d.default_size,
             "size_multiple": state.ctx.size_multiple,
-            "img2img": d.has("vae_encoder"),
+            "img2img": d.has("vae_encoder"),  # POST /v1/images/edits
+            "variations": bool(d.info.unclip),  # POST /v1/images/variations
             "previews": d.has("vae_decoder_tiny"),  # streaming with partial_images (the tiny VAE decodes them)
-            "default_sampler": sampler_registry.default_for(d.scheduler_config),
+            "default_sampler": sampler_registry.model_default(d.scheduler_config),  # None: name one
             "samplers": list(sampler_registry.REGISTRY),
             "a1111_samplers": [s["name"] for s in a1111.a1111_samplers()],
             "schedules": list(SIGMA_SCHEDULES),

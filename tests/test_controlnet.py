@@ -278,15 +278,15 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
                                 ([{"name": "depth", "image": "%%%"}], "controls[0].image"),
                                 ([{"name": "depth", "image": b64, "scale": "high"}], "controls[0].scale")):
             response = client.post("/v1/images/generations", json=body | {"controls": controls})
-            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
         response = client.post("/v1/images/generations", json=body | {"control_start": 0.9, "control_end": 0.1})
-        assert response.status_code == 422 and response.json()["error"]["field"] == "control_start"
+        assert response.status_code == 400 and response.json()["error"]["param"] == "control_start"
         response = client.post("/v1/images/generations", json=body | {"ip_image": b64, "ip_scale": "x"})
-        assert response.status_code == 422 and response.json()["error"]["field"] == "ip_scale", response.text
+        assert response.status_code == 400 and response.json()["error"]["param"] == "ip_scale", response.text
         response = client.post("/v1/images/generations", json=body | {"ip_image": b64, "ip_scale": 0.5})
         assert response.status_code == 200, response.text  # ControlNet + IP-Adapter over HTTP
         response = client.post("/v1/images/generations", json=body | {"ip_image": [b64, "%%%"]})
-        assert response.status_code == 422 and response.json()["error"]["field"] == "ip_image[1]", response.text
+        assert response.status_code == 400 and response.json()["error"]["param"] == "ip_image[1]", response.text
         response = client.post("/v1/images/generations", json=body | {"ip_image": [b64, b64], "ip_scale": 0.5})
         assert response.status_code == 200, response.text  # two images for the one adapter
         named = {"ip_adapters": [{"name": "ip-adapter", "image": [b64, b64], "scale": 0.5}]}  # the file's stem
@@ -297,7 +297,7 @@ def test_http_controls_equal_the_python_request_and_errors_name_the_entry(cn, pi
                                ([{"name": "ip-adapter", "image": b64, "scale": None}], "ip_adapters[0].scale"),
                                ("ip-adapter", "ip_adapters")):
             response = client.post("/v1/images/generations", json=body | {"ip_adapters": entries})
-            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
 
 
 @pytest.mark.slow

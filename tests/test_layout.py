@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("export", "engines", "runtime", "bench", "cli", "serve")  # installed as sdrt.<folder> (pyproject)
+PACKAGES = ("export", "engines", "runtime", "bench", "cli", "serve", "compat")  # installed as sdrt.<folder> (pyproject)
 MAX_MODULES = 15
 MAX_LINES = 600
 

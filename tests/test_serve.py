@@ -61,12 +61,18 @@ def _diff(a: Image.Image, b: Image.Image) -> int:
 
 
 def _error(response, status: int, field: str | None = "any") -> dict:
+    """The error body: OpenAI's error object on /v1/ routes (the field in `param`), sdrt's elsewhere."""
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"type", "field", "message"} and error["message"]
+    if response.request.url.path.startswith("/v1/"):
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        named = error["param"]
+    else:
+        assert set(error) == {"type", "field", "message"} and error["message"]
+        named = error["field"]
     if field != "any":
-        assert error["field"] == field, error
+        assert named == field, error
     return error
 
 
@@ -101,7 +107,7 @@ def test_accept_image_png_returns_the_raw_png(client):
     assert response.headers["x-seed"] == "3"
     same = client.post(GEN, json={"prompt": "a lighthouse", "seed": 3, **SMALL}).json()
     assert _diff(image, _png(same["data"][0]["b64_json"])) <= 1
-    _error(client.post(GEN, json={"prompt": "x", "n": 2, **SMALL}, headers={"Accept": "image/png"}), 422, "n")
+    _error(client.post(GEN, json={"prompt": "x", "n": 2, **SMALL}, headers={"Accept": "image/png"}), 400, "n")
 
 
 @pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])
@@ -129,12 +135,13 @@ def test_a1111_txt2img_n_iter_continues_seeds_and_equals_openai(client):
     assert info["all_prompts"] == ["a castle"] * 4 and info["all_negative_prompts"] == ["fog"] * 4
     assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 5.0 and info["steps"] == 3
     assert len(data["images"]) == 4 and data["parameters"] == body
-    assert info["infotexts"][3].endswith("Seed: 103, Size: 32x32, Model: sd15-fp32")
+    text = info["infotexts"][3]
+    assert "Seed: 103, Size: 32x32, Model hash: " in text and ", Model: sd15-fp32, Version: " in text
     openai = client.post(GEN, json={"prompt": "a castle", "negative_prompt": "fog", "seed": 102, "n": 2,
                                     **SMALL}).json()
     for a, b in zip(data["images"][2:], openai["data"]):
         assert _diff(_png(a), _png(b["b64_json"])) <= 1
-        assert _png(a).info["parameters"] == _png(b["b64_json"]).info["parameters"]
+        assert _png(a).info["parameters"] == info["infotexts"][2 + data["images"][2:].index(a)]
 
 
 def test_a1111_webuiapi_style_defaults_are_accepted(client):
@@ -155,7 +162,7 @@ def test_a1111_webuiapi_style_defaults_are_accepted(client):
 
 @pytest.mark.parametrize("field,value", [
     ("restore_faces", True), ("tiling", True), ("enable_hr", True), ("subseed_strength", 0.5), ("styles", ["x"]),
-    ("s_churn", 1.0), ("save_images", True), ("script_name", "x/y plot"), ("alwayson_scripts", {"controlnet": {}}),
+    ("s_churn", 1.0), ("save_images", True), ("script_name", "x/y plot"), ("alwayson_scripts", {"adetailer": {"args": []}}),
     ("override_settings", {"CLIP_stop_at_last_layers": 2}), ("eta", 0.3), ("refiner_checkpoint", "sdxl-refiner"),
     ("hires_fix_please", 1)])
 def test_a1111_fields_sdrt_does_not_do_are_named(client, field, value):
@@ -189,7 +196,7 @@ def test_a1111_img2img_and_inpaint(client):
     result, original = np.asarray(_png(out.json()["images"][0]), int), np.asarray(_png(source), int)
     assert np.abs(result[:6, :6] - original[:6, :6]).mean() < np.abs(result[12:20, 12:20] -
                                                                        original[12:20, 12:20]).mean()
-    _error(client.post(IMG, json={**masked, "mask_blur": 4}), 422, "mask_blur")
+    _error(client.post(IMG, json={**masked, "mask_blur": -1}), 422, "mask_blur")
     _error(client.post(IMG, json={**body, "init_images": []}), 422, "init_images")
     _error(client.post(IMG, json={**body, "init_images": ["not base64!"]}), 422, "init_images")
     _error(client.post(IMG, json={**body, "denoising_strength": 1.5}), 422, "denoising_strength")
@@ -222,7 +229,7 @@ def test_metrics(client):
                  "sdrt_http_request_duration_seconds_bucket", "process_resident_memory_bytes", "sdrt_ready 1.0"):
         assert name in text, name
     assert 'sdrt_http_requests_total{method="POST",route="/v1/images/generations",status="200"}' in text
-    assert 'sdrt_http_requests_total{method="POST",route="/v1/images/generations",status="422"}' in text
+    assert 'sdrt_http_requests_total{method="POST",route="/v1/images/generations",status="400"}' in text
     client.get("/no/such/route")
     assert 'route="unmatched",status="404"' in client.get("/metrics").text
 
@@ -230,53 +237,54 @@ def test_metrics(client):
 # ---- errors --------------------------------------------------------------------------------------------------------
 
 BAD = [  # (route, body, status, field)
-    (GEN, b"{not json", 422, "body"),
-    (GEN, b"", 422, "body"),
-    (GEN, b"[1, 2]", 422, "body"),
-    (GEN, b'"a prompt"', 422, "body"),
-    (GEN, b"\xff\xfe\x00garbage", 422, "body"),
-    (GEN, b"[" * 100_000 + b"]" * 100_000, 422, "body"),
-    (GEN, b'{"prompt": "\\ud800"}', 422, "prompt"),
-    (GEN, {"n": 1}, 422, "prompt"),
-    (GEN, {"prompt": 5}, 422, "prompt"),
-    (GEN, {"prompt": "x" * (10 * 2 ** 20)}, 422, "prompt"),
-    (GEN, {"prompt": "x", "n": 10 ** 6}, 422, "n"),
-    (GEN, {"prompt": "x", "n": 0}, 422, "n"),
-    (GEN, {"prompt": "x", "n": "2"}, 422, "n"),
-    (GEN, {"prompt": "x", "size": "100000x100000"}, 422, "size"),
-    (GEN, {"prompt": "x", "size": "33x32"}, 422, "size"),
-    (GEN, {"prompt": "x", "size": "0x32"}, 422, "size"),
-    (GEN, {"prompt": "x", "size": "big"}, 422, "size"),
-    (GEN, {"prompt": "x", "size": [32, 32]}, 422, "size"),
-    (GEN, {"prompt": "x", "steps": 0}, 422, "steps"),
-    (GEN, {"prompt": "x", "steps": 10 ** 9}, 422, "steps"),
-    (GEN, {"prompt": "x", "steps": 2.5}, 422, "steps"),
-    (GEN, {"prompt": "x", "num_inference_steps": "many"}, 422, "num_inference_steps"),
-    (GEN, {"prompt": "x", "steps": 3, "num_inference_steps": 3}, 422, "num_inference_steps"),
-    (GEN, {"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
-    (GEN, {"prompt": "x", "guidance_scale": "high"}, 422, "guidance_scale"),
-    (GEN, {"prompt": "x", "guidance_scale": 1e9}, 422, "guidance_scale"),
-    (GEN, b'{"prompt": "x", "guidance_scale": NaN}', 422, "guidance_scale"),
-    (GEN, {"prompt": "x", "guidance_rescale": 2}, 422, "guidance_rescale"),
-    (GEN, {"prompt": "x", "sampler": "dpm_fast"}, 422, "sampler"),
-    (GEN, {"prompt": "x", "sampler": 7}, 422, "sampler"),
-    (GEN, {"prompt": "x", "sampler": "euler_a", "schedule": "karras"}, 422, "sampler"),
-    (GEN, {"prompt": "x", "schedule": "zigzag"}, 422, "schedule"),
-    (GEN, {"prompt": "x", "schedule": {}}, 422, "schedule"),
-    (GEN, {"prompt": "x", "sampler": "DPM++ 2M Karras", "schedule": "exponential"}, 422, "schedule"),
-    (GEN, {"prompt": "x", "seed": -2}, 422, "seed"),
-    (GEN, {"prompt": "x", "seed": 2 ** 64}, 422, "seed"),
-    (GEN, {"prompt": "x", "seed": 2 ** 64 - 1, "n": 2}, 422, "seed"),
-    (GEN, {"prompt": "x", "seed": True}, 422, "seed"),
-    (GEN, b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 422, "body"),
-    (GEN, {"prompt": "x", "negative_prompt": ["a", "b"]}, 422, "negative_prompt"),
-    (GEN, {"prompt": "x", "negative_prompt": 3}, 422, "negative_prompt"),
-    (GEN, {"prompt": "x", "response_format": "url"}, 422, "response_format"),
-    (GEN, {"prompt": "x", "output_format": "gif"}, 422, "output_format"),
-    (GEN, {"prompt": "x", "output_compression": 50}, 422, "output_compression"),
-    (GEN, {"prompt": "x", "model": "dall-e-3"}, 422, "model"),
-    (GEN, {"prompt": "x", "stream": 1}, 422, "stream"),
-    (GEN, {"prompt": "x", "quality": "hd"}, 422, "quality"),
+    (GEN, b"{not json", 400, "body"),
+    (GEN, b"", 400, "body"),
+    (GEN, b"[1, 2]", 400, "body"),
+    (GEN, b'"a prompt"', 400, "body"),
+    (GEN, b"\xff\xfe\x00garbage", 400, "body"),
+    (GEN, b"[" * 100_000 + b"]" * 100_000, 400, "body"),
+    (GEN, b'{"prompt": "\\ud800"}', 400, "prompt"),
+    (GEN, {"n": 1}, 400, "prompt"),
+    (GEN, {"prompt": 5}, 400, "prompt"),
+    (GEN, {"prompt": "x" * (10 * 2 ** 20)}, 400, "prompt"),
+    (GEN, {"prompt": "x", "n": 10 ** 6}, 400, "n"),
+    (GEN, {"prompt": "x", "n": 0}, 400, "n"),
+    (GEN, {"prompt": "x", "n": "2"}, 400, "n"),
+    (GEN, {"prompt": "x", "size": "100000x100000"}, 400, "size"),
+    (GEN, {"prompt": "x", "size": "33x32"}, 400, "size"),
+    (GEN, {"prompt": "x", "size": "0x32"}, 400, "size"),
+    (GEN, {"prompt": "x", "size": "big"}, 400, "size"),
+    (GEN, {"prompt": "x", "size": [32, 32]}, 400, "size"),
+    (GEN, {"prompt": "x", "steps": 0}, 400, "steps"),
+    (GEN, {"prompt": "x", "steps": 10 ** 9}, 400, "steps"),
+    (GEN, {"prompt": "x", "steps": 2.5}, 400, "steps"),
+    (GEN, {"prompt": "x", "num_inference_steps": "many"}, 400, "num_inference_steps"),
+    (GEN, {"prompt": "x", "steps": 3, "num_inference_steps": 3}, 400, "num_inference_steps"),
+    (GEN, {"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale"),
+    (GEN, {"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale"),
+    (GEN, {"prompt": "x", "guidance_scale": 1e9}, 400, "guidance_scale"),
+    (GEN, b'{"prompt": "x", "guidance_scale": NaN}', 400, "guidance_scale"),
+    (GEN, {"prompt": "x", "guidance_rescale": 2}, 400, "guidance_rescale"),
+    (GEN, {"prompt": "x", "sampler": "dpm_fast"}, 400, "sampler"),
+    (GEN, {"prompt": "x", "sampler": 7}, 400, "sampler"),
+    (GEN, {"prompt": "x", "sampler": "euler_a", "schedule": "karras"}, 400, "sampler"),
+    (GEN, {"prompt": "x", "schedule": "zigzag"}, 400, "schedule"),
+    (GEN, {"prompt": "x", "schedule": {}}, 400, "schedule"),
+    (GEN, {"prompt": "x", "sampler": "DPM++ 2M Karras", "schedule": "exponential"}, 400, "schedule"),
+    (GEN, {"prompt": "x", "seed": -2}, 400, "seed"),
+    (GEN, {"prompt": "x", "seed": 2 ** 64}, 400, "seed"),
+    (GEN, {"prompt": "x", "seed": 2 ** 64 - 1, "n": 2}, 400, "seed"),
+    (GEN, {"prompt": "x", "seed": True}, 400, "seed"),
+    (GEN, b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, "body"),
+    (GEN, {"prompt": "x", "negative_prompt": ["a", "b"]}, 400, "negative_prompt"),
+    (GEN, {"prompt": "x", "negative_prompt": 3}, 400, "negative_prompt"),
+    (GEN, {"prompt": "x", "response_format": "url"}, 400, "response_format"),
+    (GEN, {"prompt": "x", "output_format": "gif"}, 400, "output_format"),
+    (GEN, {"prompt": "x", "output_compression": 50}, 400, "output_compression"),
+    (GEN, {"prompt": "x", "model": "dall-e-3"}, 400, "model"),
+    (GEN, {"prompt": "x", "stream": 1}, 400, "stream"),
+    (GEN, {"prompt": "x", "quality": "ultra"}, 400, "quality"),
+    (GEN, {"prompt": "x", "background": "transparent"}, 400, "background"),
     (TXT, {"prompt": "x", "width": 31, "height": 32}, 422, "width"),
     (TXT, {"prompt": "x", "batch_size": 17}, 422, "batch_size"),
     (TXT, {"prompt": "x", "n_iter": 10 ** 6}, 422, "n_iter"),
@@ -305,7 +313,7 @@ def test_tiny_init_image_and_memory_limit(client, engine, pipe):
     _error(client.post(IMG, json={"prompt": "x", "init_images": [base64.b64encode(small.getvalue()).decode()],
                                   **A_SMALL}), 422, "init_images")
     with _client(engine, pipe, limits=Limits(max_memory_bytes=1024)) as tight:
-        _error(tight.post(GEN, json={"prompt": "x", **SMALL}), 422, "size")
+        _error(tight.post(GEN, json={"prompt": "x", **SMALL}), 400, "size")
 
 
 def test_after_bad_input_the_next_valid_request_is_answered(client):
@@ -328,13 +336,15 @@ def test_body_limit_from_content_length_and_while_reading(engine, pipe):
 
 def test_unknown_routes_and_methods_answer_json(client):
     _error(client.get("/v1/nothing"), 404, None)
-    _error(client.post("/sdapi/v1/progress"), 404, None)
+    _error(client.post("/sdapi/v1/nothing"), 404, None)
+    _error(client.post("/sdapi/v1/progress"), 405, None)  # a GET route (AUTOMATIC1111's progress)
     _error(client.get(GEN), 405, None)
 
 
 def test_api_key(engine, pipe, monkeypatch):
     with _client(engine, pipe, api_key="s3cret") as guarded:
-        assert _error(guarded.post(GEN, json={"prompt": "x", **SMALL}), 401)["type"] == "unauthorized"
+        assert _error(guarded.post(GEN, json={"prompt": "x", **SMALL}), 401)["code"] == "invalid_api_key"
+        assert _error(guarded.get("/sdapi/v1/sd-models"), 401)["type"] == "unauthorized"
         _error(guarded.post(GEN, json={"prompt": "x", **SMALL}, headers={"Authorization": "Bearer wrong"}), 401)
         _error(guarded.get("/metrics"), 401)
         assert guarded.get("/healthz").status_code == 200 and guarded.get("/readyz").status_code == 200
@@ -451,7 +461,8 @@ def test_random_bodies_never_answer_5xx(fuzz_client, route):
         response = fuzz_client.post(route, content=content, headers={"content-type": "application/json"})
         assert response.status_code < 500, (content[:300], response.status_code, response.text[:300])
         if response.status_code != 200:
-            assert set(response.json()["error"]) == {"type", "field", "message"}
+            shape = {"message", "type", "param", "code"} if route == GEN else {"type", "field", "message"}
+            assert set(response.json()["error"]) == shape
 
     check()
     assert fuzz_client.post(GEN, json={"prompt": "after the fuzz", "size": "32x32", "steps": 2}).status_code == 200

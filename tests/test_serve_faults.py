@@ -58,7 +58,7 @@ def test_an_engine_error_is_a_500_for_that_request_and_the_server_goes_on(engine
         response = client.post(GEN, json={"prompt": "a <<explode>> cat", **SMALL})
         assert response.status_code == 500
         error = response.json()["error"]
-        assert error["type"] == "engine_error" and "injected" in error["message"]
+        assert error["type"] == "server_error" and error["code"] == "engine_error" and "injected" in error["message"]
         assert client.post(GEN, json={"prompt": "a calm cat", **SMALL}).status_code == 200
         metrics = parse_metrics(client.get("/metrics").text)
         assert metrics['sdrt_batches_total{failed="true"}'] == 1 and metrics['sdrt_generations_total{outcome="error"}'] == 1
@@ -75,7 +75,7 @@ def test_a_full_queue_is_429_with_retry_after(engine, pipe):
             response = client.post(GEN, json={"prompt": "one too many", **SMALL})
             assert response.status_code == 429, response.text
             assert int(response.headers["retry-after"]) >= 1
-            assert response.json()["error"]["type"] == "queue_full"
+            assert response.json()["error"]["code"] == "queue_full"
         finally:
             gate.set()
         assert blocker.result(60).images and queued.result(60).images
@@ -89,7 +89,7 @@ def test_past_the_deadline_is_504(engine, pipe):
             _blocked(client.app.state.sdrt.service, gate)
             started = time.monotonic()
             response = client.post(GEN, json={"prompt": "too late", **SMALL})
-            assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
+            assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
             assert time.monotonic() - started < 10
         finally:
             gate.set()
@@ -174,7 +174,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server, monkeypatch):
     time.sleep(0.3)
     try:  # the listening socket is closed (connection refused) or the request is answered 503
         late = httpx.post(s.url + GEN, json={"prompt": "late", **SMALL}, headers=auth, timeout=30)
-        assert late.status_code == 503 and late.json()["error"]["type"] == "shutting_down"
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     except httpx.TransportError:
         pass
     for t in threads:

@@ -90,7 +90,7 @@ def test_http_t2i_adapter_equals_the_python_request(conditioned):
         for bad, field in (({"adapter_name": "lineart"}, "adapter_name"), ({"adapter_image": "%%%"}, "adapter_image"),
                            ({"adapter_scale": "high"}, "adapter_scale")):
             response = client.post("/v1/images/generations", json=body | bad)
-            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
 
 
 @pytest.mark.slow

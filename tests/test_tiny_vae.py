@@ -215,7 +215,7 @@ def test_openai_streaming_sends_tiny_vae_partial_images_then_the_image(with_tiny
         for bad, field in (({"partial_images": 4}, "partial_images"), ({"stream": False}, "partial_images"),
                            ({"n": 2}, "n"), ({"stream": "yes"}, "stream")):
             response = client.post("/v1/images/generations", json=body | bad)
-            assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
     with pytest.raises(HttpError, match="tiny VAE") as e:  # a directory without vae_decoder_tiny
         openai_plan(body, ModelContext("m", 32, 2, 1000, 4, 4096 * 4096))
     assert e.value.field == "partial_images"

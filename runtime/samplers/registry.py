@@ -173,6 +173,15 @@ def default_for(scheduler_config: Mapping) -> str:
     return min(candidates)[2]
 
 
+def model_default(scheduler_config: Mapping) -> str | None:
+    """The sampler a request without one runs on this model, or None where the model's scheduler is refused
+    (for listings: /v1/models, sdrt info)."""
+    try:
+        return for_model(None, scheduler_config)
+    except ScheduleError:
+        return None
+
+
 # Settings of diffusers' scheduler classes that change the result and that no sdrt sampler models, with the value
 # that means "off" (diffusers 0.42's __init__ defaults). A model whose config sets one otherwise is refused for a
 # sampler whose class would read it.

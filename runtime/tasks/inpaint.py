@@ -18,7 +18,9 @@ def applies(job, model_dir) -> bool:
     return job.mask is not None
 
 
-def prepare(parts, job, common: Common) -> Prepared:
+def prepare(parts, job, common: Common, fill_latents=None) -> Prepared:
+    """`fill_latents(image_latents, latent_mask, noise)`: a change to the init latents under the mask (AUTOMATIC1111's
+    latent fills, runtime/tasks/inpaint_a1111.py), made before the first latents are."""
     # diffusers StableDiffusionInpaintPipeline: prepare_latents, then prepare_mask_latents (both draw RNG).
     # Each image samples its own posteriors with its own generator: for one image that is diffusers' draw;
     # diffusers' batches sample the shared encodings with generator[0] only, which would tie image i to seed s.
@@ -33,11 +35,13 @@ def prepare(parts, job, common: Common) -> Prepared:
     if not nine_channel or strength < 1.0:
         image_latents = parts.encode_image(image, generator, job.vae, job.tile_vae)
     drawn = parts.randn(common.shape, generator)
+    latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
+    if fill_latents is not None and image_latents is not None:
+        image_latents = fill_latents(image_latents, latent_mask, drawn)
     if strength >= 1.0:
         x = classic.initial_latents(drawn, schedule)
     else:
         x = image_latents + drawn * float(schedule.sigmas[0])
-    latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
     masked_latents = parts.encode_image(masked_image, generator, job.vae, job.tile_vae)
     if nine_channel:
         extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))

@@ -51,7 +51,7 @@ async function errorOf(response) {
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON */ }
   const error = body && body.error ? body.error : { message: `${response.status} ${response.statusText}` };
-  return new ServerError(error.field || null, error.message || JSON.stringify(error));
+  return new ServerError(error.param ?? error.field ?? null, error.message || JSON.stringify(error));  // /v1: OpenAI's param
 }
 
 // ---- the form -----------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ async function txt2img(v) {
       const line = event.split("\n").find((l) => l.startsWith("data: "));
       if (!line) continue;
       const data = JSON.parse(line.slice(6));
-      if (data.error) throw new ServerError(data.error.field, data.error.message);
+      if (data.error) throw new ServerError(data.error.param ?? data.error.field, data.error.message);
       if (data.type === "image_generation.partial_image") {
         partials += 1;
         $("preview").src = "data:image/png;base64," + data.b64_json;

@@ -1,37 +1,25 @@
-"""The AUTOMATIC1111 dialect of `sdrt serve`: `/sdapi/v1` (txt2img, img2img, and what the server can do).
+"""AUTOMATIC1111's txt2img/img2img bodies → Plans for the service (serve/fields.py Plan), for serve/a1111/routes.py.
 
-AUTOMATIC1111 (`POST /sdapi/v1/txt2img`, `/sdapi/v1/img2img`): the fields sdrt uses are in `A1111_USED`; the
-fields A1111 clients send with neutral defaults are in `a1111_neutral()`, each accepted only with a value whose
-behaviour sdrt already has (e.g. `restore_faces: false`) and refused with 422 naming it otherwise (e.g.
-`restore_faces: true`); any other field is refused as unknown. `n_iter` > 1 runs several batches whose seeds
-continue (A1111: image i of the whole request has seed + i). Omitted fields take A1111's defaults (steps 50,
-cfg_scale 7, sampler "Euler", denoising_strength 0.75, seed -1) except the size, which is the model's default size
-(A1111 always defaults to 512). An omitted `negative_prompt` means the model's default negative conditioning
-(for SDXL: zeroed, as diffusers), not "".
+The fields sdrt uses are in `A1111_USED` (and `A1111_IMG2IMG_USED`); the fields A1111 clients send with neutral
+defaults are in `a1111_neutral()`, each accepted only with a value whose behaviour sdrt already has and refused
+with 422 naming it otherwise; any other field is refused as unknown. With a mask, A1111's inpainting fields
+(mask_blur[_x/_y], inpainting_fill, inpaint_full_res[_padding], inpainting_mask_invert) map onto the runtime's
+`inpaint` settings (runtime/tasks/inpaint_a1111.py) with A1111's defaults. The ControlNet extension's units in
+`alwayson_scripts` become the Request's Control fields (serve/a1111/controlnet.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
 import re
 import secrets
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from PIL import ImageOps
-
 from sdrt.runtime.fields import MAX_SEED
-from sdrt.runtime.lora import refs as lora_refs
 from sdrt.runtime.prompts.tags import TagError, strip_lora_tags
 from sdrt.runtime.samplers import registry as sampler_registry
-from sdrt.serve import fields, jobs
-from sdrt.serve.edge import ServerState
+from sdrt.serve import fields
+from sdrt.serve.a1111.controlnet import control_fields, has_units, scripts_check
 from sdrt.serve.errors import invalid
 from sdrt.serve.fields import ModelContext, Plan
 
@@ -40,10 +28,16 @@ from sdrt.serve.fields import ModelContext, Plan
 A1111_USED = ("prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size",
               "n_iter", "steps", "cfg_scale", "width", "height", "send_images")
 A1111_IMG2IMG_USED = ("init_images", "denoising_strength", "mask", "inpainting_mask_invert", "include_init_images",
-                      "outpaint")
+                      "outpaint", "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+                      "inpaint_full_res_padding")
+# with a mask: inpainting_fill 0..3 → runtime/tasks/inpaint_a1111.py's fill; A1111's defaults when omitted
+A1111_INPAINT_FILL = ("fill", "original", "latent_noise", "latent_nothing")
+A1111_INPAINT_DEFAULTS = {"mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 0, "inpaint_full_res": True,
+                          "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0}
 # inpainting_fill with sdrt's `outpaint` extension: 0 "fill" (blurred colours), 1 "original", 2 "latent noise"
 A1111_OUTPAINT_FILL = {0: "blur", 1: "edge", 2: "noise"}
-_A1111_NAMES = {"guidance": "cfg_scale", "batch": "batch_size", "sampler": "sampler_name", "schedule": "scheduler",
+_A1111_NAMES = {"fill": "inpainting_fill", "only_masked": "inpaint_full_res", "padding": "inpaint_full_res_padding",
+                "invert": "inpainting_mask_invert", "guidance": "cfg_scale", "batch": "batch_size", "sampler": "sampler_name", "schedule": "scheduler",
                 "strength": "denoising_strength", "init_image": "init_images", "request": "body"}
 A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler": "Euler", "denoising_strength": 0.75}
 
@@ -151,7 +145,8 @@ def a1111_neutral(model_name: str, img2img: bool) -> dict[str, Neutral]:
         "enable_hr": Neutral("false or null (sdrt has no hires fix)", _is(False, None)),
         "script_name": Neutral("null or \"\" (sdrt runs no scripts)", _is(None, "")),
         "script_args": Neutral("[] or null", _is([], None)),
-        "alwayson_scripts": Neutral("{} or null", _is({}, None)),
+        "alwayson_scripts": Neutral("{}, null, or the ControlNet extension's {\"controlnet\": {\"args\": [units]}} "
+                                    "(sdrt runs no other scripts)", scripts_check),
         "force_task_id": Neutral("any string or null (sdrt has no progress endpoint to use it)",
                                  lambda v, body: v is None or isinstance(v, str)),
         "infotext": Neutral("null or \"\"", _is(None, "")),
@@ -167,21 +162,8 @@ def a1111_neutral(model_name: str, img2img: bool) -> dict[str, Neutral]:
                                _is(0, None)),
         "image_cfg_scale": Neutral("any value (AUTOMATIC1111 uses it for instruct-pix2pix models only, which sdrt "
                                    "does not serve; webuiapi sends 1.5)", _any),
-        "mask_blur": Neutral("0 or null with a mask (sdrt does not blur masks); anything without one (with outpaint: "
-                             "the soft border)",
-                             _with_mask(_is(0, None))),
-        "mask_blur_x": Neutral("0 or null with a mask; anything without one", _with_mask(_is(0, None))),
-        "mask_blur_y": Neutral("0 or null with a mask; anything without one", _with_mask(_is(0, None))),
-        "mask_round": Neutral("true or null with a mask (sdrt binarizes masks at 0.5); anything without one",
-                              _with_mask(_is(True, None))),
-        "inpainting_fill": Neutral("1 (\"original\") or null with a mask; anything without one (with outpaint: 0, 1 "
-                                   "or 2, the fill)",
-                                   _with_mask(_is(1, None))),
-        "inpaint_full_res": Neutral("false, 0 or null with a mask (\"whole picture\"); anything without one",
-                                    _with_mask(_is(False, 0, None))),
-        "inpaint_full_res_padding": Neutral("anything while inpaint_full_res is off",
-                                            lambda v, body: body.get("mask") is None or
-                                            not body.get("inpaint_full_res")),
+        "mask_round": Neutral("true or null with a mask (sdrt's latent mask is binary, as A1111's rounded one); "
+                              "anything without one", _with_mask(_is(True, None))),
         "initial_noise_multiplier": Neutral("1 or null", _is(1, None)),
         "latent_mask": Neutral("null", _is(None)),
     }
@@ -209,7 +191,8 @@ def extra_networks(field_name: str, text: str, ctx: ModelContext, disabled) -> s
     return text
 
 
-def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
+def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool, model_dir=None) -> Plan:
+    """`model_dir`: the engine directory (its ControlNets), needed only for ControlNet units."""
     used = A1111_USED + (A1111_IMG2IMG_USED if img2img else ())
     neutral = a1111_neutral(ctx.name, img2img)
     unknown = [k for k in body if k not in used and k not in neutral]
@@ -272,10 +255,10 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
         flat["strength"] = A1111_DEFAULTS["denoising_strength"] if strength is None else strength
         if body.get("mask") is not None:
             mask = fields.decode_image("mask", body["mask"], ctx, "L")
-            invert = body.get("inpainting_mask_invert")
-            if invert not in (None, 0, 1) or isinstance(invert, bool):
-                raise invalid("inpainting_mask_invert", f"must be 0 or 1, not {fields.short(invert)}")
-            flat["mask"] = ImageOps.invert(mask) if invert == 1 else mask
+            if body.get("outpaint") is not None:
+                raise invalid("mask", "outpainting builds its own mask; give a mask or outpaint margins, not both")
+            flat["mask"] = mask
+            flat["inpaint"] = a1111_inpaint(body)
         if body.get("outpaint") is not None:
             flat["outpaint"] = _a1111_outpaint(body)
             _a1111_outpaint_size(flat)
@@ -284,6 +267,10 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
             raise invalid("include_init_images", f"must be true or false, not {fields.short(include)}")
         if include:
             echo = dict(body)
+    if has_units(body):
+        if model_dir is None:
+            raise invalid("alwayson_scripts", "ControlNet units need the server's engine directory")
+        flat |= control_fields(body, ctx, model_dir, flat.get("init_image"), _output_size(flat, ctx, body))
     requests = []
     step = batch_count if batch_count is not None else 1
     if seed + iterations * step - 1 > MAX_SEED:
@@ -292,6 +279,33 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool) -> Plan:
     for i in range(iterations):
         requests.append(fields.request_of({**flat, "seed": seed + i * step}))
     return Plan(requests, names, send_images=send_images, echo=echo, img2img=img2img)
+
+
+def _flag(body: Mapping, key: str) -> bool:
+    value = body.get(key)
+    value = A1111_INPAINT_DEFAULTS[key] if value is None else value
+    if value not in (0, 1) or (not isinstance(value, (bool, int))):
+        raise invalid(key, f"must be true or false (or 0 or 1), not {fields.short(value)}")
+    return bool(value)
+
+
+def a1111_inpaint(body: Mapping) -> dict:
+    """A1111's inpainting fields as the runtime's `inpaint` settings (runtime/tasks/inpaint_a1111.py); omitted
+    fields take A1111's defaults (blur 4, fill, only masked, padding 0). `mask_blur`, when given, sets both axes."""
+    blur = []
+    for axis in ("mask_blur_x", "mask_blur_y"):
+        key = "mask_blur" if body.get("mask_blur") is not None else axis
+        value = body.get(key)
+        blur.append(fields.integer(key, A1111_INPAINT_DEFAULTS[axis] if value is None else value, 0, 256))
+    fill = body.get("inpainting_fill")
+    fill = A1111_INPAINT_DEFAULTS["inpainting_fill"] if fill is None else fill
+    if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill < len(A1111_INPAINT_FILL):
+        raise invalid("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                                         f"not {fields.short(fill)}")
+    padding = body.get("inpaint_full_res_padding")
+    padding = fields.integer("inpaint_full_res_padding", 0 if padding is None else padding, 0, 4096)
+    return {"mask_blur": tuple(blur), "fill": A1111_INPAINT_FILL[fill], "only_masked": _flag(body, "inpaint_full_res"),
+            "padding": padding, "invert": _flag(body, "inpainting_mask_invert")}
 
 
 def _a1111_outpaint(body: Mapping) -> dict:
@@ -335,206 +349,21 @@ def _a1111_outpaint_size(flat: dict) -> None:
     flat.pop("height", None)
 
 
-# ---- the answers ---------------------------------------------------------------------------------------------
-
-def a1111_response(plan: Plan, results, encoded: list[list[bytes]], model_name: str) -> dict:
-    jobs = [r.job for r in results]
-    first = jobs[0]
-    seeds = [s for r in results for s in r.seeds]
-    prompts = [p for j in jobs for p in j.prompt for _ in range(j.images_per_prompt)]
-    negatives = [n for j in jobs for n in (j.negative_prompt or ("",) * len(j.prompt))
-                 for _ in range(j.images_per_prompt)]
-    infotexts = [r.parameters(i, model_name).a1111_text() for r in results for i in range(len(r.images))]
-    info = {
-        "prompt": prompts[0], "all_prompts": prompts, "negative_prompt": negatives[0],
-        "all_negative_prompts": negatives, "seed": seeds[0], "all_seeds": seeds, "subseed": -1,
-        "all_subseeds": [-1] * len(seeds), "subseed_strength": 0, "width": first.width, "height": first.height,
-        "sampler_name": first.sampler_label, "scheduler": first.schedule, "cfg_scale": first.guidance,
-        "steps": first.steps, "batch_size": first.count, "n_iter": len(jobs), "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": None, "sd_vae_name": None,
-        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": first.strength, "extra_generation_params": {}, "index_of_first_image": 0,
-        "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
-        "is_using_inpainting_conditioning": first.mask is not None, "version": "sdrt",
-    }
-    images = [base64.b64encode(data).decode("ascii") for per in encoded for data in per] if plan.send_images else []
-    return {"images": images, "parameters": plan.echo, "info": json.dumps(info)}
-
-
-def a1111_samplers() -> list[dict]:
-    """GET /sdapi/v1/samplers: every name `sampler_name` takes (A1111's, with schedule suffixes, and sdrt's)."""
-    out = []
-    for spec in sampler_registry.REGISTRY.values():
-        names = sampler_registry.display_names(spec) or (spec.name,)
-        for name in names:
-            schedule = next((s for s in ("karras", "exponential") if name.lower().endswith(" " + s)), None)
-            out.append({"name": name, "aliases": [spec.name] if name in spec.a1111 or name == spec.name else [],
-                        "options": {"scheduler": schedule} if schedule else {}})
-    return out
-
-
-def a1111_schedulers() -> list[dict]:
-    labels = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential",
-              "sgm uniform": "SGM Uniform", "simple": "Simple", "beta": "Beta"}
-    return [{"name": (A1111_SCHEDULERS[k] or "automatic"), "label": label, "aliases": None, "default_rho": -1,
-             "need_inner_model": False} for k, label in labels.items()]
-
-
-# ---- the routes ----------------------------------------------------------------------------------------------
-
-def _a1111_schema(img2img: bool) -> dict:
-    props = {"prompt": {"type": "string"}, "negative_prompt": {"type": "string"},
-             "seed": {"type": "integer", "default": -1}, "sampler_name": {"type": "string", "default": "Euler"},
-             "sampler_index": {"type": "string"}, "scheduler": {"type": "string", "default": "Automatic"},
-             "batch_size": {"type": "integer", "default": 1}, "n_iter": {"type": "integer", "default": 1},
-             "steps": {"type": "integer", "default": 50}, "cfg_scale": {"type": "number", "default": 7.0},
-             "width": {"type": "integer"}, "height": {"type": "integer"},
-             "send_images": {"type": "boolean", "default": True}}
-    if img2img:
-        props |= {"init_images": {"type": "array", "items": {"type": "string"}, "maxItems": 1, "minItems": 1},
-                  "denoising_strength": {"type": "number", "default": 0.75}, "mask": {"type": "string"},
-                  "inpainting_mask_invert": {"type": "integer", "enum": [0, 1]},
-                  "include_init_images": {"type": "boolean"},
-                  "outpaint": {"type": "object", "description": "sdrt extension: extend the canvas by these margins "
-                               "(pixels, multiples of 8) and inpaint the new area; inpainting_fill 0/1/2 picks the "
-                               "fill (blur/edge/noise), mask_blur the soft border",
-                               "properties": {k: {"type": "integer", "default": 0}
-                                              for k in ("left", "right", "top", "bottom")}}}
-    return {"type": "object", "properties": props, "additionalProperties": True}
-
-
-def _neutral_doc(img2img: bool) -> str:
-    rows = "\n".join(f"- `{k}`: {n.accepts}" for k, n in a1111_neutral("MODEL", img2img).items())
-    return ("AUTOMATIC1111's request and response shapes. Fields sent with neutral defaults are accepted only with "
-            "values whose behaviour sdrt already has; other values are refused with 422 naming the field:\n\n" + rows)
-
-
-def parse_parameters(text: str) -> dict:
-    """AUTOMATIC1111's `parameters` text (prompt, "Negative prompt: …", then "Key: value, …") as a dict, as its
-    png-info route answers it ("Size" also split into "Size-1" and "Size-2")."""
-    if not text:
-        return {}
-    lines = text.strip().split("\n")
-    last = lines.pop() if re.match(r"^\w[\w ]*: ", lines[-1]) and ", " in lines[-1] or lines[-1].startswith("Steps: ") \
-        else ""
-    negative = [i for i, line in enumerate(lines) if line.startswith("Negative prompt: ")]
-    prompt_lines = lines[:negative[0]] if negative else lines
-    out = {"Prompt": "\n".join(prompt_lines)}
-    if negative:
-        out["Negative prompt"] = "\n".join(lines[negative[0]:])[len("Negative prompt: "):]
-    for part in re.split(r",\s*(?=\w[\w ]*: )", last) if last else []:
-        key, _, value = part.partition(": ")
-        out[key.strip()] = value.strip()
-        if key.strip() == "Size" and "x" in value:
-            out["Size-1"], out["Size-2"] = value.strip().split("x", 1)
-    return out
-
-
-def add_routes(app: FastAPI, state: ServerState) -> None:
-    """The dialect's routes on `app`, over the app's shared state."""
-    config = state.config
-
-    async def answer(request: Request, img2img: bool):
-        plan = await jobs.plan_of(state, request, lambda body: a1111_plan(body, state.ctx, img2img))
-        results = await jobs.generate(state, request, plan)
-        encoded = await asyncio.to_thread(jobs.encode_results, plan, results, state.model_name)
-        return JSONResponse(a1111_response(plan, results, encoded, state.model_name))
-
-    @app.post("/sdapi/v1/txt2img", tags=["AUTOMATIC1111"], summary="txt2img (AUTOMATIC1111)",
-              description=_neutral_doc(False),
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": _a1111_schema(False)}}}})
-    async def txt2img(request: Request):
-        return await answer(request, img2img=False)
-
-    @app.post("/sdapi/v1/img2img", tags=["AUTOMATIC1111"], summary="img2img and inpainting (AUTOMATIC1111)",
-              description=_neutral_doc(True),
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": _a1111_schema(True)}}}})
-    async def img2img(request: Request):
-        return await answer(request, img2img=True)
-
-    # ---- what the server can do ------------------------------------------------------------------------------
-    @app.get("/sdapi/v1/samplers", tags=["AUTOMATIC1111"])
-    async def samplers():
-        return a1111_samplers()
-
-    @app.get("/sdapi/v1/schedulers", tags=["AUTOMATIC1111"])
-    async def schedulers():
-        return a1111_schedulers()
-
-    def checkpoint() -> tuple[str, str | None]:
-        """(the title AUTOMATIC1111 lists the model under, its sha256) from the manifest's source record."""
-        source = (state.dir.manifest or {}).get("source") or {}
-        sha = source.get("sha256") if isinstance(source, dict) else None
-        short = sha[:10] if isinstance(sha, str) else None
-        return (f"{state.model_name} [{short}]" if short else state.model_name), sha
-
-    @app.get("/sdapi/v1/sd-models", tags=["AUTOMATIC1111"])
-    async def sd_models():
-        title, sha = checkpoint()
-        return [{"title": title, "model_name": state.model_name, "hash": sha[:10] if sha else None, "sha256": sha,
-                 "filename": str(Path(config.engine_dir).resolve()), "config": None}]
-
-    @app.get("/sdapi/v1/options", tags=["AUTOMATIC1111"], summary="The settings clients read (one model, served)")
-    async def options():
-        title, sha = checkpoint()
-        return {"sd_model_checkpoint": title, "sd_checkpoint_hash": sha, "samples_format": "png",
-                "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
-
-    @app.post("/sdapi/v1/options", tags=["AUTOMATIC1111"],
-              summary="Choose the model: only the served one (settings are per request here)")
-    async def set_options(request: Request):
-        body = fields.parse_json(await jobs.read_body(request, config.max_body_bytes))
-        if not isinstance(body, dict):
-            raise invalid("body", f"must be a JSON object of settings, not {fields.json_type(body)}")
-        title, _ = checkpoint()
-        for key, value in body.items():
-            if key != "sd_model_checkpoint":
-                raise invalid(key, "is not a setting of this server: it serves one model and takes every other "
-                                   "setting per request")
-            if value not in (title, state.model_name):
-                raise invalid(key, f"this server serves {title!r} (GET /sdapi/v1/sd-models), not "
-                                   f"{fields.short(value)}")
+def _output_size(flat: dict, ctx: ModelContext, body: Mapping) -> tuple[int, int] | None:
+    """The size the request will have (runtime/validate.py _size): width/height, else the init image's (floored to
+    the size multiple; with outpaint, the extended canvas), else the model's default; None while a value is bad."""
+    init = flat.get("init_image")
+    if "outpaint" in flat:
+        spec = flat["outpaint"]
+        sides = [spec.get(k, 0) for k in ("left", "right", "top", "bottom")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in sides):
+            return None
+        return init.width + sides[0] + sides[1], init.height + sides[2] + sides[3]
+    width, height = flat.get("width"), flat.get("height")
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1) for v in (width, height)):
         return None
-
-    @app.get("/sdapi/v1/cmd-flags", tags=["AUTOMATIC1111"], summary="How the server was started, as A1111 flags")
-    async def cmd_flags():
-        return {"api": True, "nowebui": True, "api_auth": None, "listen": None, "port": None,
-                "ckpt": str(Path(config.engine_dir).resolve()), "lora_dir": str(config.lora_dir or "") or None,
-                "embeddings_dir": str(config.embeddings_dir or "") or None}
-
-    @app.get("/sdapi/v1/scripts", tags=["AUTOMATIC1111"], summary="Scripts: none (sdrt runs none)")
-    async def scripts():
-        return {"txt2img": [], "img2img": []}
-
-    @app.post("/sdapi/v1/png-info", tags=["AUTOMATIC1111"], summary="The generation parameters a PNG carries")
-    async def png_info(request: Request):
-        body = fields.parse_json(await jobs.read_body(request, config.max_body_bytes))
-        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
-            raise invalid("image", "is required: a base64 PNG")
-        image = fields.decode_image("image", body["image"], state.ctx, None)
-        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        text = items.pop("parameters", "")
-        return {"info": text, "items": items, "parameters": parse_parameters(text)}
-
-    @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111"], summary="The LoRAs requests may name")
-    async def loras():
-        folder = config.lora_dir
-        return [{"name": name, "alias": name, "path": str(path.relative_to(Path(folder).absolute())), "metadata": {}}
-                for name, path in sorted(lora_refs.available(folder.absolute() if folder else None).items())]
-
-    @app.post("/sdapi/v1/refresh-loras", tags=["AUTOMATIC1111"], summary="Re-read the LoRA folder (always current)")
-    async def refresh_loras():
-        return None
-
-    @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"], summary="The textual inversions prompts may use")
-    async def embeddings():
-        from sdrt.runtime.prompts import embeddings as ti
-
-        if config.embeddings_dir is None:
-            return {"loaded": {}, "skipped": {}}
-        loaded = ti.resolve((), config.embeddings_dir, ti.slots_for(state.dir))
-        return {"loaded": {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                    "shape": int(e.vectors[0].shape[-1]), "vectors": int(e.vectors[0].shape[0])}
-                           for e in loaded}, "skipped": {}}
+    m = ctx.size_multiple
+    if init is not None:
+        width = width or max(init.width // m * m, m)
+        height = height or max(init.height // m * m, m)
+    return width or ctx.default_size, height or ctx.default_size
