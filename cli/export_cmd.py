@@ -57,6 +57,10 @@ def export(
                                                 "CLIPVisionModelWithProjection folder)"),
     t2i_adapter: list[str] = typer.Option([], "--t2i-adapter", help="SRC[=NAME]: a diffusers T2IAdapter folder, "
                                           "exported as t2i_adapter/NAME (repeatable)"),
+    instantid: Optional[str] = typer.Option(None, "--instantid", help="InstantID's folder as InstantX/InstantID "
+                                            "ships it (ControlNetModel/ and ip-adapter.bin), or CONTROLNET_DIR,"
+                                            "ADAPTER_FILE: IdentityNet, the face Resampler and unet_controlnet_ip "
+                                            "(SDXL only)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -70,7 +74,7 @@ def export(
             raise UserError("--trt needs at least one --resolution WIDTHxHEIGHT or a --dynamic MIN-MAX range")
         device_info()
 
-    adding = bool(controlnet or ip_adapter or image_encoder or t2i_adapter) and (Path(model) / "manifest.json").is_file()
+    adding = bool(controlnet or ip_adapter or image_encoder or t2i_adapter or instantid) and (Path(model) / "manifest.json").is_file()
     if adding and output is not None and Path(output).absolute() != Path(model).absolute():
         raise UserError(f"{model} is an engine directory: ControlNets and IP-Adapters are added into it; drop "
                         "-o/--output")
@@ -82,7 +86,7 @@ def export(
                        textual_inversion=textual_inversion,
                        hypernetworks=file_scale_args(hypernetwork, "--hypernetwork"),
                        tiny_vae=tiny_vae, deepcache=deepcache, controlnets=tuple(controlnet), ip_adapter=tuple(ip_adapter),
-                       image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter))
+                       image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter), instantid=instantid)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -100,7 +104,7 @@ def export(
             from sdrt.export.exporter import add_controlnets
 
             manifest = add_controlnets(Path(model), tuple(controlnet), progress, tuple(ip_adapter), image_encoder,
-                                       tuple(t2i_adapter))
+                                       tuple(t2i_adapter), instantid)
         else:
             manifest = run_export(cfg, progress)
     if trt:

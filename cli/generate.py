@@ -78,6 +78,7 @@ class RunOptions:
     lora_dir: Path | None = None  # where LoRA names and <lora:NAME:SCALE> prompt tags are looked up
     prompt_syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompts/encode.py)
     clip_skip: int = 0
+    max_sequence_length: int | None = None  # SD3's T5 tokens (None: 256)
     embeddings: tuple[Path, ...] = ()  # textual-inversion files (runtime/prompts/embeddings.py); trigger = file stem
     embeddings_dir: Path | None = None  # every file in it is active, as in AUTOMATIC1111
     vae: str = "full"  # full | tiny (export/extras/tiny_vae.py)
@@ -93,6 +94,10 @@ class RunOptions:
     control_preprocess: str | None = None  # "canny[:LOW:HIGH]"
     ip_image: tuple[str, ...] = ()  # "[NAME=]IMAGE[:SCALE]", repeatable (runtime/conditioning/ip_adapter.py)
     adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/conditioning/t2i_adapter.py)
+    instantid_face: Path | None = None  # .npy raw face embedding (runtime/conditioning/instantid.py)
+    instantid_kps: Path | None = None  # .npy [5, 2] keypoints or the keypoint image
+    identitynet_scale: float = 0.8
+    instantid_ip_scale: float = 0.8
 
 
 def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
@@ -152,6 +157,7 @@ def build_request(o: RunOptions) -> Request:
         loras=o.loras,
         prompt_syntax=o.prompt_syntax,
         clip_skip=o.clip_skip,
+        max_sequence_length=o.max_sequence_length,
         embeddings=tuple(str(e) for e in o.embeddings),
         vae=o.vae,
         vae_tiling=o.vae_tiling,
@@ -163,7 +169,27 @@ def build_request(o: RunOptions) -> Request:
         control_preprocess=o.control_preprocess,
         **_ip_fields(o.ip_image),
         **_adapter_fields(o.adapter),
+        **_instantid_fields(o),
     )
+
+
+def _instantid_fields(o: RunOptions) -> dict:
+    """--instantid-face FILE.npy, --instantid-kps FILE(.npy | image) and the two scales → the InstantID fields."""
+    if o.instantid_face is None and o.instantid_kps is None:
+        return {}
+    out = {"identitynet_scale": o.identitynet_scale, "instantid_ip_scale": o.instantid_ip_scale}
+    for name, path in (("instantid_face", o.instantid_face), ("instantid_kps", o.instantid_kps)):
+        if path is None or (name == "instantid_kps" and path.suffix.lower() != ".npy"):
+            out[name] = image_io.load_image(path) if path is not None else None
+            continue
+        try:
+            import numpy as np
+
+            out[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--{name.replace('_', '-')} {path}: cannot read a .npy array "
+                            f"({str(e).splitlines()[0]})") from None
+    return out
 
 
 def _controls(texts, windows) -> tuple:
@@ -229,7 +255,7 @@ def _ip_fields(texts) -> dict:
     return {"ip_adapters": tuple(fields)}
 
 
-def _load_embeds(paths) -> "np.ndarray":
+def _load_embeds(paths):  # → numpy array [faces, D]
     """.npy files of face embeddings ([D] or [faces, D] each; e.g. insightface's normed_embedding) → [faces, D]."""
     import numpy as np
 

@@ -84,6 +84,8 @@ def run(
                                                     "diffusers' (no syntax, truncated at 77 tokens)"),
     clip_skip: int = typer.Option(0, help="use the text encoder's output this many layers before the last "
                                           "(diffusers' numbering: AUTOMATIC1111's 'Clip skip 2' is 1)"),
+    max_sequence_length: Optional[int] = typer.Option(None, help="SD3 / SD3.5: T5 tokens per prompt (diffusers' "
+                                                                 "default 256, at most 512)"),
     embedding: list[Path] = typer.Option([], "--embedding", help="textual-inversion file (.safetensors, .pt, "
                                                                 ".bin), triggered by its file name (repeatable)"),
     embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual-inversion files, all usable by "
@@ -116,6 +118,13 @@ def run(
                                                                "NAME= picks one of several adapters"),
     adapter: Optional[str] = typer.Option(None, help="NAME=IMAGE[:SCALE]: a T2I-Adapter the directory holds and its "
                                                      "condition image"),
+    instantid_face: Optional[Path] = typer.Option(None, help="InstantID: the face's raw insightface embedding "
+                                                  "(`embedding`, not `normed_embedding`) as .npy, shape [512] or [1, 512]"),
+    instantid_kps: Optional[Path] = typer.Option(None, help="InstantID: the face's 5 keypoints as .npy [5, 2] (pixels "
+                                                 "of the output image; drawn as InstantID does, needs OpenCV) or the "
+                                                 "keypoint image (.png)"),
+    identitynet_scale: float = typer.Option(0.8, help="InstantID: IdentityNet's ControlNet scale"),
+    instantid_ip_scale: float = typer.Option(0.8, help="InstantID: its IP-Adapter's scale"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -138,11 +147,14 @@ def run(
                          refiner=refiner, refiner_start=refiner_start, preset=preset, backend=backend, out=out,
                          as_json=as_json, loras=file_scale_args(lora, "--lora"), lora_dir=lora_dir,
                          prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeddings=tuple(embedding),
+                         max_sequence_length=max_sequence_length,
                          embeddings_dir=embeddings_dir, vae=vae, preview=preview,
                          vae_tiling=vae_tiling, ort_cache=ort_cache, cache_interval=cache_interval,
                          controls=tuple(control), control_windows=tuple(control_window), control_start=control_start,
                          control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess,
-                         ip_image=tuple(ip_image), adapter=adapter)
+                         ip_image=tuple(ip_image), adapter=adapter, instantid_face=instantid_face,
+                         instantid_kps=instantid_kps, identitynet_scale=identitynet_scale,
+                         instantid_ip_scale=instantid_ip_scale)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -15,7 +15,8 @@ import torch
 
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "text_encoder_embeds",
                    "text_encoder_2_embeds", "vae_decoder_tiny", "vae_encoder_tiny",
-                   "unet_deepcache", "unet_deepcache_shallow", "depth_estimator", "image_encoder")
+                   "unet_deepcache", "unet_deepcache_shallow", "depth_estimator", "image_encoder",
+                   "text_encoder_3", "transformer")  # the last two: SD3/3.5 (export/flow_components.py)
 EMBEDS = "_embeds"  # text_encoder[_2]_embeds: the same encoder taking token vectors (textual inversion); opt-in
 SEQUENCE_LENGTH = 77
 
@@ -144,7 +145,7 @@ class _VaeEncoder(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.encoder = vae.encoder  # only what is traced: export rewrites walk this module's children
-        self.quant_conv = vae.quant_conv
+        self.quant_conv = vae.quant_conv if vae.quant_conv is not None else torch.nn.Identity()  # SD3: none
 
     def forward(self, sample):  # [B, 3, H, W] → [B, 8, H/f, W/f]: mean ‖ logvar, not sampled
         return self.quant_conv(self.encoder(sample))
@@ -240,7 +241,8 @@ def _text_embeds_spec(name: str) -> ComponentSpec:
 def text_output_names(pipe, name: str) -> tuple[str, ...]:
     name = name.removesuffix(EMBEDS)
     layers = getattr(pipe, name).config.num_hidden_layers
-    pooled = "text_embeds" if name == "text_encoder_2" else "pooler_output"
+    # CLIP with projection (SDXL's second encoder, both of SD3's) pools into text_embeds
+    pooled = "text_embeds" if hasattr(getattr(pipe, name), "text_projection") else "pooler_output"
     return ("last_hidden_state", pooled) + tuple(f"hidden_states.{i}" for i in range(layers + 1))
 
 

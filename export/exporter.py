@@ -26,10 +26,11 @@ from sdrt.runtime.family import Family, detect
 from sdrt.runtime.loader import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from sdrt.runtime.prompts.encode import write_text_weights
 
-from sdrt.export import gate
+from sdrt.export import flow_components as flow, gate
 from sdrt.export.extras import tiny_vae
 from sdrt.export.extras import controlnet as cn
 from sdrt.export.extras import ip_adapter as ipa
+from sdrt.export.extras import instantid as iid
 from sdrt.export.extras import t2i_adapter as t2i
 from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, has_timestep_cond,
     unet_factor, vae_scale_factor)
@@ -48,6 +49,8 @@ VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows i
                    "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
 
 
+T5_FP32_REASON = ("T5 overflows in fp16 (its feed-forward activations exceed fp16's range: black or NaN images; "
+                  "reference/flow_models.md §2) and this export's fp16 T5 failed the parity gate, so it stays fp32")
 DEPTH_FP32_REASON = ("the depth estimator stays fp32: it is small, runs once per request, and diffusers notes that "
                      "DPT-Hybrid's batch-norm layers are not fp16-safe")
 
@@ -75,6 +78,7 @@ class ExportConfig:
     ip_adapter: str | tuple[str, ...] | None = None  # IP-Adapter file(s) "SRC[=NAME]": image_encoder + unet_ip (export/extras/ip_adapter.py)
     image_encoder: str | None = None  # the adapter's CLIPVisionModelWithProjection folder
     t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/extras/t2i_adapter.py)
+    instantid: str | None = None  # InstantID's folder (IdentityNet + its adapter: export/extras/instantid.py)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -148,7 +152,7 @@ def _write_pipeline_files(pipe, tmp: Path, names: list[str], precision: str = "f
         pipe.image_noising_scheduler.save_pretrained(tmp / "image_noising_scheduler")
     if getattr(pipe, "low_res_scheduler", None) is not None:  # the ×4 upscaler noises its input with its own
         pipe.low_res_scheduler.save_pretrained(tmp / "low_res_scheduler")
-    for tok in ("tokenizer", "tokenizer_2"):
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # tokenizer_3: SD3's T5 (tokenizer.json)
         if getattr(pipe, tok, None) is None:
             continue
         if source_dir.is_dir() and (source_dir / tok).is_dir():
@@ -310,18 +314,16 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     if len({s.name for s in net_sources}) != len(net_sources):
         raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
     t2i_sources = [t2i.parse(a) for a in cfg.t2i_adapters]
-    ip_source = None
-    if cfg.ip_adapter or cfg.image_encoder is not None:
-        if not cfg.ip_adapter:
-            raise UserError("--image-encoder is the IP-Adapter's image encoder; give --ip-adapter FILE with it")
-        ip_source = ipa.parse_sources(cfg.ip_adapter, cfg.image_encoder)
-        ip_source = ipa.IpAdapterSource(tuple((local_location(f), n) for f, n in ip_source.adapters),
-                                        ip_source.image_encoder)
-        ipa.check_source(ip_source)
+    iid_source = iid.parse(cfg.instantid) if cfg.instantid else None
+    ip_source = ipa.source_of(cfg.ip_adapter, cfg.image_encoder, local_location,
+                              iid_source and (iid_source.adapter, iid.NAME))
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
-    info = detect(_model_index(pipe), dict(pipe.unet.config), dict(pipe.scheduler.config))
-    if has_timestep_cond(pipe) and (net_sources or ip_source or t2i_sources or cfg.deepcache):
+    info = detect(_model_index(pipe), dict(flow.denoiser(pipe).config), dict(pipe.scheduler.config))
+    iid.check_family(info.family.value, iid_source)
+    if flow.is_flow(pipe):
+        flow.check_options(cfg)  # what the transformer families do not take yet, refused before anything is written
+    if (net_sources or ip_source or t2i_sources or cfg.deepcache) and has_timestep_cond(pipe):
         raise UserError("this UNet is LCM-distilled (time_cond_proj_dim: its guidance scale is an input); sdrt's "
                         "ControlNet, IP-Adapter, T2I-Adapter and step-caching graphs do not carry that input yet; "
                         "export it without them, or use an LCM-LoRA on the base model instead")
@@ -331,7 +333,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     if hypernets:
         hypernetwork.apply(pipe.unet, hypernets)
     hypernet_records = [{"name": h.name, "file": h.path, "sha256": h.sha256, "scale": scale} for h, scale in hypernets]
-    specs = component_specs(pipe)
+    specs = (flow.component_specs if flow.is_flow(pipe) else component_specs)(pipe)
+    latent_multiple = flow.latent_multiple(pipe) if flow.is_flow(pipe) else None  # read before the loop releases it
     tiny_signature = ""
     if tiny is not None:
         pipe.vae_tiny = tiny
@@ -359,14 +362,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         extra[t2i.UNET_T2I] = (t2i.unet_spec(pipe, adapter, t2i_used[src]), dict(pipe.unet.config),
                                f"|t2i-unet:{t2i_used[src]}")
     ip_loaded = ipa.load(pipe, ip_source) if ip_source is not None else None
-    if ip_loaded is not None:
-        ip_key = ipa.signature(ip_loaded["record"])
-        if ip_loaded["encoder"] is not None:
-            extra[ipa.IMAGE_ENCODER] = (ipa.image_encoder_spec(ip_loaded), ip_loaded["encoder"].config.to_dict(), ip_key)
-        extra[ipa.UNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded), dict(ip_loaded["unet"].config), ip_key)
-        if cn.UNET_CONTROLNET in extra:  # ControlNets and the image prompt in one request
-            extra[ipa.UNET_CONTROLNET_IP] = (ipa.unet_ip_spec(pipe, ip_loaded, with_residuals=True),
-                                             dict(ip_loaded["unet"].config), ip_key)
+    if ip_loaded is not None:  # unet_controlnet_ip: ControlNets (or IdentityNet) and the image prompt in one request
+        extra |= ipa.specs(pipe, ip_loaded, cn.UNET_CONTROLNET in extra or iid_source is not None)
+    if iid_source is not None:
+        extra |= iid.specs(pipe, iid_source, *iid.load_identitynet(pipe, iid_source, vae_scale_factor(pipe)), ip_loaded)
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -415,11 +414,20 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             if cfg.deepcache and name == "unet":
                 release = False  # the step-caching graphs are traced from it next
             spec = extra[name][0] if name in extra else specs[name]
-            shapes = gate_shapes(pipe, "vae_decoder" if name == ipa.IMAGE_ENCODER else
+            shapes = (flow.gate_shapes if flow.is_flow(pipe) else gate_shapes)(
+                pipe, "vae_decoder" if name == ipa.IMAGE_ENCODER else
                                  "unet" if name in extra else name)
             if name == t2i.UNET_T2I or name.startswith(t2i.PREFIX):  # sizes the adapter can take
                 shapes = t2i.gate_shapes(pipe, next(iter(t2i_loaded.values()))[0])
-            entry = _export_one(pipe, spec, precision, tmp, shapes, release)
+            t5_half = name == flow.T5 and precision == "fp16"  # kept fp32 when its fp16 graph fails the gate
+            entry = _export_one(pipe, spec, precision, tmp, shapes, release and not t5_half)
+            if t5_half and not entry["gate"]["passed"]:
+                for rel in entry["files"]:
+                    (tmp / name / rel).unlink()
+                precision, kept = "fp32", T5_FP32_REASON
+                entry = _export_one(pipe, spec, precision, tmp, shapes, release)
+            elif t5_half and release:
+                setattr(pipe, name, None)
             entry |= {"key": key, "kept_fp32_reason": kept}
             if not entry["gate"]["passed"]:
                 raise GateFailed(f"parity gate failed for {name} ({precision}): {_worst(entry)}, "
@@ -437,7 +445,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "pipeline_class": info.pipeline_class,
             "scheduler": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
             "precision": cfg.precision,
-            "latent_multiple": _latent_multiple(pipe, components.get("unet")),
+            "latent_multiple": latent_multiple or _latent_multiple(pipe, components.get("unet")),
             "vae_scale_factor": vae_scale_factor(pipe),
             "loras": lora_records,
             "hypernetworks": hypernet_records,
@@ -449,6 +457,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                           (old or {}).get("ip_adapter") if ipa.UNET_IP in kept_nets else None,
             "t2i_adapters": [r for r in (old or {}).get("t2i_adapters", []) if t2i.PREFIX + r["name"] in kept_nets]
                             + [t2i.record(src, a, digest, t2i_used[src], pipe) for src, (a, digest) in t2i_loaded.items()],
+            "instantid": iid.record(iid_source, ip_loaded) if iid_source is not None else None,
             "components": components,
             "trt": [],
             "versions": versions(),
@@ -463,7 +472,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
 
 def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None,
                     ip_adapter: str | tuple[str, ...] | None = None, image_encoder: str | None = None,
-                    t2i_adapters: tuple[str, ...] = ()) -> dict:
+                    t2i_adapters: tuple[str, ...] = (), instantid: str | None = None) -> dict:
     """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
     re-run with more ControlNets (or IP-Adapters, replacing the ones there). Every component
     already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
@@ -478,14 +487,16 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     source = manifest["source"]
     present = tuple(n for n in manifest["components"] if n in COMPONENT_NAMES)
     recorded = manifest.get("ip_adapter") or {}
-    if not ip_adapter and image_encoder is None and recorded and controlnets:  # the adapters join the new nets
+    instantid = instantid or (manifest.get("instantid") or {}).get("source")  # kept: its graphs reused by key
+    if not ip_adapter and image_encoder is None and recorded and (controlnets or instantid):  # they join the new ones
         ip_adapter, image_encoder = ipa.recorded_sources(recorded), recorded.get("image_encoder")
     hypernets = tuple((r["file"], r["scale"]) for r in manifest.get("hypernetworks") or [])
     cfg = ExportConfig(model=source["location"], output=Path(engine_dir), precision=manifest["precision"],
                        components=present, vae=source.get("vae"), family=source.get("family"),
                        single_file_config=source.get("config"), hypernetworks=hypernets,
                        deepcache=any(n.startswith("unet_deepcache") for n in present), controlnets=tuple(controlnets),
-                       ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters))
+                       ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters),
+                       instantid=instantid)
     return export(cfg, progress)
 
 

@@ -191,6 +191,10 @@ def load_pipeline(model: str, *, vae: str | None = None, family: str | None = No
     except SingleFileComponentError as e:
         raise UserError(f"cannot load {path.name}: {str(e).strip().splitlines()[0]} (a checkpoint without its VAE "
                         "needs --vae FOLDER_OR_FILE)") from None
+    except ValueError as e:  # diffusers on an incomplete folder (components listed in model_index.json missing)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {model}: {first} (a diffusers pipeline folder needs every component its "
+                        "model_index.json lists)") from None
     except OSError as e:
         if kind == "hub":
             raise UserError(f"cannot load {model}: it is not in the local Hugging Face cache and the hub cannot be "

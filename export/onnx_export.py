@@ -20,12 +20,22 @@ import onnx
 import torch
 
 OPSET = 17
+DYNAMO_OPSET = 18  # the dynamo exporter's (torch.onnx.export(dynamo=True)): RMSNorm decomposed
 EXTERNAL_DATA_NAME = "model.onnx_data"
 _TWO_GB = 2**31 - 1
 
 
 def torch_to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
-    """Trace `module(*args)` into `path` (ONNX, opset OPSET)."""
+    """Trace `module(*args)` into `path` (ONNX, opset OPSET). A module with a `dynamic_shapes()` method (torch.export
+    dims per input: the Flux transformer, whose torch.nn.RMSNorm TorchScript refuses) goes through the dynamo
+    exporter at DYNAMO_OPSET instead; its weights land in `path`.data, which run_passes reads."""
+    if hasattr(module, "dynamic_shapes"):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=list(output_names),
+                              dynamic_shapes=module.dynamic_shapes(), opset_version=DYNAMO_OPSET, dynamo=True,
+                              verbose=False)
+        return
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings on shape-dependent Python branches
         torch.onnx.export(

@@ -33,7 +33,7 @@ class Components:
         self.engines = engines
         self.tokenizers = tokenizers
         self.limits = limits
-        self.device = getattr(engines["unet"], "device", "cpu")  # where latents live during the loop
+        self.device = getattr(engines[engine_dir.info.layout.denoiser], "device", "cpu")  # where latents live
         self.adapters = lora_adapters.Adapters(engine_dir, lambda: self.engines)  # engines per LoRA set, from base weights
         self.text = TextSetup()  # embeddings and the text encoders' inputs_embeds variants (runtime/prompts/encode.py)
         self.vae_tiles = vae_tiling.Tiles.of_vae(engine_dir.vae_config)  # diffusers' defaults for this VAE
@@ -84,7 +84,9 @@ class Components:
         stats = self.latents_stats("vae_encoder")
         if stats is not None:  # StableDiffusionXLImg2ImgPipeline.prepare_latents
             return (latents - stats[0]) * float(self.dir.vae_config.get("scaling_factor", 0.18215)) / stats[1]
-        return latents * float(self.dir.vae_config.get("scaling_factor", 0.18215))
+        # SD3/Flux: (z - shift_factor)·scaling_factor (StableDiffusion3Img2ImgPipeline._encode_vae_image)
+        shift = float(self.dir.vae_config.get("shift_factor") or 0.0) if self.dir.info.layout.vae_shift else 0.0
+        return (latents - shift) * float(self.dir.vae_config.get("scaling_factor", 0.18215))
 
     def decode(self, latents: torch.Tensor, vae: str = "full", tiled: bool = False) -> list[Image.Image]:
         """Latents → images with the full VAE or the tiny one (vae="tiny": export/extras/tiny_vae.py, whose
@@ -95,6 +97,8 @@ class Components:
         stats = self.latents_stats(name)
         scaled = latents / self.scaling_factor(name) if stats is None else \
             latents * stats[1] / self.scaling_factor(name) + stats[0]  # StableDiffusionXLPipeline.__call__'s decode
+        if vae != "tiny" and self.dir.info.layout.vae_shift:  # SD3/Flux: latents / scaling_factor + shift_factor
+            scaled = scaled + float(self.dir.vae_config.get("shift_factor") or 0.0)
         if tiled and vae != "tiny" and self.vae_tiles.decode_tiles(*scaled.shape[-2:]):
             out = vae_tiling.tiled_decode(lambda z: feed.run(engine, latent_sample=z)["sample"], scaled,
                                           self.vae_tiles)

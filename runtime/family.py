@@ -17,6 +17,8 @@ class Family(str, Enum):
     SD21 = "sd21"
     SDXL = "sdxl"
     SDXL_REFINER = "sdxl-refiner"
+    SD3 = "sd3"  # Stable Diffusion 3 / 3.5: an MMDiT transformer over flow matching
+    FLUX = "flux"  # FLUX.1 schnell / dev: a transformer over packed latents, flow matching, no CFG batch
 
 
 SUPPORTED_PIPELINES = (
@@ -24,11 +26,47 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
     "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableUnCLIPImg2ImgPipeline",
     "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline",  # LCM-distilled SD 1.5 (LCM Dreamshaper)
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
 )
-SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants, SD 2 depth-to-image, SD 2.1 unCLIP image variations and the SD ×4 upscaler"
+SUPPORTED_TEXT = ("SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants, SD 2 depth-to-image, SD 2.1 "
+                  "unCLIP image variations, the SD ×4 upscaler, SD 3 / 3.5 and FLUX.1 schnell/dev (text to image)")
 UPSCALER = "StableDiffusionUpscalePipeline"
 DEPTH = "StableDiffusionDepth2ImgPipeline"
 UNCLIP = "StableUnCLIPImg2ImgPipeline"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A family's description: which components the runtime calls and how (DESIGN.md §4a: new families arrive as a
+    description, sampler entries and contributors, not as branches in the loop)."""
+
+    denoiser: str = "unet"  # the component the step loop calls
+    latent_input: str = "sample"  # its latent input and its output
+    output: str = "out_sample"
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # in encoding order, each with its tokenizer folder
+    tokenizers: tuple[str, ...] = ("tokenizer",)
+    vae_shift: bool = False  # the pipeline decodes latents / scaling_factor + shift_factor (SD3, Flux)
+    plain_prompts_only: bool = False  # diffusers' own encoding only (no a1111/compel syntax, clip skip, embeddings)
+    guidance_batch: bool = True  # False: no classifier-free guidance batch (FLUX.1: guidance is an input or none)
+
+
+SD_LAYOUT = Layout()
+SDXL_LAYOUT = Layout(text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"))
+SD3_LAYOUT = Layout(denoiser="transformer", latent_input="hidden_states", output="out_hidden_states",
+                    text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+                    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), vae_shift=True, plain_prompts_only=True)
+# FLUX.1: CLIP (pooled) and T5 (sequence); latents packed 2×2 around the transformer (runtime/denoiser/flux.py)
+FLUX_LAYOUT = Layout(denoiser="transformer", latent_input="hidden_states", output="out_hidden_states",
+                     text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
+                     vae_shift=True, plain_prompts_only=True, guidance_batch=False)
+LAYOUTS = {Family.SDXL: SDXL_LAYOUT, Family.SDXL_REFINER: SDXL_LAYOUT, Family.SD3: SD3_LAYOUT,
+           Family.FLUX: FLUX_LAYOUT}
+
+
+def denoiser_folder(model_index: dict) -> str:
+    """The folder holding the denoiser's config: transformer for the transformer families, else unet."""
+    return "transformer" if model_index.get("transformer") else "unet"
 
 
 class UnsupportedModel(UserError):
@@ -41,6 +79,10 @@ class ModelInfo:
     inpaint: bool  # a 9-channel UNet (latents ‖ mask ‖ masked-image latents)
     prediction_type: str  # epsilon | v_prediction | sample
     pipeline_class: str
+
+    @property
+    def layout(self) -> Layout:
+        return LAYOUTS.get(self.family, SD_LAYOUT)
 
     @property
     def upscaler(self) -> bool:
@@ -59,10 +101,15 @@ class ModelInfo:
 
 
 def detect(model_index: dict, unet_config: dict, scheduler_config: dict) -> ModelInfo:
-    """Family from model_index.json, unet/config.json and scheduler/scheduler_config.json."""
+    """Family from model_index.json, unet/config.json (transformer/config.json for SD3) and
+    scheduler/scheduler_config.json."""
     cls = model_index.get("_class_name", "")
     if cls not in SUPPORTED_PIPELINES:
         raise UnsupportedModel(f"pipeline class {cls or '(none)'} is not supported; sdrt supports {SUPPORTED_TEXT}")
+    if cls == "StableDiffusion3Pipeline":
+        return ModelInfo(family=Family.SD3, inpaint=False, prediction_type="flow", pipeline_class=cls)
+    if cls == "FluxPipeline":
+        return ModelInfo(family=Family.FLUX, inpaint=False, prediction_type="flow", pipeline_class=cls)
     if unet_config.get("addition_embed_type") == "text_time":
         text_encoder = model_index.get("text_encoder")
         has_first_encoder = bool(text_encoder) and text_encoder[0] is not None

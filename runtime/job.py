@@ -44,6 +44,7 @@ class Job:
     clip_skip: int = 0
     text_chunks: int = 1  # 77-token chunks every prompt of the job is padded to
     embeddings: tuple = ()  # runtime/prompts/embeddings.Embedding: the textual inversions its prompts may use
+    max_sequence_length: int = 256  # SD3's T5 sequence (runtime/prompts/text_conditioning.py)
     loras: tuple = ()  # runtime/lora/files.LoraRef, the request's own (prompt tags included); the pipeline's come on top
     vae: str = "full"  # full | tiny (decode, and encode init images, with the tiny VAE)
     tile_vae: bool = False  # the full VAE decodes and encodes in tiles (runtime/vae_tiling.py)
@@ -57,6 +58,7 @@ class Job:
     controls: Any = None  # runtime/conditioning/controlnet.Controls, or None
     image_prompt: Any = None  # runtime/conditioning/ip_adapter.ImagePromptJob, or None
     t2i_adapter: Any = None  # runtime/conditioning/t2i_adapter.AdapterJob, or None
+    instantid: Any = None  # runtime/conditioning/instantid.InstantIdUse, or None
     uses: tuple[str, ...] = ()  # the conditioning kinds in use (runtime/conditioning/graphs.py names)
     task: str = "txt2img"  # the runtime/tasks/ module that runs it (tasks/table.py)
     scheduler_config: Any = None  # runtime/samplers/schedules.SchedulerConfig: the model's, with the overrides

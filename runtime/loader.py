@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.family import Family, ModelInfo, detect
+from sdrt.runtime.family import ModelInfo, denoiser_folder, detect
 
 
 FORMAT_VERSION = 1
@@ -43,7 +43,8 @@ def _json(path: Path) -> dict:
 
 def model_info(engine_dir: Path) -> ModelInfo:
     engine_dir = Path(engine_dir)
-    return detect(_json(engine_dir / "model_index.json"), _json(engine_dir / "unet" / "config.json"),
+    model_index = _json(engine_dir / "model_index.json")
+    return detect(model_index, _json(engine_dir / denoiser_folder(model_index) / "config.json"),
                   _json(engine_dir / "scheduler" / "scheduler_config.json"))
 
 
@@ -55,7 +56,7 @@ class EngineDir:
     info: ModelInfo
     model_index: dict
     scheduler_config: dict
-    unet_config: dict
+    unet_config: dict  # the denoiser's config: unet/ or, for the transformer families, transformer/
     vae_config: dict
     manifest: dict | None
 
@@ -80,9 +81,7 @@ class EngineDir:
 
     @property
     def text_encoder_names(self) -> list[str]:
-        names = ["text_encoder", "text_encoder_2"] if self.info.family in (Family.SDXL, Family.SDXL_REFINER) \
-            else ["text_encoder"]
-        return [n for n in names if self.has(n)]
+        return [n for n in self.info.layout.text_encoders if self.has(n)]
 
     def has(self, component: str) -> bool:
         """Whether the directory holds `component`'s graph (component/model.onnx)."""
@@ -104,7 +103,7 @@ def open_dir(path: str | Path) -> EngineDir:
         raise UserError(f"{path} is not an engine directory (no manifest.json or model_index.json); "
                         "create one with `sdrt export MODEL -o DIR`")
     model_index = _json(path / "model_index.json")
-    unet_config = _json(path / "unet" / "config.json")
+    unet_config = _json(path / denoiser_folder(model_index) / "config.json")
     scheduler_config = _json(path / "scheduler" / "scheduler_config.json")
     return EngineDir(path=path, info=detect(model_index, unet_config, scheduler_config), model_index=model_index,
                      scheduler_config=scheduler_config, unet_config=unet_config,

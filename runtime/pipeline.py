@@ -10,6 +10,7 @@ the CLI and the bench share. Images equal diffusers' (pipelines in diffusers/pip
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,7 @@ from PIL import Image
 
 from sdrt.runtime.components import Components
 from sdrt.runtime.conditioning import graphs, kinds
-from sdrt.runtime.denoiser import step_cache
+from sdrt.runtime.denoiser import flux, sd3, step_cache
 from sdrt.runtime.denoiser.call import TextContributor, UnetCall
 from sdrt.runtime.denoiser.guidance import Guidance, GuidanceEmbedding, guidance_scale_embedding
 from sdrt.runtime.denoiser.x0 import make_denoiser
@@ -30,6 +31,7 @@ from sdrt.runtime.loader import EngineDir, open_dir
 from sdrt.runtime.lora import refs as lora_refs
 from sdrt.runtime.prompts.encode import TextOptions, TextSetup
 from sdrt.runtime.prompts.text_conditioning import SdxlSizes, TextEncoder, condition
+from sdrt.runtime.prompts.t5_tokenizer import T5Tokenizer
 from sdrt.runtime.prompts.tokenizer import ClipTokenizer
 from sdrt.runtime.request import Request
 from sdrt.runtime.samplers import noise, registry as sampler_registry, schedules
@@ -55,12 +57,15 @@ class Pipeline(Components):
         text.check(d)  # so do bad embeddings
         # what txt2img uses; the VAE encoder, tiny VAEs, depth estimator, image encoders, ControlNets… are opened
         # by `component` on first use, so a run pays only for the sessions its path needs
-        names = components or tuple(d.text_encoder_names) + ("unet", "vae_decoder")
+        layout = d.info.layout  # the family's components (runtime/family.py)
+        names = components or tuple(d.text_encoder_names) + (layout.denoiser, "vae_decoder")
         engines = {n: open_engine(d.onnx_path(n), backend, ort_config) for n in names}
         tokenizers = {}
         for enc in d.text_encoder_names:
-            tok = "tokenizer" if enc == "text_encoder" else "tokenizer_2"
-            tokenizers[enc] = ClipTokenizer.from_folder(d.path / tok)
+            folder = d.path / layout.tokenizers[layout.text_encoders.index(enc)]
+            t5 = (folder.parent / enc / "config.json").is_file() and \
+                json.loads((folder.parent / enc / "config.json").read_text()).get("model_type") == "t5"
+            tokenizers[enc] = (T5Tokenizer if t5 else ClipTokenizer).from_folder(folder)
         pipe = cls(d, engines, tokenizers, limits)
         pipe.adapters.use(base_loras, lora_dir)
         pipe.text = text
@@ -87,14 +92,15 @@ class Pipeline(Components):
 
     def steps(self, job: Job, prep: Prepared) -> Iterator[torch.Tensor]:
         """The sampler loop over a prepared job: yields the latents after each step (send() replaces them)."""
-        unet = self.engine(graphs.graph_for(job.uses), job)
+        unet = self.engine(graphs.graph_for(job.uses) if job.uses else self.dir.info.layout.denoiser, job)
         text = TextContributor(prep.cond, "text_embeds" in unet.inputs)
-        parts = [text, *prep.contributors]
+        parts = [text, *prep.contributors, *flux.contributors(self.dir, job.guidance, job.count, prep.cond),
+                 *sd3.contributors(self.dir, prep.cond)]
         if "timestep_cond" in unet.inputs:
             parts.append(GuidanceEmbedding(guidance_scale_embedding(job.guidance, job.count,
                                                                     self.dir.unet_config["time_cond_proj_dim"])))
         unet, parts = step_cache.setup(self.lazy_engine, job.cache_interval, unet, parts)
-        model = UnetCall(unet, prep.guidance, parts, prep.schedule.timesteps)
+        model = UnetCall(unet, prep.guidance, parts, prep.schedule.timesteps, self.dir.info.layout.output)
         denoise_fn = make_denoiser(model, prep.schedule, job.scheduler_config.prediction_type)
         run = sampler_registry.get_sampler(prep.sampler)(denoise_fn, prep.x, prep.schedule, prep.generator)
         x = next(run, None)
@@ -126,7 +132,8 @@ class Pipeline(Components):
     # ---- preparation --------------------------------------------------------------------------------
     def _common(self, job: Job) -> Common:
         width, height = job.width, job.height
-        embedded = self.dir.unet_config.get("time_cond_proj_dim") is not None  # LCM-distilled
+        # LCM-distilled UNets and FLUX.1 (Layout.guidance_batch) never batch for classifier-free guidance
+        embedded = self.dir.unet_config.get("time_cond_proj_dim") is not None or not self.dir.info.layout.guidance_batch
         guidance = Guidance(job.guidance, job.guidance_rescale, embedded)
         negative = list(job.negative_prompt) if job.negative_prompt is not None else None
         sizes = SdxlSizes(original=(height, width), crop=(0, 0), target=(height, width),
@@ -137,12 +144,14 @@ class Pipeline(Components):
                     for n in self.dir.text_encoder_names]
         cond = condition(self.dir.info.family, encoders, list(job.prompt), negative, job.images_per_prompt,
                          guidance.enabled, bool(self.dir.model_index.get("force_zeros_for_empty_prompt", True)),
-                         sizes, TextOptions(job.syntax, job.clip_skip, job.text_chunks, job.embeddings))
+                         sizes, TextOptions(job.syntax, job.clip_skip, job.text_chunks, job.embeddings,
+                                            job.max_sequence_length))
         start, steps_to_run = self._window(job)
         f = self.dir.vae_scale_factor
         return Common(schedule=schedules.from_index(job.full_schedule, start), sampler=job.sampler,
                       steps_to_run=steps_to_run, cond=cond, guidance=guidance,
-                      generator=noise.generators(job.seeds), shape=(job.count, 4, height // f, width // f))
+                      generator=noise.generators(job.seeds),
+                      shape=(job.count, int(self.dir.vae_config.get("latent_channels", 4)), height // f, width // f))
 
     def _window(self, job: Job) -> tuple[int, int]:
         """(first schedule index, number of steps to run) for img2img strength and base/refiner hand-off."""

@@ -28,6 +28,7 @@ class Prompt:
     syntax: str = "a1111"  # a1111 | compel | plain (runtime/prompts/encode.py)
     clip_skip: int = 0  # diffusers' numbering: 0 = the model's usual layer; AUTOMATIC1111's "Clip skip 2" is 1
     embeddings: tuple = ()  # textual-inversion files or names (runtime/prompts/embeddings.py); trigger = file stem
+    max_sequence_length: int | None = None  # SD3's T5 tokens (None: diffusers' 256; at most 512)
 
     def __post_init__(self):  # a JSON list → a tuple, so the request equals itself after a round trip
         if isinstance(self.embeddings, list):
@@ -164,9 +165,23 @@ class T2i:
     adapter_scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class InstantId:
+    """InstantID (runtime/conditioning/instantid.py): one face's raw insightface embedding (`embedding`, not
+    `normed_embedding`), its 5 keypoints or the keypoint image, IdentityNet's scale and its IP-Adapter's scale."""
+    instantid_face: Any = None  # [512] or [1, 512] numbers (a list, numpy array or tensor)
+    instantid_kps: Any = None  # [5, 2] pixel coordinates in the output image (eyes, nose, mouth corners), or an image
+    identitynet_scale: float = 0.8  # the authors' settings (reference/identity.md §4)
+    instantid_ip_scale: float = 0.8
+
+    def __post_init__(self):  # JSON: a base64 keypoint image → PIL (a bad one raises InvalidRequest)
+        if isinstance(self.instantid_kps, str):
+            object.__setattr__(self, "instantid_kps", decode_image(self.instantid_kps, "instantid_kps"))
+
+
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
           "refine": Refine, "adapters": Adapters, "decode": Decode,
-          "control": Control, "image_prompt": ImagePrompt, "t2i": T2i}
+          "control": Control, "image_prompt": ImagePrompt, "t2i": T2i, "instantid": InstantId}
 # flat key → (group, field); the flat form is what CLI options and most JSON clients send
 FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
 FLAT["prompt"] = ("prompt", "text")
@@ -189,6 +204,7 @@ class Request:
     control: Control = Control()
     image_prompt: ImagePrompt = ImagePrompt()
     t2i: T2i = T2i()
+    instantid: InstantId = InstantId()
 
     @property
     def prompt_group(self) -> Prompt:
@@ -258,6 +274,10 @@ class Request:
                 if k == "ip_adapters":
                     d[k] = [_ip_out(x, encode_images) for x in v]
                     continue
+                if k in ("instantid_face", "instantid_kps") and v is not None:  # numbers → lists, an image → base64
+                    d[k] = encode_image(v) if encode_images and isinstance(v, Image.Image) else \
+                        v.tolist() if hasattr(v, "tolist") else v
+                    continue
                 if isinstance(v, tuple):
                     d[k] = [list(x) if isinstance(x, tuple) else x for x in v]  # nested: adapters.loras pairs
                 if encode_images and k in _IMAGE_FIELDS and v is not None:
@@ -314,4 +334,4 @@ def decode_image(text: str, name: str) -> Image.Image:
 
 
 __all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "Decode", "Control",
-           "ImagePrompt", "T2i", "asdict"]
+           "ImagePrompt", "T2i", "InstantId", "asdict"]

@@ -21,7 +21,9 @@ from sdrt.runtime.job import TINY_VAE, Job
 from sdrt.runtime.family import Family
 from sdrt.runtime.limits import GIB, Limits, estimate_bytes, memory_budget
 from sdrt.runtime.request import Request
+from sdrt.runtime.denoiser import flux
 from sdrt.runtime.denoiser.x0 import timestep_lookup
+from sdrt.runtime.samplers import flow
 from sdrt.runtime.samplers.schedules import SIGMA_SCHEDULES, ScheduleError, scheduler_config
 from sdrt.runtime.vae_tiling import Tiles
 
@@ -83,6 +85,40 @@ def _hypernet_tags(prompts, negative, model_dir):
     except TagError as e:
         raise InvalidRequest("negative_prompt", str(e)) from None
     return prompts, negative
+def _flux_request(request: Request, negative, model_dir) -> None:
+    """What FLUX.1 runs in sdrt: text to image, without a negative prompt (FluxPipeline ignores one unless
+    true_cfg_scale > 1, which sdrt does not run)."""
+    if model_dir.info.family != Family.FLUX:
+        return
+    for name, value in (("init_image", request.images.init_image), ("mask", request.images.mask),
+                        ("init_latents", request.refine.init_latents)):
+        if value is not None:
+            raise InvalidRequest(name, "FLUX.1 runs text to image only in sdrt; leave it out")
+    if negative is not None and any(negative):
+        raise InvalidRequest("negative_prompt", "FLUX.1 takes no negative prompt (it is guidance-distilled, or "
+                                                "has no guidance); leave it out or empty")
+
+
+def _sd3_request(request: Request, model_dir) -> None:
+    """What SD3 / SD3.5 run in sdrt: text to image (img2img needs the flow schedule's noising, not yet here)."""
+    if model_dir.info.family != Family.SD3:
+        return
+    for name, value in (("init_image", request.images.init_image), ("mask", request.images.mask),
+                        ("init_latents", request.refine.init_latents)):
+        if value is not None:
+            raise InvalidRequest(name, "SD3 / SD3.5 run text to image only in sdrt; leave it out")
+
+
+def _flux_schedule(cfg, model_dir, width: int, height: int):
+    """FluxPipeline's schedule inputs: sigmas linspace(1, 1/N, N) and, with dynamic shifting, mu at the packed
+    image sequence length (h/2)·(w/2) in latents (runtime/samplers/flow.py, runtime/denoiser/flux.py)."""
+    if model_dir.info.family != Family.FLUX:
+        return cfg
+    mu = flow.image_seq_mu(cfg, flux.sequence_length(height, width, model_dir.vae_scale_factor)) \
+        if cfg.use_dynamic_shifting else None
+    return replace(cfg, pipeline_sigmas=True, mu=mu)
+
+
 VAE_CHOICES = ("full", "tiny")
 TILING_CHOICES = ("auto", "on", "off")
 
@@ -147,6 +183,9 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                                       f"{limits.max_batch} per request")
     guidance = fields.number("guidance", s.guidance, 0.0, MAX_GUIDANCE)
     rescale = fields.number("guidance_rescale", s.guidance_rescale, 0.0, 1.0)
+    _flux_request(request, negative, model_dir)
+    _sd3_request(request, model_dir)
+    width, height = _size(request, model_dir)  # before the schedule: FLUX.1's shift depends on the size
     sampler, schedule = _sampler(s, model_dir)
     for name in ("timestep_spacing", "prediction_type"):
         if getattr(s, name) is not None and not isinstance(getattr(s, name), str):
@@ -155,6 +194,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
         cfg = scheduler_config(model_dir.scheduler_config, s.timestep_spacing, s.prediction_type)
     except ScheduleError as e:
         raise InvalidRequest("timestep_spacing" if "spacing" in str(e) else "prediction_type", str(e)) from None
+    cfg = _flux_schedule(cfg, model_dir, width, height)
     ceiling = min(limits.max_steps, sampler_registry.max_steps(cfg, sampler))
     steps = fields.integer("steps", s.steps, 1, ceiling,
                  f"; {sampler} on this model's schedule runs at most {ceiling} steps (its training timesteps "
@@ -171,7 +211,6 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
         raise InvalidRequest("steps", f"{steps} steps of {sampler} on this model's schedule put two timesteps on "
                                       "one sigma (float32); use fewer steps") from None
 
-    width, height = _size(request, model_dir)
     if width * height > limits.max_pixels:
         raise InvalidRequest("width", f"{width}x{height} is {width * height:,} pixels; at most "
                                       f"{limits.max_pixels:,} per image (Limits.max_pixels)")
@@ -239,6 +278,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
                denoising_start=starts[0], denoising_end=starts[1], aesthetic_score=aesthetic,
                negative_aesthetic_score=negative_aesthetic, estimated_bytes=estimate, syntax=text.syntax,
                clip_skip=text.clip_skip, text_chunks=text.chunks, embeddings=text.embeddings, loras=loras,
+               max_sequence_length=text.max_sequence_length,
                vae=vae, tile_vae=tile_vae, cache_interval=cache_interval,
                **{kind.FIELD: kind_uses.get(kind.NAME) for kind in kinds.KINDS}, **task_fields,
                scheduler_config=cfg, full_schedule=built, uses=tuple(kind_uses))

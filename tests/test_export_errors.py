@@ -46,10 +46,18 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
 
 
 def test_unsupported_pipeline_class(tmp_path):
+    (tmp_path / "svd").mkdir()
+    (tmp_path / "svd" / "model_index.json").write_text(json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
+    result = run_sdrt("export", str(tmp_path / "svd"), "-o", str(tmp_path / "out"))
+    _assert_one_line_error(result, "StableVideoDiffusionPipeline", "SD 1.x, SD 2.x, SDXL")
+    _nothing_written(tmp_path)
+
+
+def test_incomplete_folder_of_a_supported_class(tmp_path):
     (tmp_path / "flux").mkdir()
     (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     result = run_sdrt("export", str(tmp_path / "flux"), "-o", str(tmp_path / "out"))
-    _assert_one_line_error(result, "FluxPipeline", "SD 1.x, SD 2.x, SDXL")
+    _assert_one_line_error(result, "cannot load", "model_index.json")
     _nothing_written(tmp_path)
 
 

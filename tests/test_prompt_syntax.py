@@ -207,7 +207,7 @@ def test_syntax_and_clip_skip_are_prompt_fields_in_flat_and_nested_form():
     with_files = Request.of(prompt="a", embeddings=["x.pt"])
     assert with_files.prompt_group.embeddings == ("x.pt",)
     assert Request.from_dict(json.loads(json.dumps(with_files.to_dict()))) == with_files
-    with pytest.raises(InvalidRequest, match="known: clip_skip, embeddings, negative, syntax, text"):
+    with pytest.raises(InvalidRequest, match="known: clip_skip, embeddings, max_sequence_length, negative, syntax, text"):
         Request.from_dict({"prompt": {"text": "a", "sintax": "compel"}})
 
 

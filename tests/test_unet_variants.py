@@ -4,8 +4,8 @@ Each variant is a tiny random-weight model in the published model's layout or fo
 `DiffusionPipeline.from_pretrained(folder)` with its own scheduler, batch 2 with per-image generators, a non-square
 size (40×56: odd latent sides 5×7, which the fp32 crash needed), guidance with a negative prompt where the pipeline
 has one. Bound: 1/255 (fp32 engines). Each formulation test also shows its feature matters: the image without it is
-tens of levels away, so a feature that does nothing cannot pass. fp16 exports (slow) must pass their export gate and
-land within 2/255 of the fp32 engine... measured: see FIGURES printed by -s.
+tens of levels away, so a feature that does nothing cannot pass. fp16 exports (slow) pass their export gate and stay
+within 3/255 of diffusers' fp32 pipeline (figures printed with -s).
 """
 
 from __future__ import annotations
@@ -162,13 +162,16 @@ def test_compressed_and_per_level_depth_layouts(variant, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_fp16_exports_pass_their_gate_and_follow_the_fp32_engine(variant, name):
-    _, fp32 = variant(name, "fp32")
+def test_fp16_exports_pass_their_gate_and_stay_near_diffusers(variant, name):
+    """fp16 weights and activations against diffusers in fp32: measured 1–2/255 from the fp32 engine here."""
+    folder, fp32 = variant(name, "fp32")
     _, fp16 = variant(name, "fp16")
-    diff = max_diff(sdrt_images(fp16, name), sdrt_images(fp32, name))
-    FIGURES[f"{name}-fp16-vs-fp32"] = diff
-    print(f"{name}: fp16 engine vs fp32 engine, max pixel difference {diff}/255")
-    assert diff <= 8
+    ours = sdrt_images(fp16, name)
+    engine_diff, ref_diff = max_diff(ours, sdrt_images(fp32, name)), max_diff(ours, diffusers_images(folder, name))
+    FIGURES[f"{name}-fp16"] = ref_diff
+    print(f"{name} fp16: max pixel difference {ref_diff}/255 from diffusers (fp32), {engine_diff}/255 from the "
+          "fp32 engine")
+    assert engine_diff <= 3 and ref_diff <= 3
 
 
 def test_an_onnx_runtime_failure_in_the_gate_is_one_line_and_leaves_nothing(tiny_pipeline, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """ControlNets at export: each a component `controlnet/NAME` (reference/customization.md §4.3, separate graphs),
 plus `unet_controlnet`, the UNet with the residual inputs (plain runs keep the plain UNet graph).
 
-controlnet/NAME: sample [B,4,h,w], timestep (rank 0, fp32), encoder_hidden_states [B,77,D],
+controlnet/NAME: sample [B,4,h,w], timestep (rank 0, fp32), encoder_hidden_states [B,S,D] (S dynamic: 77 text tokens, InstantID 16),
 controlnet_cond [B,3,H,W] in [0,1], conditioning_scale (rank 0, fp32) [, text_embeds, time_ids]
 → down_block_res_sample_0…k, mid_block_res_sample: diffusers' ControlNetModel.forward at scale 1 (its own
 `sample * 1.0`, exact), each output × conditioning_scale (as its non-guess branch, L787-788). Guess mode's

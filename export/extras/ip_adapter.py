@@ -2,6 +2,9 @@
 `unet_ip/model.onnx`, the UNet with the adapters loaded (diffusers' load_ip_adapter, one or several sharing the one
 image encoder) taking each adapter's image embeddings and scale as inputs. Plain runs keep the plain UNet graph.
 
+InstantID's adapter (kind "instantid", export/extras/instantid.py) joins the same graphs with its Resampler taken out
+(exported as its own graph): its ip_image_embeds_K are the projected face tokens [B, 1, 16, D] the runtime caches.
+
 image_encoder: pixel_values [B,3,S,S] (CLIPImageProcessor output) → image_embeds [B,D] (CLIPVisionModelWithProjection's
 projection; plain adapters) and penultimate_hidden_states [B,T,W] (hidden_states[-2]; "plus" and "full" adapters);
 absent when every adapter is FaceID, whose embeddings ([B, faces, D], e.g. insightface's) the caller gives.
@@ -35,6 +38,7 @@ UNET_CONTROLNET_IP = "unet_controlnet_ip"  # both: ControlNet residual inputs an
 class IpAdapterSource:
     adapters: tuple[tuple[str, str], ...]  # (file, name) in graph order; files in diffusers' IP-Adapter format
     image_encoder: str | None  # CLIPVisionModelWithProjection folder, shared by every adapter (as in diffusers)
+    external: tuple[str, ...] = ()  # adapters (by name) whose projection is its own graph: InstantID's
 
     @property
     def adapter(self) -> str:
@@ -62,14 +66,28 @@ def parse_sources(given, image_encoder: str | None) -> IpAdapterSource:
     return IpAdapterSource(tuple(adapters), image_encoder)
 
 
+def source_of(given, image_encoder: str | None, located, instantid: tuple[str, str] | None = None):
+    """--ip-adapter (repeatable), --image-encoder and InstantID's (adapter file, name) → the checked IpAdapterSource,
+    or None when none is given; `located` makes local paths absolute."""
+    if not given and image_encoder is None and instantid is None:
+        return None
+    if not given and instantid is None:
+        raise UserError("--image-encoder is the IP-Adapter's image encoder; give --ip-adapter FILE with it")
+    src = parse_sources(given or (), image_encoder)
+    src = IpAdapterSource(tuple((located(f), n) for f, n in src.adapters) + ((instantid,) if instantid else ()),
+                          src.image_encoder, (instantid[1],) if instantid else ())
+    check_source(src)
+    return src
+
+
 def check_source(src: IpAdapterSource) -> None:
     """Before the model loads: every file there, and an image encoder given unless every adapter is FaceID."""
     for adapter, _ in src.adapters:
         if not Path(adapter).expanduser().is_file():
             raise UserError(f"--ip-adapter {adapter}: no such file (give the adapter's .safetensors or .bin)")
     if src.image_encoder is None:
-        for adapter, _ in src.adapters:
-            if kind(_read_adapter(adapter)["image_proj"]) != "faceid":
+        for adapter, name in src.adapters:
+            if name not in src.external and kind(_read_adapter(adapter)["image_proj"]) != "faceid":
                 raise UserError(f"--ip-adapter {adapter} needs --image-encoder: the CLIP vision model (a diffusers/"
                                 "transformers folder) the adapter was trained with")
         return
@@ -124,9 +142,13 @@ def load(pipe, src: IpAdapterSource) -> dict:
     for source, name in src.adapters:
         state = _read_adapter(source)
         adapter_kind = kind(state["image_proj"])
+        if name in src.external and adapter_kind != "plus":
+            raise UserError(f"{source}: InstantID's ip-adapter holds a Resampler (image_proj.latents, proj_in, …); "
+                            f"this one's image projection is an IP-Adapter {adapter_kind}")
+        adapter_kind = "instantid" if name in src.external else adapter_kind
         embed_dim = state["image_proj"][{"plain": "proj.weight", "full": "proj.0.weight", "faceid": "proj.0.weight",
-                                         "plus": "proj_in.weight"}[adapter_kind]].shape[-1]
-        if encoder is not None and adapter_kind != "faceid":
+                                         "plus": "proj_in.weight", "instantid": "proj_in.weight"}[adapter_kind]].shape[-1]
+        if encoder is not None and adapter_kind not in ("faceid", "instantid"):
             expected = encoder.config.projection_dim if adapter_kind == "plain" else encoder.config.hidden_size
             if embed_dim != expected:
                 raise UserError(f"--ip-adapter {source} takes image embeddings of width {embed_dim}; the image "
@@ -135,6 +157,9 @@ def load(pipe, src: IpAdapterSource) -> dict:
         states.append(state)
         records.append({"name": name, "source": source, "sha256": sha256_of_files([path], path.parent),
                         "kind": adapter_kind, "embed_dim": int(embed_dim)})
+        if adapter_kind == "instantid":  # the face tokens it is fed: [16 queries, the UNet's cross width]
+            records[-1] |= {"tokens": int(state["image_proj"]["latents"].shape[1]),
+                            "token_dim": int(state["image_proj"]["proj_out.weight"].shape[0])}
     unet = copy.deepcopy(pipe.unet)
     try:
         unet._load_ip_adapter_weights(states)  # several: MultiIPAdapterImageProjection, per-adapter to_k_ip/to_v_ip
@@ -144,6 +169,11 @@ def load(pipe, src: IpAdapterSource) -> dict:
         raise UserError(f"--ip-adapter {src.adapter} does not fit this model's UNet ({str(e).splitlines()[0]}); "
                         "give an adapter made for this family") from None
     unet.eval()
+    projections = {}
+    for k, r in enumerate(records):  # InstantID: the Resampler becomes its own graph, the UNet takes its tokens
+        if r["kind"] == "instantid":
+            projections[r["name"]] = unet.encoder_hid_proj.image_projection_layers[k].eval()
+            unet.encoder_hid_proj.image_projection_layers[k] = torch.nn.Identity()
     unet.encoder_hid_proj.lora_target = False  # the adapter's own layers: no LoRA patches them (export/weights_map)
     for p in unet.attn_processors.values():
         if isinstance(p, torch.nn.Module):
@@ -152,7 +182,8 @@ def load(pipe, src: IpAdapterSource) -> dict:
         CLIPImageProcessor(size=encoder.config.image_size if encoder else 224,
                            crop_size=encoder.config.image_size if encoder else 224)  # load_ip_adapter's
     record = {"image_encoder": src.image_encoder, "adapters": records}
-    return {"unet": unet, "encoder": encoder, "processor": processor.to_dict(), "record": record}
+    return {"unet": unet, "encoder": encoder, "processor": processor.to_dict(), "record": record,
+            "projections": projections}
 
 
 def _fuse_faceid_lora(unet, ip_weights: dict) -> None:
@@ -180,7 +211,7 @@ def recorded_sources(record: dict) -> tuple[str, ...]:
     several adapters existed has source/kind at its top level)."""
     adapters = record.get("adapters") or ([{"source": record["source"], "name": Path(record["source"]).stem}]
                                           if record.get("source") else [])
-    return tuple(f"{a['source']}={a['name']}" for a in adapters)
+    return tuple(f"{a['source']}={a['name']}" for a in adapters if a.get("kind") != "instantid")  # --instantid's own
 
 
 def _read_adapter(source: str) -> dict:
@@ -284,6 +315,7 @@ def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentS
     def make_inputs(p, shape: Shape, dtype):
         g = torch.Generator().manual_seed(shape.batch * 13 + shape.latent_height)
         dims = [(shape.batch, 1, (enc.image_size // enc.patch_size) ** 2 + 1, enc.hidden_size) if uses_hidden_states(k)
+                else (shape.batch, 1, r["tokens"], r["token_dim"]) if k == "instantid"
                 else (shape.batch, 1, r["embed_dim"]) for k, r in zip(kinds, records)]
         return base.make_inputs(p, shape, dtype) + tuple(torch.randn(*d, generator=g).to(dtype) for d in dims) + \
             tuple(torch.tensor(0.8 - 0.1 * k) for k in range(len(kinds)))  # non-zero: every branch traced
@@ -294,6 +326,21 @@ def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentS
                          base.input_names + embeds + scales, base.output_names, axes,
                          lambda p: _UNetIp(unet, added, residuals, len(kinds)), make_inputs, ("timestep", *scales),
                          owner=lambda p: unet)
+
+
+def specs(pipe, loaded: dict, with_residuals: bool) -> dict:
+    """{component: (spec, config.json content, key digest)}: the image encoder (when there is one), unet_ip (unless
+    InstantID's is the only adapter: it always comes with its IdentityNet) and, `with_residuals` (ControlNets or
+    InstantID in the directory), unet_controlnet_ip."""
+    key, config = signature(loaded["record"]), dict(loaded["unet"].config)
+    out = {}
+    if loaded["encoder"] is not None:
+        out[IMAGE_ENCODER] = (image_encoder_spec(loaded), loaded["encoder"].config.to_dict(), key)
+    if any(a["kind"] != "instantid" for a in loaded["record"]["adapters"]):
+        out[UNET_IP] = (unet_ip_spec(pipe, loaded), config, key)
+    if with_residuals:
+        out[UNET_CONTROLNET_IP] = (unet_ip_spec(pipe, loaded, with_residuals=True), config, key)
+    return out
 
 
 def write_configs(tmp: Path, loaded: dict) -> None:

@@ -230,3 +230,45 @@ def write_tiny_t2i_adapter(folder: Path, seed: int = 0, gain: float = 3.0) -> Pa
             p.mul_(gain)
     adapter.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def write_tiny_instantid(model_folder: Path, folder: Path, seed: int = 0, gain: float = 1.0) -> Path:
+    """InstantID for the tiny SDXL pipeline, laid out as InstantX/InstantID ships it (reference/identity.md §4):
+    `ControlNetModel/` (IdentityNet: write_tiny_controlnet, the UNet's encoder with random zero-convs) and
+    `ip-adapter.bin` = {"image_proj": InstantID's Resampler in its own key layout (latents, proj_in, proj_out,
+    norm_out, layers.N.0.{norm1, norm2, to_q, to_kv, to_out}, layers.N.1.{0, 1, 3}: depth 4, 2 heads × 64, 16
+    queries, over FACEID_WIDTH-wide face embeddings), "ip_adapter": `<i>.to_{k,v}_ip.weight` for every
+    cross-attention}, random weights × `gain`. Returns the folder."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    folder = Path(folder)
+    write_tiny_controlnet(model_folder, folder / "ControlNetModel", seed, gain=0.5)
+    unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
+    cross = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    resampler = IPAdapterPlusImageProjection(embed_dims=FACEID_WIDTH, output_dims=cross, hidden_dims=128, heads=2,
+                                             num_queries=16)
+    theirs = {"ln0": "0.norm1", "ln1": "0.norm2", "attn.to_q": "0.to_q", "attn.to_out.0": "0.to_out",
+              "ff.0": "1.0", "ff.1.net.0.proj": "1.1", "ff.1.net.2": "1.3"}  # diffusers' name → InstantID's
+    diffusers_state = resampler.state_dict()
+    proj = {}
+    for key, value in diffusers_state.items():
+        if ".attn.to_v." in key:
+            continue
+        if ".attn.to_k." in key:  # InstantID keeps k and v in one to_kv
+            proj[key.replace("attn.to_k", "0.to_kv")] = torch.cat([value, diffusers_state[key.replace("to_k", "to_v")]])
+            continue
+        for ours, original in theirs.items():
+            key = key.replace(f".{ours}.", f".{original}.")
+        proj[key] = value.detach().clone() * (gain if value.dim() > 1 else 1.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    layers, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.weight.shape[0]
+            layers[f"{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * gain / cross ** 0.5
+            layers[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 4 * gain / cross ** 0.5
+            key += 2
+    torch.save({"image_proj": proj, "ip_adapter": layers}, folder / "ip-adapter.bin")
+    return folder

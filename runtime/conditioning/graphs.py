@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONTROLNET, IP_ADAPTER, T2I_ADAPTER = "controlnet", "ip_adapter", "t2i_adapter"  # the kinds' names (Job.uses)
+INSTANTID = "instantid"  # IdentityNet's residuals and its adapter's face tokens: the ControlNet + IP-Adapter UNet
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,11 @@ GRAPHS = (
     Graph("unet_ip", frozenset({IP_ADAPTER}), lora=True),
     Graph("unet_controlnet_ip", frozenset({CONTROLNET, IP_ADAPTER}), lora=True),
     Graph("unet_t2i", frozenset({T2I_ADAPTER}), lora=False),
+    *(Graph("unet_controlnet_ip", frozenset({INSTANTID, *more}), lora=True)
+      for more in ((), (CONTROLNET,), (IP_ADAPTER,), (CONTROLNET, IP_ADAPTER))),
 )
-UNET_VARIANTS = tuple(g.name for g in GRAPHS if g.kinds)  # the graphs besides the plain UNet
-LORA_UNET_VARIANTS = tuple(g.name for g in GRAPHS if g.kinds and g.lora)
+UNET_VARIANTS = tuple(dict.fromkeys(g.name for g in GRAPHS if g.kinds))  # the graphs besides the plain UNet
+LORA_UNET_VARIANTS = tuple(dict.fromkeys(g.name for g in GRAPHS if g.kinds and g.lora))
 
 
 def graph_for(kinds) -> str:

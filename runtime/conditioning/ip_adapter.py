@@ -77,10 +77,11 @@ def validate(request, model_dir, context) -> ImagePromptJob | None:
     field = "ip_image" if group.ip_image is not None else "ip_adapters"
     if group.ip_image is not None and entries:
         raise InvalidRequest("ip_adapters", "give ip_image (for a directory with one adapter) or ip_adapters, not both")
-    records = {r["name"]: r for r in adapter_records(model_dir.manifest)}
+    records = {r["name"]: r for r in adapter_records(model_dir.manifest) if r.get("kind") != "instantid"}  # its own
+    # kind (runtime/conditioning/instantid.py) feeds InstantID's adapter
     names = list(records)
     needs_encoder = any(r.get("kind") != "faceid" for r in records.values())
-    if not model_dir.has(UNET_IP) or \
+    if not records or not model_dir.has(UNET_IP) or \
             (needs_encoder and not model_dir.has(IMAGE_ENCODER)):
         raise InvalidRequest(field, "this engine directory has no IP-Adapter (export one with --ip-adapter and "
                                     "--image-encoder)")
@@ -192,8 +193,10 @@ def face_embeds(embeds: np.ndarray, count: int, guided: bool) -> torch.Tensor:
     return torch.cat([torch.zeros_like(positive), positive]) if guided else positive
 
 
-def _unused_embeds(folder, record: dict, rows: int) -> torch.Tensor:
+def unused_embeds(folder, record: dict, rows: int) -> torch.Tensor:
     """Zeros shaped as one image's embeddings ([rows, 1, D] or [rows, 1, T, W]) for an adapter fed scale 0."""
+    if record.get("kind") == "instantid":  # its projected face tokens
+        return torch.zeros(rows, 1, record["tokens"], record["token_dim"])
     if record.get("kind") not in ("plus", "full"):
         width = record.get("embed_dim") or json.loads((folder / "config.json").read_text())["projection_dim"]
         return torch.zeros(rows, 1, width)
@@ -214,7 +217,7 @@ def attach(parts, job, prep):
     for record in adapter_records(parts.dir.manifest):
         prompt = given.get(record["name"])
         if prompt is None:
-            embeds.append(_unused_embeds(folder, record, job.count * (2 if guided else 1)))
+            embeds.append(unused_embeds(folder, record, job.count * (2 if guided else 1)))
             scales.append(0.0)
             continue
         if prompt.embeds is not None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from sdrt.runtime.conditioning import controlnet, ip_adapter, t2i_adapter
+from sdrt.runtime.conditioning import controlnet, instantid, ip_adapter, t2i_adapter
 
-KINDS = (controlnet, ip_adapter, t2i_adapter)
+KINDS = (controlnet, ip_adapter, t2i_adapter, instantid)  # instantid last: it adds to the others' residuals and slots
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class UnetStep:
 
 
 class Contributor(Protocol):
+    """May also define `restore(out, step) -> out`: the model output back in the latents' layout, when its
+    contribute changed that layout (FLUX.1's packing: runtime/denoiser/flux.py)."""
     def contribute(self, feed: dict[str, torch.Tensor], step: UnetStep) -> dict[str, torch.Tensor]: ...
 
 
@@ -69,8 +71,10 @@ class ClassLabels:
 class UnetCall:
     """`call(scaled_x, t) -> guided output` for make_denoiser, over one UNet engine and its contributors."""
 
-    def __init__(self, engine, guidance: Guidance, contributors: Sequence[Contributor], timesteps: Sequence[float]):
+    def __init__(self, engine, guidance: Guidance, contributors: Sequence[Contributor], timesteps: Sequence[float],
+                 output: str = "out_sample"):
         self.engine = engine
+        self.output = output  # the engine output read (Layout.output: out_hidden_states for the transformers)
         self.guidance = guidance
         self.contributors = tuple(contributors)
         self.timestep_rank = len(engine.inputs["timestep"].shape)
@@ -88,4 +92,8 @@ class UnetCall:
         inputs = {"sample": x_in, "timestep": timestep}
         for c in self.contributors:
             inputs = c.contribute(inputs, step)
-        return self.guidance.combine(feed_mod.run(self.engine, **inputs)["out_sample"])
+        out = feed_mod.run(self.engine, **inputs)[self.output]
+        for c in self.contributors:  # a contributor that reshaped the latent input gives the output its layout back
+            if hasattr(c, "restore"):
+                out = c.restore(out, step)
+        return self.guidance.combine(out)

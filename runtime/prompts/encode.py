@@ -52,6 +52,7 @@ class TextOptions:
     clip_skip: int = 0
     chunks: int = 1  # 77-token chunks every prompt of the job is padded to
     embeddings: tuple = ()  # runtime/prompts/embeddings.Embedding: the textual inversions prompts may use
+    max_sequence_length: int = 256  # SD3's T5 sequence (StableDiffusion3Pipeline's default; at most 512)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,9 @@ def write_text_weights(encoder, folder: Path, table: bool = False, half: bool = 
     """Export side: a transformers CLIP text model's final layer norm (clip skip at run time) and, with `table`,
     its token-embedding table (textual inversion: the runtime looks tokens up itself), fp16 when `half`."""
     model = getattr(encoder, "text_model", encoder)
-    norm = model.final_layer_norm
+    norm = getattr(model, "final_layer_norm", None)
+    if norm is None:  # not CLIP (FLUX.1's T5 as text_encoder_2): no clip skip, no token table
+        return
     arrays = {"final_layer_norm.weight": norm.weight.detach().float().cpu().numpy(),
               "final_layer_norm.bias": norm.bias.detach().float().cpu().numpy(),
               "final_layer_norm.eps": np.array(norm.eps, dtype=np.float64)}
@@ -399,12 +402,26 @@ def validate_text(prompt_group, model_dir, prompts: Sequence[str], negatives: Se
     own `embeddings` add to them."""
     from sdrt.runtime.prompts import embeddings as ti
 
-    syntax = getattr(prompt_group, "syntax", None) or DEFAULT_SYNTAX
+    info = getattr(model_dir, "info", None)
+    # SD3, FLUX.1: diffusers' own encoding; the a1111 default runs as plain there, compel is refused
+    plain_only = info is not None and info.layout.plain_prompts_only
+    syntax = getattr(prompt_group, "syntax", None) or ("plain" if plain_only else DEFAULT_SYNTAX)
     if not isinstance(syntax, str) or syntax.strip().lower() not in SYNTAXES:
         raise InvalidRequest("prompt_syntax", f"unknown prompt syntax {syntax!r}; choose one of {', '.join(SYNTAXES)}")
     syntax = syntax.strip().lower()
     skip = getattr(prompt_group, "clip_skip", 0)
     skip = 0 if skip is None else fields.integer("clip_skip", skip, 0)
+    length = getattr(prompt_group, "max_sequence_length", None)
+    default_length = 512 if info is not None and info.family.value == "flux" else 256  # FluxPipeline's: 512
+    length = default_length if length is None else fields.integer("max_sequence_length", length, 1, 512)
+    if plain_only:
+        given = [(n, v) for n, v in (("prompt_syntax", syntax == "compel"), ("clip_skip", skip),
+                                     ("embeddings", getattr(prompt_group, "embeddings", ()) or embeddings
+                                      or embeddings_dir)) if v]
+        if given:
+            raise InvalidRequest(given[0][0], f"{info.family.value} models take plain prompts (diffusers' own "
+                                              "encoding): no prompt syntax, clip skip or embeddings yet")
+        return TextOptions("plain", 0, 1, (), length)
     layers = layer_count(model_dir)
     if layers is not None and skip >= layers:
         raise InvalidRequest("clip_skip", f"must be below the text encoder's {layers} layers (0 … {layers - 1}; "
@@ -432,7 +449,7 @@ def validate_text(prompt_group, model_dir, prompts: Sequence[str], negatives: Se
         if chunks > MAX_CHUNKS:
             raise InvalidRequest("prompt", f"needs {chunks} chunks of 75 tokens; at most {MAX_CHUNKS} "
                                            f"({MAX_CHUNKS * prompt_a1111.CHUNK_TOKENS} tokens) per prompt")
-    return TextOptions(syntax, skip, chunks, found)
+    return TextOptions(syntax, skip, chunks, found, length)
 
 
 class TextSetup:

@@ -1,0 +1,156 @@
+"""Export descriptors of the flow-matching transformer families: Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline).
+
+Components and names follow optimum's ONNX layout for SD3 (../shared/reference/flow_models.md §2):
+- text_encoder, text_encoder_2: CLIP with projection, as SDXL's encoders (input_ids → last_hidden_state,
+  text_embeds, hidden_states.0..L; SD3 reads hidden_states[-2] and text_embeds);
+- text_encoder_3: T5EncoderModel, input_ids [B, L] → last_hidden_state [B, L, D] (diffusers feeds no mask);
+- transformer: SD3Transformer2DModel, (hidden_states [B, C, h, w], encoder_hidden_states [B, L, joint],
+  pooled_projections [B, P], timestep [B] float32, kept float32 in fp16 exports) → out_hidden_states;
+- vae_decoder, vae_encoder: as the other families, 16 latent channels (export/components.py).
+Batch, latent height/width and the text sequence are dynamic; the gate checks two of each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdrt.export import flux_components as flux
+from sdrt.export.components import (ComponentSpec, Shape, _text_spec, _vae_decoder_spec, _vae_encoder_spec,
+                                    text_output_names)
+
+TRANSFORMER = "transformer"
+T5 = "text_encoder_3"
+CLIP_SEQUENCE = 77
+
+
+PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+
+
+def is_flow(pipe) -> bool:
+    """An SD3 / SD3.5 or FLUX.1 pipeline: a transformer denoiser. FLUX.1 has its own descriptors
+    (export/flux_components.py), which this module's component_specs, gate_shapes and latent_multiple hand on."""
+    return type(pipe).__name__ in PIPELINE_CLASSES or flux.is_flux(pipe)
+
+
+def denoiser(pipe):
+    """The module the step loop calls: the transformer (SD3, FLUX.1) or the UNet."""
+    transformer = getattr(pipe, TRANSFORMER, None) if "transformer" in getattr(pipe, "config", {}) else None
+    return transformer if transformer is not None else pipe.unet
+
+
+class _T5(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):  # [B, L] int64 → [B, L, D]; diffusers' SD3 passes no attention mask
+        return self.encoder(input_ids, return_dict=False)[0]
+
+
+def _t5_sequence(shape: Shape) -> int:
+    """The gate's two T5 sequence lengths (traced at the first): the graph must take any length."""
+    return 24 if shape.batch == 1 else 40
+
+
+def _t5_spec() -> ComponentSpec:
+    def make_module(pipe):
+        if hasattr(pipe.text_encoder_3, "set_attn_implementation"):
+            pipe.text_encoder_3.set_attn_implementation("eager")
+        return _T5(pipe.text_encoder_3)
+
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        ids = torch.randint(2, pipe.text_encoder_3.config.vocab_size, (shape.batch, _t5_sequence(shape)), generator=g)
+        ids[:, -3] = 1  # </s>, then padding, as the tokenizer lays a short prompt out
+        ids[:, -2:] = 0
+        return (ids,)
+
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "last_hidden_state": {0: "batch_size", 1: "sequence_length"}}
+    return ComponentSpec(T5, ("input_ids",), ("last_hidden_state",), axes, make_module, make_inputs)
+
+
+class _Transformer(torch.nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+def _transformer_spec() -> ComponentSpec:
+    def make_inputs(pipe, shape: Shape, dtype):
+        cfg = pipe.transformer.config
+        g = torch.Generator().manual_seed(shape.batch * 1000 + shape.latent_height)
+        b = shape.batch
+        sequence = CLIP_SEQUENCE + _t5_sequence(shape)
+        return (torch.randn(b, cfg.in_channels, shape.latent_height, shape.latent_width, generator=g).to(dtype),
+                torch.randn(b, sequence, cfg.joint_attention_dim, generator=g).to(dtype),
+                torch.randn(b, cfg.pooled_projection_dim, generator=g).to(dtype),
+                (torch.rand(b, generator=g) * 1000).to(torch.float32))  # σ·1000, float32 [B]
+
+    axes = {"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
+            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "pooled_projections": {0: "batch_size"},
+            "timestep": {0: "batch_size"},
+            "out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}
+    return ComponentSpec(TRANSFORMER, ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+                         ("out_hidden_states",), axes, lambda p: _Transformer(p.transformer), make_inputs,
+                         ("timestep",))
+
+
+def component_specs(pipe) -> dict[str, ComponentSpec]:
+    """The components of a flow pipeline, in export order (text encoders, transformer, VAE halves)."""
+    if flux.is_flux(pipe):  # FLUX.1: its own descriptors (export/flux_components.py)
+        return flux.component_specs(pipe)
+    specs = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            base = _text_spec(name)
+            outputs = text_output_names(pipe, name)
+            axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
+            axes |= {o: {0: "batch_size"} | ({1: "sequence_length"} if o != outputs[1] else {}) for o in outputs}
+            specs[name] = ComponentSpec(name, base.input_names, outputs, axes, base.make_module, base.make_inputs)
+    if getattr(pipe, T5, None) is not None:
+        specs[T5] = _t5_spec()
+    specs[TRANSFORMER] = _transformer_spec()
+    specs["vae_decoder"] = _vae_decoder_spec()  # as every family's (export/components.py), 16 channels
+    specs["vae_encoder"] = _vae_encoder_spec()
+    return specs
+
+
+def gate_shapes(pipe, component: str) -> tuple[Shape, Shape]:
+    """Batch 1 and batch 2, non-square; the transformer's latent sides multiples of its patch size (diffusers'
+    SD3 pipeline requires sizes that are multiples of vae_scale_factor · patch_size)."""
+    if flux.is_flux(pipe):
+        return flux.gate_shapes(pipe, component)
+    if component == TRANSFORMER:
+        p = latent_multiple(pipe)
+        return Shape(1, 4 * p, 6 * p), Shape(2, 6 * p, 4 * p)
+    return Shape(1, 8, 8), Shape(2, 12, 8)
+
+
+def latent_multiple(pipe) -> int:
+    """Latent sides must be multiples of the transformer's patch size."""
+    if flux.is_flux(pipe):
+        return flux.LATENT_MULTIPLE
+    return int(pipe.transformer.config.patch_size)
+
+
+def check_options(cfg) -> None:
+    """The export options the transformer families do not take yet (an ExportConfig), refused by name."""
+    from sdrt.runtime.errors import UserError
+
+    given = [flag for flag, value in (("--lora", cfg.loras), ("--hypernetwork", cfg.hypernetworks),
+                                      ("--textual-inversion", cfg.textual_inversion), ("--tiny-vae", cfg.tiny_vae),
+                                      ("--deepcache", cfg.deepcache), ("--controlnet", cfg.controlnets),
+                                      ("--ip-adapter", cfg.ip_adapter), ("--t2i-adapter", cfg.t2i_adapters)) if value]
+    if given:
+        raise UserError(f"SD3 / SD3.5 exports take no {', '.join(given)} yet; export the model without them")
+    unknown = [c for c in cfg.components or () if c in ("unet",) or c.startswith(("unet_", "text_encoder_embeds",
+                                                                                   "text_encoder_2_embeds"))]
+    if unknown:
+        raise UserError(f"SD3 / SD3.5 pipelines have no {', '.join(unknown)}; their components are text_encoder, "
+                        "text_encoder_2, text_encoder_3, transformer, vae_decoder and vae_encoder")

@@ -1,0 +1,212 @@
+"""InstantID at run time (reference/identity.md §4): one face's raw ArcFace embedding e and its 5 keypoints steer
+the image through IdentityNet (a ControlNet on the keypoint image whose context is the face tokens, not the text)
+and an IP-Adapter fed the same tokens. Engines (export/extras/instantid.py): `instantid/proj` (the Resampler),
+`instantid/identitynet`, and unet_controlnet_ip with the adapter as kind "instantid".
+
+Reproduces InstantID's StableDiffusionXLInstantIDPipeline (pipeline_stable_diffusion_xl_instantid.py):
+- face tokens F = Resampler(e) [16, D]; the negative is Resampler(zeros), not zeros; both repeated per image, with
+  guidance [negative ‖ positive]; F is cached per identity (keyed by the embedding's bytes) so a second request
+  with the same face skips the Resampler;
+- the keypoint image is draw_kps re-stated (`draw_kps` below) on a black canvas of the output size, or the
+  caller's image; either is a ControlNet image (Lanczos to the output size, [0, 1]), doubled for guidance;
+- IdentityNet is called with encoder_hidden_states = F for both guidance halves and the real text_embeds /
+  time_ids; residuals × identitynet_scale, added to any other ControlNets' (InstantID's multi-ControlNet sums);
+- the UNet's attn2 add ip_scale · attention(Q, to_k_ip(F), to_v_ip(F)): diffusers' IPAdapterAttnProcessor2_0 over
+  F, the maths of InstantID's IPAttnProcessor2_0 on [text ‖ F].
+Not reproduced: the demo's "enhance non-face region" mask (the _full pipeline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdrt.runtime import fields
+from sdrt.runtime.conditioning import ip_adapter
+from sdrt.runtime.conditioning.controlnet import MID, MID_INPUT, control_image, down_input, down_output
+from sdrt.runtime.conditioning.graphs import INSTANTID, graph_for
+from sdrt.runtime.denoiser import feed as feed_mod
+from sdrt.runtime.fields import InvalidRequest
+
+NAME, FIELD = INSTANTID, "instantid"  # its name in Job.uses and graphs.py, the Job field of its use
+CACHE_SIZE = 32  # identities whose face tokens stay cached
+# draw_kps: keypoint colours (RGB) in insightface's order (left eye, right eye, nose, left and right mouth corner),
+# the bars from each point to the nose, the bars' half-width and the dots' radius (InstantID's pipeline module)
+COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
+BARS = ((0, 2), (1, 2), (3, 2), (4, 2))
+BAR_HALF_WIDTH, DOT_RADIUS, BAR_DIM = 4, 10, 0.6
+
+
+@dataclass(frozen=True, eq=False)
+class InstantIdUse:
+    face: np.ndarray  # [W] float32, the raw embedding
+    kps_image: Image.Image  # RGB
+    identitynet_scale: float
+    ip_scale: float
+
+    def key(self) -> tuple:
+        return (hashlib.sha256(self.face.tobytes()).hexdigest(), id(self.kps_image), self.identitynet_scale,
+                self.ip_scale)
+
+
+def draw_kps(kps: np.ndarray, width: int, height: int) -> Image.Image:
+    """InstantID's keypoint image: each bar (point → nose) a filled ellipse (OpenCV ellipse2Poly, integer centre,
+    half-axes (length/2, 4), integer angle) in its first point's colour, the canvas × 0.6, then filled dots r 10."""
+    import cv2
+
+    canvas = np.zeros((height, width, 3))  # float64, as the original draws
+    for a, b in BARS:
+        (xa, ya), (xb, yb) = kps[a], kps[b]
+        half_length = int(math.hypot(xa - xb, ya - yb) / 2)
+        angle = int(math.degrees(math.atan2(ya - yb, xa - xb)))
+        polygon = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (half_length, BAR_HALF_WIDTH), angle,
+                                   0, 360, 1)
+        canvas = cv2.fillConvexPoly(canvas, polygon, COLOURS[a])
+    canvas = (canvas * BAR_DIM).astype(np.uint8)
+    for i, (x, y) in enumerate(kps):
+        canvas = cv2.circle(canvas, (int(x), int(y)), DOT_RADIUS, COLOURS[i], -1)
+    return Image.fromarray(canvas)
+
+
+def _numbers(field: str, given, shape_text: str) -> np.ndarray:
+    try:
+        array = np.array(given.detach().cpu() if isinstance(given, torch.Tensor) else given, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidRequest(field, f"must be numbers of shape {shape_text}") from None
+    if not np.isfinite(array).all():
+        raise InvalidRequest(field, "must be finite numbers")
+    return array
+
+
+def validate(request, model_dir, context) -> InstantIdUse | None:
+    """The request's InstantID group checked against the directory's InstantID export; None when it gives no face."""
+    group = request.instantid
+    if group.instantid_face is None and group.instantid_kps is None:
+        return None
+    record = (model_dir.manifest or {}).get("instantid")
+    if not record:
+        raise InvalidRequest("instantid_face", "this engine directory has no InstantID (export one with --instantid)")
+    width = record["embed_dim"]
+    if group.instantid_face is None:
+        raise InvalidRequest("instantid_face", f"is required with instantid_kps: the face's raw insightface "
+                                               f"embedding ([{width}] numbers)")
+    face = _numbers("instantid_face", group.instantid_face, f"[{width}]")
+    if face.shape not in ((width,), (1, width)):
+        raise InvalidRequest("instantid_face", f"must be one face's embedding of shape [{width}] or [1, {width}] "
+                                               f"(got {list(face.shape)})")
+    kps = group.instantid_kps
+    if kps is None:
+        raise InvalidRequest("instantid_kps", "is required: the face's 5 keypoints ([5, 2] pixel coordinates in the "
+                                              "output image) or the keypoint image")
+    if isinstance(kps, Image.Image):
+        image = fields.image("instantid_kps", kps, "RGB")
+    else:
+        points = _numbers("instantid_kps", kps, "[5, 2]")
+        if points.shape != (5, 2):
+            raise InvalidRequest("instantid_kps", f"must be 5 keypoints [[x, y] × 5] or an image (got shape "
+                                                  f"{list(points.shape)})")
+        try:
+            image = draw_kps(points.astype(np.float64), context.width, context.height)
+        except ImportError:
+            raise InvalidRequest("instantid_kps", "drawing keypoints needs OpenCV (pip install opencv-python-headless)"
+                                                  "; give the keypoint image instead") from None
+    scales = [fields.number(n, v) for n, v in (("identitynet_scale", group.identitynet_scale),
+                                               ("instantid_ip_scale", group.instantid_ip_scale))]
+    try:
+        graph = graph_for({*context.earlier, NAME})
+    except ValueError as e:
+        raise InvalidRequest("instantid_face", f"InstantID cannot run with {', '.join(context.earlier)}: {e}") from None
+    for component in (graph, record["controlnet"], record["projection"]):
+        if not model_dir.has(component):
+            raise InvalidRequest("instantid_face", f"this engine directory has no {component} graph; export it "
+                                                   "again with --instantid")
+    return InstantIdUse(face.reshape(width), image, *scales)
+
+
+class FaceTokens:
+    """A small LRU of Resampler outputs [T, D] keyed by (engine directory, Resampler file, embedding bytes)."""
+
+    def __init__(self, size: int = CACHE_SIZE):
+        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()
+        self.misses = 0  # Resampler runs
+
+    def get(self, parts, record: dict, face: np.ndarray) -> torch.Tensor:
+        entry = (parts.dir.manifest or {}).get("components", {}).get(record["projection"], {})
+        key = (str(parts.dir.path), str(entry.get("sha256")), face.tobytes())
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        engine = parts.component(record["projection"])
+        tokens = feed_mod.run(engine, face_embeds=torch.from_numpy(face).reshape(1, 1, -1))["face_tokens"][0].float()
+        with self.lock:
+            self.misses += 1
+            self.entries[key] = tokens
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return tokens
+
+
+CACHE = FaceTokens()
+
+
+@dataclass(frozen=True)
+class InstantIdContributor:
+    """IdentityNet's residuals (added to any already in the feed) and the adapter's face tokens into its
+    ip_image_embeds_K / ip_scale_K; the directory's other adapters, when no image prompt fed them, get zeros and
+    scale 0."""
+    engine: Any
+    tokens: torch.Tensor  # [B(·2), T, D], negatives first with guidance
+    image: torch.Tensor  # [B(·2), 3, H, W]
+    identitynet_scale: float
+    ip_scale: float
+    slot: int  # K of the InstantID adapter
+    unused: dict  # the other adapters' zero feed, used where the feed has none
+
+    def contribute(self, feed, step):
+        extra = {k: feed[k] for k in ("text_embeds", "time_ids") if k in self.engine.inputs}
+        out = feed_mod.run(self.engine, sample=step.latents, timestep=torch.tensor(step.t, dtype=torch.float32),
+                           encoder_hidden_states=self.tokens, controlnet_cond=self.image,
+                           conditioning_scale=torch.tensor(self.identitynet_scale, dtype=torch.float32), **extra)
+        residuals = [out[down_output(i)] for i in range(len(out) - 1)] + [out[MID]]
+        names = [down_input(i) for i in range(len(residuals) - 1)] + [MID_INPUT]
+        feed = feed | {n: feed[n] + r if n in feed else r for n, r in zip(names, residuals)}
+        feed = {**self.unused, **feed}
+        return feed | {f"ip_image_embeds_{self.slot}": self.tokens[:, None],
+                       f"ip_scale_{self.slot}": torch.tensor(self.ip_scale, dtype=torch.float32)}
+
+
+def attach(parts, job, prep):
+    """`prep` unchanged without InstantID; else with an InstantIdContributor added."""
+    use = job.instantid
+    if use is None:
+        return prep
+    record = parts.dir.manifest["instantid"]
+    guided = prep.guidance.enabled
+    positive = CACHE.get(parts, record, use.face)[None].repeat(job.count, 1, 1)
+    tokens = positive
+    if guided:
+        negative = CACHE.get(parts, record, np.zeros_like(use.face))[None].repeat(job.count, 1, 1)
+        tokens = torch.cat([negative, positive])
+    image = control_image(use.kps_image, job.width, job.height).repeat_interleave(job.count, dim=0)
+    if guided:
+        image = torch.cat([image] * 2)
+    records = ip_adapter.adapter_records(parts.dir.manifest)
+    slot = next(k for k, r in enumerate(records) if r["name"] == record["adapter"])
+    folder, rows = parts.dir.path / ip_adapter.IMAGE_ENCODER, len(tokens)
+    unused = {}
+    for k, r in enumerate(records):
+        if k != slot:
+            unused |= {f"ip_image_embeds_{k}": ip_adapter.unused_embeds(folder, r, rows),
+                       f"ip_scale_{k}": torch.tensor(0.0, dtype=torch.float32)}
+    contributor = InstantIdContributor(parts.component(record["controlnet"]), tokens, image, use.identitynet_scale,
+                                       use.ip_scale, slot, unused)
+    return replace(prep, contributors=[*prep.contributors, contributor])

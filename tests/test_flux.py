@@ -1,0 +1,124 @@
+"""FLUX.1 (schnell and dev) exported and run by sdrt against diffusers' FluxPipeline on tiny random-weight pipelines
+(export/models/tiny_flow.py), batch 2 with per-image generators, non-square; each with a sensitivity check showing
+the parity bound would catch a wrong T5 length, VAE shift, guidance or dynamic-shift sequence length."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.request import Request
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPTS = ("a red fox in the snow", "a blue car")
+SIZE = dict(height=48, width=32)
+STEPS = {"schnell": 4, "dev": 6}
+COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """flux(variant, precision) → (source folder, engine directory), each built and exported once."""
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.export.models.tiny_flow import write_tiny_flux
+
+    root = tmp_path_factory.mktemp("flux")
+
+    def make(variant: str, precision: str = "fp32"):
+        folder = root / "models" / variant
+        if not folder.exists():
+            write_tiny_flux(folder, variant)
+        engine = root / "engines" / f"{variant}-{precision}"
+        if not engine.exists():
+            engine.parent.mkdir(exist_ok=True)
+            export(ExportConfig(model=str(folder), output=engine, precision=precision, components=COMPONENTS))
+        return folder, engine
+
+    return make
+
+
+def theirs(folder, variant: str, **overrides) -> np.ndarray:
+    pipe = diffusers.FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(num_inference_steps=STEPS[variant], guidance_scale=3.5, **SIZE) | overrides
+    images = pipe(prompt=list(PROMPTS), output_type="np", generator=[torch.Generator().manual_seed(7 + i)
+                                                                     for i in range(2)], **settings).images
+    return (images * 255).round().astype(int)
+
+
+def ours(engine, variant: str) -> np.ndarray:
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    images = pipe.generate(Request.of(prompt=PROMPTS, steps=STEPS[variant], guidance=3.5, seed=7, **SIZE))
+    return np.stack([np.asarray(im) for im in images]).astype(int)
+
+
+def diff(a, b) -> int:
+    return int(np.abs(a - b).max())
+
+
+def test_schnell_equals_diffusers_and_the_bound_catches_a_wrong_t5_length_or_vae_shift(flux):
+    folder, engine = flux("schnell")
+    manifest = __import__("json").loads((engine / "manifest.json").read_text())
+    assert manifest["family"] == "flux" and manifest["latent_multiple"] == 2
+    assert manifest["components"]["transformer"]["opset"] == 18  # the dynamo exporter
+    mine = ours(engine, "schnell")
+    assert mine.shape == (2, 48, 32, 3)
+    assert diff(mine, theirs(folder, "schnell")) <= 1
+    assert diff(mine, theirs(folder, "schnell", max_sequence_length=256)) > 10  # T5 padded to 512, not 256
+    pipe = diffusers.FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.register_to_config(shift_factor=0.0)
+    unshifted = pipe(prompt=list(PROMPTS), num_inference_steps=4, output_type="np", **SIZE,
+                     generator=[torch.Generator().manual_seed(7 + i) for i in range(2)]).images
+    assert diff(mine, (unshifted * 255).round().astype(int)) > 10  # decode adds the VAE's shift_factor
+
+
+def test_dev_equals_diffusers_and_the_bound_catches_wrong_guidance_or_sequence_length(flux, monkeypatch):
+    from diffusers.pipelines.flux import pipeline_flux
+
+    folder, engine = flux("dev")
+    mine = ours(engine, "dev")
+    assert diff(mine, theirs(folder, "dev")) <= 1
+    assert diff(mine, theirs(folder, "dev", guidance_scale=1.0)) > 10  # the guidance input matters
+    shift = pipeline_flux.calculate_shift  # mu read at h·w latents instead of the packed (h/2)·(w/2)
+    monkeypatch.setattr(pipeline_flux, "calculate_shift", lambda n, *a: shift(4 * n, *a))
+    assert diff(mine, theirs(folder, "dev")) > 10
+
+
+def test_flux_refuses_what_it_does_not_run(flux):
+    from PIL import Image
+
+    _, engine = flux("schnell")
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    with pytest.raises(InvalidRequest) as e:
+        pipe.validate(Request.of(prompt="a", negative_prompt="blurry", **SIZE))
+    assert e.value.field == "negative_prompt"
+    with pytest.raises(InvalidRequest) as e:
+        pipe.validate(Request.of(prompt="a", init_image=Image.new("RGB", (32, 48)), **SIZE))
+    assert e.value.field == "init_image"
+    with pytest.raises(InvalidRequest) as e:
+        pipe.validate(Request.of(prompt="a", height=48, width=34))
+    assert e.value.field == "width" and "multiple of 4" in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["schnell", "dev"])
+def test_fp16_exports_pass_their_gate_and_stay_near_diffusers(flux, variant):
+    folder, engine = flux(variant, "fp16")
+    manifest = __import__("json").loads((engine / "manifest.json").read_text())
+    assert all(c["gate"]["passed"] for c in manifest["components"].values())
+    figure = diff(ours(engine, variant), theirs(folder, variant))
+    print(f"FLUX.1 {variant} fp16: max pixel difference {figure}/255 from diffusers' fp32")
+    assert figure <= 4  # measured: schnell 1, dev 3
+
+
+def test_max_sequence_length_follows_diffusers(flux):
+    folder, engine = flux("schnell")
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    images = pipe.generate(Request.of(prompt=PROMPTS, steps=4, seed=7, max_sequence_length=256, **SIZE))
+    mine = np.stack([np.asarray(im) for im in images]).astype(int)
+    assert diff(mine, theirs(folder, "schnell", max_sequence_length=256)) <= 1

@@ -1,0 +1,196 @@
+"""InstantID (reference/identity.md §4): IdentityNet + the face Resampler + the adapter exported into the tiny SDXL's
+engine directory (export/extras/instantid.py), equal to InstantID's denoising re-stated over diffusers — the
+ControlNet called with the face tokens F = Resampler(e) (Resampler(0) for the negative) as its context for both
+guidance halves, the UNet with diffusers' IP-Adapter processors loaded from InstantID's own ip-adapter.bin
+(load_ip_adapter, image_encoder_folder=None) fed the embedding as ip_adapter_image_embeds — and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_sdrt
+from test_parity import assert_same_images, diffusers_scheduler, generators, to_uint8
+
+from sdrt.export.exporter import ExportConfig, add_controlnets, export
+from sdrt.export.models.tiny import FACEID_WIDTH, write_tiny_instantid
+from sdrt.runtime.conditioning import instantid
+from sdrt.runtime.errors import UserError
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.loader import open_dir
+from sdrt.runtime.pipeline import Pipeline, Request
+from sdrt.runtime.validate import validate
+
+SIZE = dict(width=48, height=32)
+KPS = [[15.0, 11.0], [33.0, 12.0], [24.0, 18.0], [17.0, 25.0], [31.0, 25.0]]  # output pixels: eyes, nose, mouth
+
+
+def _face(seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(FACEID_WIDTH) * 4).astype(np.float32)  # raw: not unit norm
+
+
+@pytest.fixture(scope="module")
+def iid(exported, tiny_pipeline, tmp_path_factory):
+    """(engine dir with InstantID added, InstantID's folder, Pipeline over it)."""
+    root = tmp_path_factory.mktemp("instantid")
+    engine = root / "engine"
+    shutil.copytree(exported("sdxl", "fp32"), engine, copy_function=os.link)
+    folder = write_tiny_instantid(tiny_pipeline("sdxl"), root / "InstantID", seed=6)
+    add_controlnets(engine, (), instantid=str(folder))
+    return engine, folder, Pipeline.load(engine, backend="ort-cpu")
+
+
+def _reference(tiny_pipeline, folder, others=()):
+    """diffusers' SDXL ControlNet pipeline with InstantID's adapter loaded, IdentityNet first of the nets (as
+    InstantID's _full pipeline); returns (pipe, run(face, kps image, …)). `others`: (ControlNet folder, image,
+    scale) of further nets, which see the text."""
+    import diffusers
+    import torch
+
+    net = diffusers.ControlNetModel.from_pretrained(folder / "ControlNetModel")
+    nets = [net] + [diffusers.ControlNetModel.from_pretrained(f) for f, _, _ in others]
+    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(tiny_pipeline("sdxl"),
+                                                                         controlnet=nets if others else net)
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name="ip-adapter.bin", image_encoder_folder=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers_scheduler(pipe, "euler")
+    resampler = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    forward = net.forward
+
+    def run(face, image, batch, seed, identitynet_scale=0.8, ip_scale=0.8, guidance=5.0, steps=3):
+        e = torch.from_numpy(face).reshape(1, 1, 1, -1)
+        with torch.no_grad():  # InstantID's _encode_prompt_image_emb: [Resampler(0) ‖ Resampler(e)], per image
+            tokens = resampler(torch.cat([torch.zeros_like(e), e])[:, 0])
+        context = torch.cat([tokens[:1].repeat(batch, 1, 1), tokens[1:].repeat(batch, 1, 1)])
+        net.forward = lambda *a, **k: forward(*a, **(k | {"encoder_hidden_states": context}))  # IdentityNet sees F
+        pipe.set_ip_adapter_scale(ip_scale)
+        try:
+            images = [image, *(i for _, i, _ in others)] if others else image
+            scales = [identitynet_scale, *(s for _, _, s in others)] if others else identitynet_scale
+            return pipe("a photo of a person", image=images, controlnet_conditioning_scale=scales,
+                        ip_adapter_image_embeds=[torch.cat([torch.zeros_like(e), e])], num_inference_steps=steps,
+                        guidance_scale=guidance, num_images_per_prompt=batch, generator=generators(seed, batch),
+                        output_type="np", **SIZE).images
+        finally:
+            net.forward = forward
+
+    return pipe, run
+
+
+def test_instantid_equals_its_algorithm_over_diffusers(iid, tiny_pipeline):
+    engine, folder, pipe = iid
+    face, other = _face(1), _face(2)
+    kps_image = instantid.draw_kps(np.array(KPS), SIZE["width"], SIZE["height"])
+    _, theirs = _reference(tiny_pipeline, folder)
+    common = dict(prompt="a photo of a person", steps=3, sampler="euler", seed=4, batch=2, guidance=5.0, **SIZE)
+    ours = pipe.generate(Request.of(**common, instantid_face=face, instantid_kps=KPS))
+    assert_same_images("instantid sdxl batch 2, scales 0.8/0.8", ours, theirs(face, kps_image, 2, 4))
+    misses = instantid.CACHE.misses
+    again = pipe.generate(Request.of(**common, instantid_face=face[None], instantid_kps=KPS))
+    assert instantid.CACHE.misses == misses  # the same face (and the negative): no Resampler run
+    assert np.array_equal(to_uint8(again), to_uint8(ours))
+    plain = to_uint8(pipe.generate(Request.of(**common))).astype(int)
+    changed = to_uint8(pipe.generate(Request.of(**common, instantid_face=other, instantid_kps=KPS))).astype(int)
+    assert instantid.CACHE.misses == misses + 1
+    assert np.abs(to_uint8(ours).astype(int) - plain).max() > 8  # InstantID shows
+    assert np.abs(to_uint8(ours).astype(int) - changed).max() > 8  # and so does the identity
+
+
+@pytest.mark.slow
+def test_instantid_with_a_second_controlnet_and_other_scales_equals_diffusers(conditioned, tiny_pipeline, tmp_path):
+    """InstantID's multi-ControlNet (_full pipeline): IdentityNet on F plus a text-conditioned ControlNet, residuals
+    summed; other scales; the keypoint image given directly instead of the points."""
+    base, parts = conditioned("sdxl")
+    engine = tmp_path / "engine"
+    shutil.copytree(base, engine, copy_function=os.link)
+    folder = write_tiny_instantid(tiny_pipeline("sdxl"), tmp_path / "InstantID", seed=6)
+    add_controlnets(engine, (), instantid=str(folder))
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    face, kps_image = _face(3), instantid.draw_kps(np.array(KPS), SIZE["width"], SIZE["height"])
+    control = Image.fromarray((np.random.default_rng(9).random((64, 64, 3)) * 255).astype("uint8"))
+    _, theirs = _reference(tiny_pipeline, folder, others=[(parts["controlnets"]["xl"], control, 0.7)])
+    common = dict(prompt="a photo of a person", steps=3, sampler="euler", seed=8, batch=2, guidance=5.0, **SIZE)
+    ours = pipe.generate(Request.of(**common, instantid_face=face, instantid_kps=kps_image, identitynet_scale=0.5,
+                                    instantid_ip_scale=1.2, controls=(("xl", control, 0.7),)))
+    assert_same_images("instantid sdxl + a second ControlNet, scales 0.5/1.2", ours,
+                       theirs(face, kps_image, 2, 8, identitynet_scale=0.5, ip_scale=1.2))
+
+
+def test_export_records_instantid_and_its_graphs(iid):
+    engine, folder, _ = iid
+    manifest = json.loads((engine / "manifest.json").read_text())
+    record = manifest["instantid"]
+    assert (record["embed_dim"], record["tokens"]) == (FACEID_WIDTH, 16)
+    assert [a["kind"] for a in manifest["ip_adapter"]["adapters"]] == ["instantid"]
+    components = manifest["components"]
+    assert {"instantid/identitynet", "instantid/proj", "unet_controlnet_ip"} <= set(components)
+    assert "image_encoder" not in components and "unet_ip" not in components  # no image prompt without an adapter
+    context = next(i for i in components["instantid/identitynet"]["inputs"] if i["name"] == "encoder_hidden_states")
+    assert not isinstance(context["shape"][1], int)  # 16 face tokens, not 77: the sequence axis is dynamic
+    with pytest.raises(InvalidRequest) as e:  # InstantID's adapter is not an image-prompt adapter
+        validate(Request.of(prompt="x", ip_image=Image.new("RGB", (32, 32))), open_dir(engine))
+    assert e.value.field == "ip_image"
+
+
+def test_draw_kps_draws_instantids_bars_and_dots():
+    pytest.importorskip("cv2")
+    kps = np.array([[20.0, 20.0], [60.0, 20.0], [40.0, 40.0], [25.0, 60.0], [55.0, 60.0]])
+    image = np.asarray(instantid.draw_kps(kps, 80, 72))
+    assert image.shape == (72, 80, 3)
+    for (x, y), colour in zip(kps.astype(int), instantid.COLOURS):  # dots at full colour
+        assert tuple(image[y, x]) == colour
+    # the left-eye bar, halfway between the dot edges, in red × 0.6; the background black
+    assert tuple(image[30, 30]) == (153, 0, 0) and tuple(image[5, 5]) == (0, 0, 0)
+
+
+def test_bad_instantid_requests(iid, exported):
+    engine = open_dir(iid[0])
+    common = dict(prompt="a person", steps=2, **SIZE)
+    face = _face(1)
+    cases = [(dict(instantid_face=face[:5], instantid_kps=KPS), "instantid_face", r"\[24\] or \[1, 24\]"),
+             (dict(instantid_face=[float("nan")] * FACEID_WIDTH, instantid_kps=KPS), "instantid_face", "finite"),
+             (dict(instantid_face="abc", instantid_kps=KPS), "instantid_face", "numbers"),
+             (dict(instantid_kps=KPS), "instantid_face", "is required"),
+             (dict(instantid_face=face), "instantid_kps", "is required"),
+             (dict(instantid_face=face, instantid_kps=KPS[:3]), "instantid_kps", r"5 keypoints"),
+             (dict(instantid_face=face, instantid_kps=KPS, identitynet_scale="x"), "identitynet_scale", "number"),
+             (dict(instantid_face=face, instantid_kps=KPS, instantid_ip_scale=float("inf")), "instantid_ip_scale",
+              "finite")]
+    for extra, field, text in cases:
+        with pytest.raises(InvalidRequest, match=text) as e:
+            validate(Request.of(**common, **extra), engine)
+        assert e.value.field == field, extra
+    with pytest.raises(InvalidRequest, match="no InstantID") as e:
+        validate(Request.of(**common, instantid_face=face, instantid_kps=KPS), open_dir(exported("sdxl", "fp32")))
+    request = Request.of(**common, instantid_face=face, instantid_kps=KPS)  # plain JSON both ways
+    again = Request.from_dict(json.loads(json.dumps(request.to_dict(encode_images=True))))
+    assert np.array_equal(validate(again, engine).instantid.face, face)
+
+
+def test_export_refusals(tiny_pipeline, tmp_path, iid):
+    folder = iid[1]
+    with pytest.raises(UserError, match="no such folder"):
+        export(ExportConfig(model=str(tiny_pipeline("sdxl")), output=tmp_path / "a", instantid=str(tmp_path / "none")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="ControlNetModel"):
+        export(ExportConfig(model=str(tiny_pipeline("sdxl")), output=tmp_path / "a", instantid=str(tmp_path / "empty")))
+    with pytest.raises(UserError, match="SDXL-only"):
+        export(ExportConfig(model=str(tiny_pipeline("sd15")), output=tmp_path / "b", instantid=str(folder)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_instantid_errors_are_one_line(iid, tmp_path):
+    engine = iid[0]
+    np.save(tmp_path / "face.npy", _face(1)[:7])
+    np.save(tmp_path / "kps.npy", np.array(KPS))
+    result = run_sdrt("run", str(engine), "a person", "--steps", "1", "--width", "48", "--height", "32",
+                      "--instantid-face", str(tmp_path / "face.npy"), "--instantid-kps", str(tmp_path / "kps.npy"),
+                      "-o", str(tmp_path / "out.png"))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--instantid-face" in lines[0] and "[24]" in lines[0], result.stderr

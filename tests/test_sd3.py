@@ -1,0 +1,158 @@
+"""Stable Diffusion 3 / 3.5 (issue 24): the tiny SD3 pipeline (export/models/tiny_flow.py) exported by sdrt and run
+by ONNX Runtime equals diffusers' StableDiffusion3Pipeline within 1/255, and the comparison can fail: a wrong
+scheduler shift, an ignored VAE shift_factor or another T5 sequence length move the image by tens of levels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.runtime.fields import InvalidRequest
+from sdrt.runtime.request import Request
+
+PROMPTS = ["a photo of a cat", "a red car in the desert"]
+NEGATIVE = "blurry, low quality"
+SEED, WIDTH, HEIGHT, STEPS, GUIDANCE = 7, 48, 32, 5, 4.0
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """(diffusers folder, fp32 engine directory)."""
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.export.models.tiny_flow import write_tiny_sd3
+
+    root = tmp_path_factory.mktemp("sd3")
+    folder = write_tiny_sd3(root / "tiny-sd3", seed=0)
+    export(ExportConfig(model=str(folder), output=root / "engine", precision="fp32"))
+    return folder, root / "engine"
+
+
+@pytest.fixture(scope="module")
+def reference(sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3[0])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipeline(sd3):
+    from sdrt.runtime.pipeline import Pipeline
+
+    return Pipeline.load(sd3[1])
+
+
+def _diffusers(pipe, **kw) -> np.ndarray:
+    args = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE, output_type="pil",
+                generator=[torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))]) | kw
+    return np.stack([np.asarray(im, dtype=np.int16) for im in pipe(**args).images])
+
+
+def _sdrt(pipeline, **kw) -> np.ndarray:
+    flat = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, steps=STEPS, guidance=GUIDANCE,
+                seed=SEED) | kw
+    return np.stack([np.asarray(im, dtype=np.int16) for im in pipeline.generate(Request.of(**flat))])
+
+
+@pytest.fixture(scope="module")
+def images(pipeline, reference):
+    return _sdrt(pipeline), _diffusers(reference)
+
+
+def test_manifest_and_layout(sd3):
+    _, engine = sd3
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["family"] == "sd3" and manifest["prediction_type"] == "flow"
+    assert set(manifest["components"]) == {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer",
+                                           "vae_decoder", "vae_encoder"}
+    assert all(c["gate"]["passed"] for c in manifest["components"].values())
+    inputs = {i["name"] for i in manifest["components"]["transformer"]["inputs"]}
+    assert inputs == {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"}
+    assert [o["name"] for o in manifest["components"]["transformer"]["outputs"]] == ["out_hidden_states"]
+    assert manifest["latent_multiple"] == 2  # the transformer's patch size
+    assert (engine / "tokenizer_3" / "tokenizer.json").is_file()
+    assert json.loads((engine / "vae_decoder" / "config.json").read_text())["latent_channels"] == 16
+
+
+def test_t5_tokenizer_equals_transformers(sd3):
+    from transformers import AutoTokenizer
+
+    from sdrt.runtime.prompts.t5_tokenizer import T5Tokenizer
+
+    texts = ["a photo of a cat", "", "Portrait of a beautiful woman with long red hair, oil painting by greg rutkowski"]
+    ours = T5Tokenizer.from_folder(sd3[1] / "tokenizer_3")
+    theirs = AutoTokenizer.from_pretrained(sd3[1] / "tokenizer_3")
+    for length in (8, 256):  # 8 truncates, keeping </s> last
+        want = theirs(texts, padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids
+        np.testing.assert_array_equal(ours.encode(texts, length), want)
+
+
+def test_txt2img_equals_diffusers(images):
+    ours, theirs = images
+    assert ours.shape == (2, HEIGHT, WIDTH, 3)
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours[0] - ours[1]).max() > 30  # two different images, not one repeated
+
+
+def test_a_wrong_shift_or_shift_factor_is_seen(images, reference):
+    """The comparison above could fail: diffusers itself with the scheduler's shift at 1 instead of 3, or the VAE's
+    shift_factor ignored, lands tens of levels away from sdrt's image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ours, _ = images
+    kept = reference.scheduler
+    try:
+        reference.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+        assert np.abs(ours - _diffusers(reference)).max() > 30
+    finally:
+        reference.scheduler = kept
+    shift = reference.vae.config.shift_factor
+    try:
+        reference.vae.register_to_config(shift_factor=0.0)
+        assert np.abs(ours - _diffusers(reference)).max() > 30
+    finally:
+        reference.vae.register_to_config(shift_factor=shift)
+
+
+def test_sequence_length_and_empty_negative(pipeline, reference, images):
+    """max_sequence_length reaches T5 (128 tokens: diffusers' image at 128, not at 256); without a negative prompt
+    "" is encoded, as diffusers does (not zeros)."""
+    short = _sdrt(pipeline, max_sequence_length=128)
+    assert np.abs(short - _diffusers(reference, max_sequence_length=128)).max() <= 1
+    assert np.abs(short - images[0]).max() > 10
+    unguided_negative = _sdrt(pipeline, negative_prompt=None, prompt=PROMPTS[:1], seed=SEED + 3)
+    want = _diffusers(reference, negative_prompt=None, prompt=PROMPTS[:1],
+                      generator=[torch.Generator().manual_seed(SEED + 3)])
+    assert np.abs(unguided_negative - want).max() <= 1
+
+
+def test_requests_sd3_does_not_take(pipeline):
+    from PIL import Image
+
+    for flat, field in ((dict(prompt_syntax="compel"), "prompt_syntax"), (dict(clip_skip=1), "clip_skip"),
+                        (dict(max_sequence_length=600), "max_sequence_length"),
+                        (dict(init_image=Image.new("RGB", (WIDTH, HEIGHT))), "init_image")):
+        with pytest.raises(InvalidRequest) as e:
+            pipeline.validate(Request.of(prompt="a cat", width=WIDTH, height=HEIGHT, steps=2, **flat))
+        assert e.value.field == field
+
+
+@pytest.mark.slow
+def test_fp16_export_gates_and_runs(sd3, reference, tmp_path):
+    """fp16: every component passes its gate (T5 kept fp32 with the reason written if its fp16 graph fails) and
+    the image stays near diffusers' fp32 one."""
+    from sdrt.export.exporter import ExportConfig, T5_FP32_REASON, export
+    from sdrt.runtime.pipeline import Pipeline
+
+    manifest = export(ExportConfig(model=str(sd3[0]), output=tmp_path / "fp16", precision="fp16"))
+    t5 = manifest["components"]["text_encoder_3"]
+    assert t5["precision"] == "fp16" or t5["kept_fp32_reason"] == T5_FP32_REASON
+    assert manifest["components"]["transformer"]["precision"] == "fp16"
+    ours = _sdrt(Pipeline.load(tmp_path / "fp16"))
+    diff = np.abs(ours - _diffusers(reference))
+    assert diff.mean() < 2 and diff.max() < 40
