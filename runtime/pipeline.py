@@ -161,7 +161,8 @@ class Pipeline(Components):
         if job.denoising_start is not None:
             start = schedules.denoising_start_index(schedule, job.denoising_start, cfg)
         elif job.init_image is not None:
-            default = 1.0 if job.mask is not None else (0.3 if self.dir.info.family == Family.SDXL_REFINER else 0.8)
+            default = 1.0 if job.mask is not None else {Family.SDXL_REFINER: 0.3, Family.SD3: 0.6}.get(
+                self.dir.info.family, 0.8)  # the pipelines' __call__ defaults
             strength = job.strength if job.strength is not None else default
             start = schedules.strength_start_index(schedule, job.steps, strength)
         end = total

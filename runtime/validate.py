@@ -100,13 +100,14 @@ def _flux_request(request: Request, negative, model_dir) -> None:
 
 
 def _sd3_request(request: Request, model_dir) -> None:
-    """What SD3 / SD3.5 run in sdrt: text to image (img2img needs the flow schedule's noising, not yet here)."""
+    """What SD3 / SD3.5 run in sdrt: text to image and image to image (StableDiffusion3Img2ImgPipeline; the flow
+    noising is runtime/tasks/img2img.py's), no inpainting or refiner hand-off."""
     if model_dir.info.family != Family.SD3:
         return
-    for name, value in (("init_image", request.images.init_image), ("mask", request.images.mask),
-                        ("init_latents", request.refine.init_latents)):
+    for name, value in (("mask", request.images.mask), ("init_latents", request.refine.init_latents)):
         if value is not None:
-            raise InvalidRequest(name, "SD3 / SD3.5 run text to image only in sdrt; leave it out")
+            raise InvalidRequest(name, "SD3 / SD3.5 run text to image and image to image (init_image) in sdrt; "
+                                       "leave it out")
 
 
 def _flux_schedule(cfg, model_dir, width: int, height: int):

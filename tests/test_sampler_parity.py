@@ -87,7 +87,11 @@ def test_sd15_with_guidance_two_prompts(pipelines, name):
         assert_same_images(f"sd15-{name}", mine, theirs)
 
 
-@pytest.mark.parametrize("name", NEW)
+# on SDXL a few representatives run by default (every sampler runs on SD 1.5 above and in layer 1); the rest: slow
+SDXL_DEFAULT = ("unipc", "dpmpp_sde", "pndm", "tcd")
+
+
+@pytest.mark.parametrize("name", [n if n in SDXL_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in NEW])
 def test_sdxl_without_guidance_two_images_per_prompt(pipelines, name):
     _needs(name)
     ours, ref = pipelines("sdxl")

@@ -88,8 +88,9 @@ def test_the_shift_matters_and_dynamic_shifting_needs_mu():
 def test_flow_models_run_flow_samplers_only():
     assert registry.for_model(None, SD3) == "flow_euler"
     assert registry.for_model("euler", SD3) == "flow_euler"  # "Euler" from an AUTOMATIC1111/Forge client
+    assert registry.for_model("dpmpp_2m", SD3) == "flow_dpmpp_2m"  # tests/test_samplers_flow_multistep.py
     with pytest.raises(ScheduleError, match="flow-matching model"):
-        registry.for_model("dpmpp_2m", SD3)
+        registry.for_model("dpmpp_2m_sde", SD3)
     with pytest.raises(ScheduleError, match="for flow-matching models"):
         registry.for_model("flow_euler", {"_class_name": "EulerDiscreteScheduler"})
 

@@ -136,7 +136,8 @@ def test_requests_sd3_does_not_take(pipeline):
 
     for flat, field in ((dict(prompt_syntax="compel"), "prompt_syntax"), (dict(clip_skip=1), "clip_skip"),
                         (dict(max_sequence_length=600), "max_sequence_length"),
-                        (dict(init_image=Image.new("RGB", (WIDTH, HEIGHT))), "init_image")):
+                        (dict(init_image=Image.new("RGB", (WIDTH, HEIGHT)),
+                              mask=Image.new("L", (WIDTH, HEIGHT))), "mask")):
         with pytest.raises(InvalidRequest) as e:
             pipeline.validate(Request.of(prompt="a cat", width=WIDTH, height=HEIGHT, steps=2, **flat))
         assert e.value.field == field
@@ -156,3 +157,68 @@ def test_fp16_export_gates_and_runs(sd3, reference, tmp_path):
     ours = _sdrt(Pipeline.load(tmp_path / "fp16"))
     diff = np.abs(ours - _diffusers(reference))
     assert diff.mean() < 2 and diff.max() < 40
+
+
+@pytest.mark.parametrize("sampler", ["flow_heun", pytest.param("DPM++ 2M", marks=pytest.mark.slow),
+                                     pytest.param("UniPC", marks=pytest.mark.slow)])  # layer 1 covers all three
+def test_flow_samplers_equal_diffusers_with_that_scheduler(pipeline, reference, sampler):
+    """Flow-match Heun, and DPM-Solver++(2M)/UniPC on flow sigmas (AUTOMATIC1111's names select them on a flow
+    model), against the SD3 pipeline with the scheduler the registry entry names (tests/test_samplers_flow_multistep.py
+    has the sampler-level cases)."""
+    import diffusers
+    from sdrt.runtime.samplers import flow, registry
+
+    name = registry.for_model(registry.resolve(sampler)[0], dict(reference.scheduler.config))
+    spec = registry.get(name)
+    kept = reference.scheduler
+    try:
+        reference.scheduler = getattr(diffusers, spec.diffusers_class).from_config(
+            kept.config, **flow.reference_config(spec, kept.config))
+        theirs = _diffusers(reference, num_inference_steps=4)
+    finally:
+        reference.scheduler = kept
+    ours = _sdrt(pipeline, sampler=sampler, steps=4)
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - _sdrt(pipeline, steps=4)).max() > 2, "the sampler choice changed nothing"
+
+
+def _init_image():
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler,strength", [(None, 0.5), ("flow_heun", None)])
+def test_img2img_equals_diffusers(pipeline, reference, sampler, strength):
+    """StableDiffusion3Img2ImgPipeline: the init image encoded ((z - shift_factor)·scaling_factor), noised by the flow
+    scheduler's scale_noise (s·noise + (1 - s)·x0) at the first kept timestep, get_timesteps with steps·strength not
+    floored (5 steps at 0.5 run 3, where SD's img2img runs 2), default strength 0.6. Sensitivity: the VE-style
+    noising x0 + s·noise, or the floored step count, moves the image by more than 10 levels."""
+    import diffusers
+    from sdrt.runtime.samplers import flow, registry
+    from sdrt.runtime.tasks import img2img
+
+    img2img_pipe = diffusers.StableDiffusion3Img2ImgPipeline.from_pipe(reference)
+    if sampler is not None:
+        spec = registry.get(sampler)
+        img2img_pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(
+            reference.scheduler.config, **flow.reference_config(spec, reference.scheduler.config))
+    kw = {} if strength is None else {"strength": strength}
+    theirs = _diffusers(img2img_pipe, prompt=PROMPTS[:1], image=_init_image(),
+                        generator=[torch.Generator().manual_seed(SEED)], **kw)
+    flat = dict(prompt=PROMPTS[:1], init_image=_init_image(), seed=SEED, **kw)
+    if sampler is not None:
+        flat["sampler"] = sampler
+    ours = _sdrt(pipeline, **flat)
+    assert ours.shape == (1, HEIGHT, WIDTH, 3)
+    assert np.abs(ours - theirs).max() <= 1
+    if sampler is None:
+        kept = img2img.noised
+        try:
+            img2img.noised = lambda x0, noise, schedule: x0 + noise * float(schedule.sigmas[0])
+            assert np.abs(_sdrt(pipeline, **flat) - theirs).max() > 10
+        finally:
+            img2img.noised = kept
+        assert np.abs(_sdrt(pipeline, **{**flat, "strength": 0.4}) - theirs).max() > 10  # 2 steps, SD's count

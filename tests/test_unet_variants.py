@@ -141,6 +141,7 @@ def test_lcm_distilled_unet_with_its_guidance_embedding(variant, name):
     assert max_diff(sdrt_images(engine, name, guidance=2.0), theirs) >= 20
 
 
+@pytest.mark.slow  # zero-SNR DDIM itself is checked against DDIMScheduler by default (tests/test_samplers_edm.py)
 def test_zero_terminal_snr_v_prediction_with_ddim_and_guidance_rescale(variant):
     folder, engine, ours, theirs = check_parity(variant, "zsnr-vpred")
     assert max_diff(sdrt_images(engine, "zsnr-vpred", guidance_rescale=0.0), theirs) >= 20  # measured 32

@@ -1,5 +1,6 @@
 """Flow-matching samplers (SD3/3.5, FLUX.1): diffusers' FlowMatchEulerDiscreteScheduler (0.42, schedulers/
-scheduling_flow_match_euler_discrete.py; reference/flow_models.md §3).
+scheduling_flow_match_euler_discrete.py; reference/flow_models.md §3), FlowMatchHeunDiscreteScheduler, and
+DPMSolverMultistep / UniPCMultistep on flow sigmas (runtime/samplers/flow_multistep.py). SPECS holds every flow entry.
 
 Flow matching: x = (1 - s)·x0 + s·noise, the model predicts the velocity v = noise - x0, Euler steps
 x ← x + (s' - s)·v. The latent stays in flow space: the Schedule's `flow` flag makes the denoiser
@@ -19,17 +20,22 @@ The sigmas, as diffusers builds them (dtypes included):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from sdrt.runtime.samplers import classic
+from sdrt.runtime.samplers import classic, flow_multistep
 from sdrt.runtime.samplers.schedules import Schedule, ScheduleError, SchedulerConfig
-from sdrt.runtime.samplers.spec import SamplerSpec, choice
+from sdrt.runtime.samplers.spec import SD_BETAS, SamplerSpec, choice
 
-FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler",)
-# a sampler named for a flow model runs as its flow form (Forge and ComfyUI call flow-match Euler "Euler")
-FLOW_FORM = {"euler": "flow_euler"}
+FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+# a sampler named for a flow model runs as its flow form (Forge and ComfyUI call flow-match Euler "Euler"; an
+# AUTOMATIC1111/Forge "Heun", "DPM++ 2M" or "UniPC" resolves to heun/dpmpp_2m/unipc, run here on flow sigmas)
+FLOW_FORM = {"euler": "flow_euler", "heun": "flow_heun", "dpmpp_2m": "flow_dpmpp_2m", "unipc": "flow_unipc"}
+# diffusers classes that take the shift as `flow_shift` (with use_flow_sigmas) rather than `shift`
+_FLOW_SHIFT_CLASSES = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 
 
 def image_seq_mu(cfg: SchedulerConfig, seq_len: int) -> float:
@@ -73,6 +79,27 @@ def euler_schedule(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule
                     num_train_timesteps=cfg.num_train_timesteps, flow=True)
 
 
+def heun_schedule(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
+    """FlowMatchHeunDiscreteScheduler.set_timesteps(n): Euler's static sigmas (the last one shifted twice; the class
+    has no shift_terminal), every one after the first evaluated twice (predictor, corrector) like HeunDiscrete."""
+    evals = flow_sigmas(replace(cfg, shift_terminal=None), n).numpy()
+    t = evals * np.float32(cfg.num_train_timesteps)
+    sigmas = np.concatenate([evals[:1], np.repeat(evals[1:], 2), [0.0]]).astype(np.float32)
+    return Schedule(sigmas=sigmas, timesteps=np.concatenate([t[:1], np.repeat(t[1:], 2)]).astype(np.float64),
+                    init_noise_sigma=1.0, targets=sigmas[1:].copy(), order=2,
+                    num_train_timesteps=cfg.num_train_timesteps, flow=True)
+
+
+def reference_config(spec: SamplerSpec, scheduler_config: Mapping) -> dict:
+    """The from_config overrides that build the diffusers scheduler a flow entry equals from the model's config:
+    the entry's own, plus `flow_shift` = the model's `shift` for the multistep classes (their key for it; diffusers'
+    from_config would otherwise leave it at 1.0). sdrt's schedule builders read that shift from SchedulerConfig.shift."""
+    out = dict(spec.diffusers_config)
+    if spec.diffusers_class in _FLOW_SHIFT_CLASSES:
+        out["flow_shift"] = float(scheduler_config.get("shift", 1.0))
+    return out
+
+
 def _check(cfg: SchedulerConfig) -> None:
     choice("time_shift_type", cfg.time_shift_type, ("exponential", "linear"))
     for key in ("invert_sigmas", "stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas",
@@ -81,9 +108,46 @@ def _check(cfg: SchedulerConfig) -> None:
             raise ScheduleError(f"{key} is not supported for flow matching; set it to false")
 
 
+def _static_only(name: str, cls: str):
+    """FlowMatchHeun's and DPMSolverMultistep's set_timesteps take no sigmas (DPM: no mu either), so FLUX.1's
+    pipeline cannot run them; sdrt runs them as StableDiffusion3Pipeline does: set_timesteps(N), static shift."""
+    def check(cfg: SchedulerConfig) -> None:
+        _check(cfg)
+        if cfg.pipeline_sigmas or cfg.use_dynamic_shifting:
+            raise ScheduleError(f"{name} ({cls}) runs the static shift of SD3/3.5; this model's pipeline passes its "
+                                "own sigmas or a dynamic shift (FLUX.1), which that scheduler does not take; "
+                                "use flow_euler")
+        if name == "flow_heun":
+            return
+        if cfg.thresholding:
+            raise ScheduleError("dynamic thresholding is not supported; set thresholding to false")
+        choice("solver_order", cfg.solver_order, (1, 2) if name == "flow_dpmpp_2m" else (1, 2, 3))
+        choice("final_sigmas_type", cfg.final_sigmas_type, ("zero",))
+        if name == "flow_dpmpp_2m":
+            choice("solver_type", cfg.solver_type, ("midpoint", "heun"))
+        elif not cfg.lower_order_final and cfg.solver_order > 1:
+            raise ScheduleError("UniPC with lower_order_final false steps to sigma 0 with a multistep update, which "
+                                "diverges; set lower_order_final true")
+    return check
+
+
+_FLOW_PREDICTION = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+
+
 SPECS = (
     SamplerSpec("flow_euler", classic.euler, euler_schedule, "FlowMatchEulerDiscreteScheduler",
-                class_defaults={"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"},
+                class_defaults=SD_BETAS,
                 check=_check,
                 description="flow-match Euler (SD3/3.5, FLUX.1): static or dynamic (mu) shift"),
+    SamplerSpec("flow_heun", classic.heun, heun_schedule, "FlowMatchHeunDiscreteScheduler", class_defaults=SD_BETAS,
+                check=_static_only("flow_heun", "FlowMatchHeunDiscreteScheduler"),
+                description="flow-match Heun (SD3/3.5; 2 evaluations per step)"),
+    SamplerSpec("flow_dpmpp_2m", flow_multistep.dpmpp_2m, flow_multistep.dpm_schedule, "DPMSolverMultistepScheduler",
+                {"algorithm_type": "dpmsolver++", **_FLOW_PREDICTION}, SD_BETAS,
+                check=_static_only("flow_dpmpp_2m", "DPMSolverMultistepScheduler"),
+                description="DPM-Solver++(2M) on flow sigmas (SD3/3.5), flow_shift = the model's shift"),
+    SamplerSpec("flow_unipc", flow_multistep.unipc, flow_multistep.unipc_schedule, "UniPCMultistepScheduler",
+                {"solver_type": "bh2", **_FLOW_PREDICTION}, SD_BETAS,
+                check=_static_only("flow_unipc", "UniPCMultistepScheduler"),
+                description="UniPC (bh2) on flow sigmas (SD3/3.5), flow_shift = the model's shift"),
 )

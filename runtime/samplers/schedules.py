@@ -488,6 +488,8 @@ def strength_start_index(schedule: Schedule, steps: int, strength: float) -> int
     """First evaluation index for img2img: diffusers' StableDiffusion(XL)Img2ImgPipeline.get_timesteps."""
     if not 0 < strength <= 1:
         raise ScheduleError(f"strength must be in (0, 1] (got {strength})")
+    if schedule.flow:  # StableDiffusion3Img2ImgPipeline / FluxImg2ImgPipeline.get_timesteps: steps·strength not floored
+        return int(max(steps - min(steps * strength, steps), 0)) * schedule.order
     init_timestep = min(int(steps * strength), steps)
     if init_timestep < 1:
         raise ScheduleError(f"strength {strength} with {steps} steps runs no step; int(steps * strength) must be >= 1")
