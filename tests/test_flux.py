@@ -122,3 +122,34 @@ def test_max_sequence_length_follows_diffusers(flux):
     images = pipe.generate(Request.of(prompt=PROMPTS, steps=4, seed=7, max_sequence_length=256, **SIZE))
     mine = np.stack([np.asarray(im) for im in images]).astype(int)
     assert diff(mine, theirs(folder, "schnell", max_sequence_length=256)) <= 1
+
+
+def test_served_over_both_http_dialects_as_the_python_api(flux):
+    """FLUX.1 schnell behind the batching service: the OpenAI route and AUTOMATIC1111's txt2img (whose clients send
+    negative_prompt "" by default) give the Python API's images for the same request."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from sdrt.serve.app import create_app
+    from sdrt.serve.edge import ServeConfig
+
+    _, engine = flux("schnell")
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    expected = [np.asarray(im) for im in pipe.generate(Request.of(prompt="a red car", steps=4, guidance=0.0, seed=3,
+                                                                  batch=2, width=32, height=48))]
+    config = ServeConfig(engine_dir=engine, max_batch=4, max_wait_ms=20, warmup=False, backend="ort-cpu")
+    with TestClient(create_app(config, pipeline=pipe)) as client:
+        openai = client.post("/v1/images/generations", json={
+            "prompt": "a red car", "n": 2, "size": "32x48", "steps": 4, "guidance_scale": 0.0, "seed": 3,
+            "response_format": "b64_json"})
+        assert openai.status_code == 200, openai.text
+        a1111 = client.post("/sdapi/v1/txt2img", json={
+            "prompt": "a red car", "negative_prompt": "", "batch_size": 2, "width": 32, "height": 48, "steps": 4,
+            "cfg_scale": 0.0, "seed": 3})
+        assert a1111.status_code == 200, a1111.text
+    decode = lambda b64: np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))  # noqa: E731
+    for got in ([decode(d["b64_json"]) for d in openai.json()["data"]], [decode(b) for b in a1111.json()["images"]]):
+        assert len(got) == 2 and all(np.array_equal(g, e) for g, e in zip(got, expected))

@@ -222,3 +222,34 @@ def test_img2img_equals_diffusers(pipeline, reference, sampler, strength):
         finally:
             img2img.noised = kept
         assert np.abs(_sdrt(pipeline, **{**flat, "strength": 0.4}) - theirs).max() > 10  # 2 steps, SD's count
+
+
+def test_served_over_both_http_dialects_as_the_python_api(sd3, pipeline):
+    """The batching service, the OpenAI route and AUTOMATIC1111's txt2img on an SD3 engine: the images the Python API
+    draws for the same request (PNG bytes decoded), and the infotext names the flow sampler."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from sdrt.runtime.request import Request
+    from sdrt.serve.app import create_app
+    from sdrt.serve.edge import ServeConfig
+
+    expected = [np.asarray(im) for im in pipeline.generate(Request.of(
+        prompt="a red car", negative_prompt="blurry", steps=3, guidance=4.0, seed=11, batch=2, width=48, height=32))]
+    config = ServeConfig(engine_dir=sd3[1], max_batch=4, max_wait_ms=20, warmup=False, backend="ort-cpu")
+    with TestClient(create_app(config, pipeline=pipeline)) as client:
+        openai = client.post("/v1/images/generations", json={
+            "prompt": "a red car", "negative_prompt": "blurry", "n": 2, "size": "48x32", "steps": 3,
+            "guidance_scale": 4.0, "seed": 11, "response_format": "b64_json"})
+        assert openai.status_code == 200, openai.text
+        a1111 = client.post("/sdapi/v1/txt2img", json={
+            "prompt": "a red car", "negative_prompt": "blurry", "batch_size": 2, "width": 48, "height": 32,
+            "steps": 3, "cfg_scale": 4.0, "seed": 11})
+        assert a1111.status_code == 200, a1111.text
+    decode = lambda b64: np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))  # noqa: E731
+    for got in ([decode(d["b64_json"]) for d in openai.json()["data"]], [decode(b) for b in a1111.json()["images"]]):
+        assert all(np.array_equal(g, e) for g, e in zip(got, expected)) and len(got) == 2
+    assert "flow_euler" in a1111.json()["info"] or "Euler" in a1111.json()["info"]
