@@ -168,9 +168,9 @@ class ServerState:
         return self.service is not None and self.service.ready and not self.draining
 
     def require_service(self) -> Service:
-        if self.draining:
-            raise HttpError(503, "shutting_down", "the server is shutting down and takes no new requests",
-                            headers={"Retry-After": "10"})
+        # No draining check here: the edge refuses generation requests that arrive after the drain began
+        # (_Edge._refusal), and one admitted before it is in flight and is served (a check here raced SIGTERM:
+        # a request still parsing its body when the drain began answered 503). A closed service answers 503 itself.
         if self.service is None:
             if self.load_error is not None:
                 raise HttpError(503, "load_failed", f"the engines failed to load: {self.load_error}")
