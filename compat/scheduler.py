@@ -45,7 +45,7 @@ class SchedulerView:
 
     class_name: str
     config: Mapping = field(default_factory=dict)
-    sampler: str | None = None  # a registry name; None: the model's default (registry.default_for)
+    sampler: str | None = None  # a registry name; None: the model's default (registry.for_model)
     schedule: str | None = None  # karras | exponential | beta; None: as the config says
     timestep_spacing: str | None = None
     prediction_type: str | None = None
@@ -62,7 +62,7 @@ class SchedulerView:
         return latents * input_scale(next_sigma) if self.alpha_space else latents
 
     def __repr__(self) -> str:
-        return f"{self.class_name} (sdrt sampler {self.sampler or registry.default_for(self.config)})"
+        return f"{self.class_name} (sdrt sampler {self.sampler or registry.model_default(self.config) or 'none: it is refused'})"
 
 
 def model_view(model_config: Mapping) -> SchedulerView:

@@ -222,6 +222,39 @@ def _text_spec(name: str) -> ComponentSpec:
     return ComponentSpec(name, ("input_ids",), (), {}, make_module, make_inputs)
 
 
+class _T5(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):  # [B, L] int64 → [B, L, D]; diffusers' SD3 and Flux pass no attention mask
+        return self.encoder(input_ids, return_dict=False)[0]
+
+
+def t5_length(shape: Shape) -> int:
+    """The gate's two T5 sequence lengths (traced at the first): the graph must take any length."""
+    return 24 if shape.batch == 1 else 40
+
+
+def t5_spec(name: str) -> ComponentSpec:
+    """A T5EncoderModel (SD3's text_encoder_3, FLUX.1's text_encoder_2): input_ids → last_hidden_state."""
+    def make_module(pipe):
+        encoder = getattr(pipe, name)
+        if hasattr(encoder, "set_attn_implementation"):
+            encoder.set_attn_implementation("eager")
+        return _T5(encoder)
+
+    def make_inputs(pipe, shape: Shape, dtype):
+        g = torch.Generator().manual_seed(shape.batch)
+        ids = torch.randint(2, getattr(pipe, name).config.vocab_size, (shape.batch, t5_length(shape)), generator=g)
+        ids[:, -3], ids[:, -2:] = 1, 0  # </s>, then padding, as the tokenizer lays a short prompt out
+        return (ids,)
+
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "last_hidden_state": {0: "batch_size", 1: "sequence_length"}}
+    return ComponentSpec(name, ("input_ids",), ("last_hidden_state",), axes, make_module, make_inputs)
+
+
 def _text_embeds_spec(name: str) -> ComponentSpec:
     """`<name>_embeds`: (input_ids, inputs_embeds) → the outputs of `name`."""
     base = _text_spec(name)

@@ -16,7 +16,7 @@ import torch
 
 from sdrt.export import flux_components as flux
 from sdrt.export.components import (ComponentSpec, Shape, _text_spec, _vae_decoder_spec, _vae_encoder_spec,
-                                    text_output_names)
+                                    t5_length, t5_spec, text_output_names)
 
 TRANSFORMER = "transformer"
 T5 = "text_encoder_3"
@@ -38,38 +38,6 @@ def denoiser(pipe):
     return transformer if transformer is not None else pipe.unet
 
 
-class _T5(torch.nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids):  # [B, L] int64 → [B, L, D]; diffusers' SD3 passes no attention mask
-        return self.encoder(input_ids, return_dict=False)[0]
-
-
-def _t5_sequence(shape: Shape) -> int:
-    """The gate's two T5 sequence lengths (traced at the first): the graph must take any length."""
-    return 24 if shape.batch == 1 else 40
-
-
-def _t5_spec() -> ComponentSpec:
-    def make_module(pipe):
-        if hasattr(pipe.text_encoder_3, "set_attn_implementation"):
-            pipe.text_encoder_3.set_attn_implementation("eager")
-        return _T5(pipe.text_encoder_3)
-
-    def make_inputs(pipe, shape: Shape, dtype):
-        g = torch.Generator().manual_seed(shape.batch)
-        ids = torch.randint(2, pipe.text_encoder_3.config.vocab_size, (shape.batch, _t5_sequence(shape)), generator=g)
-        ids[:, -3] = 1  # </s>, then padding, as the tokenizer lays a short prompt out
-        ids[:, -2:] = 0
-        return (ids,)
-
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "last_hidden_state": {0: "batch_size", 1: "sequence_length"}}
-    return ComponentSpec(T5, ("input_ids",), ("last_hidden_state",), axes, make_module, make_inputs)
-
-
 class _Transformer(torch.nn.Module):
     def __init__(self, transformer):
         super().__init__()
@@ -85,7 +53,7 @@ def _transformer_spec() -> ComponentSpec:
         cfg = pipe.transformer.config
         g = torch.Generator().manual_seed(shape.batch * 1000 + shape.latent_height)
         b = shape.batch
-        sequence = CLIP_SEQUENCE + _t5_sequence(shape)
+        sequence = CLIP_SEQUENCE + t5_length(shape)
         return (torch.randn(b, cfg.in_channels, shape.latent_height, shape.latent_width, generator=g).to(dtype),
                 torch.randn(b, sequence, cfg.joint_attention_dim, generator=g).to(dtype),
                 torch.randn(b, cfg.pooled_projection_dim, generator=g).to(dtype),
@@ -114,7 +82,7 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
             axes |= {o: {0: "batch_size"} | ({1: "sequence_length"} if o != outputs[1] else {}) for o in outputs}
             specs[name] = ComponentSpec(name, base.input_names, outputs, axes, base.make_module, base.make_inputs)
     if getattr(pipe, T5, None) is not None:
-        specs[T5] = _t5_spec()
+        specs[T5] = t5_spec(T5)
     specs[TRANSFORMER] = _transformer_spec()
     specs["vae_decoder"] = _vae_decoder_spec()  # as every family's (export/components.py), 16 channels
     specs["vae_encoder"] = _vae_encoder_spec()

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from sdrt.runtime.denoiser.flux import image_ids  # diffusers' _prepare_latent_image_ids
-from sdrt.export.components import ComponentSpec, Shape, _text_spec, _vae_decoder_spec, _vae_encoder_spec, \
-    text_output_names
+from sdrt.export.components import (ComponentSpec, Shape, _text_spec, _vae_decoder_spec, _vae_encoder_spec,
+                                    t5_length, t5_spec, text_output_names)
 
 PIPELINE_CLASS = "FluxPipeline"
 TRANSFORMER = "transformer"
@@ -28,37 +28,6 @@ T5 = "text_encoder_2"
 
 def is_flux(pipe) -> bool:
     return type(pipe).__name__ == PIPELINE_CLASS
-
-
-def _t5_length(shape: Shape) -> int:
-    """The gate's two T5 sequence lengths (traced at the first)."""
-    return 24 if shape.batch == 1 else 40
-
-
-class _T5(torch.nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids):  # [B, L] int64 → [B, L, D]
-        return self.encoder(input_ids, return_dict=False)[0]
-
-
-def _t5_spec() -> ComponentSpec:
-    def make_module(pipe):
-        if hasattr(pipe.text_encoder_2, "set_attn_implementation"):
-            pipe.text_encoder_2.set_attn_implementation("eager")
-        return _T5(pipe.text_encoder_2)
-
-    def make_inputs(pipe, shape: Shape, dtype):
-        g = torch.Generator().manual_seed(shape.batch)
-        ids = torch.randint(2, pipe.text_encoder_2.config.vocab_size, (shape.batch, _t5_length(shape)), generator=g)
-        ids[:, -3], ids[:, -2:] = 1, 0  # </s>, then padding, as the tokenizer lays a short prompt out
-        return (ids,)
-
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "last_hidden_state": {0: "batch_size", 1: "sequence_length"}}
-    return ComponentSpec(T5, ("input_ids",), ("last_hidden_state",), axes, make_module, make_inputs)
 
 
 class _Transformer(torch.nn.Module):
@@ -88,7 +57,7 @@ def _transformer_spec(guidance: bool) -> ComponentSpec:
     def make_inputs(pipe, shape: Shape, dtype):
         cfg = pipe.transformer.config
         g = torch.Generator().manual_seed(shape.batch * 1000 + shape.latent_height)
-        b, length = shape.batch, _t5_length(shape)
+        b, length = shape.batch, t5_length(shape)
         seq = (shape.latent_height // 2) * (shape.latent_width // 2)
         args = [torch.randn(b, seq, cfg.in_channels, generator=g).to(dtype),
                 torch.randn(b, length, cfg.joint_attention_dim, generator=g).to(dtype),
@@ -114,7 +83,7 @@ def component_specs(pipe) -> dict[str, ComponentSpec]:
     axes |= {o: {0: "batch_size"} | ({1: "sequence_length"} if o != outputs[1] else {}) for o in outputs}
     return {"text_encoder": ComponentSpec("text_encoder", base.input_names, outputs, axes, base.make_module,
                                           base.make_inputs),
-            T5: _t5_spec(),
+            T5: t5_spec(T5),
             TRANSFORMER: _transformer_spec(bool(pipe.transformer.config.guidance_embeds)),
             "vae_decoder": _vae_decoder_spec(), "vae_encoder": _vae_encoder_spec()}
 

@@ -120,13 +120,18 @@ def decode_image(field: str, value, ctx: ModelContext, mode: str) -> Image.Image
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(field, "is not valid base64") from None
+    return open_image(field, data, ctx).convert(mode)
+
+
+def open_image(field: str, data: bytes, ctx: ModelContext) -> Image.Image:
+    """Image file bytes → the image in its own mode, its size checked before its pixels are decoded."""
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > ctx.max_image_pixels:
             raise invalid(field, f"is {width}x{height}; at most {ctx.max_image_pixels:,} pixels")
         image.load()
-        return image.convert(mode)
+        return image
     except HttpError:
         raise
     except Exception as e:  # UnidentifiedImageError, OSError, DecompressionBombError, …

@@ -8,7 +8,6 @@ image_create_variation_params.py). sdrt's own extension fields (steps, seed, sam
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -17,8 +16,8 @@ from typing import Any, Mapping, Sequence
 from PIL import Image
 
 from sdrt.serve import fields
-from sdrt.serve.errors import HttpError, invalid
-from sdrt.serve.fields import ModelContext, Plan
+from sdrt.serve.errors import invalid
+from sdrt.serve.fields import ModelContext, Plan, open_image
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto", "standard", "hd")  # the SDK's enum; none has an effect
@@ -220,17 +219,7 @@ def image_file(field: str, data, ctx: ModelContext) -> Image.Image:
     """An uploaded PNG/JPEG/WebP in its own mode, checked for size before its pixels are decoded."""
     if not isinstance(data, bytes):
         raise invalid(field, "must be an image file part of the multipart form")
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > ctx.max_image_pixels:
-            raise invalid(field, f"is {width}x{height}; at most {ctx.max_image_pixels:,} pixels")
-        image.load()
-        return image
-    except HttpError:
-        raise
-    except Exception as e:  # UnidentifiedImageError, OSError, DecompressionBombError, …
-        raise invalid(field, f"is not a readable PNG/JPEG/WebP image ({type(e).__name__})") from None
+    return open_image(field, data, ctx)
 
 
 def one_image(b: Mapping, ctx: ModelContext) -> Image.Image:
