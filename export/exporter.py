@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -35,15 +34,12 @@ from sdrt.export.extras import t2i_adapter as t2i
 from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, has_timestep_cond,
     unet_factor, vae_scale_factor)
 from sdrt.export.load import load_pipeline, local_location, local_source_hash, sha256_of_file
-from sdrt.export import tokenizer_files
-from sdrt.export.onnx_export import OPSET, io_specs, run_passes, torch_to_onnx
+from sdrt.export import reuse, tokenizer_files
+from sdrt.export.onnx_export import io_specs, run_passes, torch_to_onnx
 from sdrt.export.extras import hypernetwork
 from sdrt.export.weights_map import LORA_COMPONENTS, Mapper
 from sdrt.export.rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
 
-EXPORT_REVISION = "5"  # bump when the exported graphs change for the same source (3: UNet takes any latent size;
-# 4: UNet and text encoders keep their weights in model.onnx_data with a weights_map.json, for LoRAs at load;
-# 5: no symbolic value_info from the constant folder, which broke fp32 UNets at odd latent sizes)
 PRECISIONS = ("fp32", "fp16")
 VAE_FP32_REASON = ("the VAE's config sets force_upcast (the SDXL VAE overflows in fp16 and decodes black "
                    "images); pass --vae with an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix to get fp16")
@@ -183,19 +179,8 @@ def _model_index(pipe) -> dict:
     return {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__, **entries}
 
 
-def _component_key(source_sha: str, name: str, precision: str) -> str:
-    return hashlib.sha256(f"{source_sha}|{name}|{precision}|{OPSET}|{EXPORT_REVISION}".encode()).hexdigest()
 
 
-def _reusable(old: dict | None, out: Path, name: str, key: str) -> dict | None:
-    entry = (old or {}).get("components", {}).get(name)
-    if not entry or entry.get("key") != key or not entry["gate"]["passed"]:
-        return None
-    for rel, digest in entry["sha256"].items():
-        path = out / name / rel
-        if not path.exists() or sha256_of_file(path) != digest:
-            return None
-    return entry
 
 
 def _module_for(pipe, name):
@@ -328,7 +313,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                         "ControlNet, IP-Adapter, T2I-Adapter and step-caching graphs do not carry that input yet; "
                         "export it without them, or use an LCM-LoRA on the base model instead")
     old = _check_output(cfg, source.sha256)
-    nets = _load_controlnets(pipe, net_sources)  # wrong family or width fails here, before anything is written
+    nets = cn.load_checked(pipe, net_sources)  # wrong family or width fails here, before anything is written
     lora_records = _fuse_loras(pipe, info, cfg.loras)
     if hypernets:
         hypernetwork.apply(pipe.unet, hypernets)
@@ -348,10 +333,10 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                  **{k: v for k, v in specs.items() if k.startswith("vae")}}  # after the UNet, before the VAEs
     names = [n for n in specs if (n in cfg.components if cfg.components is not None
                                   else cfg.textual_inversion or not n.endswith(EMBEDS))]
-    kept_tiny, tiny_record = _kept_tiny_vae(cfg, old, output, source.sha256 + _lora_signature(lora_records))
-    kept_nets = _kept_controlnets(old, output, {s.name for s in net_sources}, ip_source is not None,
+    kept_tiny, tiny_record = reuse.kept_tiny_vae(cfg, old, output, source.sha256 + _lora_signature(lora_records))
+    kept_nets = reuse.kept_controlnets(old, output, {s.name for s in net_sources}, ip_source is not None,
                                   {s.name for s in t2i_sources}) | kept_tiny
-    extra = _controlnet_specs(pipe, nets, bool(nets) or any(k.startswith(cn.PREFIX) for k in kept_nets))
+    extra = cn.specs_for(pipe, nets, bool(nets) or any(k.startswith(cn.PREFIX) for k in kept_nets))
     t2i_loaded = {src: t2i.load(src) for src in t2i_sources}
     t2i_used = {}
     for src, (adapter, digest) in t2i_loaded.items():
@@ -401,8 +386,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             signature = _lora_signature(lora_records) + digest + (tiny_signature if name.endswith("_tiny") else "") + \
                 ("".join(f"|hypernet:{r['sha256']}:{r['scale']!r}" for r in hypernet_records)
                  if name.startswith("unet") else "")
-            key = _component_key(source.sha256 + signature, name, precision)
-            entry = _reusable(old, output, name, key)
+            key = reuse.component_key(source.sha256 + signature, name, precision)
+            entry = reuse.reusable(old, output, name, key)
             if entry is not None:
                 for rel in entry["files"]:
                     os.link(output / name / rel, tmp / name / rel)
@@ -500,58 +485,8 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     return export(cfg, progress)
 
 
-def _load_controlnets(pipe, sources) -> dict:
-    """{ControlNetSource: (ControlNetModel, sha256)}, each checked against this pipeline's UNet and VAE."""
-    nets = {}
-    for src in sources:
-        net, digest = cn.load(src)
-        cn.check_compatible(net, dict(pipe.unet.config), vae_scale_factor(pipe), src)
-        nets[src] = (net, digest)
-    return nets
 
 
-def _kept_controlnets(old: dict | None, output: Path, given: set[str], new_ip: bool, new_t2i: set[str] = frozenset()) -> dict:
-    """ControlNet and IP-Adapter components of the existing directory that stay (not given again, files intact)."""
-    kept = {}
-    for name, entry in (old or {}).get("components", {}).items():
-        extra = (name.startswith(cn.PREFIX) and name[len(cn.PREFIX):] not in given) or \
-            (name in (ipa.IMAGE_ENCODER, ipa.UNET_IP, ipa.UNET_CONTROLNET_IP) and not new_ip) or \
-            (name.startswith(t2i.PREFIX) and name[len(t2i.PREFIX):] not in new_t2i) or (name == t2i.UNET_T2I and not new_t2i)
-        if extra and _reusable(old, output, name, entry.get("key")) is not None:
-            kept[name] = entry
-    if ipa.IMAGE_ENCODER in (old or {}).get("components", {}) and (ipa.IMAGE_ENCODER in kept) != (ipa.UNET_IP in kept):
-        # the two only work together (FaceID alone has no image encoder)
-        kept.pop(ipa.IMAGE_ENCODER, None), kept.pop(ipa.UNET_IP, None)
-    return kept
-
-
-def _kept_tiny_vae(cfg: ExportConfig, old: dict | None, output: Path, signature: str) -> tuple[dict, dict | None]:
-    """The directory's tiny VAE components when cfg names them without a tiny VAE source (add_controlnets): reused
-    by the keys an export with that source gives them, so the source is not needed again. ({name: entry}, the
-    manifest's tiny_vae record)."""
-    record = (old or {}).get("tiny_vae")
-    wanted = [n for n in (tiny_vae.TINY_DECODER, tiny_vae.TINY_ENCODER) if n in (cfg.components or ())]
-    if cfg.tiny_vae is not None or not record or not wanted:
-        return {}, None
-    kept = {}
-    for name in wanted:
-        key = _component_key(signature + "|tiny:" + record["signature"], name, cfg.precision)
-        kept[name] = _reusable(old, output, name, key)
-        if kept[name] is None:
-            raise UserError(f"{output}/{name} cannot be reused (its files or the model changed); export again with "
-                            f"--tiny-vae {record['location']}")
-    return kept, record
-
-
-def _controlnet_specs(pipe, nets: dict, any_net: bool) -> dict:
-    """{component: (spec, config.json content, key digest)}: the residual UNet (when any ControlNet will be in
-    the directory) and one per new ControlNet."""
-    out = {}
-    if any_net:
-        out[cn.UNET_CONTROLNET] = (cn.unet_residual_spec(pipe), dict(pipe.unet.config), "|residuals")
-    for src, (net, digest) in nets.items():
-        out[cn.PREFIX + src.name] = (cn.controlnet_spec(pipe, src.name, net), dict(net.config), "|cn:" + digest)
-    return out
 
 
 def _fuse_loras(pipe, info, loras) -> list[dict]:

@@ -199,3 +199,23 @@ def record(src: ControlNetSource, net, digest: str) -> dict:
             "global_pool_conditions": bool(c.global_pool_conditions),
             "conditioning_channel_order": c.controlnet_conditioning_channel_order}
 
+
+def load_checked(pipe, sources) -> dict:
+    """{ControlNetSource: (ControlNetModel, sha256)}, each checked against this pipeline's UNet and VAE."""
+    nets = {}
+    for src in sources:
+        net, digest = load(src)
+        check_compatible(net, dict(pipe.unet.config), vae_scale_factor(pipe), src)
+        nets[src] = (net, digest)
+    return nets
+
+
+def specs_for(pipe, nets: dict, any_net: bool) -> dict:
+    """{component: (spec, config.json content, key digest)}: the residual UNet (when any ControlNet will be in
+    the directory) and one per new ControlNet."""
+    out = {}
+    if any_net:
+        out[UNET_CONTROLNET] = (unet_residual_spec(pipe), dict(pipe.unet.config), "|residuals")
+    for src, (net, digest) in nets.items():
+        out[PREFIX + src.name] = (controlnet_spec(pipe, src.name, net), dict(net.config), "|cn:" + digest)
+    return out
