@@ -165,39 +165,47 @@ def build(
     trt_version: Optional[str] = typer.Option(None, help="with --plan without TensorRT: target version, e.g. 10.13.0"),
     prompt_chunks: str = typer.Option("1", help="75-token prompt chunks the UNet plans take, N or MIN-MAX (long "
                                                 "prompts in the a1111/compel syntaxes need more than 1)"),
+    max_sequence_length: Optional[str] = typer.Option(
+        None, help="SD3 / FLUX.1: the T5 tokens the plans take, N or MIN-MAX (default the family's: 256 for SD3, "
+                   "512 for FLUX.1; runs with --max-sequence-length need plans covering it)"),
 ) -> None:
     """Build fp16 TensorRT plans per resolution profile for an engine directory."""
     wanted = tuple(c.strip() for c in components.split(",")) if components else None
     if not show_plan:
         _build_plans(engine_dir, resolution, dynamic, batch, guidance, wanted, optimization_level, refittable,
-                     prompt_chunks)
+                     prompt_chunks, max_sequence_length)
         return
     from sdrt.engines import trt_dir
 
     cc = tuple(int(v) for v in compute_capability.split(".")) if compute_capability else None
-    for p in trt_dir.plan(engine_dir, _profiles(engine_dir, resolution, dynamic, batch, guidance, prompt_chunks),
+    for p in trt_dir.plan(engine_dir, _profiles(engine_dir, resolution, dynamic, batch, guidance, prompt_chunks,
+                                                max_sequence_length),
                           wanted, cc, trt_version):
         print(f"{p.component:<15} {p.profile.name():<28} {'exists ' if p.exists else 'to build'} {p.file}")
 
 
 def _profiles(engine_dir: Path, resolution: list[str], dynamic: str | None, batch: str, guidance: bool,
-              prompt_chunks: str = "1"):
+              prompt_chunks: str = "1", max_sequence_length: str | None = None):
     from sdrt.engines import trt_profiles
     from sdrt.runtime.loader import open_dir
 
     d = open_dir(engine_dir)
-    return trt_profiles.profiles(resolution, dynamic, batch, guidance, d.vae_scale_factor * d.latent_multiple,
-                                 prompt_chunks)
+    layout = d.info.layout
+    if max_sequence_length is not None and d.info.family.value not in trt_profiles.T5_LENGTH:
+        raise UserError(f"--max-sequence-length is for SD3 and FLUX.1 (T5); {engine_dir} is {d.info.family.value}")
+    # FLUX.1 never batches for guidance (runtime/family.py): its plans are named and sized without it
+    return trt_profiles.profiles(resolution, dynamic, batch, guidance and layout.guidance_batch,
+                                 d.vae_scale_factor * d.latent_multiple, prompt_chunks, max_sequence_length)
 
 
 def _build_plans(engine_dir: Path, resolution: list[str], dynamic: str | None, batch: str, guidance: bool,
                  components: tuple[str, ...] | None, optimization_level: int, refittable: bool,
-                 prompt_chunks: str = "1") -> None:
+                 prompt_chunks: str = "1", max_sequence_length: str | None = None) -> None:
     from sdrt.engines import trt_dir
     from sdrt.engines.tensorrt import device_info
     from sdrt.engines.trt_build import BuildOptions
 
-    profiles = _profiles(engine_dir, resolution, dynamic, batch, guidance, prompt_chunks)
+    profiles = _profiles(engine_dir, resolution, dynamic, batch, guidance, prompt_chunks, max_sequence_length)
     cc, version = device_info()
     planned = trt_dir.plan(engine_dir, profiles, components, cc, version)
     options = BuildOptions(optimization_level=optimization_level, refittable=refittable,

@@ -165,6 +165,7 @@ class TensorRTComponent(RefitInPlace):
         self.inputs = {i["name"]: TensorSpec(i["dtype"], tuple(i["shape"])) for i in entry["inputs"]}
         self.outputs = {o["name"]: TensorSpec(o["dtype"], tuple(o["shape"])) for o in entry["outputs"]}
         self._vae_scale_factor = manifest["vae_scale_factor"]
+        self._family = manifest["family"]
         self._cc, self._version = device_info()
         self._scratch, self._stream, self._cuda_graph = scratch, stream, cuda_graph
         self._loaded: dict[str, TensorRTEngine] = {}
@@ -185,7 +186,7 @@ class TensorRTComponent(RefitInPlace):
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shapes = {n: tuple(x.shape) for n, x in feed.items()}
         plan = self._select(self.plans, self.component, self._onnx_dims, shapes, self._vae_scale_factor,
-                            self._cc, self._version)
+                            self._cc, self._version, self._family)
         if plan["file"] not in self._loaded:
             static = plan["batch"][0] == plan["batch"][2] and plan["height"][0] == plan["height"][2] \
                 and plan["width"][0] == plan["width"][2]

@@ -12,7 +12,8 @@ from sdrt.runtime.loader import MANIFEST_NAME, read_manifest
 
 from sdrt.engines import trt_profiles as tp
 
-BUILD_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+BUILD_ORDER = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder",
+               "vae_encoder")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def plan(engine_dir: Path, profiles: list[tp.Profile], components: tuple[str, ..
             name = tp.plan_file(component, profile, entry["precision"], compute_capability or ("?", ""),
                                 trt_version or "?")
             rel = f"trt/{name}"
-            shapes = tp.input_shapes(component, inputs, profile, manifest["vae_scale_factor"])
+            shapes = tp.input_shapes(component, inputs, profile, manifest["vae_scale_factor"], manifest["family"])
             out.append(PlannedPlan(component, profile, rel, shapes, (Path(engine_dir) / rel).exists()))
     return out
 

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from sdrt.runtime.errors import UserError
 
 TEXT_LENGTH = 77
+# the T5 sequence each transformer family pads every prompt to by default (FluxPipeline / StableDiffusion3Pipeline's
+# max_sequence_length); `sdrt build --max-sequence-length` builds for another
+T5_LENGTH = {"flux": 512, "sd3": 256}
+T5_ENCODER = {"flux": "text_encoder_2", "sd3": "text_encoder_3"}
 
 
 @dataclass(frozen=True)
@@ -39,15 +43,18 @@ class Profile:
     width: Range
     guidance: bool
     text_chunks: Range = Range(1, 1, 1)  # 77-token prompt chunks: the UNet's sequence length is 77 · chunks
+    text_length: Range | None = None  # T5 tokens (SD3, FLUX.1); None: the family's default (T5_LENGTH)
 
     @property
     def static(self) -> bool:
-        return all(r.min == r.max for r in (self.batch, self.height, self.width, self.text_chunks))
+        return all(r.min == r.max for r in (self.batch, self.height, self.width, self.text_chunks,
+                                            self.text_length or Range(1, 1, 1)))
 
     def name(self) -> str:
         cfg = "cfg" if self.guidance else "nocfg"
         text = "" if self.text_chunks == Range(1, 1, 1) else f"_t{self.text_chunks.text()}"
-        return f"b{self.batch.text()}_h{self.height.text()}_w{self.width.text()}{text}_{cfg}"
+        t5 = "" if self.text_length is None else f"_s{self.text_length.text()}"
+        return f"b{self.batch.text()}_h{self.height.text()}_w{self.width.text()}{text}{t5}_{cfg}"
 
     def covers(self, batch: int, height: int, width: int, guidance: bool) -> bool:
         return (self.guidance == guidance and self.batch.covers(batch) and self.height.covers(height)
@@ -81,30 +88,37 @@ def parse_range(text: str, what: str, multiple: int = 1) -> Range:
 
 
 def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: bool, multiple: int,
-             text_chunks: str = "1") -> list[Profile]:
+             text_chunks: str = "1", text_length: str | None = None) -> list[Profile]:
     """Profiles for `--resolution WxH ...` (static each) and/or `--dynamic MIN-MAX` (square range); `text_chunks`
-    (N or MIN-MAX, optimum at MIN) is the range of 77-token prompt chunks the UNet plans take."""
+    (N or MIN-MAX, optimum at MIN) is the range of 77-token prompt chunks the UNet plans take; `text_length`
+    (N or MIN-MAX, optimum at MAX: prompts are padded to it) the T5 tokens of the transformer families."""
     batch_range = parse_range(batch, "batch")
     chunks = parse_range(text_chunks, "prompt chunks")
     chunks = Range(chunks.min, chunks.min, chunks.max)  # most prompts fit one chunk
+    t5 = None
+    if text_length is not None:
+        t5 = parse_range(text_length, "max sequence length")
+        t5 = Range(t5.min, t5.max, t5.max)
     out = []
     for text in resolutions:
         h, w = parse_resolution(text, multiple)
-        out.append(Profile(batch_range, Range(h, h, h), Range(w, w, w), guidance, chunks))
+        out.append(Profile(batch_range, Range(h, h, h), Range(w, w, w), guidance, chunks, t5))
     if dynamic:
         r = parse_range(dynamic, "dynamic size range", multiple)
-        out.append(Profile(batch_range, r, r, guidance, chunks))
+        out.append(Profile(batch_range, r, r, guidance, chunks, t5))
     if not out:
         raise UserError("give at least one --resolution WxH or a --dynamic MIN-MAX range")
     return out
 
 
-def _guided(component: str) -> bool:
-    """Components that run cond+uncond together under guidance: the UNets and the ControlNets."""
-    return component in ("unet", "unet_controlnet", "unet_ip", "unet_controlnet_ip") or component.startswith("controlnet/")
+def _guided(component: str, family: str = "sd15") -> bool:
+    """Components that run cond+uncond together under guidance: the UNets, the ControlNets and SD3's transformer
+    (FLUX.1 has no guidance batch: dev's guidance is an input, runtime/family.py)."""
+    return component in ("unet", "unet_controlnet", "unet_ip", "unet_controlnet_ip") or \
+        component.startswith("controlnet/") or (component == "transformer" and family == "sd3")
 
 
-def component_batch(component: str, profile: Profile, images: int, minimum: bool = False) -> int:
+def component_batch(component: str, profile: Profile, images: int, minimum: bool = False, family: str = "sd15") -> int:
     """The batch a component sees for `images` images: the UNet runs cond+uncond together under guidance;
     text encoders run the two prompt sets in separate calls; the VAE encoder encodes one init image.
     A ControlNet in guess mode sees the conditional half only: its minimum batch under guidance stays `images`."""
@@ -112,35 +126,46 @@ def component_batch(component: str, profile: Profile, images: int, minimum: bool
         return images
     if component == "image_encoder":  # the IP-Adapter's image prompt: one image per call
         return 1
-    if _guided(component) and profile.guidance:
+    if _guided(component, family) and profile.guidance:
         return 2 * images
     if component == "vae_encoder" and images == profile.batch.min:
         return 1
     return images
 
 
-def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_factor: int) -> dict[str, tuple]:
+def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_factor: int,
+                 family: str = "sd15") -> dict[str, tuple]:
     """{input name: (min, opt, max) shapes} for one component's ONNX inputs under a profile.
 
-    `inputs` maps input names to their ONNX dims (ints or symbolic names), as in the manifest.
+    `inputs` maps input names to their ONNX dims (ints or symbolic names), as in the manifest; `family` is the
+    manifest's (the transformer families name their sequences differently: export/flow_components.py,
+    export/flux_components.py).
     """
     f = vae_scale_factor
+    t5 = profile.text_length or Range(*(T5_LENGTH.get(family, TEXT_LENGTH),) * 3)
 
-    def dims(batch: int, height: int, width: int, chunks: int, minimum: bool = False) -> dict[str, int]:
+    def dims(batch: int, height: int, width: int, chunks: int, t5_length: int, minimum: bool = False) -> dict[str, int]:
         # text encoders encode one 77-token chunk per call; the UNet sees all chunks of a prompt at once
         text = TEXT_LENGTH * (chunks if component == "unet" or _guided(component) else 1)
-        dims = {"batch_size": component_batch(component, profile, batch, minimum), "sequence_length": text, "height": height // f, "width": width // f,
+        if component == T5_ENCODER.get(family):
+            text = t5_length
+        elif component == "transformer" and family == "sd3":  # CLIP's 77 tokens (padded to 4096) ‖ T5's
+            text = TEXT_LENGTH + t5_length
+        dims = {"batch_size": component_batch(component, profile, batch, minimum, family), "sequence_length": text,
+                "height": height // f, "width": width // f,
                 "latent_height": height // f, "latent_width": width // f, "sample_height": height,
-                "sample_width": width, "ip_images": 1, **{f"ip_images_{k}": 1 for k in range(1, 16)}}
+                "sample_width": width, "ip_images": 1, **{f"ip_images_{k}": 1 for k in range(1, 16)},
+                # FLUX.1's transformer: the 2×2-packed latent sequence and the T5 text length
+                "sequence": (height // f // 2) * (width // f // 2), "text_length": t5_length}
         for k in range(1, 7):  # ControlNet residuals: height_div2 = ⌈h/2⌉, … (export/extras/controlnet.py)
             dims[f"height_div{2 ** k}"] = -(-(height // f) // 2 ** k)
             dims[f"width_div{2 ** k}"] = -(-(width // f) // 2 ** k)
         return dims
 
     c = profile.text_chunks
-    picks = [dims(profile.batch.min, profile.height.min, profile.width.min, c.min, minimum=True),
-             dims(profile.batch.opt, profile.height.opt, profile.width.opt, c.opt),
-             dims(profile.batch.max, profile.height.max, profile.width.max, c.max)]
+    picks = [dims(profile.batch.min, profile.height.min, profile.width.min, c.min, t5.min, minimum=True),
+             dims(profile.batch.opt, profile.height.opt, profile.width.opt, c.opt, t5.opt),
+             dims(profile.batch.max, profile.height.max, profile.width.max, c.max, t5.max)]
     shapes = {}
     for name, onnx_dims in inputs.items():
         if not onnx_dims:  # rank-0 (timestep)
@@ -163,7 +188,7 @@ def plan_file(component: str, profile: Profile, precision: str, compute_capabili
 
 
 def select(plans: list[dict], component: str, inputs: dict, feed_shapes: dict[str, tuple], vae_scale_factor: int,
-           compute_capability: tuple[int, int], trt_version: str) -> dict:
+           compute_capability: tuple[int, int], trt_version: str, family: str = "sd15") -> dict:
     """The best plan for one call: its profile must cover every input shape (TensorRT's own rule) and it
     must have been built for this GPU and TensorRT. `inputs` holds the component's ONNX dims.
 
@@ -177,7 +202,7 @@ def select(plans: list[dict], component: str, inputs: dict, feed_shapes: dict[st
               and p["trt_version"] == trt_version]
 
     def bounds(p: dict) -> dict:
-        return input_shapes(component, inputs, _profile(p), vae_scale_factor)
+        return input_shapes(component, inputs, _profile(p), vae_scale_factor, family)
 
     def covers(p: dict) -> bool:
         b = bounds(p)
@@ -203,7 +228,8 @@ def select(plans: list[dict], component: str, inputs: dict, feed_shapes: dict[st
 
 def _profile(p: dict) -> Profile:
     return Profile(Range(*p["batch"]), Range(*p["height"]), Range(*p["width"]), p["guidance"],
-                   Range(*p.get("text_chunks", (1, 1, 1))))  # plans built before long prompts: one chunk
+                   Range(*p.get("text_chunks", (1, 1, 1))),  # plans built before long prompts: one chunk
+                   Range(*p["text_length"]) if p.get("text_length") else None)
 
 
 def profile_record(profile: Profile) -> dict:
@@ -211,4 +237,6 @@ def profile_record(profile: Profile) -> dict:
             "height": [profile.height.min, profile.height.opt, profile.height.max],
             "width": [profile.width.min, profile.width.opt, profile.width.max],
             "guidance": profile.guidance,
-            "text_chunks": [profile.text_chunks.min, profile.text_chunks.opt, profile.text_chunks.max]}
+            "text_chunks": [profile.text_chunks.min, profile.text_chunks.opt, profile.text_chunks.max],
+            "text_length": [profile.text_length.min, profile.text_length.opt, profile.text_length.max]
+            if profile.text_length is not None else None}

@@ -320,6 +320,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     hypernet_records = [{"name": h.name, "file": h.path, "sha256": h.sha256, "scale": scale} for h, scale in hypernets]
     specs = (flow.component_specs if flow.is_flow(pipe) else component_specs)(pipe)
     latent_multiple = flow.latent_multiple(pipe) if flow.is_flow(pipe) else None  # read before the loop releases it
+    transformer_record = flow.manifest_record(pipe) if flow.is_flow(pipe) else None
     tiny_signature = ""
     if tiny is not None:
         pipe.vae_tiny = tiny
@@ -432,6 +433,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "precision": cfg.precision,
             "latent_multiple": latent_multiple or _latent_multiple(pipe, components.get("unet")),
             "vae_scale_factor": vae_scale_factor(pipe),
+            "transformer": transformer_record,
             "loras": lora_records,
             "hypernetworks": hypernet_records,
             "tiny_vae": tiny_record if cfg.tiny_vae is None else {"location": cfg.tiny_vae,

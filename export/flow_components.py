@@ -107,6 +107,19 @@ def latent_multiple(pipe) -> int:
     return int(pipe.transformer.config.patch_size)
 
 
+def manifest_record(pipe) -> dict:
+    """The manifest's `transformer` record: how latents meet the transformer, the T5 length diffusers pads prompts
+    to by default (runs may pass --max-sequence-length), and the schedule kind (reference/flow_models.md §2–3)."""
+    sched = dict(pipe.scheduler.config)
+    packed = flux.is_flux(pipe)
+    return {"latent_packing": "2x2" if packed else "none",  # FLUX.1 packs [B,C,h,w] → [B,(h/2)(w/2),4C] outside
+            "patch_size": 2 if packed else int(pipe.transformer.config.patch_size),
+            "max_sequence_length": 512 if packed else 256,  # FluxPipeline / StableDiffusion3Pipeline defaults
+            "schedule": {"kind": "flow_match", "shift": float(sched.get("shift", 1.0)),
+                         "dynamic_shift": bool(sched.get("use_dynamic_shifting", False))},
+            "guidance_embedding": bool(packed and pipe.transformer.config.guidance_embeds)}
+
+
 def check_options(cfg) -> None:
     """The export options the transformer families do not take yet (an ExportConfig), refused by name."""
     from sdrt.runtime.errors import UserError

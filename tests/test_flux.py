@@ -4,6 +4,10 @@ the parity bound would catch a wrong T5 length, VAE shift, guidance or dynamic-s
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -153,3 +157,24 @@ def test_served_over_both_http_dialects_as_the_python_api(flux):
     decode = lambda b64: np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))  # noqa: E731
     for got in ([decode(d["b64_json"]) for d in openai.json()["data"]], [decode(b) for b in a1111.json()["images"]]):
         assert len(got) == 2 and all(np.array_equal(g, e) for g, e in zip(got, expected))
+
+
+def test_tensorrt_plan_for_a_flux_directory(flux):
+    """`sdrt build --plan`'s logic on a real FLUX.1 export: the transformer and T5 are planned with the manifest's own
+    ONNX dims (packed sequence, T5 length), no guidance batch; nothing is built (no TensorRT here)."""
+    from sdrt.engines import trt_dir, trt_profiles as tp
+
+    _, engine = flux("schnell")
+    profile = tp.profiles(["64x48"], None, "2", True, 16, text_length="128")[0]
+    planned = {p.component: p for p in trt_dir.plan(engine, [profile], None, (9, 0), "10.13.0")}
+    assert list(planned) == ["text_encoder", "text_encoder_2", "transformer", "vae_decoder"]
+    t = planned["transformer"].shapes
+    manifest = json.loads((engine / "manifest.json").read_text())
+    jsonschema.validate(manifest, json.loads((Path(__file__).parents[1] / "export" / "manifest.schema.json").read_text()))
+    assert manifest["transformer"]["latent_packing"] == "2x2" and manifest["transformer"]["max_sequence_length"] == 512
+    assert manifest["transformer"]["schedule"]["dynamic_shift"] is False  # schnell: static shift 1
+    f = manifest["vae_scale_factor"]  # the tiny VAE's: 2
+    assert t["hidden_states"][2][:2] == (2, (48 // f // 2) * (64 // f // 2)) and t["encoder_hidden_states"][2][1] == 128
+    assert planned["text_encoder_2"].shapes["input_ids"][2] == (2, 128)
+    assert planned["text_encoder"].shapes["input_ids"][2] == (2, 77)
+    assert planned["transformer"].file.startswith("trt/transformer__b2_h48_w64_s128_cfg")

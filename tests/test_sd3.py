@@ -75,6 +75,9 @@ def test_manifest_and_layout(sd3):
     assert inputs == {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"}
     assert [o["name"] for o in manifest["components"]["transformer"]["outputs"]] == ["out_hidden_states"]
     assert manifest["latent_multiple"] == 2  # the transformer's patch size
+    assert manifest["transformer"] == {"latent_packing": "none", "patch_size": 2, "max_sequence_length": 256,
+                                       "schedule": {"kind": "flow_match", "shift": 3.0, "dynamic_shift": False},
+                                       "guidance_embedding": False}
     assert (engine / "tokenizer_3" / "tokenizer.json").is_file()
     assert json.loads((engine / "vae_decoder" / "config.json").read_text())["latent_channels"] == 16
 

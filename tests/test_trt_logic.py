@@ -104,6 +104,52 @@ def test_selection_by_call_shapes_prefers_static_then_nearest_and_refuses_foreig
         tp.select(plans, "vae_decoder", {}, {}, 8, (9, 0), "10.13.0")
 
 
+# the transformer families' ONNX dims as their exports name them (export/flux_components.py, flow_components.py)
+FLUX_INPUTS = {"hidden_states": ["batch_size", "sequence", 64], "encoder_hidden_states": ["batch_size", "text_length", 4096],
+               "pooled_projections": ["batch_size", 768], "timestep": ["batch_size"], "img_ids": ["sequence", 3],
+               "txt_ids": ["text_length", 3], "guidance": ["batch_size"]}
+SD3_INPUTS = {"hidden_states": ["batch_size", 16, "height", "width"],
+              "encoder_hidden_states": ["batch_size", "sequence_length", 4096], "pooled_projections": ["batch_size", 2048],
+              "timestep": ["batch_size"]}
+
+
+def test_flux_profiles_size_the_packed_sequence_and_t5_length_without_a_guidance_batch():
+    profile = tp.profiles(["1024x768"], None, "1-2", True, 16)[0]  # a guidance flag changes nothing for FLUX.1
+    shapes = tp.input_shapes("transformer", FLUX_INPUTS, profile, 8, "flux")
+    packed = (768 // 16) * (1024 // 16)  # 2×2 patches of the 1/8 latent: 3072 tokens
+    assert shapes["hidden_states"] == ((1, packed, 64), (1, packed, 64), (2, packed, 64))
+    assert shapes["encoder_hidden_states"][2] == (2, 512, 4096)  # FluxPipeline pads T5 to 512 by default
+    assert shapes["img_ids"][0] == (packed, 3) and shapes["txt_ids"][0] == (512, 3)
+    assert shapes["guidance"][2] == (2,)
+    t5 = tp.input_shapes("text_encoder_2", {"input_ids": ["batch_size", "sequence_length"]}, profile, 8, "flux")
+    clip = tp.input_shapes("text_encoder", {"input_ids": ["batch_size", "sequence_length"]}, profile, 8, "flux")
+    assert t5["input_ids"][1] == (1, 512) and clip["input_ids"][1] == (1, 77)
+    short = tp.profiles([], "512-1024", "1", False, 16, text_length="256")[0]
+    assert short.name() == "b1_h512-1024_w512-1024_s256_nocfg"
+    shapes = tp.input_shapes("transformer", FLUX_INPUTS, short, 8, "flux")
+    assert [s[1] for s in shapes["hidden_states"]] == [32 * 32, 48 * 48, 64 * 64]
+    assert shapes["encoder_hidden_states"][0] == (1, 256, 4096)
+    record = _record(short, component="transformer")
+    call = {"hidden_states": (1, 40 * 56, 64), "encoder_hidden_states": (1, 256, 4096), "pooled_projections": (1, 768),
+            "timestep": (1,), "img_ids": (40 * 56, 3), "txt_ids": (256, 3), "guidance": (1,)}
+    assert tp.select([record], "transformer", FLUX_INPUTS, call, 8, (9, 0), "10.13.0", "flux") is record
+    with pytest.raises(UserError, match="no transformer plan covers"):  # a 512-token prompt needs a 512 plan
+        tp.select([record], "transformer", FLUX_INPUTS, call | {"encoder_hidden_states": (1, 512, 4096),
+                                                                  "txt_ids": (512, 3)}, 8, (9, 0), "10.13.0", "flux")
+
+
+def test_sd3_transformer_doubles_under_guidance_and_reads_clip_plus_t5():
+    profile = tp.profiles(["1024x1024"], None, "1", True, 16)[0]
+    shapes = tp.input_shapes("transformer", SD3_INPUTS, profile, 8, "sd3")
+    assert shapes["hidden_states"][1] == (2, 16, 128, 128)  # cond + uncond
+    assert shapes["encoder_hidden_states"][1] == (2, 77 + 256, 4096)  # CLIP's 77 ‖ T5's 256 (SD3's default)
+    t5 = tp.input_shapes("text_encoder_3", {"input_ids": ["batch_size", "sequence_length"]}, profile, 8, "sd3")
+    assert t5["input_ids"][1] == (1, 256)
+    record = tp.profile_record(tp.profiles(["1024x1024"], None, "1", True, 16, text_length="77-512")[0])
+    assert record["text_length"] == [77, 512, 512]  # optimum at the top: prompts are padded to it
+    assert tp._profile(record).text_length == tp.Range(77, 512, 512)
+
+
 def test_directory_plan_lists_every_component_and_what_exists(exported):
     engine_dir = exported("sdxl-lightning", "fp16")
     profiles = tp.profiles(["32x32", "48x32"], None, "1", False, 4)
