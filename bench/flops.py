@@ -18,10 +18,11 @@ from pathlib import Path
 
 METHOD = ("2×MAC of matmul/conv/attention (aten mm, addmm, bmm, convolution, SDPA) counted by "
           "torch.utils.flop_counter.FlopCounterMode on meta-device modules built from the engine directory's "
-          "configs, per image (batch 1, 77 tokens); norms, activations, softmax excluded. The diffusers model's "
+          "configs, per image (batch 1, 77 CLIP tokens; T5: 256 for SD3, 512 for FLUX.1); norms, activations, softmax excluded. The diffusers model's "
           "count, used for every backend: sdrt's exported upsamplers execute 4 taps instead of 9, so its GFLOP/s "
           "are effective rates (python -m sdrt.bench.experiments.op_profile counts the FLOPs its graphs execute)")
 TOKENS = 77
+T5_TOKENS = {"sd3": 256, "flux": 512}  # the T5 length each family's pipeline pads prompts to by default
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
@@ -29,19 +30,25 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 class ModelConfigs:
     """config.json of each component, as an engine directory (or a diffusers folder) holds them."""
 
-    unet: dict
+    unet: dict  # the denoiser's config: the UNet's, or SD3's / FLUX.1's transformer's (`denoiser` says which)
     vae: dict
-    text_encoders: dict  # name → transformers CLIPTextConfig dict
+    text_encoders: dict  # name → transformers CLIPTextConfig (or T5Config) dict
     vae_tiny: dict | None = None  # the AutoencoderTiny beside the VAE (export/extras/tiny_vae.py), when exported
+    denoiser: str = "unet"  # unet | transformer
+    family: str = "sd15"  # the manifest's (sd3 / flux read their text lengths from it)
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path) -> "ModelConfigs":
         engine_dir = Path(engine_dir)
         encoders = {name: _read(engine_dir / name / "config.json")
-                    for name in ("text_encoder", "text_encoder_2") if (engine_dir / name / "config.json").is_file()}
-        return cls(unet=_read(engine_dir / "unet" / "config.json"),
+                    for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                    if (engine_dir / name / "config.json").is_file()}
+        denoiser = "transformer" if (engine_dir / "transformer" / "config.json").is_file() else "unet"
+        manifest = engine_dir / "manifest.json"
+        return cls(unet=_read(engine_dir / denoiser / "config.json"),
                    vae=_read(engine_dir / "vae_decoder" / "config.json"), text_encoders=encoders,
-                   vae_tiny=_read(tiny) if (tiny := engine_dir / "vae_decoder_tiny" / "config.json").is_file() else None)
+                   vae_tiny=_read(tiny) if (tiny := engine_dir / "vae_decoder_tiny" / "config.json").is_file() else None,
+                   denoiser=denoiser, family=_read(manifest)["family"] if manifest.is_file() else "sd15")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -71,10 +78,16 @@ def _count(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def text_encoder_flops(config: dict) -> int:
-    """One prompt of 77 tokens through CLIPTextModel(WithProjection)."""
+def text_encoder_flops(config: dict, tokens: int = TOKENS) -> int:
+    """One prompt of 77 tokens through CLIPTextModel(WithProjection), or of `tokens` through T5EncoderModel."""
     import torch
     import transformers
+
+    if config.get("model_type") == "t5":
+        with torch.device("meta"):
+            t5 = transformers.T5EncoderModel(transformers.T5Config.from_dict(_essential(config))).eval()
+            ids = torch.zeros(1, tokens, dtype=torch.long)
+        return _count(lambda: t5(ids))
 
     cls_name = (config.get("architectures") or ["CLIPTextModel"])[0]
     cls = getattr(transformers, cls_name if cls_name.startswith("CLIPTextModel") else "CLIPTextModel")
@@ -101,6 +114,30 @@ def unet_flops(config: dict, latent_hw: tuple[int, int], text_embeds_dim: int | 
                                            "time_ids": torch.zeros(1, time_ids)}}
         timestep = torch.tensor(999.0)
     return _count(lambda: unet(sample, timestep, context, **extra))
+
+
+def transformer_flops(config: dict, latent_hw: tuple[int, int], family: str, t5_tokens: int) -> int:
+    """One transformer evaluation of one latent [1, C, h, w]: SD3 with CLIP's 77 ‖ T5's tokens of context, FLUX.1
+    on the 2×2-packed latent sequence with T5's tokens (runtime/denoiser/flux.py)."""
+    import diffusers
+    import torch
+
+    h, w = latent_hw
+    with torch.device("meta"):
+        if family == "flux":
+            model = diffusers.FluxTransformer2DModel.from_config(_essential(config)).eval()
+            seq = (h // 2) * (w // 2)
+            feed = dict(hidden_states=torch.zeros(1, seq, config["in_channels"]),
+                        encoder_hidden_states=torch.zeros(1, t5_tokens, config["joint_attention_dim"]),
+                        pooled_projections=torch.zeros(1, config["pooled_projection_dim"]),
+                        timestep=torch.ones(1), img_ids=torch.zeros(seq, 3), txt_ids=torch.zeros(t5_tokens, 3),
+                        guidance=torch.ones(1) if config.get("guidance_embeds") else None)
+        else:
+            model = diffusers.SD3Transformer2DModel.from_config(_essential(config)).eval()
+            feed = dict(hidden_states=torch.zeros(1, config["in_channels"], h, w),
+                        encoder_hidden_states=torch.zeros(1, TOKENS + t5_tokens, config["joint_attention_dim"]),
+                        pooled_projections=torch.zeros(1, config["pooled_projection_dim"]), timestep=torch.ones(1))
+    return _count(lambda: model(**feed))
 
 
 def vae_decoder_flops(config: dict, latent_hw: tuple[int, int]) -> int:
@@ -130,10 +167,15 @@ def per_image_flops(configs: ModelConfigs, latent_hw: tuple[int, int], cache_fil
     cache = _read(cache_file) if cache_file is not None and Path(cache_file).is_file() else {}
     te2 = configs.text_encoders.get("text_encoder_2", {})
     text_embeds_dim = te2.get("projection_dim")
-    jobs = {name: (cfg, (0, 0), None, lambda cfg=cfg: text_encoder_flops(cfg))
-            for name, cfg in configs.text_encoders.items()}
-    jobs["unet"] = (configs.unet, latent_hw, {"text_embeds": text_embeds_dim},
-                    lambda: unet_flops(configs.unet, latent_hw, text_embeds_dim))
+    t5_tokens = T5_TOKENS.get(configs.family, TOKENS)
+    jobs = {name: (cfg, (0, 0), {"tokens": t5_tokens} if cfg.get("model_type") == "t5" else None,
+                   lambda cfg=cfg: text_encoder_flops(cfg, t5_tokens)) for name, cfg in configs.text_encoders.items()}
+    if configs.denoiser == "transformer":
+        jobs["transformer"] = (configs.unet, latent_hw, {"family": configs.family, "tokens": t5_tokens},
+                               lambda: transformer_flops(configs.unet, latent_hw, configs.family, t5_tokens))
+    else:
+        jobs["unet"] = (configs.unet, latent_hw, {"text_embeds": text_embeds_dim},
+                        lambda: unet_flops(configs.unet, latent_hw, text_embeds_dim))
     jobs["vae_decoder"] = (configs.vae, latent_hw, None, lambda: vae_decoder_flops(configs.vae, latent_hw))
     if configs.vae_tiny is not None:
         jobs["vae_decoder_tiny"] = (configs.vae_tiny, latent_hw, None,

@@ -64,7 +64,11 @@ def build(arch: str, seed: int = 0):
 
 
 def write(arch: str, folder: Path, seed: int = 0) -> Path:
+    from sdrt.bench import fullsize_flow
     from sdrt.export.models.tiny_tokenizer import write_clip_tokenizer
+
+    if arch in fullsize_flow.FLOW_ARCHITECTURES:  # written one component at a time
+        return fullsize_flow.write(arch, Path(folder), seed)
 
     build(arch, seed).save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):

@@ -44,7 +44,8 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = silen
         raise UserError(f"backend {wants_source[0]} runs the diffusers folder {paths.engine_dir} was exported from, "
                         "and its manifest names none that exists here; drop that backend or export from a local folder")
 
-    if "tensorrt" in scenario.backends and not any((paths.engine_dir / "trt").glob("unet__*.plan")):
+    denoiser = "transformer" if (paths.engine_dir / "transformer").is_dir() else "unet"
+    if "tensorrt" in scenario.backends and not any((paths.engine_dir / "trt").glob(f"{denoiser}__*.plan")):
         raise UserError(f"backend tensorrt needs TensorRT plans in {paths.engine_dir / 'trt'}; build them first: sdrt "
                         f"build {paths.engine_dir} --resolution {scenario.width}x{scenario.height}"
                         f"{'' if scenario.guidance > 1 else ' --no-guidance'} --batch {scenario.batch}")
@@ -82,7 +83,7 @@ def run(scenario: Scenario, config: HarnessConfig, on_progress: Progress = silen
                    "alternate": config.alternate,
                    "workdir": str(config.workdir)},
         "model": {"engine_dir": str(paths.engine_dir), "source_dir": str(paths.source_dir) if paths.source_dir else None,
-                  "latent": [latent_hw[0], latent_hw[1]]},
+                  "latent": [latent_hw[0], latent_hw[1]], "denoiser": configs.denoiser},
         "machine": machine_info(),
         "conditions": {"load_average_before": load_before, "load_average_after": load_average()},
         "versions": versions(),

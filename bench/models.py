@@ -96,7 +96,8 @@ def size_multiple_of_architecture(arch: str) -> int:
     """The VAE factor from the published configs, before anything is built: sdrt's exports take any latent size
     (the UNet resizes each up-sampler to its skip connection, as diffusers does)."""
     cfg = json.loads((Path(__file__).parent / "configs" / f"{arch}.json").read_text())
-    return 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    patch = 2 if "transformer" in cfg else 1  # SD3's patch size, FLUX.1's 2×2 packing
+    return 2 ** (len(cfg["vae"]["block_out_channels"]) - 1) * patch
 
 
 def check_size(scenario: Scenario, multiple: int) -> None:

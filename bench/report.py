@@ -52,17 +52,22 @@ def peak_line(result: dict) -> str:
     return f"machine peak {p['flops_per_second'] / 1e9:,.1f} GFLOP/s ({p['what']})"
 
 
+def denoiser_label(result: dict) -> str:
+    return "transformer" if result.get("model", {}).get("denoiser") == "transformer" else "UNet"
+
+
 def stage_rows(result: dict) -> list[tuple[str, str, int | None]]:
     """(label, key, step index or None): key is a stats key of every backend; the index picks a step."""
     steps = result["scenario"]["steps"]
+    unet = denoiser_label(result)
     backend = next(iter(ok_backends(result).values()), None)
     measured_steps = len(backend["stats"]["unet_steps"]) if backend else steps
     rows = [("text encoding", "text_encoding", None)]
     if measured_steps <= MAX_STEP_ROWS:
-        rows += [(f"UNet step {i + 1}", "unet_steps", i) for i in range(measured_steps)]
+        rows += [(f"{unet} step {i + 1}", "unet_steps", i) for i in range(measured_steps)]
     else:
-        rows.append((f"UNet step (median of {measured_steps})", "unet_step", None))
-    rows += [("UNet total", "unet", None), ("VAE decode", "vae_decode", None),
+        rows.append((f"{unet} step (median of {measured_steps})", "unet_step", None))
+    rows += [(f"{unet} total", "unet", None), ("VAE decode", "vae_decode", None),
              ("runtime overhead", "runtime_overhead", None), ("end to end", "end_to_end", None)]
     return rows
 

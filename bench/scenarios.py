@@ -19,7 +19,9 @@ from sdrt.runtime.errors import UserError
 SDRT_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 DIFFUSERS_BACKENDS = ("diffusers", "diffusers-compile")
 BACKENDS = SDRT_BACKENDS + DIFFUSERS_BACKENDS
-ARCHITECTURES = ("sd15", "sd21", "sdxl")  # full-size, random weights, built by sdrt.bench.fullsize
+# full-size, random weights, built by sdrt.bench.fullsize; the transformer families at full width (bench/fullsize_flow.py:
+# FLUX.1's transformer and T5-XXL at reduced depth, as bench/configs/*.json say)
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "sd35m", "flux-schnell")
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 
@@ -43,6 +45,10 @@ PRESETS = {
     "turbo": BenchPreset("euler_a", "trailing", 1, 0.0, "sdxl", 512, 512),
     # SD 1.5 as most people run it: 25 steps with classifier-free guidance 7.5 (UNet batch doubles)
     "sd15-classic": BenchPreset("euler", None, 25, 7.5, "sd15", 512, 512),
+    # FLUX.1-schnell: flow-match Euler, 4 steps, no guidance input (runtime/samplers/presets.py flux-schnell)
+    "flux-schnell": BenchPreset("flow_euler", None, 4, 0.0, "flux-schnell", 1024, 512),
+    # SD3.5 Large Turbo's recipe (4 steps, guidance 0) on SD3.5-medium's architecture: Large (8 B) does not fit here
+    "sd35-turbo": BenchPreset("flow_euler", None, 4, 0.0, "sd35m", 1024, 512),
 }
 
 

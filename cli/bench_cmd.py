@@ -12,14 +12,17 @@ import typer
 
 def bench(
     model: Optional[str] = typer.Argument(None, help="engine directory, or a full-size architecture built with random "
-                                                     "weights: sd15, sd21, sdxl (default: the preset's)"),
-    preset: str = typer.Option("lightning-4step", help="lightning-4step | lightning-1step | turbo | sd15-classic"),
+                                                     "weights: sd15, sd21, sdxl, sd35m, flux-schnell (the last two at full "
+                                                     "width, reduced depth where bench/configs says; default: the preset's)"),
+    preset: str = typer.Option("lightning-4step", help="lightning-4step | lightning-1step | turbo | sd15-classic | "
+                                                                 "flux-schnell | sd35-turbo"),
     backend: list[str] = typer.Option([], help="ort-cpu, ort-cuda, tensorrt, diffusers, diffusers-compile (repeatable "
                                                "or comma-separated) (default: all that run here; tensorrt only when named)"),
     resolution: Optional[str] = typer.Option(None, help="N or WIDTHxHEIGHT (default: the preset's, for Lightning 1024 on "
                                                         "a GPU, 512 on a CPU)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the preset's)"),
-    sampler: Optional[str] = typer.Option(None, help="euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, lcm"),
+    sampler: Optional[str] = typer.Option(None, help="euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, lcm; "
+                                                                    "flow_euler… on SD3 / FLUX.1"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale; <= 1 turns it off"),
     batch: int = typer.Option(1, help="images per run"),
     precision: Optional[str] = typer.Option(None, help="fp32 | fp16 (default: fp16 on a GPU, fp32 on a CPU)"),

@@ -1,6 +1,7 @@
 """Peak RSS and wall time of `sdrt export` on a full-size architecture with random weights.
 
-Usage: python -m sdrt.bench.experiments.export_memory sd15|sdxl [--precision fp16] [--workdir DIR]
+Usage: python -m sdrt.bench.experiments.export_memory sd15|sdxl|sd35m|flux-schnell [--precision fp16] [--workdir DIR]
+(sd35m and flux-schnell: full width, reduced depth where bench/configs/*.json say; bench/fullsize_flow.py)
 The export runs in a child process (the real CLI); its peak RSS is the kernel's ru_maxrss for children.
 Writes bench/results/export_memory_<arch>_<precision>.json.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("arch", choices=["sd15", "sdxl"])
+    parser.add_argument("arch", choices=["sd15", "sdxl", "sd35m", "flux-schnell"])
     parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
     parser.add_argument("--workdir", type=Path, default=Path("build/fullsize"))
     parser.add_argument("--results", type=Path, default=Path("bench/results"))
@@ -53,6 +54,7 @@ def main() -> None:
                     "memory_gib": round(__import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         "versions": versions(),
         "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "parameters": _parameters(args.arch),
         "wall_seconds": round(wall, 1),
         "components": {name: {"precision": c["precision"], "export_seconds": c["export_seconds"],
                               "files_mib": round(sum((out / name / f).stat().st_size for f in c["files"]) / 2**20, 1),
@@ -65,6 +67,16 @@ def main() -> None:
     path = args.results / f"export_memory_{args.arch}_{args.precision}.json"
     path.write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
+
+
+def _parameters(arch: str) -> dict | None:
+    """Parameters per component of what was exported, and of the full-depth model (flow architectures)."""
+    from sdrt.bench import fullsize_flow
+
+    if arch not in fullsize_flow.FLOW_ARCHITECTURES:
+        return None
+    return {"exported": fullsize_flow.parameters(arch), "full_depth": fullsize_flow.parameters(arch, full_depth=True),
+            "reduced": fullsize_flow.config(arch).get("_reduced")}
 
 
 if __name__ == "__main__":

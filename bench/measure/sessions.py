@@ -116,17 +116,18 @@ def open_diffusers(scenario: Scenario, source_dir: Path, threads: int, compiled:
         helper.set_params(cache_interval=scenario.cache_interval, cache_branch_id=0)
         helper.enable()
         notes += f", DeepCacheSDHelper(cache_interval={scenario.cache_interval}, cache_branch_id=0)"
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"  # SD3, FLUX.1
     if compiled:  # torch.compile default mode; compilation happens in the warm-up runs
-        pipe.unet.forward = torch.compile(pipe.unet.forward)
+        getattr(pipe, denoiser).forward = torch.compile(getattr(pipe, denoiser).forward)
         pipe.vae.decode = torch.compile(pipe.vae.decode)
-        notes += ", torch.compile (default mode) of unet.forward and vae.decode"
+        notes += f", torch.compile (default mode) of {denoiser}.forward and vae.decode"
     load_seconds = clock.now() - started
     recorder = CallRecorder()
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.forward = timed_function(module.forward, name, recorder, clock)
-    pipe.unet.forward = timed_function(pipe.unet.forward, "unet", recorder, clock)
+    getattr(pipe, denoiser).forward = timed_function(getattr(pipe, denoiser).forward, denoiser, recorder, clock)
     pipe.vae.decode = timed_function(pipe.vae.decode, "vae_decoder_tiny" if scenario.vae == "tiny" else "vae_decoder",
                                      recorder, clock)
     kwargs = dict(prompt=scenario.prompt, num_inference_steps=scenario.steps, guidance_scale=scenario.guidance,

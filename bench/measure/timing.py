@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-STAGE_OF = {"text_encoder": "text_encoding", "text_encoder_2": "text_encoding", "unet": "unet",
+# "unet" is the denoiser's stage in every family (SD3 / FLUX.1: the transformer)
+STAGE_OF = {"text_encoder": "text_encoding", "text_encoder_2": "text_encoding", "text_encoder_3": "text_encoding",
+            "unet": "unet", "transformer": "unet",
             "vae_decoder": "vae_decode", "vae_decoder_tiny": "vae_decode",
             "unet_deepcache": "unet", "unet_deepcache_shallow": "unet"}  # step caching: both graphs are UNet time
 STAGES = ("text_encoding", "unet", "vae_decode", "runtime_overhead", "end_to_end")
