@@ -157,16 +157,51 @@ def test_every_architecture_the_cli_names_has_a_builder_with_the_published_token
     from sdrt.export.models.tiny_tokenizer import EOS
 
     assert fullsize.ARCHITECTURES == scenarios.ARCHITECTURES
-    configs = {arch: fullsize.config(arch) for arch in fullsize.ARCHITECTURES}
+    unet_archs = ("sd15", "sd21", "sdxl")  # the transformer families: test_flow_architectures_* below
+    configs = {arch: fullsize.config(arch) for arch in unet_archs}
     pads = {arch: {tok: fullsize.pad_token(cfg, tok) for tok, enc in (("tokenizer", "text_encoder"),
                                                                       ("tokenizer_2", "text_encoder_2")) if enc in cfg}
             for arch, cfg in configs.items()}
     assert pads["sd15"]["tokenizer"] == EOS and pads["sdxl"] == {"tokenizer": EOS, "tokenizer_2": "!"}
     assert pads["sd21"]["tokenizer"] == "!"  # OpenCLIP's tokenizer
-    schedulers = {arch: fullsize.build_scheduler(fullsize.config(arch)) for arch in fullsize.ARCHITECTURES}
+    schedulers = {arch: fullsize.build_scheduler(fullsize.config(arch)) for arch in unet_archs}
     assert {a: (type(s).__name__, s.config.prediction_type) for a, s in schedulers.items()} == {
         "sd15": ("PNDMScheduler", "epsilon"), "sd21": ("DDIMScheduler", "v_prediction"),
         "sdxl": ("EulerDiscreteScheduler", "epsilon")}
+
+
+def test_flow_architectures_are_full_width_and_say_what_is_reduced():
+    """bench/fullsize_flow.py on the meta device: FLUX.1's transformer at 2 + 4 of its 19 + 38 blocks (11.9 B → 1.30 B
+    parameters), T5-XXL at 4 of 24 layers, both said in the config."""
+    from sdrt.bench import fullsize_flow
+    from sdrt.bench.models import size_multiple_of_architecture
+
+    flux_full, flux = fullsize_flow.parameters("flux-schnell", True), fullsize_flow.parameters("flux-schnell")
+    assert round(flux_full["transformer"] / 1e9, 1) == 11.9 and round(flux["transformer"] / 1e9, 2) == 1.30
+    assert round(flux_full["text_encoder_2"] / 1e9, 2) == 4.76 and "4 of its 24 layers" in \
+        fullsize_flow.config("flux-schnell")["_reduced"]
+    assert size_multiple_of_architecture("flux-schnell") == size_multiple_of_architecture("sd35m") == 16
+
+
+@pytest.mark.slow
+def test_flow_flop_counts_follow_the_sequence_lengths():
+    """SD3.5-medium's transformer whole (2.24 B parameters as diffusers builds it); FLOPs count T5 at the family's
+    length and FLUX.1's transformer on its packed sequence."""
+    from sdrt.bench import fullsize_flow
+    from sdrt.bench.flops import ModelConfigs, per_image_flops
+
+    sd35 = fullsize_flow.parameters("sd35m")
+    assert round(sd35["transformer"] / 1e9, 2) == 2.24 and round(sd35["text_encoder_2"] / 1e9, 2) == 0.69
+    flux = fullsize_flow.parameters("flux-schnell")
+    cfg = fullsize_flow.config("flux-schnell")
+    t5 = {**cfg["text_encoder_2"], "model_type": "t5", "vocab_size": 32128}
+    configs = ModelConfigs(unet=cfg["transformer"], vae=cfg["vae"], text_encoders={"text_encoder_2": t5},
+                           denoiser="transformer", family="flux")
+    small, large = per_image_flops(configs, (32, 32)), per_image_flops(configs, (64, 64))
+    # the joint sequence grows from 256 + 512 to 1024 + 512 tokens (packed image + T5): 2×, plus attention's square
+    assert 2.0 < large["transformer"] / small["transformer"] < 2.3
+    # T5 at 512 tokens: 2 × parameters × tokens within 10 % (attention adds, the embedding table does not count)
+    assert small["text_encoder_2"] == pytest.approx(2 * (flux["text_encoder_2"] - 32128 * 4096) * 512, rel=0.1)
 
 
 def test_bench_command_module_imports_only_typer():
