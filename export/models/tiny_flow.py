@@ -83,13 +83,15 @@ def _t5(root: Path):
     return {"text_encoder_3": T5EncoderModel(config), "tokenizer_3": T5Tokenizer.from_pretrained(root / "tokenizer_3")}
 
 
-def _transformer():
+def _transformer(sd35: bool = False):
+    """SD3's MMDiT; `sd35`: SD3.5 medium's additions, a dual-attention first layer and RMSNorm on q and k."""
     from diffusers import SD3Transformer2DModel
 
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if sd35 else {}
     model = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,
-        pooled_projection_dim=2 * CLIP_PROJECTION, out_channels=LATENT_CHANNELS, pos_embed_max_size=32)
+        pooled_projection_dim=2 * CLIP_PROJECTION, out_channels=LATENT_CHANNELS, pos_embed_max_size=32, **extra)
     with torch.no_grad():
         for name, module in model.named_modules():
             gain = next((g for pattern, g in _GAINS if name.endswith(pattern) or f".{pattern}." in f".{name}."), None)
@@ -108,22 +110,24 @@ def _vae():
         use_quant_conv=False, use_post_quant_conv=False, force_upcast=False)
 
 
-def build_tiny_sd3(root: Path, seed: int = 0):
-    """The StableDiffusion3Pipeline object; `root` holds its tokenizer files while it is built."""
+def build_tiny_sd3(root: Path, seed: int = 0, sd35: bool = False):
+    """The StableDiffusion3Pipeline object (`sd35`: SD3.5 medium's transformer layout); `root` holds its tokenizer
+    files while it is built."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
     parts = _clip(root, "text_encoder", "tokenizer", EOS, 3) | _clip(root, "text_encoder_2", "tokenizer_2", "!", 3)
     parts |= _t5(root)
-    return StableDiffusion3Pipeline(transformer=_transformer(), vae=_vae(),
+    return StableDiffusion3Pipeline(transformer=_transformer(sd35), vae=_vae(),
                                     scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT), **parts)
 
 
-def write_tiny_sd3(folder: Path, seed: int = 0) -> Path:
-    """Save the tiny SD3 pipeline as a diffusers folder (safetensors); `from_pretrained(folder)` loads it offline."""
+def write_tiny_sd3(folder: Path, seed: int = 0, sd35: bool = False) -> Path:
+    """Save the tiny SD3 (or, `sd35`, SD3.5 medium-layout) pipeline as a diffusers folder (safetensors);
+    `from_pretrained(folder)` loads it offline."""
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as scratch:
-        pipe = build_tiny_sd3(Path(scratch), seed)
+        pipe = build_tiny_sd3(Path(scratch), seed, sd35)
         pipe.save_pretrained(folder, safe_serialization=True)
     for name, pad in (("tokenizer", EOS), ("tokenizer_2", "!")):  # CLIP's own files beside tokenizer.json
         write_clip_tokenizer(folder / name, pad_token=pad)
