@@ -24,7 +24,6 @@ from sdrt.runtime.denoiser.call import TextContributor, UnetCall
 from sdrt.runtime.denoiser.guidance import Guidance, GuidanceEmbedding, guidance_scale_embedding
 from sdrt.runtime.denoiser.x0 import make_denoiser
 from sdrt.runtime.errors import UserError
-from sdrt.runtime.family import Family
 from sdrt.runtime.job import Job
 from sdrt.runtime.limits import Limits
 from sdrt.runtime.loader import EngineDir, open_dir
@@ -35,7 +34,7 @@ from sdrt.runtime.prompts.t5_tokenizer import T5Tokenizer
 from sdrt.runtime.prompts.tokenizer import ClipTokenizer
 from sdrt.runtime.request import Request
 from sdrt.runtime.samplers import noise, registry as sampler_registry, schedules
-from sdrt.runtime.tasks import table as tasks
+from sdrt.runtime.tasks import img2img, table as tasks
 from sdrt.runtime.tasks.base import Common, Prepared
 from sdrt.runtime.validate import validate
 
@@ -161,9 +160,8 @@ class Pipeline(Components):
         if job.denoising_start is not None:
             start = schedules.denoising_start_index(schedule, job.denoising_start, cfg)
         elif job.init_image is not None:
-            default = 1.0 if job.mask is not None else {Family.SDXL_REFINER: 0.3, Family.SD3: 0.6}.get(
-                self.dir.info.family, 0.8)  # the pipelines' __call__ defaults
-            strength = job.strength if job.strength is not None else default
+            strength = job.strength if job.strength is not None else \
+                img2img.default_strength(self.dir.info.family, job.mask is not None)  # the pipelines' defaults
             start = schedules.strength_start_index(schedule, job.steps, strength)
         end = total
         if job.denoising_end is not None:

@@ -86,28 +86,27 @@ def _hypernet_tags(prompts, negative, model_dir):
         raise InvalidRequest("negative_prompt", str(e)) from None
     return prompts, negative
 def _flux_request(request: Request, negative, model_dir) -> None:
-    """What FLUX.1 runs in sdrt: text to image, without a negative prompt (FluxPipeline ignores one unless
-    true_cfg_scale > 1, which sdrt does not run)."""
+    """What FLUX.1 runs in sdrt: text to image, image to image and inpainting (FluxImg2ImgPipeline,
+    FluxInpaintPipeline: runtime/tasks/img2img.py, inpaint.py), without a negative prompt (FluxPipeline ignores one
+    unless true_cfg_scale > 1, which sdrt does not run) or a refiner hand-off."""
     if model_dir.info.family != Family.FLUX:
         return
-    for name, value in (("init_image", request.images.init_image), ("mask", request.images.mask),
-                        ("init_latents", request.refine.init_latents)):
-        if value is not None:
-            raise InvalidRequest(name, "FLUX.1 runs text to image only in sdrt; leave it out")
+    if request.refine.init_latents is not None:
+        raise InvalidRequest("init_latents", "FLUX.1 runs text to image, image to image and inpainting in sdrt "
+                                             "(init_image, mask); leave it out")
     if negative is not None and any(negative):
         raise InvalidRequest("negative_prompt", "FLUX.1 takes no negative prompt (it is guidance-distilled, or "
                                                 "has no guidance); leave it out or empty")
 
 
 def _sd3_request(request: Request, model_dir) -> None:
-    """What SD3 / SD3.5 run in sdrt: text to image and image to image (StableDiffusion3Img2ImgPipeline; the flow
-    noising is runtime/tasks/img2img.py's), no inpainting or refiner hand-off."""
+    """What SD3 / SD3.5 run in sdrt: text to image, image to image and inpainting (StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline; the flow noising is runtime/tasks/img2img.py's), no refiner hand-off."""
     if model_dir.info.family != Family.SD3:
         return
-    for name, value in (("mask", request.images.mask), ("init_latents", request.refine.init_latents)):
-        if value is not None:
-            raise InvalidRequest(name, "SD3 / SD3.5 run text to image and image to image (init_image) in sdrt; "
-                                       "leave it out")
+    if request.refine.init_latents is not None:
+        raise InvalidRequest("init_latents", "SD3 / SD3.5 run text to image, image to image and inpainting in sdrt "
+                                             "(init_image, mask); leave it out")
 
 
 def _flux_schedule(cfg, model_dir, width: int, height: int):

@@ -94,16 +94,14 @@ def test_dev_equals_diffusers_and_the_bound_catches_wrong_guidance_or_sequence_l
 
 
 def test_flux_refuses_what_it_does_not_run(flux):
-    from PIL import Image
-
     _, engine = flux("schnell")
     pipe = Pipeline.load(engine, backend="ort-cpu")
     with pytest.raises(InvalidRequest) as e:
         pipe.validate(Request.of(prompt="a", negative_prompt="blurry", **SIZE))
     assert e.value.field == "negative_prompt"
-    with pytest.raises(InvalidRequest) as e:
-        pipe.validate(Request.of(prompt="a", init_image=Image.new("RGB", (32, 48)), **SIZE))
-    assert e.value.field == "init_image"
+    with pytest.raises(InvalidRequest) as e:  # img2img and inpainting run (tests/test_flow_tasks.py); a hand-off not
+        pipe.validate(Request.of(prompt="a", init_latents=torch.zeros(1, 16, 24, 16), **SIZE))
+    assert e.value.field == "init_latents"
     with pytest.raises(InvalidRequest) as e:
         pipe.validate(Request.of(prompt="a", height=48, width=34))
     assert e.value.field == "width" and "multiple of 4" in str(e.value)

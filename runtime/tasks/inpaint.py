@@ -1,6 +1,8 @@
 """Inpainting (diffusers StableDiffusion(XL)InpaintPipeline): 9-channel inpainting UNets take the mask and the masked
 image's latents as extra input channels; ordinary 4-channel UNets re-impose the noised original outside the mask
-after every step."""
+after every step. The flow-matching transformers (StableDiffusion3InpaintPipeline, FluxInpaintPipeline with its
+4·16-channel transformer) inpaint as the 4-channel UNets do, noised by scale_noise (runtime/tasks/img2img.noised);
+their draws come in the same order: the image's posterior, the noise, the masked image's posterior."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 from sdrt.runtime import image_io
 from sdrt.runtime.denoiser.call import ExtraChannels
 from sdrt.runtime.samplers import classic
+from sdrt.runtime.tasks import img2img
 from sdrt.runtime.tasks.base import Common, Prepared
 
 NAME = "inpaint"
@@ -29,7 +32,7 @@ def prepare(parts, job, common: Common, fill_latents=None) -> Prepared:
     image = image_io.to_tensor(job.init_image, job.width, job.height).to(parts.device)
     mask = image_io.mask_to_tensor(job.mask, image.shape[-1], image.shape[-2]).to(parts.device)
     masked_image = image * (mask < 0.5)
-    strength = 1.0 if job.strength is None else job.strength
+    strength = img2img.default_strength(parts.dir.info.family, True) if job.strength is None else job.strength
     nine_channel = parts.dir.info.inpaint
     image_latents = None
     if not nine_channel or strength < 1.0:
@@ -41,7 +44,7 @@ def prepare(parts, job, common: Common, fill_latents=None) -> Prepared:
     if strength >= 1.0:
         x = classic.initial_latents(drawn, schedule)
     else:
-        x = image_latents + drawn * float(schedule.sigmas[0])
+        x = img2img.noised(image_latents, drawn, schedule)
     masked_latents = parts.encode_image(masked_image, generator, job.vae, job.tile_vae)
     if nine_channel:
         extra = guidance.batch(torch.cat([latent_mask, masked_latents], dim=1))
@@ -52,8 +55,7 @@ def prepare(parts, job, common: Common, fill_latents=None) -> Prepared:
 def _blend(mask: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor, schedule):
     """Ordinary (4-channel) UNets inpaint by re-imposing the noised original outside the mask each step."""
     def after_step(x: torch.Tensor, i: int) -> torch.Tensor:
-        next_sigma = float(schedule.sigmas[i + 1]) if i + 1 < len(schedule.sigmas) else 0.0
-        proper = image_latents + noise * next_sigma
+        proper = img2img.noised(image_latents, noise, schedule, i + 1)  # at the next sigma; the image itself at the end
         return (1 - mask) * proper + mask * x
     return after_step
 
