@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from sdrt.export import flux_components as flux
+from sdrt.runtime.family import SD3_PIPELINES
 from sdrt.export.components import (ComponentSpec, Shape, _text_spec, _vae_decoder_spec, _vae_encoder_spec,
                                     t5_length, t5_spec, text_output_names)
 
@@ -23,7 +24,7 @@ T5 = "text_encoder_3"
 CLIP_SEQUENCE = 77
 
 
-PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+PIPELINE_CLASSES = SD3_PIPELINES
 
 
 def is_flow(pipe) -> bool:
@@ -125,11 +126,11 @@ def check_options(cfg) -> None:
     from sdrt.runtime.errors import UserError
 
     given = [flag for flag, value in (("--lora", cfg.loras), ("--hypernetwork", cfg.hypernetworks),
-                                      ("--textual-inversion", cfg.textual_inversion), ("--tiny-vae", cfg.tiny_vae),
+                                      ("--textual-inversion", cfg.textual_inversion),
                                       ("--deepcache", cfg.deepcache), ("--controlnet", cfg.controlnets),
                                       ("--ip-adapter", cfg.ip_adapter), ("--t2i-adapter", cfg.t2i_adapters)) if value]
     if given:
-        raise UserError(f"SD3 / SD3.5 exports take no {', '.join(given)} yet; export the model without them")
+        raise UserError(f"SD3 / SD3.5 and FLUX.1 exports take no {', '.join(given)} yet; export the model without them")
     unknown = [c for c in cfg.components or () if c in ("unet",) or c.startswith(("unet_", "text_encoder_embeds",
                                                                                    "text_encoder_2_embeds"))]
     if unknown:

@@ -18,16 +18,16 @@ from __future__ import annotations
 import torch
 
 from sdrt.runtime.denoiser.flux import image_ids  # diffusers' _prepare_latent_image_ids
+from sdrt.runtime.family import FLUX_PIPELINES
 from sdrt.export.components import (ComponentSpec, Shape, _text_spec, _vae_decoder_spec, _vae_encoder_spec,
                                     t5_length, t5_spec, text_output_names)
 
-PIPELINE_CLASS = "FluxPipeline"
 TRANSFORMER = "transformer"
 T5 = "text_encoder_2"
 
 
 def is_flux(pipe) -> bool:
-    return type(pipe).__name__ == PIPELINE_CLASS
+    return type(pipe).__name__ in FLUX_PIPELINES
 
 
 class _Transformer(torch.nn.Module):

@@ -70,7 +70,8 @@ class Components:
         The tiny VAE's encoder gives latents, not a distribution: retrieve_latents draws nothing for it."""
         if vae == "tiny":
             latents = feed.run(self.component(TINY_VAE["encode"]), sample=image)["latents"]
-            return latents.repeat_interleave(len(generators), dim=0) * self.scaling_factor(TINY_VAE["encode"])
+            latents = latents.repeat_interleave(len(generators), dim=0) - self.shift_factor(TINY_VAE["encode"])
+            return latents * self.scaling_factor(TINY_VAE["encode"])
         encoder = self.component("vae_encoder")
         if tiled and self.vae_tiles.encode_tiles(*image.shape[-2:]):  # AutoencoderKL._tiled_encode
             params = vae_tiling.tiled_encode(lambda x: feed.run(encoder, sample=x)["latent_parameters"], image,
@@ -85,8 +86,7 @@ class Components:
         if stats is not None:  # StableDiffusionXLImg2ImgPipeline.prepare_latents
             return (latents - stats[0]) * float(self.dir.vae_config.get("scaling_factor", 0.18215)) / stats[1]
         # SD3/Flux: (z - shift_factor)·scaling_factor (StableDiffusion3Img2ImgPipeline._encode_vae_image)
-        shift = float(self.dir.vae_config.get("shift_factor") or 0.0) if self.dir.info.layout.vae_shift else 0.0
-        return (latents - shift) * float(self.dir.vae_config.get("scaling_factor", 0.18215))
+        return (latents - self.shift_factor("vae_encoder")) * float(self.dir.vae_config.get("scaling_factor", 0.18215))
 
     def decode(self, latents: torch.Tensor, vae: str = "full", tiled: bool = False) -> list[Image.Image]:
         """Latents → images with the full VAE or the tiny one (vae="tiny": export/extras/tiny_vae.py, whose
@@ -97,8 +97,7 @@ class Components:
         stats = self.latents_stats(name)
         scaled = latents / self.scaling_factor(name) if stats is None else \
             latents * stats[1] / self.scaling_factor(name) + stats[0]  # StableDiffusionXLPipeline.__call__'s decode
-        if vae != "tiny" and self.dir.info.layout.vae_shift:  # SD3/Flux: latents / scaling_factor + shift_factor
-            scaled = scaled + float(self.dir.vae_config.get("shift_factor") or 0.0)
+        scaled = scaled + self.shift_factor(name)  # SD3/Flux: latents / scaling_factor + shift_factor
         if tiled and vae != "tiny" and self.vae_tiles.decode_tiles(*scaled.shape[-2:]):
             out = vae_tiling.tiled_decode(lambda z: feed.run(engine, latent_sample=z)["sample"], scaled,
                                           self.vae_tiles)
@@ -120,6 +119,15 @@ class Components:
             return None
         return (torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
                 torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def shift_factor(self, name: str) -> float:
+        """SD3/Flux pipelines shift latents by the decoding (or encoding) VAE's own shift_factor, the tiny one's
+        when a TAESD3/TAEF1 stands in (pipe.vae swapped: its config is the one read); 0 for the UNet families."""
+        if not self.dir.info.layout.vae_shift:
+            return 0.0
+        config = self.dir.vae_config if name in ("vae_decoder", "vae_encoder") else \
+            json.loads((self.dir.path / name / "config.json").read_text())
+        return float(config.get("shift_factor") or 0.0)
 
     def scaling_factor(self, name: str) -> float:
         config = self.dir.vae_config if name in ("vae_decoder", "vae_encoder") else \

@@ -26,11 +26,13 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
     "StableDiffusionUpscalePipeline", "StableDiffusionDepth2ImgPipeline", "StableUnCLIPImg2ImgPipeline",
     "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline",  # LCM-distilled SD 1.5 (LCM Dreamshaper)
-    "StableDiffusion3Pipeline",
-    "FluxPipeline",
+    "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
+    "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline",
 )
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 SUPPORTED_TEXT = ("SD 1.x, SD 2.x, SDXL base, SDXL refiner, their inpainting variants, SD 2 depth-to-image, SD 2.1 "
-                  "unCLIP image variations, the SD ×4 upscaler, SD 3 / 3.5 and FLUX.1 schnell/dev (text to image)")
+                  "unCLIP image variations, the SD ×4 upscaler, SD 3 / 3.5 and FLUX.1 schnell/dev")
 UPSCALER = "StableDiffusionUpscalePipeline"
 DEPTH = "StableDiffusionDepth2ImgPipeline"
 UNCLIP = "StableUnCLIPImg2ImgPipeline"
@@ -106,9 +108,9 @@ def detect(model_index: dict, unet_config: dict, scheduler_config: dict) -> Mode
     cls = model_index.get("_class_name", "")
     if cls not in SUPPORTED_PIPELINES:
         raise UnsupportedModel(f"pipeline class {cls or '(none)'} is not supported; sdrt supports {SUPPORTED_TEXT}")
-    if cls == "StableDiffusion3Pipeline":
+    if cls in SD3_PIPELINES:  # one transformer folder runs text to image, image to image and inpainting
         return ModelInfo(family=Family.SD3, inpaint=False, prediction_type="flow", pipeline_class=cls)
-    if cls == "FluxPipeline":
+    if cls in FLUX_PIPELINES:
         return ModelInfo(family=Family.FLUX, inpaint=False, prediction_type="flow", pipeline_class=cls)
     if unet_config.get("addition_embed_type") == "text_time":
         text_encoder = model_index.get("text_encoder")

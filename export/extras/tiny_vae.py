@@ -69,7 +69,8 @@ def check_matches(tiny, pipe, source: str) -> None:
     channels, full = tiny.config.latent_channels, pipe.vae.config.latent_channels
     if channels != full:
         raise UserError(f"the tiny VAE {source} has {channels} latent channels, the model's VAE {full}; use the "
-                        "tiny VAE made for this model family (taesd for SD 1.x/2.x, taesdxl for SDXL)")
+                        "tiny VAE made for this model family (taesd for SD 1.x/2.x, taesdxl for SDXL, taesd3 for "
+                        "SD3 / SD3.5, taef1 for FLUX.1)")
     if tiny_scale_factor(tiny) != vae_scale_factor(pipe):
         raise UserError(f"the tiny VAE {source} scales by {tiny_scale_factor(tiny)}, the model's VAE by "
                         f"{vae_scale_factor(pipe)}; use the tiny VAE made for this model family")
@@ -114,10 +115,12 @@ def tiny_specs() -> dict[str, ComponentSpec]:
     }
 
 
-def build_tiny_vae(scale_factor: int = 2, seed: int = 0, full_size: bool = False):
+def build_tiny_vae(scale_factor: int = 2, seed: int = 0, full_size: bool = False, latent_channels: int = 4,
+                   scaling_factor: float = 1.0, shift_factor: float = 0.0):
     """A random-weight AutoencoderTiny for tests: 16-channel blocks, one upsampler per factor of 2; with
     `full_size`, AutoencoderTiny's default config, which is TAESD's (64 channels, 1.2 M parameters per half), for
-    benchmarks.
+    benchmarks. `latent_channels`, `scaling_factor`, `shift_factor`: a TAESD3/TAEF1-like one for the 16-channel
+    flow families (the pipelines scale and shift with the tiny VAE's own config).
 
     Its last decoder conv is rescaled and biased so the decoded image spans [0, 1] (DecoderTiny's x·2 − 1 then
     spans [−1, 1]) instead of sitting at black, so parity tests compare real pixel values.
@@ -132,7 +135,9 @@ def build_tiny_vae(scale_factor: int = 2, seed: int = 0, full_size: bool = False
             raise ValueError(f"TAESD scales by {tiny_scale_factor(vae)}, not {scale_factor}")
     else:
         vae = AutoencoderTiny(encoder_block_out_channels=(16,) * blocks, decoder_block_out_channels=(16,) * blocks,
-                              num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks).eval()
+                              num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks,
+                              latent_channels=latent_channels, scaling_factor=scaling_factor,
+                              shift_factor=shift_factor).eval()
     last = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     with torch.no_grad():
         last.weight.mul_(4.0)
@@ -140,7 +145,7 @@ def build_tiny_vae(scale_factor: int = 2, seed: int = 0, full_size: bool = False
     return vae
 
 
-def write_tiny_vae(folder: Path, scale_factor: int = 2, seed: int = 0, full_size: bool = False) -> Path:
+def write_tiny_vae(folder: Path, scale_factor: int = 2, seed: int = 0, full_size: bool = False, **config) -> Path:
     folder = Path(folder)
-    build_tiny_vae(scale_factor, seed, full_size).save_pretrained(folder, safe_serialization=True)
+    build_tiny_vae(scale_factor, seed, full_size, **config).save_pretrained(folder, safe_serialization=True)
     return folder
