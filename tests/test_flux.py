@@ -176,3 +176,29 @@ def test_tensorrt_plan_for_a_flux_directory(flux):
     assert planned["text_encoder_2"].shapes["input_ids"][2] == (2, 128)
     assert planned["text_encoder"].shapes["input_ids"][2] == (2, 77)
     assert planned["transformer"].file.startswith("trt/transformer__b2_h48_w64_s128_cfg")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,sampler", [("schnell", "UniPC"), ("dev", "UniPC"), ("dev", "DPM++ 2M")])
+def test_multistep_samplers_equal_flux_pipeline_with_that_scheduler(flux, variant, sampler):
+    """DPM++ 2M and UniPC on flow sigmas: FluxPipeline hands such a scheduler mu and no sigmas (dev: the dynamic
+    shift at the packed length; schnell: UniPC's static flow_shift 1)."""
+    from sdrt.runtime.samplers import flow, registry
+
+    folder, engine = flux(variant)
+    pipe = diffusers.FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    name = registry.for_model(registry.resolve(sampler)[0], dict(pipe.scheduler.config))
+    spec = registry.get(name)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(
+        pipe.scheduler.config, **flow.reference_config(spec, pipe.scheduler.config))
+    images = pipe(prompt=list(PROMPTS), num_inference_steps=5, guidance_scale=3.5, output_type="np", **SIZE,
+                  generator=[torch.Generator().manual_seed(7 + i) for i in range(2)]).images
+    theirs = (images * 255).round().astype(int)
+    ours_pipe = Pipeline.load(engine, backend="ort-cpu")
+    run = dict(prompt=PROMPTS, steps=5, guidance=3.5, seed=7, **SIZE)
+    ours = np.stack([np.asarray(im) for im in ours_pipe.generate(Request.of(sampler=sampler, **run))]).astype(int)
+    euler = np.stack([np.asarray(im) for im in ours_pipe.generate(Request.of(**run))]).astype(int)
+    print(f"FLUX.1 {variant} {sampler} vs FluxPipeline + {spec.diffusers_class}: {diff(ours, theirs)}/255")
+    assert diff(ours, theirs) <= 1
+    assert diff(ours, euler) > 2, "the sampler choice changed nothing"

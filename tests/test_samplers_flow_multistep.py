@@ -117,11 +117,36 @@ def test_a1111_names_select_the_flow_forms_on_flow_models():
     assert registry.for_model(None, {"_class_name": "UniPCMultistepScheduler"}) == "unipc"
 
 
+FLUX_SCHNELL = {**SD3, "shift": 1.0, "use_dynamic_shifting": False}
+
+
+@pytest.mark.parametrize("name", ["flow_dpmpp_2m", "flow_unipc"])
+@pytest.mark.parametrize("config,mu", [(FLUX_DEV, 0.8), (FLUX_DEV, 1.15), (FLUX_SCHNELL, 0.8)])
+def test_multistep_on_flux_match_diffusers_as_flux_pipeline_calls_them(name, config, mu):
+    """FluxPipeline gives a use_flow_sigmas scheduler no sigmas, only mu: set_timesteps(N, mu=mu) (DPM-Solver asserts
+    dynamic shifting when given mu, so on schnell's config it is called without; sdrt runs the static shift there)."""
+    sched = reference(name, config)
+    dynamic = config.get("use_dynamic_shifting", False)
+    sched.set_timesteps(6, mu=mu if dynamic or name == "flow_unipc" else None)
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        latents = sched.step(velocity(latents, t), t, latents, return_dict=False)[0]
+    cfg = SchedulerConfig.from_diffusers_json({**config, "pipeline_sigmas": True, "mu": mu})
+    schedule = registry.make_schedule(cfg, name, 6)
+    np.testing.assert_array_equal(schedule.sigmas, sched.sigmas.numpy())
+    x = classic.initial_latents(torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)), schedule)
+    for ours in registry.get_sampler(name)(make_denoiser(velocity, schedule, cfg.prediction_type), x, schedule, None):
+        pass
+    assert _relative(ours, latents) <= 1e-5
+    if dynamic:  # mu moves the schedule
+        other = registry.make_schedule(SchedulerConfig.from_diffusers_json({**cfg.__dict__, "mu": mu + 0.5}), name, 6)
+        assert abs(float(other.sigmas[2]) - float(schedule.sigmas[2])) > 0.01
+
+
 def test_refused_settings_name_what_to_do():
-    cfg = SchedulerConfig.from_diffusers_json(FLUX_DEV)
-    for name in NEW:
-        with pytest.raises(ScheduleError, match="use flow_euler"):
-            registry.make_schedule(cfg, name, 4)
+    cfg = SchedulerConfig.from_diffusers_json({**FLUX_DEV, "pipeline_sigmas": True, "mu": 1.0})
+    with pytest.raises(ScheduleError, match="use flow_euler, flow_dpmpp_2m or flow_unipc"):
+        registry.make_schedule(cfg, "flow_heun", 4)
     with pytest.raises(ScheduleError, match="karras sigmas are not available for flow_dpmpp_2m"):
         registry.make_schedule(SchedulerConfig.from_diffusers_json(SD3), "flow_dpmpp_2m", 4, "karras")
     with pytest.raises(ScheduleError, match="final_sigmas_type"):

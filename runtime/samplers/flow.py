@@ -108,16 +108,18 @@ def _check(cfg: SchedulerConfig) -> None:
             raise ScheduleError(f"{key} is not supported for flow matching; set it to false")
 
 
-def _static_only(name: str, cls: str):
-    """FlowMatchHeun's and DPMSolverMultistep's set_timesteps take no sigmas (DPM: no mu either), so FLUX.1's
-    pipeline cannot run them; sdrt runs them as StableDiffusion3Pipeline does: set_timesteps(N), static shift."""
+def _flow_sigmas_scheduler(name: str, cls: str):
+    """FlowMatchHeun's set_timesteps takes no sigmas, so FLUX.1's pipeline cannot run it; sdrt runs it as
+    StableDiffusion3Pipeline does: set_timesteps(N), static shift. DPMSolverMultistep and UniPCMultistep with
+    use_flow_sigmas get no sigmas from FluxPipeline (it drops them for such schedulers) and take its mu: they run on
+    FLUX.1 too (flow_multistep.py); DPM-Solver's dynamic shift needs the exponential time shift."""
     def check(cfg: SchedulerConfig) -> None:
         _check(cfg)
-        if cfg.pipeline_sigmas or cfg.use_dynamic_shifting:
-            raise ScheduleError(f"{name} ({cls}) runs the static shift of SD3/3.5; this model's pipeline passes its "
-                                "own sigmas or a dynamic shift (FLUX.1), which that scheduler does not take; "
-                                "use flow_euler")
         if name == "flow_heun":
+            if cfg.pipeline_sigmas or cfg.use_dynamic_shifting:
+                raise ScheduleError(f"{name} ({cls}) runs the static shift of SD3/3.5; this model's pipeline passes "
+                                    "its own sigmas or a dynamic shift (FLUX.1), which that scheduler does not take; "
+                                    "use flow_euler, flow_dpmpp_2m or flow_unipc")
             return
         if cfg.thresholding:
             raise ScheduleError("dynamic thresholding is not supported; set thresholding to false")
@@ -125,6 +127,9 @@ def _static_only(name: str, cls: str):
         choice("final_sigmas_type", cfg.final_sigmas_type, ("zero",))
         if name == "flow_dpmpp_2m":
             choice("solver_type", cfg.solver_type, ("midpoint", "heun"))
+            if cfg.use_dynamic_shifting and cfg.time_shift_type != "exponential":
+                raise ScheduleError("DPM-Solver's dynamic shift is exponential only; set time_shift_type to "
+                                    "exponential")
         elif not cfg.lower_order_final and cfg.solver_order > 1:
             raise ScheduleError("UniPC with lower_order_final false steps to sigma 0 with a multistep update, which "
                                 "diverges; set lower_order_final true")
@@ -140,14 +145,16 @@ SPECS = (
                 check=_check,
                 description="flow-match Euler (SD3/3.5, FLUX.1): static or dynamic (mu) shift"),
     SamplerSpec("flow_heun", classic.heun, heun_schedule, "FlowMatchHeunDiscreteScheduler", class_defaults=SD_BETAS,
-                check=_static_only("flow_heun", "FlowMatchHeunDiscreteScheduler"),
+                check=_flow_sigmas_scheduler("flow_heun", "FlowMatchHeunDiscreteScheduler"),
                 description="flow-match Heun (SD3/3.5; 2 evaluations per step)"),
     SamplerSpec("flow_dpmpp_2m", flow_multistep.dpmpp_2m, flow_multistep.dpm_schedule, "DPMSolverMultistepScheduler",
                 {"algorithm_type": "dpmsolver++", **_FLOW_PREDICTION}, SD_BETAS,
-                check=_static_only("flow_dpmpp_2m", "DPMSolverMultistepScheduler"),
-                description="DPM-Solver++(2M) on flow sigmas (SD3/3.5), flow_shift = the model's shift"),
+                check=_flow_sigmas_scheduler("flow_dpmpp_2m", "DPMSolverMultistepScheduler"),
+                description="DPM-Solver++(2M) on flow sigmas (SD3/3.5, FLUX.1), flow_shift = the model's shift "
+                            "(FLUX.1-dev: e^mu)"),
     SamplerSpec("flow_unipc", flow_multistep.unipc, flow_multistep.unipc_schedule, "UniPCMultistepScheduler",
                 {"solver_type": "bh2", **_FLOW_PREDICTION}, SD_BETAS,
-                check=_static_only("flow_unipc", "UniPCMultistepScheduler"),
-                description="UniPC (bh2) on flow sigmas (SD3/3.5), flow_shift = the model's shift"),
+                check=_flow_sigmas_scheduler("flow_unipc", "UniPCMultistepScheduler"),
+                description="UniPC (bh2) on flow sigmas (SD3/3.5, FLUX.1), flow_shift = the model's shift "
+                            "(FLUX.1-dev: the time shift at mu)"),
 )

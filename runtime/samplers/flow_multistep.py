@@ -1,4 +1,4 @@
-"""Multistep solvers on flow-matching sigmas (SD3/3.5): diffusers 0.42's DPMSolverMultistepScheduler and
+"""Multistep solvers on flow-matching sigmas (SD3/3.5, FLUX.1): diffusers 0.42's DPMSolverMultistepScheduler and
 UniPCMultistepScheduler with use_flow_sigmas=True, prediction_type="flow_prediction" (schedulers/
 scheduling_dpmsolver_multistep.py, scheduling_unipc_multistep.py; reference/flow_models.md §3).
 
@@ -25,8 +25,15 @@ from sdrt.runtime.samplers.multistep import _unipc_rho_terms
 from sdrt.runtime.samplers.schedules import Schedule, ScheduleError, SchedulerConfig
 
 
-def _shift(cfg: SchedulerConfig, s: np.ndarray) -> np.ndarray:
-    return cfg.shift * s / (1 + (cfg.shift - 1) * s)  # float64, as set_timesteps computes it
+def _shift(cfg: SchedulerConfig, s: np.ndarray, shift: float | None = None) -> np.ndarray:
+    shift = cfg.shift if shift is None else shift
+    return shift * s / (1 + (shift - 1) * s)  # float64, as set_timesteps computes it
+
+
+def _mu(cfg: SchedulerConfig) -> float:
+    if cfg.mu is None:
+        raise ScheduleError("dynamic shifting needs mu (the image's packed sequence length decides it)")
+    return cfg.mu
 
 
 def _schedule(sig: np.ndarray, cfg: SchedulerConfig, orders, solver: str, solver_type: str) -> Schedule:
@@ -39,16 +46,26 @@ def _schedule(sig: np.ndarray, cfg: SchedulerConfig, orders, solver: str, solver
 
 def dpm_schedule(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
     """DPMSolverMultistepScheduler.set_timesteps with use_flow_sigmas; step orders as its step() picks them
-    (first order on the first step and on the step to 0 (final_sigmas_type "zero"), else solver_order)."""
+    (first order on the first step and on the step to 0 (final_sigmas_type "zero"), else solver_order). With
+    dynamic shifting (FLUX.1-dev: FluxPipeline passes mu, no sigmas, to a use_flow_sigmas scheduler) flow_shift is
+    e^mu."""
+    shift = float(np.exp(_mu(cfg))) if cfg.use_dynamic_shifting else None
     alphas = np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)
-    sig = np.flip(_shift(cfg, 1.0 - alphas))[:-1].copy()
+    sig = np.flip(_shift(cfg, 1.0 - alphas, shift))[:-1].copy()
     orders = [1 if i in (0, n - 1) else cfg.solver_order for i in range(n)]
     return _schedule(sig, cfg, orders, "flow_dpm", cfg.solver_type)
 
 
 def unipc_schedule(cfg: SchedulerConfig, abar: torch.Tensor, n: int) -> Schedule:
-    """UniPCMultistepScheduler.set_timesteps with use_flow_sigmas (no sigmas passed, no dynamic shifting)."""
-    sig = _shift(cfg, np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)[:-1])
+    """UniPCMultistepScheduler.set_timesteps with use_flow_sigmas (no sigmas passed: FluxPipeline drops its own
+    for such a scheduler); with dynamic shifting its time_shift at mu (FLUX.1-dev), else the static flow_shift."""
+    base = np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)[:-1]
+    if cfg.use_dynamic_shifting:
+        mu = _mu(cfg)
+        sig = np.exp(mu) / (np.exp(mu) + (1 / base - 1)) if cfg.time_shift_type == "exponential" \
+            else mu / (mu + (1 / base - 1))
+    else:
+        sig = _shift(cfg, base)
     if np.fabs(sig[0] - 1) < 1e-6:  # diffusers: keeps log(alpha) finite on the first steps
         sig[0] -= 1e-6
     orders = [min(cfg.solver_order, n - i) if cfg.lower_order_final else cfg.solver_order for i in range(n)]
