@@ -7,6 +7,7 @@ interpreter). One server per module; it is stopped (its whole process group) wha
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -224,8 +225,9 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
+@contextlib.contextmanager
+def _tritonserver(engine: Path, work: Path, name: str = NAME):
+    """A real tritonserver on loopback ports serving `engine` as model `name`; stopped whatever happens."""
     tree = _server_tree()
     if isinstance(tree, str):
         pytest.skip(tree)
@@ -238,7 +240,6 @@ def server(exported, tmp_path_factory):
     if "--model-repository" not in probe.stdout + probe.stderr:
         pytest.skip(f"the pytriton wheel's tritonserver does not run here: {(probe.stderr or probe.stdout)[-300:]}")
 
-    work = tmp_path_factory.mktemp("triton")
     backends = work / "backends" / "python"  # our own backend folder: the wheel's Python backend + this stub
     backends.mkdir(parents=True)
     for f in (root / "backends" / "python").iterdir():
@@ -247,11 +248,10 @@ def server(exported, tmp_path_factory):
     stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
     shutil.copy2(stub / "triton_python_backend_stub", backends / "triton_python_backend_stub")
 
-    engine = exported("sd15", "fp32")
-    r = run_sdrt("triton-repo", str(engine), "-o", str(work / "repo"), "--name", NAME, "--kind", "cpu",
+    r = run_sdrt("triton-repo", str(engine), "-o", str(work / "repo"), "--name", name, "--kind", "cpu",
                  "--max-batch", "8", "--queue-delay-ms", "300", "--copy-engine")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(work / "repo" / NAME)
+    assert r.stdout.strip() == str(work / "repo" / name)
 
     http, grpc, metrics = _free_port(), _free_port(), _free_port()
     log = work / "tritonserver.log"
@@ -269,17 +269,23 @@ def server(exported, tmp_path_factory):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"tritonserver exited with {proc.returncode} while loading:\n{srv.log_tail()}")
-            if _get(f"http://{srv.url}/v2/models/{NAME}/ready", timeout=1)[0] == 200:
+            if _get(f"http://{srv.url}/v2/models/{name}/ready", timeout=1)[0] == 200:
                 break
             time.sleep(0.25)
         else:
-            pytest.fail(f"tritonserver did not get {NAME} ready in 90 s:\n{srv.log_tail()}")
+            pytest.fail(f"tritonserver did not get {name} ready in 90 s:\n{srv.log_tail()}")
         yield srv
     finally:
         _stop(proc)
 
 
-def _infer(url: str, prompt, **values):
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    with _tritonserver(exported("sd15", "fp32"), tmp_path_factory.mktemp("triton")) as srv:
+        yield srv
+
+
+def _infer(url: str, prompt, model: str = NAME, **values):
     """One KServe v2 request (its own client: tritonclient's clients are not shared between threads).
     Returns (images [rows, H, W, 3], seeds [rows]) or the InferenceServerException."""
     import tritonclient.http as httpclient
@@ -301,7 +307,7 @@ def _infer(url: str, prompt, **values):
         inputs.append(tensor)
     client = httpclient.InferenceServerClient(url, network_timeout=120, connection_timeout=10)
     try:
-        result = client.infer(NAME, inputs, outputs=[httpclient.InferRequestedOutput("image"),
+        result = client.infer(model, inputs, outputs=[httpclient.InferRequestedOutput("image"),
                                                      httpclient.InferRequestedOutput("seed")])
         return result.as_numpy("image"), result.as_numpy("seed").reshape(-1).tolist()
     except InferenceServerException as e:
@@ -342,7 +348,6 @@ def _max_diff(a, b) -> int:
 
 
 def test_server_is_ready_and_was_warmed_up_before(server):
-    import json
 
     assert _get(f"http://{server.url}/v2/health/ready")[0] == 200
     status, text = _get(f"http://{server.url}/v2/models/{NAME}/config")
@@ -409,3 +414,30 @@ def test_bad_requests_fail_alone(server, reference):
     assert _get(f"http://{server.url}/v2/models/{NAME}/ready")[0] == 200
     images, seeds = _infer(server.url, "after the errors", seed=5, **GOOD)
     assert seeds == [5] and images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_flux_behind_triton_equals_sdrt(tmp_path):
+    """FLUX.1 (a tiny schnell export) as a Triton model: rows batched as the service batches them, each image the
+    Python API's for the same seed (no negative prompt, guidance ignored by schnell)."""
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.export.models.tiny_flow import write_tiny_flux
+    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.request import Request
+
+    folder = write_tiny_flux(tmp_path / "flux", "schnell")
+    engine = tmp_path / "engine"
+    export(ExportConfig(model=str(folder), output=engine, precision="fp32",
+                        components=("text_encoder", "text_encoder_2", "transformer", "vae_decoder")))
+    settings = dict(steps=4, width=32, height=48)
+    pipe = Pipeline.load(engine, backend="ort-cpu")
+    with _tritonserver(engine, tmp_path / "triton", "flux") as srv:
+        result = _infer(srv.url, ["a red fox", "a blue car"], model="flux", seed=[3, 4], **settings)
+        assert not isinstance(result, Exception), result
+        images, seeds = result
+        assert images.shape == (2, 48, 32, 3) and seeds == [3, 4]
+        for i, (prompt, seed) in enumerate((("a red fox", 3), ("a blue car", 4))):
+            ours = np.asarray(pipe.generate(Request.of(prompt=prompt, seed=seed, **settings))[0].convert("RGB"))
+            assert _max_diff(images[i], ours) == 0
+        refused = _infer(srv.url, "a cat", model="flux", seed=1, negative_prompt="blurry", **settings)
+        assert "negative_prompt" in refused.message() and refused.status() == "400"

@@ -162,7 +162,7 @@ def write_repo(options: RepoOptions) -> WrittenRepo:
     name = _check(options)
     engine = Path(options.engine_dir)
     d = open_dir(engine)  # UserError for a missing or non-engine directory
-    for component in ("unet", "vae_decoder", *d.text_encoder_names):
+    for component in (d.info.layout.denoiser, "vae_decoder", *d.text_encoder_names):
         d.onnx_path(component)
     if not d.text_encoder_names:
         raise UserError(f"{engine} has no text encoder (text_encoder/model.onnx); re-export the engine directory")
