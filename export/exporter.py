@@ -492,11 +492,12 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
 
 
 def _fuse_loras(pipe, info, loras) -> list[dict]:
-    """W += Σ scale · ΔW (fp32) in the pipeline's UNet and text encoders, before anything is traced."""
+    """W += Σ scale · ΔW (fp32) in the pipeline's denoiser (UNet or transformer) and text encoders, before anything
+    is traced."""
     if not loras:
         return []
     modules = {n: getattr(pipe, n) for n in LORA_COMPONENTS if getattr(pipe, n, None) is not None}
-    model = lora_fuse.model_from_modules(modules, dict(pipe.unet.config), info.family.value)
+    model = lora_fuse.model_from_modules(modules, dict(flow.denoiser(pipe).config), info.family.value)
     return lora_fuse.fuse_into_modules(modules, model, loras)
 
 

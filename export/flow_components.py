@@ -125,7 +125,7 @@ def check_options(cfg) -> None:
     """The export options the transformer families do not take yet (an ExportConfig), refused by name."""
     from sdrt.runtime.errors import UserError
 
-    given = [flag for flag, value in (("--lora", cfg.loras), ("--hypernetwork", cfg.hypernetworks),
+    given = [flag for flag, value in (("--hypernetwork", cfg.hypernetworks),
                                       ("--textual-inversion", cfg.textual_inversion),
                                       ("--deepcache", cfg.deepcache), ("--controlnet", cfg.controlnets),
                                       ("--ip-adapter", cfg.ip_adapter), ("--t2i-adapter", cfg.t2i_adapters)) if value]

@@ -3,8 +3,8 @@
 The TorchScript-based exporter (dynamo=False) is used: it handles diffusers' UNet with dynamic batch,
 height and width, as optimum does. Passes: constant folding (in the exporter, then polygraphy's folder,
 which evaluates constant subgraphs with ONNX Runtime) and ONNX shape inference. Graphs over 2 GB keep
-their weights in one external file, `model.onnx_data`, as optimum writes it; so do the UNet and the text
-encoders at any size, beside their weights_map.json (export/weights_map.py): ONNX Runtime can replace only
+their weights in one external file, `model.onnx_data`, as optimum writes it; so do the UNet (or transformer) and
+the text encoders at any size, beside their weights_map.json (export/weights_map.py): ONNX Runtime can replace only
 external initializers, which is how LoRAs are applied at load.
 """
 
@@ -57,6 +57,10 @@ def run_passes(raw_dir: Path, out_dir: Path, mapper=None) -> tuple[list[str], li
     """
     model = onnx.load(str(raw_dir / "model.onnx"), load_external_data=True)
     passes = []
+    if mapper is not None:  # a dynamo export's module scopes into node names, for the weights map
+        from sdrt.export.weights_map import scope_node_names
+
+        scope_node_names(model)
     if _byte_size(model) < _TWO_GB:
         import onnxruntime
         from polygraphy.backend.onnx import fold_constants

@@ -12,9 +12,10 @@ from sdrt.export.extras import controlnet as cn, ip_adapter as ipa, t2i_adapter 
 from sdrt.export.load import sha256_of_file
 from sdrt.export.onnx_export import OPSET
 
-EXPORT_REVISION = "5"  # bump when the exported graphs change for the same source (3: UNet takes any latent size;
+EXPORT_REVISION = "6"  # bump when the exported graphs change for the same source (3: UNet takes any latent size;
 # 4: UNet and text encoders keep their weights in model.onnx_data with a weights_map.json, for LoRAs at load;
-# 5: no symbolic value_info from the constant folder, which broke fp32 UNets at odd latent sizes)
+# 5: no symbolic value_info from the constant folder, which broke fp32 UNets at odd latent sizes;
+# 6: the SD3 / FLUX.1 transformers and SD3's T5 get model.onnx_data and a weights_map.json too)
 
 
 def component_key(source_sha: str, name: str, precision: str) -> str:

@@ -1,6 +1,6 @@
 """weights_map.json: which ONNX initializer holds which torch weight (reference/customization.md §1.7).
 
-Written at export next to each LoRA-targetable component's model.onnx (UNet, text encoders), so that the
+Written at export next to each LoRA-targetable component's model.onnx (UNet or transformer, text encoders), so that the
 runtime can replace weights without torch, diffusers or the onnx package: ONNX Runtime sessions with merged
 initializers (`SessionOptions.add_external_initializers`), TensorRT refits by initializer name.
 
@@ -8,7 +8,8 @@ Built by value and checked by structure. For every Linear and Conv2d weight W of
 LoRA may patch), the initializers of the exported graph equal to W (transform "identity") or, for 2-D weights,
 to Wᵀ ("transpose": the exporter folds a Linear on 3-D activations into MatMul(x, Wᵀ) under a new name such as
 `onnx::MatMul_1234`) are candidates. A candidate is kept only if a MatMul/Gemm/Conv consumes it as its weight
-input, inside the module's own scope (node names carry the module path: `/unet/down_blocks.1/…/to_q/MatMul`),
+input, inside the module's own scope (node names carry the module path: `/unet/down_blocks.1/…/to_q/MatMul`;
+a dynamo export's nodes get it from their metadata first, scope_node_names),
 and with the layout its op implies (MatMul: Wᵀ; Gemm: W when transB, else Wᵀ; Conv: W). Exactly one must
 remain. Up-samplers rewritten into sub-pixel convolutions (export/rewrites.py) hold derived kernels instead of
 W (sums and slices of its taps); those are matched by name and value against the rewrite's own buffers and
@@ -23,6 +24,7 @@ otherwise be silently ignored.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from pathlib import Path
@@ -38,7 +40,7 @@ from sdrt.runtime.lora.weights import WEIGHTS_MAP_FORMAT, WEIGHTS_MAP_NAME
 
 from sdrt.export.rewrites import SubpixelUpsample2D, is_subpixel_eligible
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # = lora/keys.COMPONENTS
 SMALL_BYTES = 1024  # below this, unmapped initializers stay inside model.onnx (onnx's default threshold)
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 
@@ -62,6 +64,26 @@ def _array(tensor: onnx.TensorProto) -> np.ndarray:
 def _scope(node_name: str) -> str:
     """`/unet/down_blocks.1/attentions.0/…/to_q/MatMul` → `.unet.down_blocks.1.attentions.0.….to_q.MatMul.`"""
     return "." + node_name.strip("/").replace("/", ".") + "."
+
+
+def scope_node_names(model: onnx.ModelProto) -> int:
+    """Give the nodes of a dynamo export (torch.onnx.export(dynamo=True): FLUX.1's transformer) the module path the
+    TorchScript exporter puts in node names, `/transformer/x_embedder/node_MatMul_10`, from their
+    `pkg.torch.onnx.name_scopes` metadata (the deepest module scope), so that _structural can read it: polygraphy's
+    constant folding drops node metadata but keeps names. Run before folding; returns the nodes renamed."""
+    renamed = 0
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if scopes is None or node.name.startswith("/"):
+            continue
+        try:
+            names = [s for s in ast.literal_eval(scopes)[:-1] if isinstance(s, str) and s]  # a Python list's repr
+        except (ValueError, SyntaxError):
+            continue
+        if names:
+            node.name = "/" + names[-1].replace(".", "/") + "/" + node.name
+            renamed += 1
+    return renamed
 
 
 def targets(module: torch.nn.Module, component: str) -> dict[str, torch.nn.Module]:

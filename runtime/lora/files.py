@@ -3,7 +3,9 @@
 
 Formats: kohya/AUTOMATIC1111 (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_`/`lora_te2_` and sgm block names,
 `alpha`), diffusers/PEFT (`unet.….lora_A/lora_B`, `text_encoder[_2].…`, optional `alpha` keys or PEFT's
-`lora_adapter_metadata`), and LoCon (the same parts on convolutions, with an optional CP `lora_mid`). Files are
+`lora_adapter_metadata`), and LoCon (the same parts on convolutions, with an optional CP `lora_mid`); for SD3 and
+FLUX.1 `transformer.…` and the T5 encoder, and FLUX.1's kohya files over BFL's names, whose fused q/k/v Linears
+split by rows (runtime/lora/flow_keys.py). Files are
 read with safetensors (never unpickled); LoHa, LoKr, DoRA and other LyCORIS kinds are refused by name.
 Keys are matched to the model by runtime/lora/keys.py; shapes are checked; a file for another family is named
 as such (from its keys, its metadata or its cross-attention width).
@@ -38,7 +40,8 @@ from sdrt.runtime.errors import UserError
 from sdrt.runtime.lora.keys import LYCORIS_PARTS, Targets, UnetLayout, lookup_table, parse_key
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' PEFT LoraConfig in the safetensors header
-FAMILY_LABELS = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner"}
+FAMILY_LABELS = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner",
+                 "sd3": "SD3 / SD3.5", "flux": "FLUX.1"}
 _WIDTH_FAMILY = {768: "sd15", 1024: "sd21", 2048: "sdxl", 1280: "sdxl-refiner"}
 
 
@@ -185,6 +188,8 @@ class Module:
     mid: str | None
     rank: int
     alpha_scale: float  # α / r (or α / √r with rsLoRA; 1 without α)
+    rows: tuple[int, int] | None = None  # a fused Linear's up rows that are this module's (FLUX.1's BFL qkv)
+    swap: bool = False  # the up weight's row halves exchanged (FLUX.1's final adaLN: shift, scale → scale, shift)
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,7 @@ class Model:
 
     targets: Targets  # component → {canonical module path: weight shape}
     layout: UnetLayout | None
-    family: str  # Family value: sd15 | sd21 | sdxl | sdxl-refiner
+    family: str  # Family value: sd15 | sd21 | sdxl | sdxl-refiner | sd3 | flux
 
     @property
     def label(self) -> str:
@@ -210,9 +215,13 @@ def guess_family(header: Header) -> tuple[set[str], str, str] | None:
     if version.startswith("sd_v1"):
         return {"sd15"}, "SD 1.x", f"its metadata says ss_base_model_version={version}"
     keys = list(header.shapes)
-    if any(k.startswith(("lora_transformer_", "transformer.", "lora_unet_double_blocks", "lora_unet_single_blocks",
-                         "lora_unet_joint_blocks")) for k in keys):
-        return set(), "a transformer model (Flux or SD3)", "its keys name transformer blocks, not a UNet"
+    if any(k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks")) or "single_transformer_blocks" in k
+           for k in keys):
+        return {"flux"}, "FLUX.1", "its keys name FLUX.1's double/single-stream blocks"
+    if any(k.startswith(("lora_unet_joint_blocks", "lora_unet_context_embedder", "lora_unet_x_embedder")) for k in keys):
+        return {"sd3"}, "SD3", "its keys name SD3's joint blocks (Stability AI's names)"
+    if any(k.startswith(("lora_transformer_", "transformer.")) for k in keys):
+        return {"sd3", "flux"}, "a transformer model (SD3 or FLUX.1)", "its keys name transformer blocks, not a UNet"
     for key, shape in header.shapes.items():
         if re.search(r"attn2[._]to_k[._](lora_down|lora_A|lora\.down)", key) and len(shape) >= 2:
             code = _WIDTH_FAMILY.get(shape[1])
@@ -291,25 +300,35 @@ def match(header: Header, model: Model) -> list[Module]:
         example = next(iter(unsupported.values()))
         raise LoraError(f"{name} is a {kinds} file (key {example}); sdrt applies plain LoRA and LoCon files only")
 
-    table = lookup_table(model.targets, model.layout)
+    table = lookup_table(model.targets, model.layout, model.family)
     configs = _peft_configs(header)
     modules, unmatched = [], list(unknown)
     for (style, component, module), roles in groups.items():
         if style == "kohya":
-            component, path = table.get(module, (None, None))
+            component, paths, swap = table.get(module, (None, (), False))
         else:
-            path = module if module in model.targets.get(component, {}) else None
-        if path is None:
+            paths, swap = ((module,) if module in model.targets.get(component, {}) else ()), False
+        if not paths:
             unmatched.extend(sorted(roles.values()))
             continue
         if "down" not in roles or "up" not in roles:
             missing = "down (lora_down/lora_A)" if "down" not in roles else "up (lora_up/lora_B)"
             raise LoraError(f"{name}: {module} has no {missing} weight; the file is incomplete")
-        modules.append(_module(header, model, component, path, roles, configs.get(component, {})))
+        sizes = [model.targets[component][p][0] for p in paths]
+        start = 0
+        for path, size in zip(paths, sizes):  # a fused Linear (FLUX.1's BFL qkv): each module its rows
+            rows = (start, start + size) if len(paths) > 1 else None
+            modules.append(_module(header, model, component, path, roles, configs.get(component, {}), rows,
+                                   sum(sizes), swap))
+            start += size
     if unmatched:
         wrong = _wrong_family(header, model)
         if wrong:
             raise LoraError(wrong)
+        if model.family == "sd3" and any(k.startswith("lora_unet_") for k in unmatched):
+            raise LoraError(f"{name} names SD3's modules as kohya/sd-scripts does (lora_unet_joint_blocks_…, Stability "
+                            "AI's MMDiT names), which sdrt does not convert; it reads SD3 LoRAs in diffusers/PEFT "
+                            "names (transformer.transformer_blocks.N.attn.to_q.lora_A.weight, …)")
         if not modules:
             raise LoraError(f"no key of {name} matches a module of this {model.label} model (first keys: "
                             f"{', '.join(unmatched[:3])}); it is not a LoRA for this model")
@@ -318,12 +337,14 @@ def match(header: Header, model: Model) -> list[Module]:
     return modules
 
 
-def _module(header: Header, model: Model, component: str, path: str, roles: dict, peft: dict) -> Module:
+def _module(header: Header, model: Model, component: str, path: str, roles: dict, peft: dict,
+            rows: tuple[int, int] | None = None, fused_out: int = 0, swap: bool = False) -> Module:
     shape = tuple(model.targets[component][path])
     down, up = header.shapes[roles["down"]], header.shapes[roles["up"]]
     mid = roles.get("mid")
     rank = down[0] if down else 0
-    fits = (len(down) in (2, 4) and len(up) in (2, 4) and up[0] == shape[0] and up[1] == rank
+    out = fused_out if rows is not None else shape[0]
+    fits = (len(down) in (2, 4) and len(up) in (2, 4) and up[0] == out and up[1] == rank
             and down[1] == shape[1] and all(d == 1 for d in up[2:]))
     if fits and mid is None and len(down) == 4:
         fits = tuple(down[2:]) == tuple(shape[2:]) or (len(shape) == 2 and tuple(down[2:]) == (1, 1))
@@ -334,9 +355,10 @@ def _module(header: Header, model: Model, component: str, path: str, roles: dict
         fits = len(m) == 4 and m[0] == up[1] and m[1] == rank and tuple(m[2:]) == tuple(shape[2:])
     if not fits:
         wrong = _wrong_family(header, model)
+        fused = f" and the modules fused with it ({fused_out} rows in all)" if rows is not None else ""
         raise LoraError(wrong or f"{Path(header.path).name}: {roles['down']} has shape {list(down)} and "
                                  f"{roles['up']} {list(up)}, which do not fit {component} {path} (weight "
-                                 f"{list(shape)}); the LoRA was made for another model")
+                                 f"{list(shape)}){fused}; the LoRA was made for another model")
     alpha = header.alphas.get(roles["alpha"]) if "alpha" in roles else None
     if alpha is not None and alpha != 0:
         alpha_scale = alpha / rank
@@ -344,7 +366,7 @@ def _module(header: Header, model: Model, component: str, path: str, roles: dict
         alpha_scale = _peft_alpha(peft, path, rank) or 1.0
     else:
         alpha_scale = 1.0  # kohya: a missing or zero alpha means alpha = rank
-    return Module(component, path, roles["down"], roles["up"], mid, rank, alpha_scale)
+    return Module(component, path, roles["down"], roles["up"], mid, rank, alpha_scale, rows, swap)
 
 
 # ---- deltas ----------------------------------------------------------------------------------------------
@@ -354,6 +376,10 @@ def module_delta(module: Module, tensors: dict[str, np.ndarray], shape: tuple) -
     down, up = tensors[module.down], tensors[module.up]
     out, rank = up.shape[0], down.shape[0]
     up2 = up.reshape(out, up.shape[1])
+    if module.rows is not None:  # this module's rows of a fused Linear's delta (runtime/lora/flow_keys.py)
+        up2 = up2[module.rows[0]:module.rows[1]]
+    if module.swap:  # BFL's (shift, scale) halves → diffusers' (scale, shift)
+        up2 = np.concatenate([up2[len(up2) // 2:], up2[:len(up2) // 2]])
     if module.mid is not None:  # CP/Tucker: ΔW[i, j] = Σ_{n,m} M[n, m] · U[i, n] · D[m, j]
         delta = np.einsum("nmhw,in,mj->ijhw", tensors[module.mid], up2, down.reshape(rank, -1))
     elif down.ndim == 4 and tuple(down.shape[2:]) != (1, 1):  # LoCon k×k

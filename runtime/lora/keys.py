@@ -13,7 +13,9 @@ for the model at hand, every name a module may carry in a file and looks the fil
   `out_layers_3`, `skip_connection`, `op`, `time_embed_0`, `label_emb_0_0`, `out_2`), by the block arithmetic of
   diffusers' `_maybe_map_sgm_blocks_to_diffusers` run backwards;
 - diffusers / PEFT: `unet.<path>.lora_A.weight` / `lora_B`, `text_encoder[_2].[text_model.]<path>…`, and the
-  older `…processor.to_q_lora.down.weight` and `…lora_linear_layer.down.weight` spellings.
+  older `…processor.to_q_lora.down.weight` and `…lora_linear_layer.down.weight` spellings;
+- the transformer families (SD3, FLUX.1): `transformer.<path>…`, `text_encoder_3.` (SD3's T5), and their kohya
+  names, FLUX.1's over Black Forest Labs' module names: runtime/lora/flow_keys.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from sdrt.runtime.lora import flow_keys
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # transformer: SD3, FLUX.1
 TEXT_PREFIX = "text_model."
 
 Targets = dict  # component → {module path: weight shape (tuple)}
@@ -96,8 +100,10 @@ def _u(path: str) -> str:
     return path.replace(".", "_")
 
 
-def kohya_names(component: str, path: str, layout: UnetLayout | None) -> list[str]:
+def kohya_names(component: str, path: str, layout: UnetLayout | None, family: str = "") -> list[str]:
     """Every kohya/AUTOMATIC1111 module name (the part before `.lora_down.weight`) of one target."""
+    if family in flow_keys.KOHYA_PREFIXES:  # SD3, FLUX.1: runtime/lora/flow_keys.py
+        return flow_keys.kohya_names(family, component, path)
     if component == "unet":
         names = ["lora_unet_" + _u(path)]
         sgm = sgm_path(path, layout) if layout is not None else None
@@ -111,8 +117,8 @@ def kohya_names(component: str, path: str, layout: UnetLayout | None) -> list[st
 
 # ---- parsing one key ---------------------------------------------------------------------------------------
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
+DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.")
 # kohya part → role
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid"}
 # LyCORIS parts that are not LoRA: named in the refusal
@@ -175,11 +181,16 @@ def parse_key(key: str) -> KeyPart | None:
     return None
 
 
-def lookup_table(targets: Targets, layout: UnetLayout | None) -> dict[str, tuple[str, str]]:
-    """kohya module name → (component, module path), for every target of the model."""
+def lookup_table(targets: Targets, layout: UnetLayout | None, family: str = "") -> dict[str, tuple]:
+    """kohya module name → (component, module paths, swap): for every target of the model its own names, and for
+    FLUX.1 the BFL names, one of which may cover several modules (its rows split among them, in that order;
+    `swap`: the up weight's two row halves exchanged; runtime/lora/flow_keys.py)."""
     table = {}
     for component, modules in targets.items():
         for path in modules:
-            for name in kohya_names(component, path, layout):
-                table.setdefault(name, (component, path))
+            for name in kohya_names(component, path, layout, family):
+                table.setdefault(name, (component, (path,), False))
+    if family == "flux" and "transformer" in targets:
+        for name, paths in flow_keys.flux_groups(targets["transformer"]).items():
+            table.setdefault(name, ("transformer", paths, name in flow_keys.SWAPPED))
     return table

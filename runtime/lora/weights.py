@@ -66,7 +66,8 @@ NO_MAPS = ("was exported without weights maps (by an older sdrt or another tool)
 def model_for(engine_dir) -> Model:
     """The Model of an opened engine directory (runtime/loader.EngineDir); LoraError when it has no maps."""
     maps = read_weights_maps(engine_dir.path)
-    if not maps:
+    denoiser = engine_dir.info.layout.denoiser  # SD3 / FLUX.1 transformers exported before they had maps
+    if not maps or (denoiser not in maps and engine_dir.has(denoiser)):
         raise LoraError(f"{engine_dir.path} {NO_MAPS}")
     targets = {c: {p: tuple(e["shape"]) for p, e in m["weights"].items()} for c, m in maps.items()}
     return Model(targets, UnetLayout.from_config(engine_dir.unet_config), engine_dir.info.family.value)
