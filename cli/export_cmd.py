@@ -61,6 +61,14 @@ def export(
                                             "ships it (ControlNetModel/ and ip-adapter.bin), or CONTROLNET_DIR,"
                                             "ADAPTER_FILE: IdentityNet, the face Resampler and unet_controlnet_ip "
                                             "(SDXL only)"),
+    pulid: Optional[str] = typer.Option(None, "--pulid", help="PuLID v1's file (guozinan/PuLID pulid_v1.bin): its "
+                                        "ID encoder as pulid/encoder and unet_pulid, the UNet with its ID attention "
+                                        "(SDXL only)"),
+    photomaker: Optional[str] = typer.Option(None, "--photomaker", help="PhotoMaker's file (TencentARC/PhotoMaker "
+                                             "photomaker-v1.bin or photomaker-v2.bin, or .safetensors): its ID encoder "
+                                             "and fuse module as "
+                                             "photomaker/*, its UNet LoRA applied at load to PhotoMaker requests "
+                                             "(SDXL only)"),
 ) -> None:
     """Export a Stable Diffusion pipeline to an optimum-compatible ONNX engine directory."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -74,7 +82,8 @@ def export(
             raise UserError("--trt needs at least one --resolution WIDTHxHEIGHT or a --dynamic MIN-MAX range")
         device_info()
 
-    adding = bool(controlnet or ip_adapter or image_encoder or t2i_adapter or instantid) and (Path(model) / "manifest.json").is_file()
+    adding = bool(controlnet or ip_adapter or image_encoder or t2i_adapter or instantid or pulid
+                  or photomaker) and (Path(model) / "manifest.json").is_file()
     if adding and output is not None and Path(output).absolute() != Path(model).absolute():
         raise UserError(f"{model} is an engine directory: ControlNets and IP-Adapters are added into it; drop "
                         "-o/--output")
@@ -86,7 +95,8 @@ def export(
                        textual_inversion=textual_inversion,
                        hypernetworks=file_scale_args(hypernetwork, "--hypernetwork"),
                        tiny_vae=tiny_vae, deepcache=deepcache, controlnets=tuple(controlnet), ip_adapter=tuple(ip_adapter),
-                       image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter), instantid=instantid)
+                       image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter), instantid=instantid,
+                       pulid=pulid, photomaker=photomaker)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -104,7 +114,7 @@ def export(
             from sdrt.export.exporter import add_controlnets
 
             manifest = add_controlnets(Path(model), tuple(controlnet), progress, tuple(ip_adapter), image_encoder,
-                                       tuple(t2i_adapter), instantid)
+                                       tuple(t2i_adapter), instantid, pulid, photomaker=photomaker)
         else:
             manifest = run_export(cfg, progress)
     if trt:

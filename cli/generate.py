@@ -21,7 +21,7 @@ OnStep = Callable[[str, int, int], None]  # (stage, steps done, total)
 # request field → how `sdrt run` spells it (InvalidRequest names fields, the CLI names its own flags)
 FLAGS = {"prompt": "PROMPT", "denoising_end": "--refiner-start", "images_per_prompt": "--batch", "loras": "--lora",
          "embeddings": "--embedding", "controls": "--control", "adapter_name": "--adapter", "adapter_image": "--adapter",
-         "adapter_scale": "--adapter"}
+         "adapter_scale": "--adapter", "photomaker_images": "--photomaker-image"}
 
 
 UPSCALE_FLAGS = {"init_image": "IMAGE"}  # `sdrt upscale DIR IMAGE PROMPT`, `sdrt variations DIR IMAGE`
@@ -98,6 +98,15 @@ class RunOptions:
     instantid_kps: Path | None = None  # .npy [5, 2] keypoints or the keypoint image
     identitynet_scale: float = 0.8
     instantid_ip_scale: float = 0.8
+    pulid_id: Path | None = None  # .npz ID-encoder inputs or .npy ID tokens (runtime/conditioning/pulid.py)
+    pulid_scale: float = 0.8
+    pulid_mode: str = "fidelity"
+    pulid_start_step: int = 0
+    pulid_zero_tokens: int | None = None
+    photomaker_images: tuple[Path, ...] = ()  # photos of one person (runtime/conditioning/photomaker.py)
+    photomaker_trigger: str = "img"
+    photomaker_style_strength: float = 20.0
+    photomaker_faces: Path | None = None  # v2: .npy [N, 512] raw ArcFace embeddings, one per photo
 
 
 def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
@@ -170,7 +179,26 @@ def build_request(o: RunOptions) -> Request:
         **_ip_fields(o.ip_image),
         **_adapter_fields(o.adapter),
         **_instantid_fields(o),
+        **_pulid_fields(o),
+        **_photomaker_fields(o),
     )
+
+
+def _photomaker_fields(o: RunOptions) -> dict:
+    """--photomaker-image PATH … (and v2's --photomaker-faces FILE.npy) with the trigger and style strength."""
+    if not o.photomaker_images and o.photomaker_faces is None:
+        return {}
+    out = {"photomaker_images": tuple(image_io.load_image(p) for p in o.photomaker_images) or None,
+           "photomaker_trigger": o.photomaker_trigger, "photomaker_style_strength": o.photomaker_style_strength}
+    if o.photomaker_faces is not None:
+        import numpy as np
+
+        try:
+            out["photomaker_faces"] = np.load(o.photomaker_faces, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--photomaker-faces {o.photomaker_faces}: cannot read a .npy array "
+                            f"({str(e).splitlines()[0]})") from None
+    return out
 
 
 def _instantid_fields(o: RunOptions) -> dict:
@@ -190,6 +218,22 @@ def _instantid_fields(o: RunOptions) -> dict:
             raise UserError(f"--{name.replace('_', '-')} {path}: cannot read a .npy array "
                             f"({str(e).splitlines()[0]})") from None
     return out
+
+
+def _pulid_fields(o: RunOptions) -> dict:
+    """--pulid-id FILE (.npz: the ID encoder's inputs by name; .npy: the ID tokens) and its controls."""
+    if o.pulid_id is None:
+        return {}
+    import numpy as np
+
+    try:
+        with open(o.pulid_id, "rb") as f:
+            data = np.load(f, allow_pickle=False)
+            given = {k: data[k] for k in data.files} if isinstance(data, np.lib.npyio.NpzFile) else data
+    except (OSError, ValueError) as e:
+        raise UserError(f"--pulid-id {o.pulid_id}: cannot read a .npz/.npy array ({str(e).splitlines()[0]})") from None
+    return {"pulid_id": given, "pulid_scale": o.pulid_scale, "pulid_mode": o.pulid_mode,
+            "pulid_start_step": o.pulid_start_step, "pulid_zero_tokens": o.pulid_zero_tokens}
 
 
 def _controls(texts, windows) -> tuple:

@@ -71,7 +71,8 @@ def run(
                                               "an upscaler directory) [default: 20]"),
     refiner: Optional[Path] = typer.Option(None, help="SDXL refiner engine directory to hand off to"),
     refiner_start: float = typer.Option(0.8, help="fraction of denoising done by the base before the refiner"),
-    preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
+    preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|"
+                                                    "turbo|flux-schnell|sd35-turbo|pulid-lightning"),
     backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
     out: Path = typer.Option(Path("sdrt.png"), "-o", "--out", help="PNG to write (index appended for several images)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of the images written, each with its seed"),
@@ -125,6 +126,26 @@ def run(
                                                  "keypoint image (.png)"),
     identitynet_scale: float = typer.Option(0.8, help="InstantID: IdentityNet's ControlNet scale"),
     instantid_ip_scale: float = typer.Option(0.8, help="InstantID: its IP-Adapter's scale"),
+    pulid_id: Optional[Path] = typer.Option(None, help="PuLID: the identity, as .npz with the ID encoder's inputs "
+                                            "(embedding: raw insightface [512], eva_embedding [768], eva_hidden "
+                                            "[5, 577, 1024]) or .npy with its output, the ID tokens [T, 2048]"),
+    pulid_scale: float = typer.Option(0.8, help="PuLID: the ID scale (the authors' 0.8)"),
+    pulid_mode: str = typer.Option("fidelity", help="PuLID: fidelity (8 zero tokens, ORTHO_v2), style (the app's "
+                                                    "'extremely style': 16, ORTHO) or plain"),
+    pulid_start_step: int = typer.Option(0, help="PuLID: the step from which the ID attention acts (0: all, as the "
+                                                 "authors on SDXL)"),
+    pulid_zero_tokens: Optional[int] = typer.Option(None, help="PuLID: zero tokens appended to the ID tokens "
+                                                    "(default: v1 8 fidelity / 16 style / 0 plain, v1.1 20)"),
+    photomaker_image: list[Path] = typer.Option([], "--photomaker-image", help="PhotoMaker: a photo of the person "
+                                                "(repeatable: the photos stack, more give more fidelity); the prompt "
+                                                "holds the trigger word after the class word, e.g. 'a man img'"),
+    photomaker_trigger: str = typer.Option("img", help="PhotoMaker: the trigger word (the authors' 'img')"),
+    photomaker_style_strength: float = typer.Option(20.0, help="PhotoMaker: style strength in % (the authors' 20; "
+                                                    "30-50 for stylisation): the first int(strength/100 · steps) "
+                                                    "steps, at most 30, see the prompt without the identity"),
+    photomaker_faces: Optional[Path] = typer.Option(None, help="PhotoMaker v2: each photo's raw insightface "
+                                                    "embedding (`embedding`, not `normed_embedding`) as .npy [N, 512], "
+                                                    "in the order of the --photomaker-image photos"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -154,7 +175,11 @@ def run(
                          control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess,
                          ip_image=tuple(ip_image), adapter=adapter, instantid_face=instantid_face,
                          instantid_kps=instantid_kps, identitynet_scale=identitynet_scale,
-                         instantid_ip_scale=instantid_ip_scale)
+                         instantid_ip_scale=instantid_ip_scale, pulid_id=pulid_id, pulid_scale=pulid_scale,
+                         pulid_mode=pulid_mode, pulid_start_step=pulid_start_step,
+                         pulid_zero_tokens=pulid_zero_tokens,
+                         photomaker_images=tuple(photomaker_image), photomaker_trigger=photomaker_trigger,
+                         photomaker_style_strength=photomaker_style_strength, photomaker_faces=photomaker_faces)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -30,6 +30,8 @@ from sdrt.export.extras import tiny_vae
 from sdrt.export.extras import controlnet as cn
 from sdrt.export.extras import ip_adapter as ipa
 from sdrt.export.extras import instantid as iid
+from sdrt.export.extras import pulid
+from sdrt.export.extras import photomaker as pm
 from sdrt.export.extras import t2i_adapter as t2i
 from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, gate_shapes, has_timestep_cond,
     unet_factor, vae_scale_factor)
@@ -75,6 +77,8 @@ class ExportConfig:
     image_encoder: str | None = None  # the adapter's CLIPVisionModelWithProjection folder
     t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/extras/t2i_adapter.py)
     instantid: str | None = None  # InstantID's folder (IdentityNet + its adapter: export/extras/instantid.py)
+    pulid: str | None = None  # PuLID v1's file (the ID encoder + unet_pulid: export/extras/pulid.py)
+    photomaker: str | None = None  # PhotoMaker v1/v2's file (ID encoder, fuse, LoRA: export/extras/photomaker.py)
 
 
 Progress = Callable[[str, str], None]  # (component, status) → None; status: "start" | "exported" | "skipped"
@@ -300,12 +304,16 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
     t2i_sources = [t2i.parse(a) for a in cfg.t2i_adapters]
     iid_source = iid.parse(cfg.instantid) if cfg.instantid else None
+    pulid_source = pulid.parse(cfg.pulid) if cfg.pulid else None
+    pm_source = pm.parse(cfg.photomaker) if cfg.photomaker else None
     ip_source = ipa.source_of(cfg.ip_adapter, cfg.image_encoder, local_location,
                               iid_source and (iid_source.adapter, iid.NAME))
     pipe, source = load_pipeline(cfg.model, vae=cfg.vae, family=cfg.family, config=cfg.single_file_config,
                                  source_hash=early_hash)
     info = detect(_model_index(pipe), dict(flow.denoiser(pipe).config), dict(pipe.scheduler.config))
     iid.check_family(info.family.value, iid_source)
+    pulid.check_model(info.family.value, pulid_source, pipe)
+    pm.check_family(info.family.value, pm_source)
     if flow.is_flow(pipe):
         flow.check_options(cfg)  # what the transformer families do not take yet, refused before anything is written
     if (net_sources or ip_source or t2i_sources or cfg.deepcache) and has_timestep_cond(pipe):
@@ -352,6 +360,11 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         extra |= ipa.specs(pipe, ip_loaded, cn.UNET_CONTROLNET in extra or iid_source is not None)
     if iid_source is not None:
         extra |= iid.specs(pipe, iid_source, *iid.load_identitynet(pipe, iid_source, vae_scale_factor(pipe)), ip_loaded)
+    pulid_loaded = pulid.load(pipe, pulid_source) if pulid_source is not None else None
+    if pulid_loaded is not None:
+        extra |= pulid.specs(pipe, pulid_loaded)
+    pm_loaded = pm.load(pipe, pm_source) if pm_source is not None else None
+    extra |= pm.specs(pm_loaded) if pm_loaded is not None else {}
     if not names:
         raise UserError(f"none of {', '.join(cfg.components)} exists in this pipeline; it has {', '.join(specs)}")
     _clean_stale_temps(output)
@@ -374,6 +387,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             (tmp / name / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if ip_loaded is not None:
             ipa.write_configs(tmp, ip_loaded)
+        if pm_loaded is not None:
+            pm.write_files(tmp, pm_loaded)
         unet_at = names.index("unet") if "unet" in names else len(names)
         for name in names[:unet_at] + list(extra) + names[unet_at:]:  # before the UNet releases its module
             precision = cfg.precision
@@ -445,6 +460,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             "t2i_adapters": [r for r in (old or {}).get("t2i_adapters", []) if t2i.PREFIX + r["name"] in kept_nets]
                             + [t2i.record(src, a, digest, t2i_used[src], pipe) for src, (a, digest) in t2i_loaded.items()],
             "instantid": iid.record(iid_source, ip_loaded) if iid_source is not None else None,
+            "pulid": pulid_loaded["record"] if pulid_loaded is not None else None,
+            "photomaker": pm_loaded["record"] if pm_loaded is not None else None,
             "components": components,
             "trt": [],
             "versions": versions(),
@@ -459,7 +476,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
 
 def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None,
                     ip_adapter: str | tuple[str, ...] | None = None, image_encoder: str | None = None,
-                    t2i_adapters: tuple[str, ...] = (), instantid: str | None = None) -> dict:
+                    t2i_adapters: tuple[str, ...] = (), instantid: str | None = None, pulid: str | None = None,
+                    photomaker: str | None = None) -> dict:
     """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
     re-run with more ControlNets (or IP-Adapters, replacing the ones there). Every component
     already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
@@ -475,6 +493,8 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     present = tuple(n for n in manifest["components"] if n in COMPONENT_NAMES)
     recorded = manifest.get("ip_adapter") or {}
     instantid = instantid or (manifest.get("instantid") or {}).get("source")  # kept: its graphs reused by key
+    pulid = pulid or (manifest.get("pulid") or {}).get("source")
+    photomaker = photomaker or (manifest.get("photomaker") or {}).get("source")
     if not ip_adapter and image_encoder is None and recorded and (controlnets or instantid):  # they join the new ones
         ip_adapter, image_encoder = ipa.recorded_sources(recorded), recorded.get("image_encoder")
     hypernets = tuple((r["file"], r["scale"]) for r in manifest.get("hypernetworks") or [])
@@ -483,7 +503,7 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
                        single_file_config=source.get("config"), hypernetworks=hypernets,
                        deepcache=any(n.startswith("unet_deepcache") for n in present), controlnets=tuple(controlnets),
                        ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters),
-                       instantid=instantid)
+                       instantid=instantid, pulid=pulid, photomaker=photomaker)
     return export(cfg, progress)
 
 

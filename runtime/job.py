@@ -59,6 +59,8 @@ class Job:
     image_prompt: Any = None  # runtime/conditioning/ip_adapter.ImagePromptJob, or None
     t2i_adapter: Any = None  # runtime/conditioning/t2i_adapter.AdapterJob, or None
     instantid: Any = None  # runtime/conditioning/instantid.InstantIdUse, or None
+    pulid: Any = None  # runtime/conditioning/pulid.PulidUse, or None
+    photomaker: Any = None  # runtime/conditioning/photomaker.PhotoMakerUse, or None
     uses: tuple[str, ...] = ()  # the conditioning kinds in use (runtime/conditioning/graphs.py names)
     task: str = "txt2img"  # the runtime/tasks/ module that runs it (tasks/table.py)
     scheduler_config: Any = None  # runtime/samplers/schedules.SchedulerConfig: the model's, with the overrides

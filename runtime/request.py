@@ -179,16 +179,49 @@ class InstantId:
             object.__setattr__(self, "instantid_kps", decode_image(self.instantid_kps, "instantid_kps"))
 
 
+@dataclass(frozen=True)
+class Pulid:
+    """PuLID v1 (runtime/conditioning/pulid.py): one face's identity, precomputed — the ID encoder's inputs
+    {embedding: raw insightface [512], eva_embedding: EVA-CLIP [768], eva_hidden: [5, 577, 1024]} or its output, the
+    ID tokens [T, 2048] — the ID scale, the mode (fidelity | style | plain), the step the ID attention starts at and
+    the zero tokens appended (NUM_ZERO)."""
+    pulid_id: Any = None
+    pulid_scale: float = 0.8  # the authors' settings (reference/identity.md §3)
+    pulid_mode: str = "fidelity"
+    pulid_start_step: int = 0
+    pulid_zero_tokens: int | None = None  # None: the version's and mode's (runtime/conditioning/pulid.py)
+
+
+@dataclass(frozen=True)
+class PhotoMaker:
+    """PhotoMaker v1 (runtime/conditioning/photomaker.py): photos of one person (several stack: more fidelity), the
+    trigger word that follows the class word in the prompt ("a photo of a woman img"), and the style strength in %
+    (the steps before int(strength/100 · steps), at most 30, see the prompt without the identity)."""
+    photomaker_images: Any = None  # a PIL image or a list of them (base64 strings in JSON)
+    photomaker_trigger: str = "img"  # the authors' settings (reference/identity.md §2)
+    photomaker_style_strength: float = 20.0
+    photomaker_faces: Any = None  # PhotoMaker v2: each photo's raw insightface `embedding`, [N, 512] numbers
+
+    def __post_init__(self):  # JSON: base64 photos → PIL (a bad one raises InvalidRequest), a list → a tuple
+        given = self.photomaker_images
+        if isinstance(given, str):
+            object.__setattr__(self, "photomaker_images", decode_image(given, "photomaker_images"))
+        elif isinstance(given, list):
+            object.__setattr__(self, "photomaker_images", tuple(
+                decode_image(x, f"photomaker_images[{i}]") if isinstance(x, str) else x for i, x in enumerate(given)))
+
+
 GROUPS = {"prompt": Prompt, "sampling": Sampling, "size": Size, "seeds": Seeds, "images": ImageInputs,
           "refine": Refine, "adapters": Adapters, "decode": Decode,
-          "control": Control, "image_prompt": ImagePrompt, "t2i": T2i, "instantid": InstantId}
+          "control": Control, "image_prompt": ImagePrompt, "t2i": T2i, "instantid": InstantId, "pulid": Pulid,
+          "photomaker": PhotoMaker}
 # flat key → (group, field); the flat form is what CLI options and most JSON clients send
 FLAT = {f.name: (g, f.name) for g, cls in GROUPS.items() for f in fields(cls) if f.name != "text"}
 FLAT["prompt"] = ("prompt", "text")
 FLAT["negative_prompt"] = ("prompt", "negative")
 FLAT["prompt_syntax"] = ("prompt", "syntax")
 FLAT["images_per_prompt"] = ("size", "batch")
-_IMAGE_FIELDS = ("init_image", "mask", "depth_map", "ip_image", "adapter_image")
+_IMAGE_FIELDS = ("init_image", "mask", "depth_map", "ip_image", "adapter_image", "photomaker_images")
 
 
 @dataclass(frozen=True)
@@ -205,6 +238,8 @@ class Request:
     image_prompt: ImagePrompt = ImagePrompt()
     t2i: T2i = T2i()
     instantid: InstantId = InstantId()
+    pulid: Pulid = Pulid()
+    photomaker: PhotoMaker = PhotoMaker()
 
     @property
     def prompt_group(self) -> Prompt:
@@ -274,9 +309,15 @@ class Request:
                 if k == "ip_adapters":
                     d[k] = [_ip_out(x, encode_images) for x in v]
                     continue
+                if k == "photomaker_faces" and v is not None:
+                    d[k] = _listed(v)
+                    continue
                 if k in ("instantid_face", "instantid_kps") and v is not None:  # numbers → lists, an image → base64
                     d[k] = encode_image(v) if encode_images and isinstance(v, Image.Image) else \
                         v.tolist() if hasattr(v, "tolist") else v
+                    continue
+                if k == "pulid_id" and v is not None:  # arrays → lists (the inputs' mapping: each of its arrays)
+                    d[k] = {n: _listed(x) for n, x in v.items()} if isinstance(v, Mapping) else _listed(v)
                     continue
                 if isinstance(v, tuple):
                     d[k] = [list(x) if isinstance(x, tuple) else x for x in v]  # nested: adapters.loras pairs
@@ -286,6 +327,11 @@ class Request:
             defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # as d holds them
             out[g] = {k: v for k, v in d.items() if k == "text" or v != defaults.get(k)}
         return {g: d for g, d in out.items() if d or g == "prompt"}
+
+
+def _listed(value):
+    value = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _control_out(entry, encode_images: bool):
@@ -334,4 +380,4 @@ def decode_image(text: str, name: str) -> Image.Image:
 
 
 __all__ = ["Request", "Prompt", "Sampling", "Size", "Seeds", "ImageInputs", "Refine", "Adapters", "Decode", "Control",
-           "ImagePrompt", "T2i", "InstantId", "asdict"]
+           "ImagePrompt", "T2i", "InstantId", "Pulid", "PhotoMaker", "asdict"]

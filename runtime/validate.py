@@ -241,6 +241,7 @@ def validate(request: Request, model_dir, limits: Limits = Limits(), lora_dir=No
         use = kind.validate(request, model_dir, kinds.Context(width, height, loras, dict(kind_uses)))
         if use is not None:
             kind_uses[kind.NAME] = use
+    loras += tuple(r for use in kind_uses.values() for r in getattr(use, "loras", ()))  # a kind's own (PhotoMaker's)
     aesthetic = fields.number("aesthetic_score", refine.aesthetic_score)
     negative_aesthetic = fields.number("negative_aesthetic_score", refine.negative_aesthetic_score)
 

@@ -5,7 +5,11 @@ The OpenAI fields (serve/openai_spec.py says what each does here) plus sdrt's ex
 through `extra_body`): `negative_prompt`, `steps` (or `num_inference_steps`), `guidance_scale`, `guidance_rescale`,
 `seed` (absent, null or -1: random, below 2**53), `sampler`, `schedule`, `vae` (full | tiny), `vae_tiling`,
 `cache_interval`, `loras`; on generations also `controls`, `control_start`, `control_end`, `guess_mode`,
-`control_preprocess`, `ip_image`, `ip_scale`, `ip_adapters`, `adapter_name`, `adapter_image`, `adapter_scale`; on
+`control_preprocess`, `ip_image`, `ip_scale`, `ip_adapters`, `adapter_name`, `adapter_image`, `adapter_scale`,
+`photomaker_images` (a base64 photo or a list), `photomaker_trigger`, `photomaker_style_strength`,
+`photomaker_faces` (v2: [[512 numbers] per photo]), `pulid_id` (ID tokens [[2048 numbers] × T], or the ID encoder's
+inputs {embedding, eva_embedding, eva_hidden}: runtime/conditioning/pulid.py), `pulid_scale`, `pulid_mode`,
+`pulid_start_step`, `pulid_zero_tokens`; on
 edits `strength`; on variations `prompt`, `negative_prompt` and `noise_level`. Anything else is refused with 400
 naming it. Errors are OpenAI's error object (serve/errors.py).
 
@@ -47,7 +51,9 @@ __all__ = ["OPENAI_FIELDS", "OUTPUT_FORMATS", "openai_plan", "edit_plan", "varia
 SAMPLING = ("negative_prompt", "steps", "num_inference_steps", "guidance_scale", "guidance_rescale", "seed", "sampler",
             "schedule", "vae", "vae_tiling", "cache_interval")
 CONDITIONING = ("controls", "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image",
-                "ip_scale", "ip_adapters", "adapter_name", "adapter_image", "adapter_scale")
+                "ip_scale", "ip_adapters", "adapter_name", "adapter_image", "adapter_scale", "photomaker_images",
+                "photomaker_trigger", "photomaker_style_strength", "photomaker_faces", "pulid_id", "pulid_scale",
+                "pulid_mode", "pulid_start_step", "pulid_zero_tokens")
 OPENAI_FIELDS = GENERATE_SPEC + SAMPLING + ("loras",) + CONDITIONING
 EDIT_FIELDS = EDIT_SPEC + SAMPLING + ("loras", "strength")
 VARIATION_FIELDS = VARIATION_SPEC + ("prompt", "output_format", "output_compression") + SAMPLING + ("noise_level",)
@@ -56,7 +62,8 @@ _OPENAI_NAMES = {"guidance": "guidance_scale", "batch": "n", "width": "size", "h
                  "init_image": "image"}
 _PASSED = ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval", "control_start",
            "control_end", "guess_mode", "control_preprocess", "ip_scale", "adapter_name", "adapter_scale", "strength",
-           "noise_level")
+           "noise_level", "photomaker_trigger", "photomaker_style_strength", "photomaker_faces", "pulid_id",
+           "pulid_scale", "pulid_mode", "pulid_start_step", "pulid_zero_tokens")
 
 
 def _present(body: Mapping, known) -> dict:
@@ -98,6 +105,11 @@ def _sd_fields(b: Mapping, flat: dict, names: dict, ctx: ModelContext) -> None:
             if isinstance(images, list) else fields.decode_image("ip_image", images, ctx, "RGB")
     if "ip_adapters" in b:
         flat["ip_adapters"] = _ip_adapters(b["ip_adapters"], ctx)
+    if "photomaker_images" in b:  # PhotoMaker: one base64 photo or a list (runtime/conditioning/photomaker.py)
+        photos = b["photomaker_images"]
+        flat["photomaker_images"] = tuple(fields.decode_image(f"photomaker_images[{i}]", x, ctx, "RGB")
+                                          for i, x in enumerate(photos)) if isinstance(photos, list) else \
+            fields.decode_image("photomaker_images", photos, ctx, "RGB")
     if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/conditioning/t2i_adapter.py converts it)
         flat["adapter_image"] = fields.decode_image("adapter_image", b["adapter_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 CONTROLNET, IP_ADAPTER, T2I_ADAPTER = "controlnet", "ip_adapter", "t2i_adapter"  # the kinds' names (Job.uses)
 INSTANTID = "instantid"  # IdentityNet's residuals and its adapter's face tokens: the ControlNet + IP-Adapter UNet
+PHOTOMAKER = "photomaker"  # the prompt's class rows fused with the ID: no graph of its own (PROMPT_KINDS)
+PROMPT_KINDS = frozenset({PHOTOMAKER})  # kinds that change only the text conditioning: any graph serves them
+PULID = "pulid"  # PuLID's ID tokens into its own ID attention (export/extras/pulid.py)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ GRAPHS = (
     Graph("unet_t2i", frozenset({T2I_ADAPTER}), lora=False),
     *(Graph("unet_controlnet_ip", frozenset({INSTANTID, *more}), lora=True)
       for more in ((), (CONTROLNET,), (IP_ADAPTER,), (CONTROLNET, IP_ADAPTER))),
+    Graph("unet_pulid", frozenset({PULID}), lora=True),
 )
 UNET_VARIANTS = tuple(dict.fromkeys(g.name for g in GRAPHS if g.kinds))  # the graphs besides the plain UNet
 LORA_UNET_VARIANTS = tuple(dict.fromkeys(g.name for g in GRAPHS if g.kinds and g.lora))
@@ -38,7 +42,7 @@ LORA_UNET_VARIANTS = tuple(dict.fromkeys(g.name for g in GRAPHS if g.kinds and g
 def graph_for(kinds) -> str:
     """The graph that takes every kind in `kinds` (and no other), e.g. {"controlnet", "ip_adapter"} →
     unet_controlnet_ip."""
-    wanted = frozenset(kinds)
+    wanted = frozenset(kinds) - PROMPT_KINDS
     for graph in GRAPHS:
         if graph.kinds == wanted:
             return graph.name

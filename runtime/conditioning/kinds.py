@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from sdrt.runtime.conditioning import controlnet, instantid, ip_adapter, t2i_adapter
+from sdrt.runtime.conditioning import controlnet, instantid, ip_adapter, photomaker, pulid, t2i_adapter
 
-KINDS = (controlnet, ip_adapter, t2i_adapter, instantid)  # instantid last: it adds to the others' residuals and slots
+KINDS = (controlnet, ip_adapter, t2i_adapter, instantid, pulid,  # instantid after the others: it adds to their residuals and slots
+         photomaker)  # photomaker last: it checks the others' graph takes its LoRA
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ checkpoint's; the 1-step checkpoint predicts x0 (prediction_type "sample"). SDXL
 trailing, 1 step, guidance 0 (its Hub scheduler config; diffusers' sdxl_turbo doc). FLUX.1-schnell: flow-match
 Euler, 4 steps, no guidance (black-forest-labs' model card; its transformer has no guidance embedding); SD 3.5 Large
 Turbo: flow-match Euler, 4 steps, guidance 0 (stabilityai's model card). Flow models have no timestep spacing.
+PuLID v1 on SDXL-Lightning's 4-step UNet (PuLID's pipeline.py and app.py, reference/identity.md §3): DPM++ 2M from
+the base config with trailing spacing, 4 steps, CFG 1.2; its ID scale 0.8 is the pulid_scale default. (PuLID pins
+diffusers 0.25, whose DPM-Solver may end at sigma_min rather than 0: unverified; this preset ends at 0.)
 """
 
 from __future__ import annotations
@@ -29,4 +32,5 @@ PRESETS = {
     "turbo": Preset("euler_a", "trailing", 1, 0.0),
     "flux-schnell": Preset("flow_euler", None, 4, 0.0),
     "sd35-turbo": Preset("flow_euler", None, 4, 0.0),
+    "pulid-lightning": Preset("dpmpp_2m", "trailing", 4, 1.2),
 }
