@@ -280,7 +280,8 @@ def grid(
     seed: int = typer.Option(0, help="seed where no axis sets it"),
     width: Optional[int] = typer.Option(None, help="image width in pixels"),
     height: Optional[int] = typer.Option(None, help="image height in pixels"),
-    preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|turbo"),
+    preset: Optional[str] = typer.Option(None, help="lightning-1step|lightning-2step|lightning-4step|lightning-8step|"
+                                                    "turbo|flux-schnell|sd35-turbo|pulid-lightning"),
     max_batch: int = typer.Option(4, help="images per engine batch (compatible cells share batches)"),
     backend: str = typer.Option("auto", help="auto|tensorrt|ort-cuda|ort-cpu|torch"),
     out: Path = typer.Option(Path("grid.png"), "-o", "--out", help="grid PNG; the cells go to <name>-cells/"),
