@@ -112,14 +112,22 @@ def _photo(seed: int, size=(60, 80)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def pm(exported, tiny_pipeline, tmp_path_factory):
-    """(engine dir with PhotoMaker added, the PhotoMaker file, its state dict, Pipeline over it)."""
+def pm_file(tiny_pipeline, tmp_path_factory):
+    """(the tiny PhotoMaker v1 file, its state dict): no export, for the default run's refusal checks."""
+    root = tmp_path_factory.mktemp("photomaker-file")
+    state = write_tiny_photomaker(tiny_pipeline("sdxl"), root / "photomaker-v1.bin", seed=3)
+    return root / "photomaker-v1.bin", state
+
+
+@pytest.fixture(scope="module")
+def pm(exported, pm_file, tmp_path_factory):
+    """(engine dir with PhotoMaker added, the PhotoMaker file, its state dict, Pipeline over it); the export costs
+    ≈ 15 s, so the tests using it are `slow`."""
     root = tmp_path_factory.mktemp("photomaker")
     engine = root / "engine"
     shutil.copytree(exported("sdxl", "fp32"), engine, copy_function=os.link)
-    state = write_tiny_photomaker(tiny_pipeline("sdxl"), root / "photomaker-v1.bin", seed=3)
-    add_controlnets(engine, (), photomaker=str(root / "photomaker-v1.bin"))
-    return engine, root / "photomaker-v1.bin", state, Pipeline.load(engine, backend="ort-cpu")
+    add_controlnets(engine, (), photomaker=str(pm_file[0]))
+    return engine, pm_file[0], pm_file[1], Pipeline.load(engine, backend="ort-cpu")
 
 
 def _encode_with_trigger(pipe, prompt: str, word: str, count: int):
@@ -256,6 +264,7 @@ def test_trigger_word_rows_equal_transformers(tiny_pipeline):
             trigger.class_rows(tok, prompt, "img", 1)
 
 
+@pytest.mark.slow  # needs the PhotoMaker export (≈ 15 s); test_export_refusals covers the default run
 def test_bad_photomaker_requests(pm, exported):
     engine = open_dir(pm[0])
     common = dict(prompt=PROMPT, steps=4, **SIZE)
@@ -284,6 +293,7 @@ def test_bad_photomaker_requests(pm, exported):
     assert job.uses == ("photomaker",) and "unet" in json.loads((pm[0] / "manifest.json").read_text())["components"]
 
 
+@pytest.mark.slow
 def test_export_records_photomaker(pm):
     engine = pm[0]
     manifest = json.loads((engine / "manifest.json").read_text())
@@ -299,8 +309,8 @@ def test_export_records_photomaker(pm):
     jsonschema.validate(manifest, json.loads(schema.read_text()))
 
 
-def test_export_refusals(tiny_pipeline, tmp_path, pm):
-    state = pm[2]
+def test_export_refusals(tiny_pipeline, tmp_path, pm_file):
+    state = pm_file[1]
     with pytest.raises(UserError, match="no such file"):
         export(ExportConfig(model=str(tiny_pipeline("sdxl")), output=tmp_path / "a", photomaker=str(tmp_path / "x")))
     v2 = {"id_encoder": {**state["id_encoder"], "qformer_perceiver.token_proj.0.weight": torch.zeros(4, 4)},
@@ -314,7 +324,7 @@ def test_export_refusals(tiny_pipeline, tmp_path, pm):
         export(ExportConfig(model=str(tiny_pipeline("sdxl")), output=tmp_path / "a",
                             photomaker=str(tmp_path / "ip.bin")))
     with pytest.raises(UserError, match="SDXL-only"):
-        export(ExportConfig(model=str(tiny_pipeline("sd15")), output=tmp_path / "b", photomaker=str(pm[1])))
+        export(ExportConfig(model=str(tiny_pipeline("sd15")), output=tmp_path / "b", photomaker=str(pm_file[0])))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
