@@ -277,3 +277,24 @@ def test_sd35_medium_layout_equals_diffusers(tmp_path):
     print(f"SD3.5-medium layout vs StableDiffusion3Pipeline: {worst}/255")
     assert worst <= 1
     assert int(np.abs(ours - _diffusers(reference, guidance_scale=1.0)).max()) > 10  # guidance visibly matters
+
+
+@pytest.mark.slow
+def test_without_t5_equals_diffusers_with_text_encoder_3_none(sd3, tmp_path):
+    """An export without text_encoder_3 (the memory-saving way to run SD3): zeros stand in for T5's sequence, as
+    StableDiffusion3Pipeline(text_encoder_3=None) does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.runtime.pipeline import Pipeline
+
+    folder, _ = sd3
+    export(ExportConfig(model=str(folder), output=tmp_path / "engine", precision="fp32",
+                        components=("text_encoder", "text_encoder_2", "transformer", "vae_decoder")))
+    reference = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    reference.set_progress_bar_config(disable=True)
+    ours, theirs = _sdrt(Pipeline.load(tmp_path / "engine")), _diffusers(reference)
+    worst = int(np.abs(ours - theirs).max())
+    print(f"SD3 without T5 vs StableDiffusion3Pipeline(text_encoder_3=None): {worst}/255")
+    assert worst <= 1
+    assert int(np.abs(ours - _sdrt(Pipeline.load(sd3[1]))).max()) > 10  # T5's sequence matters with it there
