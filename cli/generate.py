@@ -94,11 +94,12 @@ class RunOptions:
     control_preprocess: str | None = None  # "canny[:LOW:HIGH]"
     ip_image: tuple[str, ...] = ()  # "[NAME=]IMAGE[:SCALE]", repeatable (runtime/conditioning/ip_adapter.py)
     adapter: str | None = None  # T2I-Adapter "NAME=IMAGE[:SCALE]" (runtime/conditioning/t2i_adapter.py)
-    instantid_face: Path | None = None  # .npy raw face embedding (runtime/conditioning/instantid.py)
+    instantid_face: Path | None = None  # .npy raw face embedding, or a photo (runtime/conditioning/instantid.py)
     instantid_kps: Path | None = None  # .npy [5, 2] keypoints or the keypoint image
     identitynet_scale: float = 0.8
     instantid_ip_scale: float = 0.8
     pulid_id: Path | None = None  # .npz ID-encoder inputs or .npy ID tokens (runtime/conditioning/pulid.py)
+    pulid_photo: Path | None = None  # a photo whose face gives the inputs' embedding (the ArcFace part)
     pulid_scale: float = 0.8
     pulid_mode: str = "fidelity"
     pulid_start_step: int = 0
@@ -107,6 +108,7 @@ class RunOptions:
     photomaker_trigger: str = "img"
     photomaker_style_strength: float = 20.0
     photomaker_faces: Path | None = None  # v2: .npy [N, 512] raw ArcFace embeddings, one per photo
+    face_models: Path | None = None  # insightface's ONNX models, to read faces from photos (conditioning/faces.py)
 
 
 def parse_image_scale(text: str, flag: str) -> tuple[Path, float]:
@@ -164,6 +166,7 @@ def build_request(o: RunOptions) -> Request:
         depth_map=image_io.load_image(o.depth_map, None) if o.depth_map else None,  # its own mode (16-bit too)
         denoising_end=o.refiner_start if o.refiner else None,
         loras=o.loras,
+        face_models=str(o.face_models) if o.face_models is not None else None,
         prompt_syntax=o.prompt_syntax,
         clip_skip=o.clip_skip,
         max_sequence_length=o.max_sequence_length,
@@ -202,12 +205,13 @@ def _photomaker_fields(o: RunOptions) -> dict:
 
 
 def _instantid_fields(o: RunOptions) -> dict:
-    """--instantid-face FILE.npy, --instantid-kps FILE(.npy | image) and the two scales → the InstantID fields."""
+    """--instantid-face FILE(.npy | photo), --instantid-kps FILE(.npy | image) and the two scales → the InstantID
+    fields."""
     if o.instantid_face is None and o.instantid_kps is None:
         return {}
     out = {"identitynet_scale": o.identitynet_scale, "instantid_ip_scale": o.instantid_ip_scale}
     for name, path in (("instantid_face", o.instantid_face), ("instantid_kps", o.instantid_kps)):
-        if path is None or (name == "instantid_kps" and path.suffix.lower() != ".npy"):
+        if path is None or path.suffix.lower() != ".npy":
             out[name] = image_io.load_image(path) if path is not None else None
             continue
         try:
@@ -221,8 +225,12 @@ def _instantid_fields(o: RunOptions) -> dict:
 
 
 def _pulid_fields(o: RunOptions) -> dict:
-    """--pulid-id FILE (.npz: the ID encoder's inputs by name; .npy: the ID tokens) and its controls."""
+    """--pulid-id FILE (.npz: the ID encoder's inputs by name; .npy: the ID tokens), --pulid-photo PHOTO (the inputs'
+    embedding read from a photo) and the controls."""
     if o.pulid_id is None:
+        if o.pulid_photo is not None:
+            raise UserError("--pulid-photo gives only the face embedding; PuLID also needs EVA-CLIP's part: --pulid-id "
+                            "FILE.npz with eva_embedding and eva_hidden")
         return {}
     import numpy as np
 
@@ -232,6 +240,11 @@ def _pulid_fields(o: RunOptions) -> dict:
             given = {k: data[k] for k in data.files} if isinstance(data, np.lib.npyio.NpzFile) else data
     except (OSError, ValueError) as e:
         raise UserError(f"--pulid-id {o.pulid_id}: cannot read a .npz/.npy array ({str(e).splitlines()[0]})") from None
+    if o.pulid_photo is not None:
+        if not isinstance(given, dict):
+            raise UserError(f"--pulid-photo needs --pulid-id as .npz with the ID encoder's inputs (eva_embedding, "
+                            f"eva_hidden); {o.pulid_id} holds ID tokens, which need no photo")
+        given = given | {"embedding": image_io.load_image(o.pulid_photo)}
     return {"pulid_id": given, "pulid_scale": o.pulid_scale, "pulid_mode": o.pulid_mode,
             "pulid_start_step": o.pulid_start_step, "pulid_zero_tokens": o.pulid_zero_tokens}
 

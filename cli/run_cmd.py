@@ -120,7 +120,8 @@ def run(
     adapter: Optional[str] = typer.Option(None, help="NAME=IMAGE[:SCALE]: a T2I-Adapter the directory holds and its "
                                                      "condition image"),
     instantid_face: Optional[Path] = typer.Option(None, help="InstantID: the face's raw insightface embedding "
-                                                  "(`embedding`, not `normed_embedding`) as .npy, shape [512] or [1, 512]"),
+                                                  "(`embedding`, not `normed_embedding`) as .npy, shape [512] or [1, 512]"
+                                                  ", or a photo of the face (needs --face-models; its keypoints too)"),
     instantid_kps: Optional[Path] = typer.Option(None, help="InstantID: the face's 5 keypoints as .npy [5, 2] (pixels "
                                                  "of the output image; drawn as InstantID does, needs OpenCV) or the "
                                                  "keypoint image (.png)"),
@@ -129,6 +130,8 @@ def run(
     pulid_id: Optional[Path] = typer.Option(None, help="PuLID: the identity, as .npz with the ID encoder's inputs "
                                             "(embedding: raw insightface [512], eva_embedding [768], eva_hidden "
                                             "[5, 577, 1024]) or .npy with its output, the ID tokens [T, 2048]"),
+    pulid_photo: Optional[Path] = typer.Option(None, help="PuLID: a photo of the face whose insightface embedding "
+                                               "replaces the --pulid-id .npz's `embedding` (needs --face-models)"),
     pulid_scale: float = typer.Option(0.8, help="PuLID: the ID scale (the authors' 0.8)"),
     pulid_mode: str = typer.Option("fidelity", help="PuLID: fidelity (8 zero tokens, ORTHO_v2), style (the app's "
                                                     "'extremely style': 16, ORTHO) or plain"),
@@ -145,7 +148,11 @@ def run(
                                                     "steps, at most 30, see the prompt without the identity"),
     photomaker_faces: Optional[Path] = typer.Option(None, help="PhotoMaker v2: each photo's raw insightface "
                                                     "embedding (`embedding`, not `normed_embedding`) as .npy [N, 512], "
-                                                    "in the order of the --photomaker-image photos"),
+                                                    "in the order of the --photomaker-image photos; without it, "
+                                                    "read from the photos with --face-models"),
+    face_models: Optional[Path] = typer.Option(None, help="a folder of insightface's ONNX models (antelopev2 for "
+                                               "InstantID and PuLID, buffalo_l for PhotoMaker v2; non-commercial "
+                                               "research licence) to read faces from photos"),
 ) -> None:
     """Generate images from an engine directory.
 
@@ -175,11 +182,13 @@ def run(
                          control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess,
                          ip_image=tuple(ip_image), adapter=adapter, instantid_face=instantid_face,
                          instantid_kps=instantid_kps, identitynet_scale=identitynet_scale,
-                         instantid_ip_scale=instantid_ip_scale, pulid_id=pulid_id, pulid_scale=pulid_scale,
+                         instantid_ip_scale=instantid_ip_scale, pulid_id=pulid_id, pulid_photo=pulid_photo,
+                         pulid_scale=pulid_scale,
                          pulid_mode=pulid_mode, pulid_start_step=pulid_start_step,
                          pulid_zero_tokens=pulid_zero_tokens,
                          photomaker_images=tuple(photomaker_image), photomaker_trigger=photomaker_trigger,
-                         photomaker_style_strength=photomaker_style_strength, photomaker_faces=photomaker_faces)
+                         photomaker_style_strength=photomaker_style_strength, photomaker_faces=photomaker_faces,
+                         face_models=face_models)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

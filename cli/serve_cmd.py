@@ -58,6 +58,9 @@ def serve(
                                                        "(`loras`, `<lora:NAME:SCALE>`), by file stem"),
     embeddings_dir: Optional[Path] = typer.Option(None, help="folder of textual inversions every prompt may use "
                                                              "(trigger word: the file's stem)"),
+    face_models: Optional[Path] = typer.Option(None, help="folder of insightface's ONNX models (antelopev2 / buffalo_l: "
+                                                          "non-commercial research licence) that read faces from "
+                                                          "photos for InstantID, PhotoMaker v2 and PuLID requests"),
     api_auth_env: Optional[str] = typer.Option(None, help="environment variable holding AUTOMATIC1111-style "
                                                           "credentials, user:password[,user2:password2]; clients "
                                                           "then send HTTP Basic (beside --api-key-env, either works)"),
@@ -94,12 +97,13 @@ def serve(
         except UserError as e:
             raise UserError(f"--api-auth-env {api_auth_env}: {e}") from None
     open_dir(engine_dir)  # a folder that is no engine directory fails here, before binding
-    for flag, folder in (("--lora-dir", lora_dir), ("--embeddings-dir", embeddings_dir)):
+    for flag, folder in (("--lora-dir", lora_dir), ("--embeddings-dir", embeddings_dir), ("--face-models", face_models)):
         if folder is not None and not folder.is_dir():
             raise UserError(f"{flag} {folder}: not a directory; give the folder that holds the files")
     config = ServeConfig(engine_dir=engine_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                          timeout_s=timeout_s or None, api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20),
                          backend=backend, warmup=warmup, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                         face_models=face_models,
                          model_name=model_name or None, api_auth=api_auth)
     code = run_server(config, host=host, port=port, log_level=log_level,
                       announce=lambda line: print(line, flush=True))

@@ -11,6 +11,7 @@ the CLI and the bench share. Images equal diffusers' (pipelines in diffusers/pip
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -43,11 +44,12 @@ class Pipeline(Components):
     def load(cls, path: str | Path | EngineDir, backend: str = "auto", ort_config=None,
              components: tuple[str, ...] | None = None, limits: Limits = Limits(), loras=(),
              lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
-             embeddings=()) -> "Pipeline":
+             embeddings=(), face_models: str | Path | None = None) -> "Pipeline":
         """`path`: an engine directory, or one already opened (runtime/loader.open_dir). `loras` ((file or name,
         scale) pairs, or "FILE:SCALE"): applied to every request (each request's own come on top); names are
         looked up in `lora_dir`, which also serves `<lora:NAME:SCALE>` prompt tags. `embeddings_dir` (all its
-        files) and `embeddings` (files): textual inversions every prompt may use."""
+        files) and `embeddings` (files): textual inversions every prompt may use. `face_models`: the folder of
+        insightface models that reads faces from photos (runtime/conditioning/faces.py) for requests that name none."""
         from sdrt.engines.select import open_engine
 
         d = path if isinstance(path, EngineDir) else open_dir(path)
@@ -69,12 +71,22 @@ class Pipeline(Components):
         pipe.adapters.use(base_loras, lora_dir)
         pipe.text = text
         pipe.open_engine = lambda p: open_engine(p, backend, ort_config)
+        pipe.face_models = str(face_models) if face_models is not None else None
         return pipe
 
     def validate(self, request: Request | Job) -> Job:
         """The request checked against this model and the pipeline's limits (InvalidRequest otherwise)."""
-        return request if isinstance(request, Job) else validate(request, self.dir, self.limits,
-                                                                 self.adapters.lora_dir, **self.text.validate_args())
+        if isinstance(request, Job):
+            return request
+        return validate(self.with_face_models(request), self.dir, self.limits, self.adapters.lora_dir,
+                        **self.text.validate_args())
+
+    def with_face_models(self, request: Request) -> Request:
+        """The request with the pipeline's face-model folder where it names none."""
+        folder = getattr(self, "face_models", None)
+        if folder is None or request.adapters.face_models is not None:
+            return request
+        return replace(request, adapters=replace(request.adapters, face_models=folder))
 
     # ---- the loop -----------------------------------------------------------------------------------
     def denoise(self, request: Request | Job) -> Iterator[torch.Tensor]:

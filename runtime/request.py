@@ -86,6 +86,7 @@ class Adapters:
     """Weight adapters applied to this request only (runtime/lora/); `<lora:NAME:SCALE>` prompt tags add to them."""
 
     loras: tuple = ()  # ((name or path, scale), …): names are looked up in the LoRA folder; "NAME:SCALE" also works
+    face_models: str | None = None  # a folder of insightface's ONNX models: faces from photos (conditioning/faces.py)
 
     def __post_init__(self):  # JSON lists → tuples, so a request equals itself after a round trip (never raises)
         if isinstance(self.loras, list):
@@ -168,13 +169,16 @@ class T2i:
 @dataclass(frozen=True)
 class InstantId:
     """InstantID (runtime/conditioning/instantid.py): one face's raw insightface embedding (`embedding`, not
-    `normed_embedding`), its 5 keypoints or the keypoint image, IdentityNet's scale and its IP-Adapter's scale."""
-    instantid_face: Any = None  # [512] or [1, 512] numbers (a list, numpy array or tensor)
+    `normed_embedding`) or a photo of it (read with face_models), its 5 keypoints or the keypoint image (default with
+    a photo: the photo's), IdentityNet's scale and its IP-Adapter's scale."""
+    instantid_face: Any = None  # [512] or [1, 512] numbers (a list, numpy array or tensor), or a photo
     instantid_kps: Any = None  # [5, 2] pixel coordinates in the output image (eyes, nose, mouth corners), or an image
     identitynet_scale: float = 0.8  # the authors' settings (reference/identity.md §4)
     instantid_ip_scale: float = 0.8
 
-    def __post_init__(self):  # JSON: a base64 keypoint image → PIL (a bad one raises InvalidRequest)
+    def __post_init__(self):  # JSON: a base64 keypoint image or photo → PIL (a bad one raises InvalidRequest)
+        if isinstance(self.instantid_face, str):
+            object.__setattr__(self, "instantid_face", _photo(self.instantid_face, "instantid_face"))
         if isinstance(self.instantid_kps, str):
             object.__setattr__(self, "instantid_kps", decode_image(self.instantid_kps, "instantid_kps"))
 
@@ -184,8 +188,13 @@ class Pulid:
     """PuLID v1 (runtime/conditioning/pulid.py): one face's identity, precomputed — the ID encoder's inputs
     {embedding: raw insightface [512], eva_embedding: EVA-CLIP [768], eva_hidden: [5, 577, 1024]} or its output, the
     ID tokens [T, 2048] — the ID scale, the mode (fidelity | style | plain), the step the ID attention starts at and
-    the zero tokens appended (NUM_ZERO)."""
+    the zero tokens appended (NUM_ZERO). The inputs' `embedding` may be a photo instead (read with face_models)."""
     pulid_id: Any = None
+
+    def __post_init__(self):  # JSON: the inputs' embedding as a base64 photo → PIL (a bad one raises InvalidRequest)
+        given = self.pulid_id
+        if isinstance(given, Mapping) and isinstance(given.get("embedding"), str):
+            object.__setattr__(self, "pulid_id", {**given, "embedding": _photo(given["embedding"], "pulid_id")})
     pulid_scale: float = 0.8  # the authors' settings (reference/identity.md §3)
     pulid_mode: str = "fidelity"
     pulid_start_step: int = 0
@@ -201,6 +210,7 @@ class PhotoMaker:
     photomaker_trigger: str = "img"  # the authors' settings (reference/identity.md §2)
     photomaker_style_strength: float = 20.0
     photomaker_faces: Any = None  # PhotoMaker v2: each photo's raw insightface `embedding`, [N, 512] numbers
+    # (without them, v2 reads them from the photos with face_models)
 
     def __post_init__(self):  # JSON: base64 photos → PIL (a bad one raises InvalidRequest), a list → a tuple
         given = self.photomaker_images
@@ -317,7 +327,8 @@ class Request:
                         v.tolist() if hasattr(v, "tolist") else v
                     continue
                 if k == "pulid_id" and v is not None:  # arrays → lists (the inputs' mapping: each of its arrays)
-                    d[k] = {n: _listed(x) for n, x in v.items()} if isinstance(v, Mapping) else _listed(v)
+                    d[k] = {n: encode_image(x) if encode_images and isinstance(x, Image.Image) else _listed(x)
+                            for n, x in v.items()} if isinstance(v, Mapping) else _listed(v)
                     continue
                 if isinstance(v, tuple):
                     d[k] = [list(x) if isinstance(x, tuple) else x for x in v]  # nested: adapters.loras pairs
@@ -365,6 +376,15 @@ def encode_image(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _photo(text: str, name: str) -> Image.Image:
+    """A face's photo where numbers (an embedding) may stand instead."""
+    try:
+        return decode_image(text, name)
+    except InvalidRequest:
+        raise InvalidRequest(name, "must be numbers (the face's raw insightface embedding) or a photo of the face "
+                                   "(a base64-encoded PNG/JPEG/WebP image)") from None
 
 
 def decode_image(text: str, name: str) -> Image.Image:

@@ -33,6 +33,7 @@ from PIL import Image
 
 from sdrt.runtime import batching, image_io
 from sdrt.runtime.errors import UserError
+from sdrt.runtime.fields import InvalidRequest
 from sdrt.runtime.limits import Limits, memory_budget
 from sdrt.runtime.pipeline import Generation, Pipeline
 from sdrt.runtime.request import Request
@@ -174,10 +175,17 @@ class Service:
 
     # ---- callers' side (any thread) ----------------------------------------------------------------------
     def validate(self, request: Request | Job) -> Job:
-        """The request checked against the model and the service's limits (InvalidRequest otherwise)."""
-        return request if isinstance(request, Job) else validate(request, self.pipeline.dir, self.limits,
-                                                                 self.pipeline.adapters.lora_dir,  # LoRA names
-                                                                 **self.pipeline.text.validate_args())  # embeddings
+        """The request checked against the model and the service's limits (InvalidRequest otherwise). A service's
+        requests come from clients: the insightface folder is the server's (`sdrt serve --face-models`), never a
+        path a request names."""
+        if isinstance(request, Job):
+            return request
+        if request.adapters.face_models is not None:
+            raise InvalidRequest("face_models", "is the server's setting (sdrt serve --face-models DIR), not a "
+                                                "request's; leave it out")
+        return validate(self.pipeline.with_face_models(request), self.pipeline.dir, self.limits,
+                        self.pipeline.adapters.lora_dir,  # LoRA names
+                        **self.pipeline.text.validate_args())  # embeddings
 
     def submit(self, request: Request | Job, *, timeout: float | None = None, cancel: CancelToken | None = None,
                on_progress: Progress | None = None, on_preview: Preview | None = None, previews: int = 0,

@@ -65,6 +65,7 @@ class ServeConfig:
     model_name: str | None = None  # default: the engine directory's name
     lora_dir: Path | None = None  # LoRAs requests may name (`loras`, `<lora:NAME:SCALE>`), by file stem only
     embeddings_dir: Path | None = None  # textual inversions every prompt may use (its files' stems are the triggers)
+    face_models: Path | None = None  # insightface's ONNX models: faces read from photos (never a request's path)
     poll_s: float = 0.1  # how often a waiting request checks whether its client went away
 
     def __post_init__(self):
@@ -150,7 +151,7 @@ class ServerState:
 
             c = self.config
             self._start(Pipeline.load(c.engine_dir, backend=c.backend, limits=c.limits, lora_dir=c.lora_dir,
-                                      embeddings_dir=c.embeddings_dir))
+                                      embeddings_dir=c.embeddings_dir, face_models=c.face_models))
         except Exception as e:  # noqa: BLE001 — reported by /readyz and on stderr; the server then exits
             self.load_error = f"{type(e).__name__}: {e}"
             print(f"error: loading {self.config.engine_dir} failed: {' '.join(str(e).split())}", file=sys.stderr,

@@ -3,6 +3,9 @@ the image through IdentityNet (a ControlNet on the keypoint image whose context 
 and an IP-Adapter fed the same tokens. Engines (export/extras/instantid.py): `instantid/proj` (the Resampler),
 `instantid/identitynet`, and unet_controlnet_ip with the adapter as kind "instantid".
 
+The face is given as numbers (the raw embedding and the keypoints) or as a photo, read with insightface's models
+as InstantID's infer.py does (faces.py: resize_img, the largest face; its keypoints drawn on the resized photo).
+
 Reproduces InstantID's StableDiffusionXLInstantIDPipeline (pipeline_stable_diffusion_xl_instantid.py):
 - face tokens F = Resampler(e) [16, D]; the negative is Resampler(zeros), not zeros; both repeated per image, with
   guidance [negative ‖ positive]; F is cached per identity (keyed by the embedding's bytes) so a second request
@@ -30,7 +33,7 @@ import torch
 from PIL import Image
 
 from sdrt.runtime import fields
-from sdrt.runtime.conditioning import ip_adapter
+from sdrt.runtime.conditioning import faces, ip_adapter
 from sdrt.runtime.conditioning.controlnet import MID, MID_INPUT, control_image, down_input, down_output
 from sdrt.runtime.conditioning.graphs import INSTANTID, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
@@ -97,27 +100,29 @@ def validate(request, model_dir, context) -> InstantIdUse | None:
     width = record["embed_dim"]
     if group.instantid_face is None:
         raise InvalidRequest("instantid_face", f"is required with instantid_kps: the face's raw insightface "
-                                               f"embedding ([{width}] numbers)")
-    face = _numbers("instantid_face", group.instantid_face, f"[{width}]")
+                                               f"embedding ([{width}] numbers) or a photo of the face")
+    found = None
+    if isinstance(group.instantid_face, Image.Image):  # a photo: the face InstantID's own code picks (faces.py)
+        photo = fields.image("instantid_face", group.instantid_face, "RGB")
+        found = faces.read(request.adapters.face_models, photo, faces.INSTANTID, "instantid_face")
+    face = found.embedding if found is not None else _numbers("instantid_face", group.instantid_face, f"[{width}]")
     if face.shape not in ((width,), (1, width)):
         raise InvalidRequest("instantid_face", f"must be one face's embedding of shape [{width}] or [1, {width}] "
                                                f"(got {list(face.shape)})")
     kps = group.instantid_kps
-    if kps is None:
+    if kps is None and found is None:
         raise InvalidRequest("instantid_kps", "is required: the face's 5 keypoints ([5, 2] pixel coordinates in the "
                                               "output image) or the keypoint image")
-    if isinstance(kps, Image.Image):
+    if kps is None:  # the photo's keypoints drawn on the (resized) photo's canvas, as InstantID's infer.py
+        image = _drawn(found.kps, *found.size)
+    elif isinstance(kps, Image.Image):
         image = fields.image("instantid_kps", kps, "RGB")
     else:
         points = _numbers("instantid_kps", kps, "[5, 2]")
         if points.shape != (5, 2):
             raise InvalidRequest("instantid_kps", f"must be 5 keypoints [[x, y] × 5] or an image (got shape "
                                                   f"{list(points.shape)})")
-        try:
-            image = draw_kps(points.astype(np.float64), context.width, context.height)
-        except ImportError:
-            raise InvalidRequest("instantid_kps", "drawing keypoints needs OpenCV (pip install opencv-python-headless)"
-                                                  "; give the keypoint image instead") from None
+        image = _drawn(points, context.width, context.height)
     scales = [fields.number(n, v) for n, v in (("identitynet_scale", group.identitynet_scale),
                                                ("instantid_ip_scale", group.instantid_ip_scale))]
     try:
@@ -129,6 +134,14 @@ def validate(request, model_dir, context) -> InstantIdUse | None:
             raise InvalidRequest("instantid_face", f"this engine directory has no {component} graph; export it "
                                                    "again with --instantid")
     return InstantIdUse(face.reshape(width), image, *scales)
+
+
+def _drawn(points: np.ndarray, width: int, height: int) -> Image.Image:
+    try:
+        return draw_kps(points.astype(np.float64), width, height)
+    except ImportError:
+        raise InvalidRequest("instantid_kps", "drawing keypoints needs OpenCV (pip install opencv-python-headless); "
+                                              "give the keypoint image instead") from None
 
 
 class FaceTokens:

@@ -4,7 +4,8 @@ the prompt's class word. Engines (export/extras/photomaker.py): `photomaker/id_e
 
 Reproduces PhotoMakerStableDiffusionXLPipeline (PhotoMaker@6ec44fc, the PyPI package photomakerv 0.1.0):
 - the photos, in order, through CLIPImageProcessor()'s defaults (whole photo: no face crop) and the ID encoder →
-  [N, D] (v2: with each photo's raw ArcFace embedding → [T·N, D], the T = 2 rows of each photo in turn); cached per
+  [N, D] (v2: with each photo's raw ArcFace embedding, given or read with insightface's models (faces.py) → [T·N, D],
+  the T = 2 rows of each photo in turn); cached per
   identity (the photos' bytes, v2's embeddings) so a second request with the same photos skips the encoder;
 - the prompt (one per request; plain text: PhotoMaker's pipeline reads no weights syntax) must hold the trigger word
   once, right after the class word: per tokenizer the class token repeated K = N (v2: T·N) times in its place
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 
 from sdrt.runtime import fields
+from sdrt.runtime.conditioning import faces as faces_mod
 from sdrt.runtime.conditioning.graphs import GRAPHS, PHOTOMAKER
 from sdrt.runtime.conditioning.image_processors import ClipInput, read_config
 from sdrt.runtime.denoiser import feed as feed_mod
@@ -78,17 +80,23 @@ def _identity(photos, faces) -> str:
     return h.hexdigest()
 
 
-def _faces(given, record: dict, count: int) -> np.ndarray | None:
-    """v2's ArcFace embeddings, one per photo, checked; v1 takes none."""
+def _faces(given, record: dict, photos: tuple, models) -> np.ndarray | None:
+    """v2's ArcFace embeddings, one per photo, checked, or read from the photos with the insightface models in
+    `models` (faces.py: PhotoMaker v2's detection retries and faces[0]); v1 takes none."""
+    count = len(photos)
     if record.get("version", "v1") != "v2":
         if given is not None:
             raise InvalidRequest("photomaker_faces", "this engine directory's PhotoMaker is v1, which takes no face "
                                                      "embeddings (v2 does); leave it out")
         return None
     width = record["face_width"]
+    if given is None and models is not None:
+        given = np.stack([faces_mod.read(models, p, faces_mod.PHOTOMAKER, f"photomaker_images[{i}]").embedding
+                          for i, p in enumerate(photos)])
     if given is None:
         raise InvalidRequest("photomaker_faces", f"is required by PhotoMaker v2: each photo's raw insightface "
-                                                 f"`embedding` (not normed_embedding), [{count}, {width}] numbers")
+                                                 f"`embedding` (not normed_embedding), [{count}, {width}] numbers, or "
+                                                 f"face_models (--face-models DIR) to read them from the photos")
     try:
         faces = np.array(given.detach().cpu() if isinstance(given, torch.Tensor) else given, dtype=np.float32)
     except (TypeError, ValueError):
@@ -119,7 +127,7 @@ def validate(request, model_dir, context) -> PhotoMakerUse | None:
         raise InvalidRequest("photomaker_images", "this engine directory has no PhotoMaker (export one with "
                                                   "--photomaker photomaker-v1.bin; SDXL only)")
     photos = _photos(group.photomaker_images)
-    faces = _faces(group.photomaker_faces, record, len(photos))
+    faces = _faces(group.photomaker_faces, record, photos, request.adapters.face_models)
     rows = len(photos) * (record.get("tokens", 1) if faces is not None else 1)
     word = group.photomaker_trigger
     if not isinstance(word, str) or not word.strip() or word != word.strip() or " " in word:

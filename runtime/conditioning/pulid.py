@@ -3,7 +3,9 @@ of the UNet. Engines (export/extras/pulid.py): `pulid/encoder` (v1's IDEncoder o
 
 The request gives the identity precomputed, one face (`pulid_id`), either
 - the ID encoder's inputs, as PuLID's get_id_embedding makes them: {"embedding": the raw insightface `embedding`
-  [512] (antelopev2's glintr100, not `normed_embedding`), "eva_embedding": EVA02-CLIP-L-14-336's image embedding
+  [512] (antelopev2's glintr100, not `normed_embedding`; or a photo, read with insightface's models as PuLID does,
+  faces.py; PuLID's facexlib fallback when no face is found is not reproduced), "eva_embedding": EVA02-CLIP-L-14-336's
+  image embedding
   [768] of the aligned, parsed face (L2-normalised here, as PuLID does), "eva_hidden": the 5 hidden states [5, 577,
   1024] entering EVA's blocks 4, 8, 12, 16, 20}; the encoder's output is cached per identity (keyed by the inputs'
   bytes), so a second request with the same face skips it; or
@@ -30,8 +32,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sdrt.runtime import fields
+from sdrt.runtime.conditioning import faces
 from sdrt.runtime.conditioning.graphs import PULID, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
 from sdrt.runtime.fields import InvalidRequest
@@ -75,15 +79,19 @@ def _shaped(given, shape: tuple, shape_text: str, what: str = "") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _inputs(given: Mapping, record: dict) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(given: Mapping, record: dict, models) -> tuple[np.ndarray, np.ndarray]:
     unknown = sorted(set(given) - set(INPUT_KEYS))
     missing = [k for k in INPUT_KEYS if k not in given]
     if unknown or missing:
         raise InvalidRequest("pulid_id", f"the ID encoder's inputs are {', '.join(INPUT_KEYS)}"
                                          + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else "")
                                          + (f"; missing: {', '.join(missing)}" if missing else ""))
-    face = _shaped(given["embedding"], (record["face_dim"],), f"[{record['face_dim']}] (the raw insightface "
-                   "embedding)", "embedding ")
+    embedding = given["embedding"]
+    if isinstance(embedding, Image.Image):  # a photo: the ArcFace part read as PuLID does (faces.py); EVA's stays given
+        photo = fields.image("pulid_id.embedding", embedding, "RGB")
+        embedding = faces.read(models, photo, faces.PULID, "pulid_id.embedding").embedding
+    face = _shaped(embedding, (record["face_dim"],), f"[{record['face_dim']}] (the raw insightface "
+                   "embedding, or a photo of the face)", "embedding ")
     eva = _shaped(given["eva_embedding"], (record["eva_dim"],), f"[{record['eva_dim']}]", "eva_embedding ")
     layers, width = record["eva_layers"], record["eva_width"]
     hidden = _shaped(given["eva_hidden"], (layers, None, width), f"[{layers}, tokens, {width}] (EVA-CLIP's hidden "
@@ -106,7 +114,7 @@ def validate(request, model_dir, context) -> PulidUse | None:
         raise InvalidRequest("pulid_id", "this engine directory has no PuLID (export one with --pulid)")
     tokens = id_cond = hidden = None
     if isinstance(group.pulid_id, Mapping):
-        id_cond, hidden = _inputs(group.pulid_id, record)
+        id_cond, hidden = _inputs(group.pulid_id, record, request.adapters.face_models)
         digest = hashlib.sha256(id_cond.tobytes() + hidden.tobytes() + str(hidden.shape).encode()).hexdigest()
     else:
         dim = record["token_dim"]
