@@ -9,8 +9,9 @@ through `extra_body`): `negative_prompt`, `steps` (or `num_inference_steps`), `g
 `photomaker_images` (a base64 photo or a list), `photomaker_trigger`, `photomaker_style_strength`,
 `photomaker_faces` (v2: [[512 numbers] per photo]), `pulid_id` (ID tokens [[2048 numbers] × T], or the ID encoder's
 inputs {embedding, eva_embedding, eva_hidden}: runtime/conditioning/pulid.py), `pulid_scale`, `pulid_mode`,
-`pulid_start_step`, `pulid_zero_tokens`; on
-edits `strength`; on variations `prompt`, `negative_prompt` and `noise_level`. Anything else is refused with 400
+`pulid_start_step`, `pulid_zero_tokens`, `instantid_face` (the raw insightface embedding, [512] numbers; a
+base64 image goes on as a face photo), `instantid_kps` ([[x, y] × 5] output pixels, or a base64 keypoint image),
+`identitynet_scale`, `instantid_ip_scale`; on edits `strength`; on variations `prompt`, `negative_prompt` and `noise_level`. Anything else is refused with 400
 naming it. Errors are OpenAI's error object (serve/errors.py).
 
 Edits (multipart, as `client.images.edit` sends them): one `image`; without `mask` img2img, with one inpainting where
@@ -53,7 +54,8 @@ SAMPLING = ("negative_prompt", "steps", "num_inference_steps", "guidance_scale",
 CONDITIONING = ("controls", "control_start", "control_end", "guess_mode", "control_preprocess", "ip_image",
                 "ip_scale", "ip_adapters", "adapter_name", "adapter_image", "adapter_scale", "photomaker_images",
                 "photomaker_trigger", "photomaker_style_strength", "photomaker_faces", "pulid_id", "pulid_scale",
-                "pulid_mode", "pulid_start_step", "pulid_zero_tokens")
+                "pulid_mode", "pulid_start_step", "pulid_zero_tokens", "instantid_face", "instantid_kps",
+                "identitynet_scale", "instantid_ip_scale")
 OPENAI_FIELDS = GENERATE_SPEC + SAMPLING + ("loras",) + CONDITIONING
 EDIT_FIELDS = EDIT_SPEC + SAMPLING + ("loras", "strength")
 VARIATION_FIELDS = VARIATION_SPEC + ("prompt", "output_format", "output_compression") + SAMPLING + ("noise_level",)
@@ -63,7 +65,8 @@ _OPENAI_NAMES = {"guidance": "guidance_scale", "batch": "n", "width": "size", "h
 _PASSED = ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cache_interval", "control_start",
            "control_end", "guess_mode", "control_preprocess", "ip_scale", "adapter_name", "adapter_scale", "strength",
            "noise_level", "photomaker_trigger", "photomaker_style_strength", "photomaker_faces", "pulid_id",
-           "pulid_scale", "pulid_mode", "pulid_start_step", "pulid_zero_tokens")
+           "pulid_scale", "pulid_mode", "pulid_start_step", "pulid_zero_tokens", "instantid_face", "instantid_kps",
+           "identitynet_scale", "instantid_ip_scale")
 
 
 def _present(body: Mapping, known) -> dict:
@@ -110,6 +113,9 @@ def _sd_fields(b: Mapping, flat: dict, names: dict, ctx: ModelContext) -> None:
         flat["photomaker_images"] = tuple(fields.decode_image(f"photomaker_images[{i}]", x, ctx, "RGB")
                                           for i, x in enumerate(photos)) if isinstance(photos, list) else \
             fields.decode_image("photomaker_images", photos, ctx, "RGB")
+    for key in ("instantid_face", "instantid_kps"):  # InstantID: numbers (checked by validation) or a base64 image
+        if isinstance(b.get(key), str):
+            flat[key] = fields.decode_image(key, b[key], ctx, "RGB")
     if "adapter_image" in b:  # a T2I-Adapter's condition image (runtime/conditioning/t2i_adapter.py converts it)
         flat["adapter_image"] = fields.decode_image("adapter_image", b["adapter_image"], ctx, "RGB")
     flat["seed"] = b.get("seed", -1)

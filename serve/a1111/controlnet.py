@@ -93,9 +93,10 @@ def scripts_check(value, body) -> bool:
 
 
 def control_fields(body: Mapping, ctx: ModelContext, model_dir, init_image: Image.Image | None,
-                   size: tuple[int, int] | None) -> dict[str, Any]:
+                   size: tuple[int, int] | None, skip=frozenset()) -> dict[str, Any]:
     """The enabled units of alwayson_scripts' ControlNet entry as the Request's Control fields ({} for none).
-    `size`: the output's width and height (for resize_mode)."""
+    `size`: the output's width and height (for resize_mode); `skip`: indices of units read elsewhere (InstantID's,
+    serve/a1111/identity.py)."""
     scripts = body.get("alwayson_scripts") or {}
     key = next((k for k in scripts if k.lower() == SCRIPT), None)
     if key is None:
@@ -116,6 +117,8 @@ def control_fields(body: Mapping, ctx: ModelContext, model_dir, init_image: Imag
         if not isinstance(unit, Mapping):
             raise invalid(field, f"must be an object of ControlNetUnit fields (module, model, image, weight, …), "
                                  f"not {fields.json_type(unit)}")
+        if i in skip:
+            continue
         unknown = [k for k in unit if k not in UNIT_FIELDS]
         if unknown:
             raise invalid(f"{field}.{unknown[0]}", f"is not a ControlNet unit field sdrt knows (unknown: "

@@ -5,7 +5,9 @@ defaults are in `a1111_neutral()`, each accepted only with a value whose behavio
 with 422 naming it otherwise; any other field is refused as unknown. With a mask, A1111's inpainting fields
 (mask_blur[_x/_y], inpainting_fill, inpaint_full_res[_padding], inpainting_mask_invert) map onto the runtime's
 `inpaint` settings (runtime/tasks/inpaint_a1111.py) with A1111's defaults. The ControlNet extension's units in
-`alwayson_scripts` become the Request's Control fields (serve/a1111/controlnet.py).
+`alwayson_scripts` become the Request's Control fields (serve/a1111/controlnet.py); the face-ID entries
+(`instantid`, `photomaker`, `pulid`) and InstantID's two units, its InstantID/PhotoMaker/Pulid fields
+(serve/a1111/identity.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from sdrt.runtime.fields import MAX_SEED
 from sdrt.runtime.prompts.tags import TagError, strip_lora_tags
 from sdrt.runtime.samplers import registry as sampler_registry
 from sdrt.serve import fields
-from sdrt.serve.a1111.controlnet import control_fields, has_units, scripts_check
+from sdrt.serve.a1111.controlnet import control_fields, has_units
+from sdrt.serve.a1111.identity import instantid_units, script_fields, scripts_check
 from sdrt.serve.errors import invalid
 from sdrt.serve.fields import ModelContext, Plan
 
@@ -145,8 +148,10 @@ def a1111_neutral(model_name: str, img2img: bool) -> dict[str, Neutral]:
         "enable_hr": Neutral("false or null (sdrt has no hires fix)", _is(False, None)),
         "script_name": Neutral("null or \"\" (sdrt runs no scripts)", _is(None, "")),
         "script_args": Neutral("[] or null", _is([], None)),
-        "alwayson_scripts": Neutral("{}, null, or the ControlNet extension's {\"controlnet\": {\"args\": [units]}} "
-                                    "(sdrt runs no other scripts)", scripts_check),
+        "alwayson_scripts": Neutral("{}, null, the ControlNet extension's {\"controlnet\": {\"args\": [units]}} "
+                                    "(InstantID's two units among them) and the face-ID entries {\"instantid\" | "
+                                    "\"photomaker\" | \"pulid\": {\"args\": [{fields}]}} (serve/a1111/identity.py); "
+                                    "sdrt runs no other scripts", scripts_check),
         "force_task_id": Neutral("any string or null (sdrt has no progress endpoint to use it)",
                                  lambda v, body: v is None or isinstance(v, str)),
         "infotext": Neutral("null or \"\"", _is(None, "")),
@@ -270,7 +275,15 @@ def a1111_plan(body: Mapping, ctx: ModelContext, img2img: bool, model_dir=None) 
     if has_units(body):
         if model_dir is None:
             raise invalid("alwayson_scripts", "ControlNet units need the server's engine directory")
-        flat |= control_fields(body, ctx, model_dir, flat.get("init_image"), _output_size(flat, ctx, body))
+        size = _output_size(flat, ctx, body)
+        identity, taken = instantid_units(body, ctx, size, names)
+        flat |= control_fields(body, ctx, model_dir, flat.get("init_image"), size, skip=taken) | identity
+    scripted = script_fields(body, ctx, names)  # alwayson_scripts' instantid / photomaker / pulid entries
+    clash = sorted(set(flat) & set(scripted))
+    if clash:
+        raise invalid(names[clash[0]], "InstantID is given twice (ControlNet units and the instantid entry); give "
+                                       "one")
+    flat |= scripted
     requests = []
     step = batch_count if batch_count is not None else 1
     if seed + iterations * step - 1 > MAX_SEED:
