@@ -50,6 +50,9 @@ class Layout:
     tokenizers: tuple[str, ...] = ("tokenizer",)
     vae_shift: bool = False  # the pipeline decodes latents / scaling_factor + shift_factor (SD3, Flux)
     plain_prompts_only: bool = False  # diffusers' own encoding only (no a1111/compel syntax, clip skip, embeddings)
+    # with plain_prompts_only: the syntaxes its text conditioning runs besides plain, the first the default
+    # (FLUX.1: runtime/prompts/flux_a1111.py, flux_compel.py); others run as plain (a1111) or are refused (compel)
+    flow_syntaxes: tuple[str, ...] = ()
     guidance_batch: bool = True  # False: no classifier-free guidance batch (FLUX.1: guidance is an input or none)
 
 
@@ -61,7 +64,8 @@ SD3_LAYOUT = Layout(denoiser="transformer", latent_input="hidden_states", output
 # FLUX.1: CLIP (pooled) and T5 (sequence); latents packed 2×2 around the transformer (runtime/denoiser/flux.py)
 FLUX_LAYOUT = Layout(denoiser="transformer", latent_input="hidden_states", output="out_hidden_states",
                      text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
-                     vae_shift=True, plain_prompts_only=True, guidance_batch=False)
+                     vae_shift=True, plain_prompts_only=True, flow_syntaxes=("a1111", "compel"),
+                     guidance_batch=False)
 LAYOUTS = {Family.SDXL: SDXL_LAYOUT, Family.SDXL_REFINER: SDXL_LAYOUT, Family.SD3: SD3_LAYOUT,
            Family.FLUX: FLUX_LAYOUT}
 

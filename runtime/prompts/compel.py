@@ -15,6 +15,8 @@ tan((1 − w)·π/2) against 1 for the prompt itself (compel's DownweightMode.RE
 take no attention mask, so compel's default MASK mode, which masks the fragment out instead, is not
 reproduced). Tensors of different length are padded with e. SDXL's pooled vector is encoded from the raw
 prompt text, syntax and all, truncated to 77 tokens (as compel does).
+A Vocabulary with `truncate` and no BOS is compel with truncate_long_prompts=True over a T5 tokenizer (FLUX.1:
+runtime/prompts/flux_compel.py): one chunk of `length` tokens, the tokens past it dropped, </s>, pad.
 """
 
 from __future__ import annotations
@@ -350,24 +352,35 @@ class Vocabulary:
 
     tokenize: Callable[[str], list[int]]  # no BOS/EOS, no truncation
     token_text: Callable[[int], str]  # id → vocabulary entry (".</w>")
-    bos: int
+    bos: int | None  # None: no start marker (T5)
     eos: int
     pad: int
+    length: int = CHUNK_TOKENS + 2  # tokens per chunk, markers and padding included (compel's max_token_count)
+    truncate: bool = False  # compel's truncate_long_prompts: one chunk, the tokens past it dropped
+
+    @property
+    def markers(self) -> list[int]:
+        return [] if self.bos is None else [self.bos]
+
+    @property
+    def room(self) -> int:
+        """Prompt tokens per chunk."""
+        return self.length - len(self.markers) - 1
 
 
 def _split_point(tokens: list[int], vocab: Vocabulary) -> int:
-    if len(tokens) <= CHUNK_TOKENS:
-        return CHUNK_TOKENS
-    texts = [vocab.token_text(t) or "" for t in tokens[:CHUNK_TOKENS]]
+    if vocab.truncate or len(tokens) <= vocab.room:
+        return vocab.room
+    texts = [vocab.token_text(t) or "" for t in tokens[:vocab.room]]
     for ends in ((".</w>",), (".</w>", ",</w>", ";</w>", ":</w>"), None):
         for index in range(len(texts) - 1, -1, -1):
             if (texts[index].endswith("</w>") if ends is None else texts[index] in ends):
                 return index + 1
-    return CHUNK_TOKENS
+    return vocab.room
 
 
 def token_chunks(fragments: Sequence[Fragment], vocab: Vocabulary) -> tuple[list[list[int]], list[list[float]]]:
-    """Per 77-token chunk: ids (BOS + tokens + EOS + pad) and per-token weights."""
+    """Per chunk of vocab.length tokens: ids ([BOS +] tokens + EOS + pad) and per-token weights."""
     if not fragments:
         fragments = [Fragment("")]
     ids: list[int] = []
@@ -381,12 +394,12 @@ def token_chunks(fragments: Sequence[Fragment], vocab: Vocabulary) -> tuple[list
         cut = _split_point(ids, vocab)
         part, part_w = ids[:cut], weights[:cut]
         ids, weights = ids[cut:], weights[cut:]
-        row = [vocab.bos] + part + [vocab.eos]
-        row_w = [1.0] + part_w + [1.0]
-        pad = CHUNK_TOKENS + 2 - len(row)
+        row = vocab.markers + part + [vocab.eos]
+        row_w = [1.0] * len(vocab.markers) + part_w + [1.0]
+        pad = vocab.length - len(row)
         chunk_ids.append(row + [vocab.pad] * pad)
         chunk_weights.append(row_w + [1.0] * pad)
-        if not ids:
+        if not ids or vocab.truncate:
             return chunk_ids, chunk_weights
 
 
@@ -419,10 +432,11 @@ class Embedder:
 
     @property
     def empty(self) -> torch.Tensor:
-        """[77, C]: the encoding of [BOS, EOS, pad…]."""
+        """[length, C]: the encoding of [BOS,] EOS, pad…."""
         if self._empty is None:
             v = self.vocab
-            self._empty = self.encode([[v.bos, v.eos] + [v.pad] * CHUNK_TOKENS])[0]
+            row = v.markers + [v.eos]
+            self._empty = self.encode([row + [v.pad] * (v.length - len(row))])[0]
         return self._empty
 
     def pad(self, z: torch.Tensor, length: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sdrt.runtime.denoiser import feed
-from sdrt.runtime.prompts import a1111 as prompt_a1111, compel as prompt_compel
+from sdrt.runtime.prompts import a1111 as prompt_a1111, compel as prompt_compel, flux_compel
 from sdrt.runtime.family import Family
 from sdrt.runtime import fields
 from sdrt.runtime.fields import InvalidRequest
@@ -403,9 +403,11 @@ def validate_text(prompt_group, model_dir, prompts: Sequence[str], negatives: Se
     from sdrt.runtime.prompts import embeddings as ti
 
     info = getattr(model_dir, "info", None)
-    # SD3, FLUX.1: diffusers' own encoding; the a1111 default runs as plain there, compel is refused
+    # SD3, FLUX.1: diffusers' own encoding, no clip skip or embeddings; Layout.flow_syntaxes says which syntaxes
+    # run besides plain (FLUX.1: a1111, the default, and compel); elsewhere a1111 runs as plain, compel is refused
     plain_only = info is not None and info.layout.plain_prompts_only
-    syntax = getattr(prompt_group, "syntax", None) or ("plain" if plain_only else DEFAULT_SYNTAX)
+    flow = info.layout.flow_syntaxes if plain_only else ()
+    syntax = getattr(prompt_group, "syntax", None) or ((flow or ("plain",))[0] if plain_only else DEFAULT_SYNTAX)
     if not isinstance(syntax, str) or syntax.strip().lower() not in SYNTAXES:
         raise InvalidRequest("prompt_syntax", f"unknown prompt syntax {syntax!r}; choose one of {', '.join(SYNTAXES)}")
     syntax = syntax.strip().lower()
@@ -415,13 +417,21 @@ def validate_text(prompt_group, model_dir, prompts: Sequence[str], negatives: Se
     default_length = 512 if info is not None and info.family.value == "flux" else 256  # FluxPipeline's: 512
     length = default_length if length is None else fields.integer("max_sequence_length", length, 1, 512)
     if plain_only:
-        given = [(n, v) for n, v in (("prompt_syntax", syntax == "compel"), ("clip_skip", skip),
+        refused = syntax == "compel" and syntax not in flow
+        given = [(n, v) for n, v in (("prompt_syntax", refused), ("clip_skip", skip),
                                      ("embeddings", getattr(prompt_group, "embeddings", ()) or embeddings
                                       or embeddings_dir)) if v]
         if given:
             raise InvalidRequest(given[0][0], f"{info.family.value} models take plain prompts (diffusers' own "
-                                              "encoding): no prompt syntax, clip skip or embeddings yet")
-        return TextOptions("plain", 0, 1, (), length)
+                                              f"encoding){''.join(' or ' + s for s in flow)}: "
+                                              "no other prompt syntax, clip skip or embeddings yet")
+        if syntax == "compel":
+            for text in prompts:
+                try:
+                    flux_compel.parse(text)
+                except prompt_compel.PromptSyntaxError as e:
+                    raise InvalidRequest("prompt", f"{e} (prompt syntax compel)") from None
+        return TextOptions(syntax if syntax in flow else "plain", 0, 1, (), length)
     layers = layer_count(model_dir)
     if layers is not None and skip >= layers:
         raise InvalidRequest("clip_skip", f"must be below the text encoder's {layers} layers (0 … {layers - 1}; "

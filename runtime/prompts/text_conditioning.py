@@ -15,6 +15,7 @@ import torch
 
 from sdrt.runtime.family import Family
 from sdrt.runtime.denoiser import feed
+from sdrt.runtime.prompts import flux_a1111, flux_compel
 from sdrt.runtime.prompts.encode import Encoder, TextOptions, encode
 
 
@@ -65,7 +66,8 @@ def condition(family: Family, encoders: list[TextEncoder], prompts: list[str], n
     `text` chooses the prompt syntax, clip skip and chunk count (runtime/prompts/encode.py); None: plain,
     diffusers' encoding."""
     if family == Family.FLUX:
-        return flux_condition(encoders, prompts, per_prompt, text.max_sequence_length if text is not None else 512)
+        return flux_condition(encoders, prompts, per_prompt, text.max_sequence_length if text is not None else 512,
+                              text.syntax if text is not None else "plain")
     if family == Family.SD3:
         return sd3_condition(encoders, prompts, negative, per_prompt, guided,
                              text.max_sequence_length if text is not None else SD3_MAX_SEQUENCE_LENGTH)
@@ -94,11 +96,17 @@ def condition(family: Family, encoders: list[TextEncoder], prompts: list[str], n
 
 
 def flux_condition(encoders: list[TextEncoder], prompts: list[str], per_prompt: int,
-                   max_sequence_length: int = 512) -> Conditioning:
+                   max_sequence_length: int = 512, syntax: str = "plain") -> Conditioning:
     """FLUX.1's FluxPipeline.encode_prompt (prompt_2 = prompt): CLIP's pooler_output [N, P] from the prompt padded
     to 77, T5's last_hidden_state [N, L, D] from the prompt padded (and truncated, </s> kept) to
-    max_sequence_length; each prompt's rows repeated per image. Plain text: no weights, no embeddings."""
+    max_sequence_length; each prompt's rows repeated per image. `a1111`: Forge's reading
+    (runtime/prompts/flux_a1111.py); `compel`: compel's CompelForFlux (runtime/prompts/flux_compel.py); `plain`:
+    no syntax, no embeddings."""
     clip, t5 = encoders
+    if syntax in ("a1111", "compel"):
+        run = flux_a1111.encode if syntax == "a1111" else flux_compel.encode
+        sequence, pooled = run(clip, t5, prompts, max_sequence_length)
+        return Conditioning(repeat_per_image(sequence, per_prompt), repeat_per_image(pooled, per_prompt))
     ids, _ = clip.tokenizer.encode(prompts)
     pooled = feed.run(clip.engine, input_ids=torch.from_numpy(ids))["pooler_output"]
     sequence = feed.run(t5.engine, input_ids=torch.from_numpy(t5.tokenizer.encode(prompts, max_sequence_length)))
