@@ -35,8 +35,9 @@ def plan(engine_dir: Path, profiles: list[tp.Profile], components: tuple[str, ..
     if manifest is None:
         raise UserError(f"{engine_dir} has no manifest.json; TensorRT plans are built from `sdrt export` output")
     present = [c for c in BUILD_ORDER if c in manifest["components"]] + \
-        [c for c in manifest["components"] if c in ("unet_controlnet", "image_encoder", "unet_ip", "unet_controlnet_ip")
-         or c.startswith("controlnet/")]
+        [c for c in manifest["components"] if c in ("unet_controlnet", "image_encoder", "unet_ip", "unet_controlnet_ip",
+                                                     "unet_pulid")
+         or c.startswith(("controlnet/", "instantid/", "pulid/", "photomaker/"))]
     chosen = [c for c in present if components is None or c in components]
     if components and (unknown := set(components) - set(present)):
         raise UserError(f"{', '.join(sorted(unknown))} not in {engine_dir}; it has {', '.join(present)}")

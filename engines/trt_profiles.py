@@ -111,10 +111,20 @@ def profiles(resolutions: list[str], dynamic: str | None, batch: str, guidance: 
     return out
 
 
+# the face-ID graphs (export/extras/instantid.py, pulid.py, photomaker.py): their own axes, sized per call as the
+# runtime calls them (runtime/conditioning/): one identity per encoder call, PhotoMaker's photos and class rows
+ONE_PER_CALL = ("image_encoder", "pulid/encoder", "instantid/proj")  # one image prompt / identity / face per call
+ID_TOKENS = Range(10, 26, 64)  # PuLID's ID tokens: v1 5 + 5 EVA layers (+ 0/8/16 zero rows by mode), v1.1 32 + 20
+PHOTO_ROWS = Range(1, 1, 8)  # PhotoMaker: photos per identity (v1) and class rows (v2: 2 per photo)
+EVA_PATCHES = 577  # EVA02-CLIP-L-14-336's tokens: PuLID's id_vit_hidden
+FACE_TOKENS = 16  # InstantID's Resampler output: IdentityNet's context instead of the text
+
+
 def _guided(component: str, family: str = "sd15") -> bool:
-    """Components that run cond+uncond together under guidance: the UNets, the ControlNets and SD3's transformer
-    (FLUX.1 has no guidance batch: dev's guidance is an input, runtime/family.py)."""
-    return component in ("unet", "unet_controlnet", "unet_ip", "unet_controlnet_ip") or \
+    """Components that run cond+uncond together under guidance: the UNets, the ControlNets (and IdentityNet) and
+    SD3's transformer (FLUX.1 has no guidance batch: dev's guidance is an input, runtime/family.py)."""
+    return component in ("unet", "unet_controlnet", "unet_ip", "unet_controlnet_ip", "unet_pulid",
+                         "instantid/identitynet") or \
         component.startswith("controlnet/") or (component == "transformer" and family == "sd3")
 
 
@@ -124,7 +134,7 @@ def component_batch(component: str, profile: Profile, images: int, minimum: bool
     A ControlNet in guess mode sees the conditional half only: its minimum batch under guidance stays `images`."""
     if component.startswith("controlnet/") and profile.guidance and minimum:
         return images
-    if component == "image_encoder":  # the IP-Adapter's image prompt: one image per call
+    if component in ONE_PER_CALL:  # the IP-Adapter's image prompt, PuLID's identity, InstantID's face
         return 1
     if _guided(component, family) and profile.guidance:
         return 2 * images
@@ -144,28 +154,35 @@ def input_shapes(component: str, inputs: dict, profile: Profile, vae_scale_facto
     f = vae_scale_factor
     t5 = profile.text_length or Range(*(T5_LENGTH.get(family, TEXT_LENGTH),) * 3)
 
-    def dims(batch: int, height: int, width: int, chunks: int, t5_length: int, minimum: bool = False) -> dict[str, int]:
+    def dims(batch: int, height: int, width: int, chunks: int, t5_length: int, minimum: bool = False,
+             which: str = "opt") -> dict[str, int]:
+        def pick_of(r: Range) -> int:
+            return getattr(r, which)
+
         # text encoders encode one 77-token chunk per call; the UNet sees all chunks of a prompt at once
         text = TEXT_LENGTH * (chunks if component == "unet" or _guided(component) else 1)
         if component == T5_ENCODER.get(family):
             text = t5_length
         elif component == "transformer" and family == "sd3":  # CLIP's 77 tokens (padded to 4096) ‖ T5's
             text = TEXT_LENGTH + t5_length
+        elif component == "instantid/identitynet":
+            text = FACE_TOKENS
         dims = {"batch_size": component_batch(component, profile, batch, minimum, family), "sequence_length": text,
                 "height": height // f, "width": width // f,
                 "latent_height": height // f, "latent_width": width // f, "sample_height": height,
                 "sample_width": width, "ip_images": 1, **{f"ip_images_{k}": 1 for k in range(1, 16)},
                 # FLUX.1's transformer: the 2×2-packed latent sequence and the T5 text length
-                "sequence": (height // f // 2) * (width // f // 2), "text_length": t5_length}
+                "sequence": (height // f // 2) * (width // f // 2), "text_length": t5_length,
+                "patches": EVA_PATCHES, "id_tokens": pick_of(ID_TOKENS), "rows": pick_of(PHOTO_ROWS)}
         for k in range(1, 7):  # ControlNet residuals: height_div2 = ⌈h/2⌉, … (export/extras/controlnet.py)
             dims[f"height_div{2 ** k}"] = -(-(height // f) // 2 ** k)
             dims[f"width_div{2 ** k}"] = -(-(width // f) // 2 ** k)
         return dims
 
     c = profile.text_chunks
-    picks = [dims(profile.batch.min, profile.height.min, profile.width.min, c.min, t5.min, minimum=True),
-             dims(profile.batch.opt, profile.height.opt, profile.width.opt, c.opt, t5.opt),
-             dims(profile.batch.max, profile.height.max, profile.width.max, c.max, t5.max)]
+    picks = [dims(profile.batch.min, profile.height.min, profile.width.min, c.min, t5.min, minimum=True, which="min"),
+             dims(profile.batch.opt, profile.height.opt, profile.width.opt, c.opt, t5.opt, which="opt"),
+             dims(profile.batch.max, profile.height.max, profile.width.max, c.max, t5.max, which="max")]
     shapes = {}
     for name, onnx_dims in inputs.items():
         if not onnx_dims:  # rank-0 (timestep)

@@ -205,3 +205,21 @@ def test_export_with_trt_fails_before_exporting_without_tensorrt(tiny_pipeline, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install tensorrt" in lines[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_face_id_graphs_are_planned_with_their_own_axes():
+    """unet_pulid doubles under guidance and takes PuLID's ID tokens (10–64, v1 to v1.1); its encoder runs one
+    identity over EVA's 577 tokens; IdentityNet reads InstantID's 16 face tokens; PhotoMaker's graphs take 1–8 rows."""
+    profile = tp.profiles(["1024x1024"], None, "1", True, 64)[0]
+    pulid = tp.input_shapes("unet_pulid", {**UNET_INPUTS, "id_tokens": ["batch_size", "id_tokens", 2048],
+                                           "id_scale": []}, profile, 8)
+    assert pulid["sample"][1] == (2, 4, 128, 128) and pulid["id_tokens"] == ((2, 10, 2048), (2, 26, 2048), (2, 64, 2048))
+    encoder = tp.input_shapes("pulid/encoder", {"id_cond": ["batch_size", 1280],
+                                                "id_vit_hidden": ["batch_size", 5, "patches", 1024]}, profile, 8)
+    assert encoder["id_vit_hidden"][2] == (1, 5, 577, 1024) and encoder["id_cond"][0] == (1, 1280)
+    net = tp.input_shapes("instantid/identitynet", {"encoder_hidden_states": ["batch_size", "sequence_length", 2048],
+                                                    "controlnet_cond": ["batch_size", 3, "sample_height",
+                                                                        "sample_width"]}, profile, 8)
+    assert net["encoder_hidden_states"][1] == (2, 16, 2048) and net["controlnet_cond"][1] == (2, 3, 1024, 1024)
+    rows = tp.input_shapes("photomaker/fuse", {"class_embeds": ["rows", 2048]}, profile, 8)
+    assert rows["class_embeds"] == ((1, 2048), (1, 2048), (8, 2048))
