@@ -102,6 +102,27 @@ def test_instantid_equals_its_algorithm_over_diffusers(iid, tiny_pipeline):
 
 
 @pytest.mark.slow
+def test_instantid_with_a_lora_at_load_equals_diffusers(iid, tiny_pipeline, tmp_path):
+    """A LoRA at load on top of InstantID's graph (unet_controlnet_ip takes LoRAs through the UNet's weights map)
+    against the same reference with the LoRA fused into diffusers' UNet (load_lora_weights + fuse_lora)."""
+    from test_lora import make_layers, write_diffusers
+
+    engine, folder, pipe = iid
+    lora = write_diffusers(tmp_path / "lora.safetensors",
+                           make_layers(tiny_pipeline("sdxl"), {"unet": (4, 0.03)}, seed=12))
+    reference, theirs = _reference(tiny_pipeline, folder)
+    reference.load_lora_weights(str(lora))
+    reference.fuse_lora(lora_scale=0.8)
+    face = _face(1)
+    kps_image = instantid.draw_kps(np.array(KPS), SIZE["width"], SIZE["height"])
+    common = dict(prompt="a photo of a person", steps=3, sampler="euler", seed=4, batch=2, guidance=5.0, **SIZE)
+    ours = pipe.generate(Request.of(**common, instantid_face=face, instantid_kps=KPS, loras=[(str(lora), 0.8)]))
+    assert_same_images("instantid sdxl batch 2 + a LoRA 0.8", ours, theirs(face, kps_image, 2, 4))
+    without = pipe.generate(Request.of(**common, instantid_face=face, instantid_kps=KPS))
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(without).astype(int)).max() > 8  # the LoRA shows
+
+
+@pytest.mark.slow
 def test_instantid_with_a_second_controlnet_and_other_scales_equals_diffusers(conditioned, tiny_pipeline, tmp_path):
     """InstantID's multi-ControlNet (_full pipeline): IdentityNet on F plus a text-conditioned ControlNet, residuals
     summed; other scales; the keypoint image given directly instead of the points."""
