@@ -24,7 +24,7 @@ SDXL only: PuLID's weights exist for SDXL's attention layout alone.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,15 +248,38 @@ class IdAttnProcessor(torch.nn.Module):
         return out / attn.rescale_output_factor
 
 
-def id_unet(pipe, state: dict, given: str):
-    """A copy of the pipeline's UNet with an IdAttnProcessor on every attn2, its projections from the file."""
-    unet = copy.deepcopy(pipe.unet)
+@dataclass
+class IdUnet:
+    """The pipeline's own UNet and PuLID's processors, swapped onto its attn2 layers only while `unet_pulid` is traced
+    or run (no second copy of the UNet's weights: a full-size SDXL UNet is 10 GB in fp32)."""
+    unet: torch.nn.Module
+    processors: dict  # attention processor name → IdAttnProcessor (the attn2 layers)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @contextlib.contextmanager
+    def swapped(self):
+        original = dict(self.unet.attn_processors)
+        dtype = next(self.unet.parameters()).dtype
+        self.unet.set_attn_processor({**original, **{n: p.to(dtype) for n, p in self.processors.items()}})
+        try:
+            yield self.unet
+        finally:
+            self.unet.set_attn_processor(original)
+
+
+def id_unet(pipe, state: dict, given: str) -> IdUnet:
+    """The pipeline's UNet with an IdAttnProcessor for every attn2, its projections from the file."""
+    unet = pipe.unet
     procs = dict(unet.attn_processors)
     wanted = {i for i, name in enumerate(procs) if name.endswith("attn2.processor")}
     found = {int(k[len(ATTN_PREFIX):].split(".")[0]) for k in state if k.startswith(ATTN_PREFIX)}
     if found != wanted:
         raise UserError(f"--pulid {given}: ID attention for {len(found)} layers; this UNet has {len(wanted)} "
                         "cross-attention layers (PuLID's weights are for SDXL's)")
+    ids = {}
     for i, name in enumerate(procs):
         if i in wanted:
             to_k, to_v = state[f"{ATTN_PREFIX}{i}.id_to_k.weight"], state[f"{ATTN_PREFIX}{i}.id_to_v.weight"]
@@ -264,30 +287,31 @@ def id_unet(pipe, state: dict, given: str):
             if to_k.shape != attn.to_k.weight.shape or to_v.shape != attn.to_v.weight.shape:
                 raise UserError(f"--pulid {given}: layer {i}'s id_to_k is {list(to_k.shape)}, this UNet's to_k "
                                 f"{list(attn.to_k.weight.shape)}: the file is for another model")
-            procs[name] = IdAttnProcessor(to_k, to_v)
-            procs[name].lora_target = False  # the adapter's own layers: no LoRA patches them (export/weights_map)
-    unet.set_attn_processor(procs)
-    return unet.eval()
+            ids[name] = IdAttnProcessor(to_k, to_v).eval().requires_grad_(False)  # traced as constants
+            ids[name].lora_target = False  # the adapter's own layers: no LoRA patches them (export/weights_map)
+    return IdUnet(unet, ids)
 
 
 class _UNetPulid(torch.nn.Module):
     """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids], id_tokens, id_scale, id_ortho,
     id_ortho_v2) → out_sample."""
 
-    def __init__(self, unet, added: bool):
+    def __init__(self, id_unet: IdUnet, added: bool):
         super().__init__()
-        self.unet, self.added = unet, added
+        self.id_unet, self.added = id_unet, added
+        self.unet = id_unet.unet  # registered: the traced graph's weights are the UNet's (and, swapped in, PuLID's)
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         added, (tokens, scale, ortho, ortho_v2) = split_added_cond(rest, self.added)
-        procs = [p for p in self.unet.attn_processors.values() if isinstance(p, IdAttnProcessor)]
-        for p in procs:
-            p.tokens, p.scale, p.ortho, p.ortho_v2 = tokens, scale, ortho, ortho_v2
-        try:
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-        finally:
+        with self.id_unet.swapped() as unet:
+            procs = list(self.id_unet.processors.values())
             for p in procs:
-                p.tokens = p.scale = p.ortho = p.ortho_v2 = None
+                p.tokens, p.scale, p.ortho, p.ortho_v2 = tokens, scale, ortho, ortho_v2
+            try:
+                return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+            finally:
+                for p in procs:
+                    p.tokens = p.scale = p.ortho = p.ortho_v2 = None
 
 
 def unet_spec(pipe, unet, context_dim: int) -> ComponentSpec:
@@ -303,7 +327,7 @@ def unet_spec(pipe, unet, context_dim: int) -> ComponentSpec:
 
     axes = base.dynamic_axes | {"id_tokens": {0: "batch_size", 1: "id_tokens"}}
     return ComponentSpec(UNET_PULID, base.input_names + ("id_tokens",) + scalars, base.output_names, axes,
-                         lambda p: _UNetPulid(unet, added), make_inputs, ("timestep", *scalars), owner=lambda p: unet)
+                         lambda p: _UNetPulid(unet, added), make_inputs, ("timestep", *scalars), owner=lambda p: unet.unet)
 
 
 def encoder_spec(encoder: IdEncoder) -> ComponentSpec:
