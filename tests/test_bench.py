@@ -100,7 +100,9 @@ def test_bench_cli_isolated_lightning_4step(exported, bench_workdir, tmp_path):
     assert "## tensorrt: failed" in paths["markdown"].read_text() and paths["chart"].is_file()
 
 
-@pytest.mark.parametrize("preset", ["lightning-1step", pytest.param("turbo", marks=pytest.mark.slow),
+@pytest.mark.parametrize("preset", [pytest.param("lightning-1step", marks=pytest.mark.slow),  # suite time: the
+                                    # isolated CLI test above and the interleaved ones below cover the default run
+                                    pytest.param("turbo", marks=pytest.mark.slow),
                                     pytest.param("sd15-classic", marks=pytest.mark.slow)])
 def test_bench_each_preset_in_process(preset, exported, bench_workdir, tmp_path):
     from sdrt.cli.main import app
