@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from sdrt.runtime.conditioning.cache import LruCache
 from sdrt.runtime.fields import InvalidRequest
 
 DET_SIZE = 640  # every reference prepares (640, 640); insightface ≥ 1.0's default is "auto" (128 and 640)
@@ -122,30 +122,6 @@ class Analysers:
 ANALYSERS = Analysers()
 
 
-class Faces:
-    """A small LRU of faces keyed by (model folder, rule, the photo's pixels)."""
-
-    def __init__(self, size: int = CACHE_SIZE):
-        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()
-        self.misses = 0  # analyses run
-
-    def get(self, folder, photo: Image.Image, rule: Rule, field: str) -> Face:
-        app, app_lock = ANALYSERS.get(folder)
-        digest = hashlib.sha256(f"{photo.mode}{photo.size}".encode() + photo.tobytes()).hexdigest()
-        key = (str(Path(str(folder)).expanduser().resolve()), rule.name, digest)
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        face = find(app, app_lock, photo, rule, field)
-        with self.lock:
-            self.misses += 1
-            self.entries[key] = face
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return face
-
-
 def find(app, app_lock, photo: Image.Image, rule: Rule, field: str) -> Face:
     """The face `rule` picks in `photo` through the FaceAnalysis `app`; InvalidRequest(field) when there is none."""
     rgb = _rgb(photo, rule.resize)
@@ -173,9 +149,12 @@ def find(app, app_lock, photo: Image.Image, rule: Rule, field: str) -> Face:
                 np.asarray(face.bbox, dtype=np.float32), (rgb.shape[1], rgb.shape[0]), used)
 
 
-CACHE = Faces()
+CACHE = LruCache(CACHE_SIZE)  # faces per (model folder, rule, the photo's pixels)
 
 
 def read(folder, photo: Image.Image, rule: Rule, field: str) -> Face:
     """The face `rule` picks in `photo`, read with the models in `folder` (cached per photo)."""
-    return CACHE.get(folder, photo, rule, field)
+    app, app_lock = ANALYSERS.get(folder)
+    digest = hashlib.sha256(f"{photo.mode}{photo.size}".encode() + photo.tobytes()).hexdigest()
+    key = (str(Path(str(folder)).expanduser().resolve()), rule.name, digest)
+    return CACHE.get(key, lambda: find(app, app_lock, photo, rule, field))

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +31,7 @@ import torch
 from PIL import Image
 
 from sdrt.runtime import fields
+from sdrt.runtime.conditioning.cache import LruCache, graph_key
 from sdrt.runtime.conditioning import faces, ip_adapter
 from sdrt.runtime.conditioning.controlnet import MID, MID_INPUT, control_image, down_input, down_output
 from sdrt.runtime.conditioning.graphs import INSTANTID, graph_for
@@ -144,31 +143,15 @@ def _drawn(points: np.ndarray, width: int, height: int) -> Image.Image:
                                               "give the keypoint image instead") from None
 
 
-class FaceTokens:
-    """A small LRU of Resampler outputs [T, D] keyed by (engine directory, Resampler file, embedding bytes)."""
+CACHE = LruCache(CACHE_SIZE)  # Resampler outputs [T, D] per (directory, Resampler file, embedding)
 
-    def __init__(self, size: int = CACHE_SIZE):
-        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()
-        self.misses = 0  # Resampler runs
 
-    def get(self, parts, record: dict, face: np.ndarray) -> torch.Tensor:
-        entry = (parts.dir.manifest or {}).get("components", {}).get(record["projection"], {})
-        key = (str(parts.dir.path), str(entry.get("sha256")), face.tobytes())
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
+def face_tokens(parts, record: dict, face: np.ndarray) -> torch.Tensor:
+    """The Resampler's face tokens [T, D] for one embedding, cached."""
+    def run():
         engine = parts.component(record["projection"])
-        tokens = feed_mod.run(engine, face_embeds=torch.from_numpy(face).reshape(1, 1, -1))["face_tokens"][0].float()
-        with self.lock:
-            self.misses += 1
-            self.entries[key] = tokens
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return tokens
-
-
-CACHE = FaceTokens()
+        return feed_mod.run(engine, face_embeds=torch.from_numpy(face).reshape(1, 1, -1))["face_tokens"][0].float()
+    return CACHE.get(graph_key(parts, record["projection"]) + (face.tobytes(),), run)
 
 
 @dataclass(frozen=True)
@@ -204,10 +187,10 @@ def attach(parts, job, prep):
         return prep
     record = parts.dir.manifest["instantid"]
     guided = prep.guidance.enabled
-    positive = CACHE.get(parts, record, use.face)[None].repeat(job.count, 1, 1)
+    positive = face_tokens(parts, record, use.face)[None].repeat(job.count, 1, 1)
     tokens = positive
     if guided:
-        negative = CACHE.get(parts, record, np.zeros_like(use.face))[None].repeat(job.count, 1, 1)
+        negative = face_tokens(parts, record, np.zeros_like(use.face))[None].repeat(job.count, 1, 1)
         tokens = torch.cat([negative, positive])
     image = control_image(use.kps_image, job.width, job.height).repeat_interleave(job.count, dim=0)
     if guided:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from sdrt.runtime import fields
+from sdrt.runtime.conditioning.cache import LruCache, graph_key
 from sdrt.runtime.conditioning import faces as faces_mod
 from sdrt.runtime.conditioning.graphs import GRAPHS, PHOTOMAKER
 from sdrt.runtime.conditioning.image_processors import ClipInput, read_config
@@ -186,34 +186,18 @@ class _Memo:
 _TOKENIZERS = _Memo()
 
 
-class IdEmbeds:
-    """A small LRU of ID-encoder outputs [K, D] keyed by (engine directory, encoder file, the photos)."""
+CACHE = LruCache(CACHE_SIZE)  # ID-encoder outputs [K, D] per (directory, encoder file, the photos)
 
-    def __init__(self, size: int = CACHE_SIZE):
-        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()
-        self.misses = 0  # ID-encoder runs
 
-    def get(self, parts, record: dict, use: PhotoMakerUse) -> torch.Tensor:
-        entry = (parts.dir.manifest or {}).get("components", {}).get(record["id_encoder"], {})
-        key = (str(parts.dir.path), str(entry.get("sha256")), use.identity)
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
+def encode_identity(parts, record: dict, use: PhotoMakerUse) -> torch.Tensor:
+    """The ID encoder's embeddings [K, D] of one identity's photos (v2: and faces), cached."""
+    def run():
         clip = ClipInput.of_config(read_config(parts.dir.path / record["processor"]))
         pixels = torch.cat([clip.tensor(p) for p in use.photos])
         extra = {} if use.faces is None else {"face_embeds": torch.from_numpy(use.faces)}
         embeds = feed_mod.run(parts.component(record["id_encoder"]), id_pixel_values=pixels, **extra)["id_embeds"]
-        embeds = embeds.reshape(-1, embeds.shape[-1])  # v2: [N, T, D] → the T rows of each photo in turn
-        with self.lock:
-            self.misses += 1
-            self.entries[key] = embeds
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return embeds
-
-
-CACHE = IdEmbeds()
+        return embeds.reshape(-1, embeds.shape[-1])  # v2: [N, T, D] → the T rows of each photo in turn
+    return CACHE.get(graph_key(parts, record["id_encoder"]) + (use.identity,), run)
 
 
 def _encode(engines, ids: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +236,7 @@ def attach(parts, job, prep):
     names = ("text_encoder", "text_encoder_2")
     tokenizers = [parts.tokenizers[n] for n in names]
     engines = [parts.engine(n, job) for n in names]
-    id_embeds = CACHE.get(parts, record, use)
+    id_embeds = encode_identity(parts, record, use)
     rows = [trigger_mod.class_rows(t, use.prompt, use.trigger, use.rows) for t in tokenizers]
     embeds, pooled = _encode(engines, [r.ids for r in rows])
     mask = torch.from_numpy(rows[-1].mask)  # the pipeline keeps the last tokenizer's mask

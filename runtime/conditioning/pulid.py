@@ -25,8 +25,6 @@ PuLID feeds one batch of [negative ‖ positive] tokens as keys (here: the posit
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -35,6 +33,7 @@ import torch
 from PIL import Image
 
 from sdrt.runtime import fields
+from sdrt.runtime.conditioning.cache import LruCache, graph_key
 from sdrt.runtime.conditioning import faces
 from sdrt.runtime.conditioning.graphs import PULID, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
@@ -140,32 +139,16 @@ def validate(request, model_dir, context) -> PulidUse | None:
     return PulidUse(digest, tokens, id_cond, hidden, scale, group.pulid_mode, start, zeros)
 
 
-class IdTokens:
-    """A small LRU of ID encoder outputs [T, D] keyed by (engine directory, encoder file, the inputs' digest)."""
+CACHE = LruCache(CACHE_SIZE)  # ID encoder outputs [T, D] per (directory, encoder file, the inputs' digest)
 
-    def __init__(self, size: int = CACHE_SIZE):
-        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()
-        self.misses = 0  # encoder runs
 
-    def get(self, parts, record: dict, digest: str, id_cond: np.ndarray, hidden: np.ndarray) -> torch.Tensor:
-        entry = (parts.dir.manifest or {}).get("components", {}).get(record["encoder"], {})
-        key = (str(parts.dir.path), str(entry.get("sha256")), digest)
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
+def id_tokens(parts, record: dict, digest: str, id_cond: np.ndarray, hidden: np.ndarray) -> torch.Tensor:
+    """The ID encoder's tokens [T, D] for one identity, cached by its inputs' digest."""
+    def run():
         engine = parts.component(record["encoder"])
-        tokens = feed_mod.run(engine, id_cond=torch.from_numpy(id_cond)[None],
-                              id_vit_hidden=torch.from_numpy(hidden)[None])["id_tokens"][0].float()
-        with self.lock:
-            self.misses += 1
-            self.entries[key] = tokens
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return tokens
-
-
-CACHE = IdTokens()
+        return feed_mod.run(engine, id_cond=torch.from_numpy(id_cond)[None],
+                            id_vit_hidden=torch.from_numpy(hidden)[None])["id_tokens"][0].float()
+    return CACHE.get(graph_key(parts, record["encoder"]) + (digest,), run)
 
 
 @dataclass(frozen=True)
@@ -189,7 +172,7 @@ def negative_tokens(parts, record: dict, patches: int) -> torch.Tensor:
     """The encoder on all-zero inputs (PuLID's uncond_id_embedding) at `patches` EVA tokens."""
     id_cond = np.zeros(record["face_dim"] + record["eva_dim"], dtype=np.float32)
     hidden = np.zeros((record["eva_layers"], patches, record["eva_width"]), dtype=np.float32)
-    return CACHE.get(parts, record, f"zeros:{patches}", id_cond, hidden)
+    return id_tokens(parts, record, f"zeros:{patches}", id_cond, hidden)
 
 
 def attach(parts, job, prep):
@@ -202,7 +185,7 @@ def attach(parts, job, prep):
         positive = torch.from_numpy(use.tokens)
         patches = record["eva_patches"]
     else:
-        positive = CACHE.get(parts, record, use.digest, use.id_cond, use.hidden)
+        positive = id_tokens(parts, record, use.digest, use.id_cond, use.hidden)
         patches = use.hidden.shape[1]
     zeros, (ortho, ortho_v2) = use.zero_tokens, MODES[use.mode]
 
