@@ -11,6 +11,7 @@ pooled_projections, the RoPE positions img_ids / txt_ids and, for guidance-disti
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,10 @@ def unpack(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         .reshape(b, packed // 4, height, width)
 
 
+@functools.lru_cache(maxsize=8)  # the same ids every step of a size: made once, not per transformer call
 def image_ids(latent_height: int, latent_width: int) -> torch.Tensor:
-    """diffusers' FluxPipeline._prepare_latent_image_ids: [(h/2)·(w/2), 3] = (0, row, column), float32."""
+    """diffusers' FluxPipeline._prepare_latent_image_ids: [(h/2)·(w/2), 3] = (0, row, column), float32 (shared:
+    read, never written)."""
     ids = torch.zeros(latent_height // 2, latent_width // 2, 3)
     ids[..., 1] += torch.arange(latent_height // 2)[:, None]
     ids[..., 2] += torch.arange(latent_width // 2)[None, :]
