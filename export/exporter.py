@@ -314,7 +314,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     iid.check_family(info.family.value, iid_source)
     pulid.check_model(info.family.value, pulid_source, pipe)
     pm.check_family(info.family.value, pm_source)
-    if flow.is_flow(pipe):
+    transformer_family = flow.is_flow(pipe)  # SD3 / FLUX.1: their own component specs and gate shapes
+    if transformer_family:
         flow.check_options(cfg)  # what the transformer families do not take yet, refused before anything is written
     if (net_sources or ip_source or t2i_sources or cfg.deepcache) and has_timestep_cond(pipe):
         raise UserError("this UNet is LCM-distilled (time_cond_proj_dim: its guidance scale is an input); sdrt's "
@@ -326,9 +327,9 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
     if hypernets:
         hypernetwork.apply(pipe.unet, hypernets)
     hypernet_records = [{"name": h.name, "file": h.path, "sha256": h.sha256, "scale": scale} for h, scale in hypernets]
-    specs = (flow.component_specs if flow.is_flow(pipe) else component_specs)(pipe)
-    latent_multiple = flow.latent_multiple(pipe) if flow.is_flow(pipe) else None  # read before the loop releases it
-    transformer_record = flow.manifest_record(pipe) if flow.is_flow(pipe) else None
+    specs = (flow.component_specs if transformer_family else component_specs)(pipe)
+    latent_multiple = flow.latent_multiple(pipe) if transformer_family else None  # read before the loop releases it
+    transformer_record = flow.manifest_record(pipe) if transformer_family else None
     tiny_signature = ""
     if tiny is not None:
         pipe.vae_tiny = tiny
@@ -415,7 +416,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
             if cfg.deepcache and name == "unet":
                 release = False  # the step-caching graphs are traced from it next
             spec = extra[name][0] if name in extra else specs[name]
-            shapes = (flow.gate_shapes if flow.is_flow(pipe) else gate_shapes)(
+            shapes = (flow.gate_shapes if transformer_family else gate_shapes)(
                 pipe, "vae_decoder" if name == ipa.IMAGE_ENCODER else
                                  "unet" if name in extra else name)
             if name == t2i.UNET_T2I or name.startswith(t2i.PREFIX):  # sizes the adapter can take
