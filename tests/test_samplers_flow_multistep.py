@@ -120,14 +120,15 @@ def test_a1111_names_select_the_flow_forms_on_flow_models():
 FLUX_SCHNELL = {**SD3, "shift": 1.0, "use_dynamic_shifting": False}
 
 
-@pytest.mark.parametrize("name", ["flow_dpmpp_2m", "flow_unipc"])
-@pytest.mark.parametrize("config,mu", [(FLUX_DEV, 0.8), (FLUX_DEV, 1.15), (FLUX_SCHNELL, 0.8)])
+@pytest.mark.parametrize("name,config,mu", [("flow_dpmpp_2m", FLUX_DEV, 0.8), ("flow_dpmpp_2m", FLUX_DEV, 1.15),
+                                            ("flow_unipc", FLUX_DEV, 0.8), ("flow_unipc", FLUX_DEV, 1.15),
+                                            ("flow_unipc", FLUX_SCHNELL, 0.8)])
 def test_multistep_on_flux_match_diffusers_as_flux_pipeline_calls_them(name, config, mu):
-    """FluxPipeline gives a use_flow_sigmas scheduler no sigmas, only mu: set_timesteps(N, mu=mu) (DPM-Solver asserts
-    dynamic shifting when given mu, so on schnell's config it is called without; sdrt runs the static shift there)."""
+    """FluxPipeline gives a use_flow_sigmas scheduler no sigmas, only mu: set_timesteps(N, mu=mu) (on schnell's
+    config DPM-Solver asserts on that mu: refused, test_refused_settings_name_what_to_do)."""
     sched = reference(name, config)
     dynamic = config.get("use_dynamic_shifting", False)
-    sched.set_timesteps(6, mu=mu if dynamic or name == "flow_unipc" else None)
+    sched.set_timesteps(6, mu=mu)
     latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     for t in sched.timesteps:
         latents = sched.step(velocity(latents, t), t, latents, return_dict=False)[0]
@@ -147,6 +148,11 @@ def test_refused_settings_name_what_to_do():
     cfg = SchedulerConfig.from_diffusers_json({**FLUX_DEV, "pipeline_sigmas": True, "mu": 1.0})
     with pytest.raises(ScheduleError, match="use flow_euler, flow_dpmpp_2m or flow_unipc"):
         registry.make_schedule(cfg, "flow_heun", 4)
+    schnell = SchedulerConfig.from_diffusers_json({**FLUX_SCHNELL, "pipeline_sigmas": True, "mu": 1.0})
+    with pytest.raises(ScheduleError, match="use flow_euler or flow_unipc"):
+        registry.make_schedule(schnell, "flow_dpmpp_2m", 4)
+    with pytest.raises(AssertionError):  # diffusers itself: FluxPipeline's mu on a config without dynamic shifting
+        reference("flow_dpmpp_2m", FLUX_SCHNELL).set_timesteps(4, mu=1.0)
     with pytest.raises(ScheduleError, match="karras sigmas are not available for flow_dpmpp_2m"):
         registry.make_schedule(SchedulerConfig.from_diffusers_json(SD3), "flow_dpmpp_2m", 4, "karras")
     with pytest.raises(ScheduleError, match="final_sigmas_type"):

@@ -112,7 +112,8 @@ def _flow_sigmas_scheduler(name: str, cls: str):
     """FlowMatchHeun's set_timesteps takes no sigmas, so FLUX.1's pipeline cannot run it; sdrt runs it as
     StableDiffusion3Pipeline does: set_timesteps(N), static shift. DPMSolverMultistep and UniPCMultistep with
     use_flow_sigmas get no sigmas from FluxPipeline (it drops them for such schedulers) and take its mu: they run on
-    FLUX.1 too (flow_multistep.py); DPM-Solver's dynamic shift needs the exponential time shift."""
+    FLUX.1 too (flow_multistep.py); DPM-Solver asserts dynamic shifting when given mu, so it runs on FLUX.1-dev-like
+    configs only, and its dynamic shift needs the exponential time shift."""
     def check(cfg: SchedulerConfig) -> None:
         _check(cfg)
         if name == "flow_heun":
@@ -127,6 +128,10 @@ def _flow_sigmas_scheduler(name: str, cls: str):
         choice("final_sigmas_type", cfg.final_sigmas_type, ("zero",))
         if name == "flow_dpmpp_2m":
             choice("solver_type", cfg.solver_type, ("midpoint", "heun"))
+            if cfg.pipeline_sigmas and not cfg.use_dynamic_shifting:  # FluxPipeline passes mu, which DPM asserts on
+                raise ScheduleError("flow_dpmpp_2m (DPMSolverMultistepScheduler) cannot run on this FLUX.1 model: its "
+                                    "pipeline passes mu, which that scheduler takes only with dynamic shifting (the "
+                                    "model's config has it off), so diffusers stops; use flow_euler or flow_unipc")
             if cfg.use_dynamic_shifting and cfg.time_shift_type != "exponential":
                 raise ScheduleError("DPM-Solver's dynamic shift is exponential only; set time_shift_type to "
                                     "exponential")
