@@ -223,3 +223,17 @@ def test_face_id_graphs_are_planned_with_their_own_axes():
     assert net["encoder_hidden_states"][1] == (2, 16, 2048) and net["controlnet_cond"][1] == (2, 3, 1024, 1024)
     rows = tp.input_shapes("photomaker/fuse", {"class_embeds": ["rows", 2048]}, profile, 8)
     assert rows["class_embeds"] == ((1, 2048), (1, 2048), (8, 2048))
+
+
+def test_max_sequence_length_is_checked_before_planning(exported):
+    """`sdrt build --max-sequence-length`: only for the T5 families, N or MIN-MAX (a UserError: one line, exit 2, as
+    test_build_plan_rejects_bad_resolution shows for the command)."""
+    from sdrt.cli.export_cmd import _profiles
+
+    engine = exported("sdxl-lightning", "fp16")
+    with pytest.raises(UserError, match="--max-sequence-length is for SD3 and FLUX.1"):
+        _profiles(engine, ["32x32"], None, "1", False, max_sequence_length="128")
+    with pytest.raises(UserError, match="max sequence length 'long' is not N or MIN-MAX"):
+        tp.profiles(["32x32"], None, "1", False, 2, text_length="long")
+    with pytest.raises(UserError, match="need 0 < MIN <= MAX"):
+        tp.profiles(["32x32"], None, "1", False, 2, text_length="512-256")
