@@ -98,6 +98,7 @@ def test_four_level_sd15_layout_exports_in_fp32_and_runs_odd_sizes(variant):
     check_parity(variant, "sd15-4level")
 
 
+@pytest.mark.slow  # suite time (13 s): the EDM samplers keep their layer-1 tests (tests/test_samplers_edm.py)
 def test_playground_edm_with_latents_mean_and_std(variant, monkeypatch):
     folder, engine, ours, theirs = check_parity(variant, "playground-v2.5")
     from sdrt.runtime.components import Components
