@@ -93,6 +93,7 @@ def check_parity(variant, name: str, precision: str = "fp32", bound: int = 1):
     return folder, engine, ours, theirs
 
 
+@pytest.mark.slow  # suite time (15 s); run with -m slow after export changes
 def test_four_level_sd15_layout_exports_in_fp32_and_runs_odd_sizes(variant):
     """The layout that crashed fp32 exports (the first up block up-samples without attention)."""
     check_parity(variant, "sd15-4level")
@@ -135,7 +136,8 @@ def test_playground_img2img_encodes_with_the_latents_statistics(variant):
     assert diff <= 1
 
 
-@pytest.mark.parametrize("name", ["lcm", pytest.param("lcm-sd", marks=pytest.mark.slow)])
+@pytest.mark.slow  # suite time: the last fresh-clone runs read 593-613 s
+@pytest.mark.parametrize("name", ["lcm", "lcm-sd"])
 def test_lcm_distilled_unet_with_its_guidance_embedding(variant, name):
     folder, engine, ours, theirs = check_parity(variant, name)
     # the embedding of w = guidance - 1 is the UNet's input: another scale is another image (and no CFG batch)
