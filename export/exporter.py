@@ -37,7 +37,7 @@ from sdrt.export.components import (COMPONENT_NAMES, EMBEDS, component_specs, ga
     unet_factor, vae_scale_factor)
 from sdrt.export.load import load_pipeline, local_location, local_source_hash, sha256_of_file
 from sdrt.export import reuse, tokenizer_files
-from sdrt.export.onnx_export import io_specs, run_passes, torch_to_onnx
+from sdrt.export.onnx_export import TWO_GB, files_bytes, io_specs, run_passes, torch_to_onnx
 from sdrt.export.extras import hypernetwork
 from sdrt.export.weights_map import LORA_COMPONENTS, Mapper
 from sdrt.export.rewrites import SKIP_SIZE_PASS, SUBPIXEL_PASS, subpixel_upsampling, upsamplers_sized
@@ -230,6 +230,8 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
     references = [gate.reference_outputs(spec.make_module(pipe).eval(), x) for x in inputs]
     if release:
         setattr(pipe, spec.name, None)
+    elif dtype == torch.float32 and files_bytes(tmp / spec.name) >= TWO_GB:  # (fp16: already mapped from disk above)
+        _park(module_owner, tmp / f".{flat}.parked.pt")
     del module_owner
     gc.collect()
     cases = _gate_cases(spec, precision, tmp / spec.name / "model.onnx", shapes, inputs, references)
@@ -246,6 +248,15 @@ def _export_one(pipe, spec, precision: str, tmp: Path, shapes, release: bool) ->
         "passes": rewrites + ["torch.onnx.export(do_constant_folding)"] + passes,
         "export_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _park(module: torch.nn.Module, path: Path) -> None:
+    """A full-size module that a later graph is traced from (the UNet under unet_pulid, …) waits on disk while ONNX
+    Runtime holds this graph for the gate: its weights become file-backed pages (torch.load mmap) that the kernel
+    can drop and read again, instead of a second full-size copy in memory."""
+    torch.save(module.state_dict(), path)
+    module.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+    path.unlink()  # the mapping keeps the pages readable until the module lets go of them
 
 
 def _gate_cases(spec, precision: str, path: Path, shapes, inputs, references) -> list[dict]:
@@ -404,17 +415,19 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
                 ("".join(f"|hypernet:{r['sha256']}:{r['scale']!r}" for r in hypernet_records)
                  if name.startswith("unet") else "")
             key = reuse.component_key(source.sha256 + signature, name, precision)
+            release = not name.startswith("vae") and name not in extra  # the two halves of each VAE share one module
+            if cfg.deepcache and name == "unet":
+                release = False  # the step-caching graphs are traced from it next
             entry = reuse.reusable(old, output, name, key)
             if entry is not None:
                 for rel in entry["files"]:
                     os.link(output / name / rel, tmp / name / rel)
                 components[name] = entry
+                if release and name in names:  # as if exported: a full-size re-export adding PuLID needs the memory
+                    setattr(pipe, name, None)
                 progress(name, "skipped")
                 continue
             progress(name, "start")
-            release = not name.startswith("vae") and name not in extra  # the two halves of each VAE share one module
-            if cfg.deepcache and name == "unet":
-                release = False  # the step-caching graphs are traced from it next
             spec = extra[name][0] if name in extra else specs[name]
             shapes = (flow.gate_shapes if transformer_family else gate_shapes)(
                 pipe, "vae_decoder" if name == ipa.IMAGE_ENCODER else

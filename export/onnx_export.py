@@ -22,7 +22,7 @@ import torch
 OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter's (torch.onnx.export(dynamo=True)): RMSNorm decomposed
 EXTERNAL_DATA_NAME = "model.onnx_data"
-_TWO_GB = 2**31 - 1
+TWO_GB = 2**31 - 1
 
 
 def torch_to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
@@ -44,73 +44,136 @@ def torch_to_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names,
         )
 
 
-def _byte_size(model: onnx.ModelProto) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer)
-
-
 def run_passes(raw_dir: Path, out_dir: Path, mapper=None) -> tuple[list[str], list[str]]:
     """Load the exporter's output from raw_dir/model.onnx, fold constants, infer shapes, save into out_dir.
 
     With a weights-map `mapper` (export/weights_map.py: LoRA-targetable components), every mapped weight and
     every initializer of 1 KiB or more go to model.onnx_data, and weights_map.json is written beside.
-    Returns the files written (relative to out_dir) and the passes applied.
+    A graph of 2 GB or more is never loaded whole (_passes_on_disk). Returns the files written (relative to
+    out_dir) and the passes applied.
     """
+    if files_bytes(raw_dir) >= TWO_GB:
+        return _passes_on_disk(raw_dir, out_dir, mapper)
     model = onnx.load(str(raw_dir / "model.onnx"), load_external_data=True)
     passes = []
     if mapper is not None:  # a dynamo export's module scopes into node names, for the weights map
         from sdrt.export.weights_map import scope_node_names
 
         scope_node_names(model)
-    if _byte_size(model) < _TWO_GB:
-        import onnxruntime
-        from polygraphy.backend.onnx import fold_constants
-        from polygraphy.logger import G_LOGGER
+    import onnxruntime
+    from polygraphy.backend.onnx import fold_constants
+    from polygraphy.logger import G_LOGGER
 
-        G_LOGGER.module_severity = G_LOGGER.ERROR
-        onnxruntime.set_default_logger_severity(3)
-        # its symbolic shape inference warns that it cannot compare the dynamic sizes of the any-size UNet's
-        # crops (2*floor(h/2 - 1/2) + 2 vs h); the graph is right either way, and the warning is noise to a user
-        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
-        model = fold_constants(model, num_passes=2, fold_shapes=True, error_ok=False)
-        passes.append("polygraphy.fold_constants")
-        # The folder's symbolic shape inference leaves value_info that gives an any-size up-sampler's doubled tensor
-        # the size of its skip-size crop (2m and 2m - 1 get one symbol); ONNX Runtime's memory planner then reuses a
-        # buffer of the wrong size at odd latent sizes ("Shape mismatch attempting to re-use buffer" at
-        # up_blocks.N/upsamplers.0/Slice_4). Dropped here; ONNX's own inference below names such sizes apart.
-        del model.graph.value_info[:]
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        passes.append("onnx.infer_shapes")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if mapper is None:
-            onnx.save(model, str(out_dir / "model.onnx"))
-            return ["model.onnx"], passes
-        from sdrt.export.weights_map import mark_external
-
-        mark_external(model, mapper.build(model), EXTERNAL_DATA_NAME)
-        onnx.save(model, str(out_dir / "model.onnx"))
-        _same_mode(out_dir)
-        return ["model.onnx", EXTERNAL_DATA_NAME, mapper.write(out_dir, EXTERNAL_DATA_NAME)], \
-            passes + ["sdrt.weights_map"]
-    # Over 2 GB: shape inference must go through files (onnx's in-memory API is limited to 2 GB protos).
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    onnxruntime.set_default_logger_severity(3)
+    # its symbolic shape inference warns that it cannot compare the dynamic sizes of the any-size UNet's
+    # crops (2*floor(h/2 - 1/2) + 2 vs h); the graph is right either way, and the warning is noise to a user
+    logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+    model = fold_constants(model, num_passes=2, fold_shapes=True, error_ok=False)
+    passes.append("polygraphy.fold_constants")
+    # The folder's symbolic shape inference leaves value_info that gives an any-size up-sampler's doubled tensor
+    # the size of its skip-size crop (2m and 2m - 1 get one symbol); ONNX Runtime's memory planner then reuses a
+    # buffer of the wrong size at odd latent sizes ("Shape mismatch attempting to re-use buffer" at
+    # up_blocks.N/upsamplers.0/Slice_4). Dropped here; ONNX's own inference below names such sizes apart.
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    passes.append("onnx.infer_shapes")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if mapper is not None:
-        from sdrt.export.weights_map import mark_external
+    if mapper is None:
+        onnx.save(model, str(out_dir / "model.onnx"))
+        return ["model.onnx"], passes
+    from sdrt.export.weights_map import mark_external
 
-        mark_external(model, mapper.build(model), EXTERNAL_DATA_NAME)
+    mark_external(model, mapper.build(model), EXTERNAL_DATA_NAME)
+    onnx.save(model, str(out_dir / "model.onnx"))
+    _same_mode(out_dir)
+    return ["model.onnx", EXTERNAL_DATA_NAME, mapper.write(out_dir, EXTERNAL_DATA_NAME)], \
+        passes + ["sdrt.weights_map"]
+
+
+def files_bytes(raw_dir: Path) -> int:
+    """The exporter's output on disk: model.onnx and any external data files it wrote beside it."""
+    return sum(p.stat().st_size for p in raw_dir.iterdir() if p.is_file())
+
+
+def _passes_on_disk(raw_dir: Path, out_dir: Path, mapper) -> tuple[list[str], list[str]]:
+    """A graph of 2 GB or more: its weights stay on disk. The graph is read without them (onnx's in-memory API is
+    limited to 2 GB protos, and a full-size UNet's weights next to its torch module would double the export's
+    memory); the weights map hashes one initializer at a time; the initializers are copied, one at a time, into
+    one model.onnx_data; shape inference goes through files. No constant folding (the exporter's own ran)."""
+    model = onnx.load(str(raw_dir / "model.onnx"), load_external_data=False)
+    names: set[str] = set()
+    if mapper is not None:
+        from sdrt.export.weights_map import scope_node_names
+
+        scope_node_names(model)
+        names = mapper.build(model, str(raw_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
         tmp = Path(scratch) / "model.onnx"
-        onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=EXTERNAL_DATA_NAME)
+        _gather_external(model, raw_dir, Path(scratch) / EXTERNAL_DATA_NAME, names)
+        onnx.save(model, str(tmp))
         del model
         onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp))
-        passes.append("onnx.infer_shapes_path")
         for name in ("model.onnx", EXTERNAL_DATA_NAME):
             os.replace(Path(scratch) / name, out_dir / name)
     _same_mode(out_dir)
+    passes = ["onnx.infer_shapes_path"]
     if mapper is not None:
         return ["model.onnx", EXTERNAL_DATA_NAME, mapper.write(out_dir, EXTERNAL_DATA_NAME)], \
             passes + ["sdrt.weights_map"]
     return ["model.onnx", EXTERNAL_DATA_NAME], passes
+
+
+_PAGE = 4096  # initializers of a page or more start on a page boundary, where ONNX Runtime can map them
+_CHUNK = 64 * 2**20
+
+
+def _gather_external(model: onnx.ModelProto, raw_dir: Path, data_path: Path, names: set[str]) -> None:
+    """Move into `data_path` every initializer that is external in raw_dir, mapped (`names`) or of SMALL_BYTES or
+    more, streaming the bytes (never more than _CHUNK in memory), and point the graph at the new places."""
+    from onnx import numpy_helper
+
+    from sdrt.export.weights_map import SMALL_BYTES
+
+    with open(data_path, "wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in tensor.external_data}
+                source, start = raw_dir / info["location"], int(info.get("offset", 0))
+                length = int(info["length"]) if "length" in info else source.stat().st_size - start
+                write = _copier(source, start, length)
+            else:
+                if not tensor.HasField("raw_data") and tensor.name in names:  # typed fields → raw bytes
+                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+                if not tensor.HasField("raw_data") or (tensor.name not in names and len(tensor.raw_data) < SMALL_BYTES):
+                    continue
+                length, raw = len(tensor.raw_data), tensor.raw_data
+                write = (lambda f, raw=raw: f.write(raw))
+            if length >= _PAGE and out.tell() % _PAGE:
+                out.write(b"\0" * (_PAGE - out.tell() % _PAGE))
+            offset = out.tell()
+            write(out)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", EXTERNAL_DATA_NAME), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def _copier(source: Path, start: int, length: int):
+    def copy(out) -> None:
+        with open(source, "rb") as f:
+            f.seek(start)
+            left = length
+            while left:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{source}: external data ends {left} bytes early")
+                out.write(chunk)
+                left -= len(chunk)
+    return copy
 
 
 def _same_mode(out_dir: Path) -> None:

@@ -53,12 +53,13 @@ def _digest(array: np.ndarray) -> tuple:
     return (array.dtype.str, tuple(array.shape), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest())
 
 
-def _array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The initializer's values, without a copy where they are raw bytes in memory."""
+def _array(tensor: onnx.TensorProto, base_dir: str = "") -> np.ndarray:
+    """The initializer's values, without a copy where they are raw bytes in memory; external data (a graph of
+    over 2 GB kept on disk: export/onnx_export.py) is read from base_dir, one tensor at a time."""
     if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor)
+    return numpy_helper.to_array(tensor, base_dir)
 
 
 def _scope(node_name: str) -> str:
@@ -95,6 +96,23 @@ def targets(module: torch.nn.Module, component: str) -> dict[str, torch.nn.Modul
             and not any(name.startswith(prefix) for prefix in excluded)}
 
 
+class _LazyArrays:
+    """name → an initializer's values (of rank ≥ 2), read when asked: a graph's weights are never all in memory."""
+
+    def __init__(self, inits: dict, base_dir: str):
+        self.inits = {n: t for n, t in inits.items() if len(t.dims) >= 2}
+        self.base_dir = base_dir
+
+    def __iter__(self):
+        return iter(self.inits)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.inits[name].dims)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return _array(self.inits[name], self.base_dir)
+
+
 class Mapper:
     """Builds the map for one component while the exporter holds its graph (in the export's dtype)."""
 
@@ -104,15 +122,15 @@ class Mapper:
         self.entries: dict[str, dict] = {}
 
     # ---- matching ----------------------------------------------------------------------------------------
-    def build(self, model: onnx.ModelProto) -> set[str]:
-        """Map every target to its initializers in `model`; returns the initializer names to store externally."""
+    def build(self, model: onnx.ModelProto, base_dir: str = "") -> set[str]:
+        """Map every target to its initializers in `model` (external data read from base_dir, one tensor at a time:
+        values are hashed, not kept); returns the initializer names to store externally."""
         inits = {t.name: t for t in model.graph.initializer}
         by_value: dict[tuple, list[str]] = {}
-        arrays: dict[str, np.ndarray] = {}
         for name, tensor in inits.items():
             if len(tensor.dims) >= 2:
-                arrays[name] = _array(tensor)
-                by_value.setdefault(_digest(arrays[name]), []).append(name)
+                by_value.setdefault(_digest(_array(tensor, base_dir)), []).append(name)
+        arrays = _LazyArrays(inits, base_dir)
         consumers: dict[str, list] = {}
         for node in model.graph.node:
             for index, name in enumerate(node.input):
@@ -179,7 +197,7 @@ class Mapper:
             suffix = f"{parent}.{buffer}"
             names = [n for n in arrays if n == suffix or n.endswith("." + suffix)]
             expected = value.detach().contiguous().numpy()
-            names = [n for n in names if arrays[n].shape == expected.shape and np.array_equal(arrays[n], expected)
+            names = [n for n in names if arrays.shape(n) == expected.shape and np.array_equal(arrays[n], expected)
                      and any(node.op_type == "Conv" and index == 1 and f".{parent}." in _scope(node.name)
                              for node, index in consumers.get(n, []))]
             if len(names) != 1:
