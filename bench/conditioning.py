@@ -1,11 +1,16 @@
-"""Per-step cost of image conditioning against the plain UNet: each ControlNet, the residual UNet, the IP-Adapter UNet.
+"""Per-step cost of image conditioning against the plain UNet: each ControlNet, the residual UNet, the IP-Adapter UNet,
+PuLID's UNet (its ID attention) and, once per identity, PuLID's ID encoder.
 
     python -m sdrt.bench.conditioning ENGINE_DIR [--resolution 512] [--calls 5] [--backend ort-cpu] [-o OUT]
+                                      [--rounds N]
 
 One "step" is one call at the given resolution with the guidance batch (2 images' worth: uncond + cond), on random
-inputs shaped from the manifest's I/O specs. Calls are interleaved (plain, residual UNet, each ControlNet, IP UNet,
-then again) so that load on a shared machine spreads over all of them; the median of --calls is reported. A step
-with ControlNets costs unet_controlnet + Σ controlnet/NAME; outside the start/end window only unet_controlnet runs.
+inputs shaped from the manifest's I/O specs (PuLID: fidelity mode, 10 ID tokens + 8 zero rows, scale 0.8; its
+encoder: one photo's inputs, batch 1). Calls are interleaved (plain, residual UNet, each ControlNet, IP UNet, then
+again) so that load on a shared machine spreads over all of them; the median of --calls is reported. A step with
+ControlNets costs unet_controlnet + Σ controlnet/NAME; outside the start/end window only unet_controlnet runs.
+--rounds N: each graph in a fresh process instead, one after another, N rounds (graphs that do not fit in memory
+together: a full-size SDXL UNet beside unet_pulid); the median over all rounds' calls.
 Prints JSON; writes result.json into OUT when given.
 """
 
@@ -21,9 +26,14 @@ from pathlib import Path
 import torch
 
 
+PULID_UNET, PULID_ENCODER = "unet_pulid", "pulid/encoder"  # export/extras/pulid.py
+PULID_SCALARS = {"id_scale": 0.8, "id_ortho": 0.0, "id_ortho_v2": 1.0}  # PuLID's app, v1 "fidelity" (ORTHO_v2)
+
+
 def _feed(entry: dict, latent_h: int, latent_w: int, factor: int, batch: int = 2) -> dict[str, torch.Tensor]:
     dims = {"batch_size": batch, "sequence_length": 77, "height": latent_h, "width": latent_w,
-            "sample_height": latent_h * factor, "sample_width": latent_w * factor, "ip_images": 1}
+            "sample_height": latent_h * factor, "sample_width": latent_w * factor, "ip_images": 1,
+            "id_tokens": 18, "patches": 577}  # PuLID v1 fidelity: 10 ID tokens + 8 zero rows; EVA's 577 tokens
     g = torch.Generator().manual_seed(0)
     feed = {}
     for spec in entry["inputs"]:
@@ -39,6 +49,8 @@ def _feed(entry: dict, latent_h: int, latent_w: int, factor: int, batch: int = 2
             feed[spec["name"]] = torch.tensor(500.0)
         elif spec["name"] in ("conditioning_scale", "ip_scale_0"):
             feed[spec["name"]] = torch.tensor(1.0)
+        elif spec["name"] in PULID_SCALARS:
+            feed[spec["name"]] = torch.tensor(PULID_SCALARS[spec["name"]])
         elif dtype == torch.int64:
             feed[spec["name"]] = torch.zeros(shape, dtype=dtype)
         else:
@@ -46,16 +58,25 @@ def _feed(entry: dict, latent_h: int, latent_w: int, factor: int, batch: int = 2
     return feed
 
 
-def measure(engine_dir: Path, resolution: int, calls: int, backend: str) -> dict:
+def graph_names(manifest: dict) -> list[str]:
+    return [n for n in manifest["components"]
+            if n in ("unet", "unet_controlnet", "unet_ip", PULID_UNET, PULID_ENCODER) or n.startswith("controlnet/")]
+
+
+def _feeds(manifest: dict, names: list[str], resolution: int) -> dict:
+    factor = manifest["vae_scale_factor"]
+    return {n: _feed(manifest["components"][n], resolution // factor, resolution // factor, factor,
+                     batch=1 if n == PULID_ENCODER else 2) for n in names}
+
+
+def _times(engine_dir: Path, names: list[str], resolution: int, calls: int, backend: str) -> dict[str, list]:
+    """Open each graph, one warm-up call, then `calls` timed calls interleaved across graphs (seconds)."""
     from sdrt.engines.select import open_engine
     from sdrt.runtime.loader import read_manifest
 
     manifest = read_manifest(engine_dir)
-    factor = manifest["vae_scale_factor"]
-    names = [n for n in manifest["components"]
-             if n in ("unet", "unet_controlnet", "unet_ip") or n.startswith("controlnet/")]
     engines = {n: open_engine(engine_dir / n / "model.onnx", backend) for n in names}
-    feeds = {n: _feed(manifest["components"][n], resolution // factor, resolution // factor, factor) for n in names}
+    feeds = _feeds(manifest, names, resolution)
     for n in names:  # warm-up
         engines[n](feeds[n])
     times = {n: [] for n in names}
@@ -64,9 +85,37 @@ def measure(engine_dir: Path, resolution: int, calls: int, backend: str) -> dict
             start = time.perf_counter()
             engines[n](feeds[n])
             times[n].append(time.perf_counter() - start)
+    return times
+
+
+def _times_in_processes(engine_dir: Path, names: list[str], resolution: int, calls: int, backend: str,
+                        rounds: int) -> dict[str, list]:
+    """Each graph alone in a fresh process (load, warm-up, `calls` calls), graph after graph, `rounds` times."""
+    import subprocess
+    import sys
+
+    times = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            out = subprocess.run([sys.executable, "-m", "sdrt.bench.conditioning", str(engine_dir), "--only", n,
+                                  "--resolution", str(resolution), "--calls", str(calls), "--backend", backend],
+                                 capture_output=True, text=True, check=True).stdout
+            times[n] += json.loads(out)[n]
+    return times
+
+
+def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds: int = 0) -> dict:
+    from sdrt.runtime.loader import read_manifest
+
+    manifest = read_manifest(engine_dir)
+    names = graph_names(manifest)
+    if rounds:
+        times = _times_in_processes(engine_dir, names, resolution, calls, backend, rounds)
+    else:
+        times = _times(engine_dir, names, resolution, calls, backend)
     ms = {n: round(statistics.median(t) * 1000, 2) for n, t in times.items()}
     out = {"engine_dir": str(engine_dir), "resolution": resolution, "batch": 2, "calls": calls, "backend": backend,
-           "median_ms": ms}
+           "rounds_in_fresh_processes": rounds, "median_ms": ms}
     if "unet" in ms:
         plain = ms["unet"]
         nets = [n for n in ms if n.startswith("controlnet/")]
@@ -77,6 +126,10 @@ def measure(engine_dir: Path, resolution: int, calls: int, backend: str) -> dict
                                                               / plain, 3)
         if "unet_ip" in ms:
             out["ip_unet_vs_plain"] = round(ms["unet_ip"] / plain, 3)
+        if PULID_UNET in ms:
+            out["pulid_unet_vs_plain"] = round(ms[PULID_UNET] / plain, 3)
+    if PULID_ENCODER in ms:
+        out["pulid_encoder_ms_per_identity"] = ms[PULID_ENCODER]  # batch 1; the negative's tokens are constant
     return out
 
 
@@ -87,8 +140,13 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--backend", default="ort-cpu")
     parser.add_argument("-o", "--out", type=Path)
+    parser.add_argument("--rounds", type=int, default=0, help="each graph in a fresh process, N rounds")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # one graph's call times (s), for --rounds
     args = parser.parse_args(argv)
-    result = measure(args.engine_dir, args.resolution, args.calls, args.backend)
+    if args.only:
+        print(json.dumps(_times(args.engine_dir, [args.only], args.resolution, args.calls, args.backend)))
+        return
+    result = measure(args.engine_dir, args.resolution, args.calls, args.backend, args.rounds)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

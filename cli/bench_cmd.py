@@ -50,8 +50,10 @@ def bench(
                                      "(seconds to rebuild the UNet session, back to the base, to a cached set) and "
                                      "its per-step overhead, for MODEL (an engine directory or sd15)"),
     conditioning: bool = typer.Option(False, "--conditioning", help="instead: the per-step cost of each ControlNet, "
-                                      "the residual UNet and the IP-Adapter UNet against the plain UNet, for MODEL "
-                                      "(an engine directory exported with them)"),
+                                      "the residual UNet, the IP-Adapter UNet and PuLID's UNet against the plain "
+                                      "UNet, and PuLID's ID encoder once per identity, for MODEL (an engine directory "
+                                      "exported with them); with --alternate each graph in a fresh process, two "
+                                      "rounds of --runs calls"),
     lora_rank: int = typer.Option(16, help="with --lora-switch: the rank of the random LoRA on every attention "
                                            "projection"),
     cache_interval: int = typer.Option(1, help="step caching (DeepCache, branch 0) every N steps in every backend "
@@ -76,6 +78,8 @@ def bench(
             raise typer.BadParameter("--conditioning needs MODEL: an engine directory with ControlNets or an IP-Adapter")
         argv = [model, "--calls", str(runs), "--backend", backend[0] if backend else "ort-cpu",
                 "--out", str(out or Path("bench/results") / "conditioning")]
+        if alternate:  # full-size graphs that do not fit in memory together: each in a fresh process, two rounds
+            argv += ["--rounds", "2"]
         if resolution is not None:
             argv += ["--resolution", resolution]
         cond.main(argv)

@@ -524,3 +524,29 @@ def test_pulid_v11_equals_its_algorithm_over_diffusers(pulid11, tiny_pipeline, m
     moved = np.abs(to_uint8(ours).astype(int) - plain).max()
     print(f"pulid v1.1 {mode}: moves pixels by {moved}/255 against the plain run")
     assert moved > 8
+
+
+# ---- sdrt bench --conditioning ----
+def test_bench_reports_pulids_per_step_and_per_identity_cost(pulid_engine):
+    """bench/conditioning.py times unet_pulid against the plain UNet (fidelity inputs, the guidance batch) and the ID
+    encoder once per identity (batch 1), interleaved in one process."""
+    from sdrt.bench import conditioning
+
+    engine, _ = pulid_engine
+    result = conditioning.measure(engine, resolution=32, calls=1, backend="ort-cpu")
+    assert {"unet", "unet_pulid", "pulid/encoder"} <= set(result["median_ms"])
+    assert result["pulid_unet_vs_plain"] == round(result["median_ms"]["unet_pulid"] / result["median_ms"]["unet"], 3)
+    assert result["pulid_encoder_ms_per_identity"] > 0
+
+
+@pytest.mark.slow
+def test_bench_alternate_times_each_graph_in_its_own_process(pulid_engine, tmp_path):
+    engine, _ = pulid_engine
+    done = run_sdrt("bench", str(engine), "--conditioning", "--alternate", "--resolution", "32", "--runs", "1",
+                    "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["rounds_in_fresh_processes"] == 2
+    assert {"unet", "unet_pulid", "pulid/encoder"} <= set(result["median_ms"])
+    assert all(v > 0 for v in result["median_ms"].values())
+    assert "pulid_unet_vs_plain" in result
