@@ -10,7 +10,10 @@ encoder: one photo's inputs, batch 1). Calls are interleaved (plain, residual UN
 again) so that load on a shared machine spreads over all of them; the median of --calls is reported. A step with
 ControlNets costs unet_controlnet + Σ controlnet/NAME; outside the start/end window only unet_controlnet runs.
 --rounds N: each graph in a fresh process instead, one after another, N rounds (graphs that do not fit in memory
-together: a full-size SDXL UNet beside unet_pulid); the median over all rounds' calls.
+together: a full-size SDXL UNet beside unet_pulid); the median over all rounds' calls. --with-diffusers (with
+--rounds): the same calls on diffusers' UNet in torch, plain and with PuLID's ID attention processors swapped in (the
+module unet_pulid is traced from: PuLID's IDAttnProcessor2_0 re-stated, tests/test_pulid.py), from the folder the
+engine directory was exported from: the fair baseline for each step.
 Prints JSON; writes result.json into OUT when given.
 """
 
@@ -88,6 +91,48 @@ def _times(engine_dir: Path, names: list[str], resolution: int, calls: int, back
     return times
 
 
+TORCH = "diffusers:"  # a graph name's prefix: the torch module it was exported from, run by diffusers
+
+
+def _torch_module(manifest: dict, name: str):
+    """diffusers' UNet from the export's source folder, as unet or (PuLID's processors swapped in) unet_pulid."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from sdrt.export.components import split_added_cond
+    from sdrt.export.extras import pulid
+
+    unet = UNet2DConditionModel.from_pretrained(Path(manifest["source"]["location"]) / "unet").eval()
+    added = unet.config.addition_embed_type == "text_time"
+    if name == "unet":
+        def plain(sample, timestep, encoder_hidden_states, *rest):
+            extra, _ = split_added_cond(rest, added)
+            return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=extra, return_dict=False)[0]
+        return plain
+    source = manifest["pulid"]["source"]
+    ids = pulid.id_unet(SimpleNamespace(unet=unet), pulid.read(source, source), source)
+    return pulid.unet_spec(None, ids, unet.config.cross_attention_dim).make_module(None).eval()
+
+
+def _torch_times(engine_dir: Path, name: str, resolution: int, calls: int) -> dict[str, list]:
+    from sdrt.runtime.loader import read_manifest
+
+    manifest = read_manifest(engine_dir)
+    graph = name.removeprefix(TORCH)
+    module = _torch_module(manifest, graph)
+    feed = _feeds(manifest, [graph], resolution)[graph]
+    args = [feed[spec["name"]] for spec in manifest["components"][graph]["inputs"]]
+    times = []
+    with torch.no_grad():
+        module(*args)  # warm-up
+        for _ in range(calls):
+            start = time.perf_counter()
+            module(*args)
+            times.append(time.perf_counter() - start)
+    return {name: times}
+
+
 def _times_in_processes(engine_dir: Path, names: list[str], resolution: int, calls: int, backend: str,
                         rounds: int) -> dict[str, list]:
     """Each graph alone in a fresh process (load, warm-up, `calls` calls), graph after graph, `rounds` times."""
@@ -104,11 +149,16 @@ def _times_in_processes(engine_dir: Path, names: list[str], resolution: int, cal
     return times
 
 
-def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds: int = 0) -> dict:
+def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds: int = 0,
+            with_diffusers: bool = False) -> dict:
     from sdrt.runtime.loader import read_manifest
 
     manifest = read_manifest(engine_dir)
     names = graph_names(manifest)
+    if with_diffusers:
+        if not rounds:
+            raise ValueError("--with-diffusers needs --rounds (torch and ONNX Runtime each in a process of its own)")
+        names += [TORCH + n for n in ("unet", PULID_UNET) if n in names]
     if rounds:
         times = _times_in_processes(engine_dir, names, resolution, calls, backend, rounds)
     else:
@@ -128,6 +178,9 @@ def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds:
             out["ip_unet_vs_plain"] = round(ms["unet_ip"] / plain, 3)
         if PULID_UNET in ms:
             out["pulid_unet_vs_plain"] = round(ms[PULID_UNET] / plain, 3)
+    if TORCH + "unet" in ms and TORCH + PULID_UNET in ms:
+        out["diffusers_pulid_unet_vs_plain"] = round(ms[TORCH + PULID_UNET] / ms[TORCH + "unet"], 3)
+        out["diffusers_vs_sdrt_pulid_step"] = round(ms[TORCH + PULID_UNET] / ms[PULID_UNET], 3)
     if PULID_ENCODER in ms:
         out["pulid_encoder_ms_per_identity"] = ms[PULID_ENCODER]  # batch 1; the negative's tokens are constant
     return out
@@ -141,12 +194,15 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", default="ort-cpu")
     parser.add_argument("-o", "--out", type=Path)
     parser.add_argument("--rounds", type=int, default=0, help="each graph in a fresh process, N rounds")
+    parser.add_argument("--with-diffusers", action="store_true", help="with --rounds: diffusers' UNet too")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # one graph's call times (s), for --rounds
     args = parser.parse_args(argv)
     if args.only:
-        print(json.dumps(_times(args.engine_dir, [args.only], args.resolution, args.calls, args.backend)))
+        times = _torch_times(args.engine_dir, args.only, args.resolution, args.calls) if args.only.startswith(TORCH) \
+            else _times(args.engine_dir, [args.only], args.resolution, args.calls, args.backend)
+        print(json.dumps(times))
         return
-    result = measure(args.engine_dir, args.resolution, args.calls, args.backend, args.rounds)
+    result = measure(args.engine_dir, args.resolution, args.calls, args.backend, args.rounds, args.with_diffusers)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

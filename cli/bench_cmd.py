@@ -53,7 +53,8 @@ def bench(
                                       "the residual UNet, the IP-Adapter UNet and PuLID's UNet against the plain "
                                       "UNet, and PuLID's ID encoder once per identity, for MODEL (an engine directory "
                                       "exported with them); with --alternate each graph in a fresh process, two "
-                                      "rounds of --runs calls"),
+                                      "rounds of --runs calls, and --backend ort-cpu,diffusers adds diffusers' UNet, "
+                                      "plain and with PuLID's processors"),
     lora_rank: int = typer.Option(16, help="with --lora-switch: the rank of the random LoRA on every attention "
                                            "projection"),
     cache_interval: int = typer.Option(1, help="step caching (DeepCache, branch 0) every N steps in every backend "
@@ -76,10 +77,17 @@ def bench(
 
         if model is None or not Path(model).is_dir():
             raise typer.BadParameter("--conditioning needs MODEL: an engine directory with ControlNets or an IP-Adapter")
-        argv = [model, "--calls", str(runs), "--backend", backend[0] if backend else "ort-cpu",
+        from sdrt.bench.scenarios import DIFFUSERS_BACKENDS, split_backends
+
+        wanted = split_backends(tuple(backend or ()))
+        ours = [b for b in wanted if b not in DIFFUSERS_BACKENDS]
+        argv = [model, "--calls", str(runs), "--backend", ours[0] if ours else "ort-cpu",
                 "--out", str(out or Path("bench/results") / "conditioning")]
         if alternate:  # full-size graphs that do not fit in memory together: each in a fresh process, two rounds
-            argv += ["--rounds", "2"]
+            argv += ["--rounds", "2"] + (["--with-diffusers"] if "diffusers" in wanted else [])
+        elif "diffusers" in wanted:
+            raise typer.BadParameter("--conditioning times diffusers' UNet beside sdrt's graphs with --alternate only "
+                                     "(each in a process of its own)")
         if resolution is not None:
             argv += ["--resolution", resolution]
         cond.main(argv)

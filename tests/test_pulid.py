@@ -542,11 +542,14 @@ def test_bench_reports_pulids_per_step_and_per_identity_cost(pulid_engine):
 @pytest.mark.slow
 def test_bench_alternate_times_each_graph_in_its_own_process(pulid_engine, tmp_path):
     engine, _ = pulid_engine
-    done = run_sdrt("bench", str(engine), "--conditioning", "--alternate", "--resolution", "32", "--runs", "1",
-                    "-o", str(tmp_path))
+    done = run_sdrt("bench", str(engine), "--conditioning", "--alternate", "--backend", "ort-cpu,diffusers",
+                    "--resolution", "32", "--runs", "1", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["rounds_in_fresh_processes"] == 2
-    assert {"unet", "unet_pulid", "pulid/encoder"} <= set(result["median_ms"])
+    assert set(result["median_ms"]) == {"unet", "unet_pulid", "pulid/encoder", "diffusers:unet",
+                                        "diffusers:unet_pulid"}
     assert all(v > 0 for v in result["median_ms"].values())
-    assert "pulid_unet_vs_plain" in result
+    assert {"pulid_unet_vs_plain", "diffusers_pulid_unet_vs_plain", "diffusers_vs_sdrt_pulid_step"} <= set(result)
+    refused = run_sdrt("bench", str(engine), "--conditioning", "--backend", "ort-cpu,diffusers", "--runs", "1")
+    assert refused.returncode == 2 and "--alternate" in refused.stderr
