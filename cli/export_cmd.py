@@ -64,6 +64,12 @@ def export(
     pulid: Optional[str] = typer.Option(None, "--pulid", help="PuLID v1's file (guozinan/PuLID pulid_v1.bin): its "
                                         "ID encoder as pulid/encoder and unet_pulid, the UNet with its ID attention "
                                         "(SDXL only)"),
+    pulid_eva: Optional[str] = typer.Option(None, "--pulid-eva", help="with --pulid: EVA02-CLIP-L-14-336's "
+                                            "checkpoint (QuanSun/EVA-CLIP EVA02_CLIP_L_336_psz14_s6B.pt), its visual "
+                                            "tower as pulid/eva, so that `sdrt run --pulid-photo` needs no .npz; needs "
+                                            "--pulid-parsing"),
+    pulid_parsing: Optional[str] = typer.Option(None, "--pulid-parsing", help="with --pulid-eva: facexlib's face "
+                                                "parser (parsing_bisenet.pth) as pulid/parsing"),
     photomaker: Optional[str] = typer.Option(None, "--photomaker", help="PhotoMaker's file (TencentARC/PhotoMaker "
                                              "photomaker-v1.bin or photomaker-v2.bin, or .safetensors): its ID encoder "
                                              "and fuse module as "
@@ -83,7 +89,7 @@ def export(
         device_info()
 
     adding = bool(controlnet or ip_adapter or image_encoder or t2i_adapter or instantid or pulid
-                  or photomaker) and (Path(model) / "manifest.json").is_file()
+                  or photomaker or pulid_eva or pulid_parsing) and (Path(model) / "manifest.json").is_file()
     if adding and output is not None and Path(output).absolute() != Path(model).absolute():
         raise UserError(f"{model} is an engine directory: ControlNets and IP-Adapters are added into it; drop "
                         "-o/--output")
@@ -96,7 +102,7 @@ def export(
                        hypernetworks=file_scale_args(hypernetwork, "--hypernetwork"),
                        tiny_vae=tiny_vae, deepcache=deepcache, controlnets=tuple(controlnet), ip_adapter=tuple(ip_adapter),
                        image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapter), instantid=instantid,
-                       pulid=pulid, photomaker=photomaker)
+                       pulid=pulid, photomaker=photomaker, pulid_eva=pulid_eva, pulid_parsing=pulid_parsing)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -114,7 +120,8 @@ def export(
             from sdrt.export.exporter import add_controlnets
 
             manifest = add_controlnets(Path(model), tuple(controlnet), progress, tuple(ip_adapter), image_encoder,
-                                       tuple(t2i_adapter), instantid, pulid, photomaker=photomaker)
+                                       tuple(t2i_adapter), instantid, pulid, photomaker=photomaker,
+                                       pulid_eva=pulid_eva, pulid_parsing=pulid_parsing)
         else:
             manifest = run_export(cfg, progress)
     if trt:

@@ -225,13 +225,14 @@ def _instantid_fields(o: RunOptions) -> dict:
 
 
 def _pulid_fields(o: RunOptions) -> dict:
-    """--pulid-id FILE (.npz: the ID encoder's inputs by name; .npy: the ID tokens), --pulid-photo PHOTO (the inputs'
-    embedding read from a photo) and the controls."""
+    """--pulid-id FILE (.npz: the ID encoder's inputs by name; .npy: the ID tokens), --pulid-photo PHOTO (alone: all
+    three inputs from the photo, runtime/conditioning/pulid_photo.py; with a .npz: its embedding) and the controls."""
     if o.pulid_id is None:
-        if o.pulid_photo is not None:
-            raise UserError("--pulid-photo gives only the face embedding; PuLID also needs EVA-CLIP's part: --pulid-id "
-                            "FILE.npz with eva_embedding and eva_hidden")
-        return {}
+        if o.pulid_photo is None:
+            return {}
+        return {"pulid_id": {"embedding": image_io.load_image(o.pulid_photo)}, "pulid_scale": o.pulid_scale,
+                "pulid_mode": o.pulid_mode, "pulid_start_step": o.pulid_start_step,
+                "pulid_zero_tokens": o.pulid_zero_tokens}
     import numpy as np
 
     try:

@@ -78,6 +78,8 @@ class ExportConfig:
     t2i_adapters: tuple[str, ...] = ()  # "SRC[=NAME]": T2I-Adapters, components t2i_adapter/NAME (export/extras/t2i_adapter.py)
     instantid: str | None = None  # InstantID's folder (IdentityNet + its adapter: export/extras/instantid.py)
     pulid: str | None = None  # PuLID v1's file (the ID encoder + unet_pulid: export/extras/pulid.py)
+    pulid_eva: str | None = None  # with pulid: EVA02-CLIP's checkpoint and facexlib's BiSeNet, PuLID's photo path
+    pulid_parsing: str | None = None  # (pulid/eva, pulid/parsing: export/extras/pulid_eva.py)
     photomaker: str | None = None  # PhotoMaker v1/v2's file (ID encoder, fuse, LoRA: export/extras/photomaker.py)
 
 
@@ -315,7 +317,7 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
         raise UserError("two --controlnet sources have the same name; name them with SRC=NAME")
     t2i_sources = [t2i.parse(a) for a in cfg.t2i_adapters]
     iid_source = iid.parse(cfg.instantid) if cfg.instantid else None
-    pulid_source = pulid.parse(cfg.pulid) if cfg.pulid else None
+    pulid_source = pulid.parse(cfg.pulid, cfg.pulid_eva, cfg.pulid_parsing)
     pm_source = pm.parse(cfg.photomaker) if cfg.photomaker else None
     ip_source = ipa.source_of(cfg.ip_adapter, cfg.image_encoder, local_location,
                               iid_source and (iid_source.adapter, iid.NAME))
@@ -491,7 +493,8 @@ def export(cfg: ExportConfig, progress: Progress = lambda name, status: None) ->
 def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Progress = lambda n, s: None,
                     ip_adapter: str | tuple[str, ...] | None = None, image_encoder: str | None = None,
                     t2i_adapters: tuple[str, ...] = (), instantid: str | None = None, pulid: str | None = None,
-                    photomaker: str | None = None) -> dict:
+                    photomaker: str | None = None, pulid_eva: str | None = None,
+                    pulid_parsing: str | None = None) -> dict:
     """`sdrt export DIR --controlnet SRC` (or `--ip-adapter FILE --image-encoder DIR`): the directory's own export
     re-run with more ControlNets (or IP-Adapters, replacing the ones there). Every component
     already there is reused by its key (nothing re-traced); the model is loaded again from the manifest's source,
@@ -508,6 +511,9 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
     recorded = manifest.get("ip_adapter") or {}
     instantid = instantid or (manifest.get("instantid") or {}).get("source")  # kept: its graphs reused by key
     pulid = pulid or (manifest.get("pulid") or {}).get("source")
+    photo = (manifest.get("pulid") or {}).get("photo") or {}  # PuLID's photo path, kept with its files
+    pulid_eva, pulid_parsing = pulid_eva or photo.get("eva", {}).get("source"), \
+        pulid_parsing or photo.get("parsing", {}).get("source")
     photomaker = photomaker or (manifest.get("photomaker") or {}).get("source")
     if not ip_adapter and image_encoder is None and recorded and (controlnets or instantid):  # they join the new ones
         ip_adapter, image_encoder = ipa.recorded_sources(recorded), recorded.get("image_encoder")
@@ -517,7 +523,8 @@ def add_controlnets(engine_dir: Path, controlnets: tuple[str, ...], progress: Pr
                        single_file_config=source.get("config"), hypernetworks=hypernets,
                        deepcache=any(n.startswith("unet_deepcache") for n in present), controlnets=tuple(controlnets),
                        ip_adapter=ip_adapter, image_encoder=image_encoder, t2i_adapters=tuple(t2i_adapters),
-                       instantid=instantid, pulid=pulid, photomaker=photomaker)
+                       instantid=instantid, pulid=pulid, photomaker=photomaker, pulid_eva=pulid_eva,
+                       pulid_parsing=pulid_parsing)
     return export(cfg, progress)
 
 

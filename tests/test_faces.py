@@ -269,8 +269,8 @@ def test_cli_options_carry_photos_and_the_models_folder(tmp_path):
     assert isinstance(request.instantid.instantid_face, Image.Image) and request.instantid.instantid_kps is None
     assert isinstance(request.pulid.pulid_id["embedding"], Image.Image)
     assert set(request.pulid.pulid_id) == {"embedding", "eva_embedding", "eva_hidden"}
-    with pytest.raises(UserError, match="EVA-CLIP"):
-        build_request(RunOptions(**base, pulid_photo=tmp_path / "photo.png"))
+    alone = build_request(RunOptions(**base, pulid_photo=tmp_path / "photo.png"))  # the whole identity from the photo
+    assert set(alone.pulid.pulid_id) == {"embedding"}  # (tests/test_pulid_eva.py)
     with pytest.raises(UserError, match="ID tokens"):
         build_request(RunOptions(**base, pulid_id=tmp_path / "tokens.npy", pulid_photo=tmp_path / "photo.png"))
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from sdrt.runtime.errors import UserError
 
 from sdrt.export.components import ComponentSpec, Shape, _unet_spec, has_timestep_cond, split_added_cond
+from sdrt.export.extras import pulid_eva
 from sdrt.export.load import sha256_of_files
 
 ENCODER = "pulid/encoder"
@@ -49,14 +50,21 @@ class PulidSource:
     given: str  # what --pulid named
     path: str
     state: dict  # its tensors, fp32, the layout checked (read)
+    photo: pulid_eva.PhotoSource | None = None  # --pulid-eva and --pulid-parsing (export/extras/pulid_eva.py)
 
 
-def parse(text: str) -> PulidSource:
-    """The file read and its layout checked, before the model loads."""
+def parse(text: str | None, eva: str | None = None, parsing: str | None = None) -> PulidSource | None:
+    """The file (and the photo path's two, where given) read and its layout checked, before the model loads; None
+    without --pulid."""
+    if text is None:
+        if eva is not None or parsing is not None:
+            raise UserError("--pulid-eva and --pulid-parsing add PuLID's photo path to its ID encoder: give --pulid "
+                            "FILE too (or add them to an engine directory that has PuLID)")
+        return None
     path = Path(text).expanduser().absolute()
     if not path.is_file():
         raise UserError(f"--pulid {text}: no such file (give guozinan/PuLID's pulid_v1.bin)")
-    return PulidSource(text, str(path), read(text, str(path)))
+    return PulidSource(text, str(path), read(text, str(path)), pulid_eva.parse(eva, parsing))
 
 
 def check_model(family: str, src: PulidSource | None, pipe) -> None:
@@ -358,13 +366,18 @@ def load(pipe, src: PulidSource) -> dict:
               "encoder": ENCODER, "unet": UNET_PULID, "face_dim": FACE_WIDTH, "eva_dim": EVA_WIDTH,
               "eva_layers": len(encoder.mapping), "eva_width": encoder.hidden_width, "eva_patches": SAMPLE_PATCHES,
               "tokens": encoder.out_tokens, "token_dim": encoder.context_dim}
-    return {"encoder": encoder, "unet": unet, "record": record}
+    photo = pulid_eva.load(src.photo, record) if src.photo is not None else None
+    if photo is not None:
+        record["photo"] = photo["record"]  # the graphs a photo runs through (runtime/conditioning/pulid_photo.py)
+    return {"encoder": encoder, "unet": unet, "record": record, "photo": photo}
 
 
 def specs(pipe, loaded: dict) -> dict:
-    """{component: (spec, config.json content, key digest)} for the encoder and unet_pulid."""
+    """{component: (spec, config.json content, key digest)} for the encoder and unet_pulid (and the photo path's
+    pulid/eva and pulid/parsing)."""
     record, key = loaded["record"], "|pulid:" + loaded["record"]["sha256"]
     config = {k: record[k] for k in ("face_dim", "eva_dim", "eva_layers", "eva_width", "tokens", "token_dim")}
+    photo = pulid_eva.specs(loaded["photo"]) if loaded.get("photo") is not None else {}
     return {ENCODER: (encoder_spec(loaded["encoder"]), config, key),
-            UNET_PULID: (unet_spec(pipe, loaded["unet"], record["token_dim"]), dict(pipe.unet.config), key)}
+            UNET_PULID: (unet_spec(pipe, loaded["unet"], record["token_dim"]), dict(pipe.unet.config), key), **photo}
 

@@ -9,7 +9,9 @@ The request gives the identity precomputed, one face (`pulid_id`), either
   [768] of the aligned, parsed face (L2-normalised here, as PuLID does), "eva_hidden": the 5 hidden states [5, 577,
   1024] entering EVA's blocks 4, 8, 12, 16, 20}; the encoder's output is cached per identity (keyed by the inputs'
   bytes), so a second request with the same face skips it; or
-- the ID tokens themselves [T, D] (the encoder's output, e.g. saved from PuLID's own pipeline).
+- the ID tokens themselves [T, D] (the encoder's output, e.g. saved from PuLID's own pipeline); or
+- one photo, {"embedding": PHOTO} alone: all three inputs from it as get_id_embedding makes them (pulid_photo.py,
+  through the directory's pulid/parsing and pulid/eva graphs: `sdrt export --pulid-eva --pulid-parsing`).
 Reproduces PuLIDPipeline.inference (pipeline.py, pipeline_v1_1.py, attention_processor.py, app.py, app_v1_1.py): the
 negative tokens are the encoder on all-zero inputs; with guidance the UNet sees [negative ‖ positive] tokens, each
 image its own copy (PuLID's apps run one image per call); the mode picks the projection — fidelity ORTHO_v2, style
@@ -34,7 +36,7 @@ from PIL import Image
 
 from sdrt.runtime import fields
 from sdrt.runtime.conditioning.cache import LruCache, graph_key
-from sdrt.runtime.conditioning import faces
+from sdrt.runtime.conditioning import faces, pulid_photo
 from sdrt.runtime.conditioning.graphs import PULID, graph_for
 from sdrt.runtime.denoiser import feed as feed_mod
 from sdrt.runtime.fields import InvalidRequest
@@ -58,6 +60,7 @@ class PulidUse:
     mode: str
     start_step: int
     zero_tokens: int
+    photo: pulid_photo.PhotoFace | None = None  # a photo alone: EVA's part made at attach (pulid_photo.py)
 
     def key(self) -> tuple:
         return self.digest, self.scale, self.mode, self.start_step, self.zero_tokens
@@ -112,7 +115,11 @@ def validate(request, model_dir, context) -> PulidUse | None:
     if not record:
         raise InvalidRequest("pulid_id", "this engine directory has no PuLID (export one with --pulid)")
     tokens = id_cond = hidden = None
-    if isinstance(group.pulid_id, Mapping):
+    photo = None
+    if isinstance(group.pulid_id, Mapping) and pulid_photo.photo_only(group.pulid_id):
+        photo = pulid_photo.read(group.pulid_id["embedding"], record, model_dir, request.adapters.face_models)
+        digest = "photo:" + photo.digest
+    elif isinstance(group.pulid_id, Mapping):
         id_cond, hidden = _inputs(group.pulid_id, record, request.adapters.face_models)
         digest = hashlib.sha256(id_cond.tobytes() + hidden.tobytes() + str(hidden.shape).encode()).hexdigest()
     else:
@@ -136,16 +143,18 @@ def validate(request, model_dir, context) -> PulidUse | None:
         if not model_dir.has(component):
             raise InvalidRequest("pulid_id", f"this engine directory has no {component} graph; export it again with "
                                              "--pulid")
-    return PulidUse(digest, tokens, id_cond, hidden, scale, group.pulid_mode, start, zeros)
+    return PulidUse(digest, tokens, id_cond, hidden, scale, group.pulid_mode, start, zeros, photo)
 
 
 CACHE = LruCache(CACHE_SIZE)  # ID encoder outputs [T, D] per (directory, encoder file, the inputs' digest)
 
 
-def id_tokens(parts, record: dict, digest: str, id_cond: np.ndarray, hidden: np.ndarray) -> torch.Tensor:
-    """The ID encoder's tokens [T, D] for one identity, cached by its inputs' digest."""
+def id_tokens(parts, record: dict, digest: str, inputs) -> torch.Tensor:
+    """The ID encoder's tokens [T, D] for one identity, cached by its inputs' digest; `inputs()` gives (id_cond,
+    hidden) when they are not cached (a photo's run through the EVA graphs then)."""
     def run():
         engine = parts.component(record["encoder"])
+        id_cond, hidden = inputs()
         return feed_mod.run(engine, id_cond=torch.from_numpy(id_cond)[None],
                             id_vit_hidden=torch.from_numpy(hidden)[None])["id_tokens"][0].float()
     return CACHE.get(graph_key(parts, record["encoder"]) + (digest,), run)
@@ -172,7 +181,7 @@ def negative_tokens(parts, record: dict, patches: int) -> torch.Tensor:
     """The encoder on all-zero inputs (PuLID's uncond_id_embedding) at `patches` EVA tokens."""
     id_cond = np.zeros(record["face_dim"] + record["eva_dim"], dtype=np.float32)
     hidden = np.zeros((record["eva_layers"], patches, record["eva_width"]), dtype=np.float32)
-    return id_tokens(parts, record, f"zeros:{patches}", id_cond, hidden)
+    return id_tokens(parts, record, f"zeros:{patches}", lambda: (id_cond, hidden))
 
 
 def attach(parts, job, prep):
@@ -184,8 +193,11 @@ def attach(parts, job, prep):
     if use.tokens is not None:
         positive = torch.from_numpy(use.tokens)
         patches = record["eva_patches"]
+    elif use.photo is not None:
+        positive = id_tokens(parts, record, use.digest, lambda: pulid_photo.encoder_inputs(parts, record, use.photo))
+        patches = record["photo"]["eva"]["patches"]
     else:
-        positive = id_tokens(parts, record, use.digest, use.id_cond, use.hidden)
+        positive = id_tokens(parts, record, use.digest, lambda: (use.id_cond, use.hidden))
         patches = use.hidden.shape[1]
     zeros, (ortho, ortho_v2) = use.zero_tokens, MODES[use.mode]
 
