@@ -553,3 +553,24 @@ def test_bench_alternate_times_each_graph_in_its_own_process(pulid_engine, tmp_p
     assert {"pulid_unet_vs_plain", "diffusers_pulid_unet_vs_plain", "diffusers_vs_sdrt_pulid_step"} <= set(result)
     refused = run_sdrt("bench", str(engine), "--conditioning", "--backend", "ort-cpu,diffusers", "--runs", "1")
     assert refused.returncode == 2 and "--alternate" in refused.stderr
+
+
+@pytest.mark.slow  # 55 M random parameters: several seconds
+def test_the_bench_pulid_file_has_pulids_layout(tiny_pipeline, tmp_path):
+    """bench/fullsize.py write_pulid (the random full-size PuLID file sdrt bench uses) reads as PuLID v1 does."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from sdrt.bench.fullsize import write_pulid
+    from sdrt.export.extras import pulid
+
+    folder = tiny_pipeline("sdxl")
+    path = tmp_path / "pulid_v1.bin"
+    write_pulid(folder, path)
+    state = pulid.read(str(path), str(path))
+    encoder = pulid.IdEncoder(state)
+    assert (encoder.out_tokens, encoder.hidden_width) == (10, 1024)  # PuLID v1: 5 body tokens + 5 EVA layers
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    assert len(pulid.id_unet(SimpleNamespace(unet=unet), state, str(path)).processors) == \
+        sum(name.endswith("attn2.processor") for name in unet.attn_processors)
