@@ -23,6 +23,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -137,7 +138,6 @@ def _times_in_processes(engine_dir: Path, names: list[str], resolution: int, cal
                         rounds: int) -> dict[str, list]:
     """Each graph alone in a fresh process (load, warm-up, `calls` calls), graph after graph, `rounds` times."""
     import subprocess
-    import sys
 
     times = {n: [] for n in names}
     for _ in range(rounds):
@@ -153,8 +153,11 @@ def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds:
             with_diffusers: bool = False) -> dict:
     from sdrt.runtime.loader import read_manifest
 
+    from sdrt.bench.machine import load_average, machine_info, versions
+
     manifest = read_manifest(engine_dir)
     names = graph_names(manifest)
+    load_before = load_average()
     if with_diffusers:
         if not rounds:
             raise ValueError("--with-diffusers needs --rounds (torch and ONNX Runtime each in a process of its own)")
@@ -165,7 +168,8 @@ def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds:
         times = _times(engine_dir, names, resolution, calls, backend)
     ms = {n: round(statistics.median(t) * 1000, 2) for n, t in times.items()}
     out = {"engine_dir": str(engine_dir), "resolution": resolution, "batch": 2, "calls": calls, "backend": backend,
-           "rounds_in_fresh_processes": rounds, "median_ms": ms}
+           "rounds_in_fresh_processes": rounds, "median_ms": ms, "machine": machine_info(), "versions": versions(),
+           "load_average_before_after": [load_before, load_average()]}
     if "unet" in ms:
         plain = ms["unet"]
         nets = [n for n in ms if n.startswith("controlnet/")]
@@ -203,6 +207,7 @@ def main(argv=None) -> None:
         print(json.dumps(times))
         return
     result = measure(args.engine_dir, args.resolution, args.calls, args.backend, args.rounds, args.with_diffusers)
+    result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])  # `sdrt bench …` or this module's
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
