@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from sdrt.runtime.errors import UserError
+
 
 PULID_UNET, PULID_ENCODER = "unet_pulid", "pulid/encoder"  # export/extras/pulid.py
 PULID_SCALARS = {"id_scale": 0.8, "id_ortho": 0.0, "id_ortho_v2": 1.0}  # PuLID's app, v1 "fidelity" (ORTHO_v2)
@@ -142,10 +144,13 @@ def _times_in_processes(engine_dir: Path, names: list[str], resolution: int, cal
     times = {n: [] for n in names}
     for _ in range(rounds):
         for n in names:
-            out = subprocess.run([sys.executable, "-m", "sdrt.bench.conditioning", str(engine_dir), "--only", n,
-                                  "--resolution", str(resolution), "--calls", str(calls), "--backend", backend],
-                                 capture_output=True, text=True, check=True).stdout
-            times[n] += json.loads(out)[n]
+            done = subprocess.run([sys.executable, "-m", "sdrt.bench.conditioning", str(engine_dir), "--only", n,
+                                   "--resolution", str(resolution), "--calls", str(calls), "--backend", backend],
+                                  capture_output=True, text=True)
+            if done.returncode:  # e.g. killed for memory (-9): one line, not the child's traceback
+                last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                raise UserError(f"timing {n} in its own process failed: {last}")
+            times[n] += json.loads(done.stdout)[n]
     return times
 
 
