@@ -98,6 +98,8 @@ class RunOptions:
     instantid_kps: Path | None = None  # .npy [5, 2] keypoints or the keypoint image
     identitynet_scale: float = 0.8
     instantid_ip_scale: float = 0.8
+    enhance_face_region: bool = False  # InstantID's "enhance non-face region" (the demo's default: on)
+    instantid_bbox: str | None = None  # "X1,Y1,X2,Y2": its face box in output pixels
     pulid_id: Path | None = None  # .npz ID-encoder inputs or .npy ID tokens (runtime/conditioning/pulid.py)
     pulid_photo: Path | None = None  # a photo whose face gives the inputs' embedding (the ArcFace part)
     pulid_scale: float = 0.8
@@ -208,8 +210,18 @@ def _instantid_fields(o: RunOptions) -> dict:
     """--instantid-face FILE(.npy | photo), --instantid-kps FILE(.npy | image) and the two scales → the InstantID
     fields."""
     if o.instantid_face is None and o.instantid_kps is None:
+        if o.enhance_face_region or o.instantid_bbox is not None:
+            raise UserError("--enhance-face-region and --instantid-bbox are InstantID options; give --instantid-face "
+                            "with them")
         return {}
-    out = {"identitynet_scale": o.identitynet_scale, "instantid_ip_scale": o.instantid_ip_scale}
+    out = {"identitynet_scale": o.identitynet_scale, "instantid_ip_scale": o.instantid_ip_scale,
+           "enhance_face_region": o.enhance_face_region}
+    if o.instantid_bbox is not None:
+        try:
+            out["instantid_bbox"] = [float(v) for v in o.instantid_bbox.split(",")]
+        except ValueError:
+            raise UserError(f"--instantid-bbox {o.instantid_bbox}: must be X1,Y1,X2,Y2 (the face box in output "
+                            "pixels)") from None
     for name, path in (("instantid_face", o.instantid_face), ("instantid_kps", o.instantid_kps)):
         if path is None or path.suffix.lower() != ".npy":
             out[name] = image_io.load_image(path) if path is not None else None

@@ -127,11 +127,18 @@ def run(
                                                  "keypoint image (.png)"),
     identitynet_scale: float = typer.Option(0.8, help="InstantID: IdentityNet's ControlNet scale"),
     instantid_ip_scale: float = typer.Option(0.8, help="InstantID: its IP-Adapter's scale"),
+    enhance_face_region: bool = typer.Option(False, help="InstantID: its demo's \"enhance non-face region\" (on "
+                                             "there): IdentityNet and the adapter act inside the face box only"),
+    instantid_bbox: Optional[str] = typer.Option(None, help="InstantID: X1,Y1,X2,Y2, the face box in output pixels "
+                                                 "for --enhance-face-region (default with a face photo and no "
+                                                 "--instantid-kps: the photo's face)"),
     pulid_id: Optional[Path] = typer.Option(None, help="PuLID: the identity, as .npz with the ID encoder's inputs "
                                             "(embedding: raw insightface [512], eva_embedding [768], eva_hidden "
                                             "[5, 577, 1024]) or .npy with its output, the ID tokens [T, 2048]"),
-    pulid_photo: Optional[Path] = typer.Option(None, help="PuLID: a photo of the face whose insightface embedding "
-                                               "replaces the --pulid-id .npz's `embedding` (needs --face-models)"),
+    pulid_photo: Optional[Path] = typer.Option(None, help="PuLID: a photo of the face (needs --face-models); alone, "
+                                               "all of the ID encoder's inputs come from it (needs an export with "
+                                               "--pulid-eva and --pulid-parsing); with a --pulid-id .npz, its "
+                                               "insightface embedding replaces the .npz's `embedding`"),
     pulid_scale: float = typer.Option(0.8, help="PuLID: the ID scale (the authors' 0.8)"),
     pulid_mode: str = typer.Option("fidelity", help="PuLID: fidelity (8 zero tokens, ORTHO_v2), style (the app's "
                                                     "'extremely style': 16, ORTHO) or plain"),
@@ -182,7 +189,8 @@ def run(
                          control_end=control_end, guess_mode=guess_mode, control_preprocess=control_preprocess,
                          ip_image=tuple(ip_image), adapter=adapter, instantid_face=instantid_face,
                          instantid_kps=instantid_kps, identitynet_scale=identitynet_scale,
-                         instantid_ip_scale=instantid_ip_scale, pulid_id=pulid_id, pulid_photo=pulid_photo,
+                         instantid_ip_scale=instantid_ip_scale, enhance_face_region=enhance_face_region,
+                         instantid_bbox=instantid_bbox, pulid_id=pulid_id, pulid_photo=pulid_photo,
                          pulid_scale=pulid_scale,
                          pulid_mode=pulid_mode, pulid_start_step=pulid_start_step,
                          pulid_zero_tokens=pulid_zero_tokens,

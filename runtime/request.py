@@ -170,11 +170,14 @@ class T2i:
 class InstantId:
     """InstantID (runtime/conditioning/instantid.py): one face's raw insightface embedding (`embedding`, not
     `normed_embedding`) or a photo of it (read with face_models), its 5 keypoints or the keypoint image (default with
-    a photo: the photo's), IdentityNet's scale and its IP-Adapter's scale."""
+    a photo: the photo's), IdentityNet's scale and its IP-Adapter's scale; the demo's "enhance non-face region" and
+    its face box."""
     instantid_face: Any = None  # [512] or [1, 512] numbers (a list, numpy array or tensor), or a photo
     instantid_kps: Any = None  # [5, 2] pixel coordinates in the output image (eyes, nose, mouth corners), or an image
     identitynet_scale: float = 0.8  # the authors' settings (reference/identity.md §4)
     instantid_ip_scale: float = 0.8
+    enhance_face_region: bool = False  # InstantID's demo has it on; off here unless asked (unchanged images)
+    instantid_bbox: Any = None  # its face box [x1, y1, x2, y2] in output pixels (default with a photo: the photo's)
 
     def __post_init__(self):  # JSON: a base64 keypoint image or photo → PIL (a bad one raises InvalidRequest)
         if isinstance(self.instantid_face, str):
@@ -322,7 +325,7 @@ class Request:
                 if k == "photomaker_faces" and v is not None:
                     d[k] = _listed(v)
                     continue
-                if k in ("instantid_face", "instantid_kps") and v is not None:  # numbers → lists, an image → base64
+                if k in ("instantid_face", "instantid_kps", "instantid_bbox") and v is not None:  # numbers → lists, an image → base64
                     d[k] = encode_image(v) if encode_images and isinstance(v, Image.Image) else \
                         v.tolist() if hasattr(v, "tolist") else v
                     continue

@@ -8,10 +8,12 @@ through `extra_body`): `negative_prompt`, `steps` (or `num_inference_steps`), `g
 `control_preprocess`, `ip_image`, `ip_scale`, `ip_adapters`, `adapter_name`, `adapter_image`, `adapter_scale`,
 `photomaker_images` (a base64 photo or a list), `photomaker_trigger`, `photomaker_style_strength`,
 `photomaker_faces` (v2: [[512 numbers] per photo]), `pulid_id` (ID tokens [[2048 numbers] × T], or the ID encoder's
-inputs {embedding, eva_embedding, eva_hidden}: runtime/conditioning/pulid.py), `pulid_scale`, `pulid_mode`,
+inputs {embedding, eva_embedding, eva_hidden}, the embedding as numbers or a base64 face photo, or {embedding: a
+base64 photo} alone, all three read from it: runtime/conditioning/pulid.py), `pulid_scale`, `pulid_mode`,
 `pulid_start_step`, `pulid_zero_tokens`, `instantid_face` (the raw insightface embedding, [512] numbers; a
 base64 image goes on as a face photo), `instantid_kps` ([[x, y] × 5] output pixels, or a base64 keypoint image),
-`identitynet_scale`, `instantid_ip_scale`; on edits `strength`; on variations `prompt`, `negative_prompt` and `noise_level`. Anything else is refused with 400
+`identitynet_scale`, `instantid_ip_scale`, `enhance_face_region` (true/false), `instantid_bbox` ([x1, y1, x2, y2] output
+pixels); on edits `strength`; on variations `prompt`, `negative_prompt` and `noise_level`. Anything else is refused with 400
 naming it. Errors are OpenAI's error object (serve/errors.py).
 
 Edits (multipart, as `client.images.edit` sends them): one `image`; without `mask` img2img, with one inpainting where
@@ -55,7 +57,7 @@ CONDITIONING = ("controls", "control_start", "control_end", "guess_mode", "contr
                 "ip_scale", "ip_adapters", "adapter_name", "adapter_image", "adapter_scale", "photomaker_images",
                 "photomaker_trigger", "photomaker_style_strength", "photomaker_faces", "pulid_id", "pulid_scale",
                 "pulid_mode", "pulid_start_step", "pulid_zero_tokens", "instantid_face", "instantid_kps",
-                "identitynet_scale", "instantid_ip_scale")
+                "identitynet_scale", "instantid_ip_scale", "enhance_face_region", "instantid_bbox")
 OPENAI_FIELDS = GENERATE_SPEC + SAMPLING + ("loras",) + CONDITIONING
 EDIT_FIELDS = EDIT_SPEC + SAMPLING + ("loras", "strength")
 VARIATION_FIELDS = VARIATION_SPEC + ("prompt", "output_format", "output_compression") + SAMPLING + ("noise_level",)
@@ -66,7 +68,7 @@ _PASSED = ("guidance_rescale", "sampler", "schedule", "vae", "vae_tiling", "cach
            "control_end", "guess_mode", "control_preprocess", "ip_scale", "adapter_name", "adapter_scale", "strength",
            "noise_level", "photomaker_trigger", "photomaker_style_strength", "photomaker_faces", "pulid_id",
            "pulid_scale", "pulid_mode", "pulid_start_step", "pulid_zero_tokens", "instantid_face", "instantid_kps",
-           "identitynet_scale", "instantid_ip_scale")
+           "identitynet_scale", "instantid_ip_scale", "enhance_face_region", "instantid_bbox")
 
 
 def _present(body: Mapping, known) -> dict:

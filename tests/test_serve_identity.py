@@ -72,6 +72,10 @@ def test_openai_instantid_fields_become_the_request():
         (FACE, KPS, 0.6, 0.9)
     image = openai_plan(body | {"instantid_kps": _b64(PICTURE)}, CTX).requests[0].instantid.instantid_kps
     assert isinstance(image, Image.Image) and np.array_equal(np.asarray(image), np.asarray(PICTURE))
+    region = openai_plan(body | {"enhance_face_region": True, "instantid_bbox": [4, 3, 40, 30]}, CTX)
+    group = region.requests[0].instantid
+    assert (group.enhance_face_region, group.instantid_bbox) == (True, [4, 3, 40, 30])
+    assert openai_plan(body, CTX).requests[0].instantid.enhance_face_region is False  # off unless asked
 
 
 @pytest.mark.parametrize("extra,field", [
@@ -87,7 +91,8 @@ def test_openai_identity_refusals_name_the_field(extra, field):
 def test_a1111_scripts_become_the_request():
     scripts = {"PhotoMaker": {"args": [{"photomaker_images": [_b64(PICTURE)] * 2, "photomaker_style_strength": 30}]},
                "pulid": {"pulid_id": TOKENS, "pulid_scale": 1.1, "pulid_mode": "style"},  # the bare object
-               "instantid": [{"instantid_face": FACE, "instantid_kps": KPS, "identitynet_scale": 0.5}]}
+               "instantid": [{"instantid_face": FACE, "instantid_kps": KPS, "identitynet_scale": 0.5,
+                              "enhance_face_region": True, "instantid_bbox": [4, 3, 40, 30]}]}
     plan = a1111_plan(A1111_BASE | {"alwayson_scripts": scripts}, CTX, False)
     request = plan.requests[0]
     photos = request.photomaker.photomaker_images
@@ -96,6 +101,8 @@ def test_a1111_scripts_become_the_request():
     assert (request.pulid.pulid_id, request.pulid.pulid_scale, request.pulid.pulid_mode) == (TOKENS, 1.1, "style")
     assert (request.instantid.instantid_face, request.instantid.instantid_kps, request.instantid.identitynet_scale,
             request.instantid.instantid_ip_scale) == (FACE, KPS, 0.5, 0.8)
+    assert (request.instantid.enhance_face_region, request.instantid.instantid_bbox) == (True, [4, 3, 40, 30])
+    assert plan.field("instantid_bbox") == "alwayson_scripts.instantid.args[0].instantid_bbox"
     # the runtime's refusals come back under the body's path
     assert plan.field("pulid_mode") == "alwayson_scripts.pulid.pulid_mode"
     assert plan.field("photomaker_trigger") == "photomaker_trigger"  # not given: its own name
@@ -207,12 +214,25 @@ def test_instantid_over_both_dialects_equals_the_python_api(iid):
             sdk.images.generate(prompt="a photo of a person", size="48x32",
                                 extra_body=extra | {"instantid_kps": [[1.0, 2.0]]})
         assert e.value.status_code == 400 and e.value.param == "instantid_kps", e.value.body
+        # the demo's "enhance non-face region", its face box given in output pixels
+        region = {"enhance_face_region": True, "instantid_bbox": test_instantid.BOX}
+        answer = sdk.images.generate(prompt="a photo of a person", size="48x32", extra_body=extra | region)
+        masked = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json))).convert("RGB"))
+        want_masked = _python(pipe, "a photo of a person", instantid_face=face, instantid_kps=IID_KPS,
+                              identitynet_scale=0.6, instantid_ip_scale=0.9, **region)
+        assert np.array_equal(masked, want_masked) and np.abs(masked.astype(int) - want).max() > 2
+        with pytest.raises(openai.BadRequestError) as e:
+            sdk.images.generate(prompt="a photo of a person", size="48x32",
+                                extra_body=extra | region | {"instantid_bbox": [1.0, 2.0]})
+        assert e.value.status_code == 400 and e.value.param == "instantid_bbox", e.value.body
 
         # A1111: the instantid script entry, and the ControlNet extension's two units
         webuiapi, webui = _webui(server)
         scripts = {"instantid": {"args": [{"instantid_face": face.tolist(), "instantid_kps": IID_KPS,
                                            "identitynet_scale": 0.6, "instantid_ip_scale": 0.9}]}}
         assert np.array_equal(_a1111(webui, "a photo of a person", scripts), want)
+        scripts["instantid"]["args"][0] |= region
+        assert np.array_equal(_a1111(webui, "a photo of a person", scripts), want_masked)
 
         class FaceUnit(webuiapi.ControlNetUnit):  # webuiapi's unit plus sdrt's precomputed embedding
             def to_dict(self):

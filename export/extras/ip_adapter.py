@@ -13,6 +13,13 @@ in the manifest's order, then ip_scale_K (rank 0, fp32) → out_sample. The scal
 IPAdapterAttnProcessor2_0 gets them as tensors while tracing (diffusers keeps Python floats, which a trace would bake
 in); hidden += scale_K · attention(ip_K) is then the graph's own multiply, and scale 0 adds exact zeros where
 diffusers skips the branch (so an adapter a request does not use is fed scale 0).
+
+With InstantID's adapter, unet_controlnet_ip also takes `ip_mask` [B, 1, h, w] (latent size): InstantID's "enhance
+non-face region" (runtime/conditioning/instantid.py), the face-box mask on InstantID's branch only. Each attn2 at
+UNet level k (latent ÷ 2^k) multiplies that branch by ip_mask[:, :, ::2^k, ::2^k] flattened to its tokens — PyTorch's
+nearest resize by an integer factor, as InstantID's IPAttnProcessor2_0 region control does
+(ip_adapter/attention_processor.py: F.interpolate(region_mask, scale_factor=1/ratio, mode="nearest") over the
+output-size mask, then ip · mask before hidden += scale · ip). A mask of ones leaves the graph's output unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from sdrt.export.load import sha256_of_files
 IMAGE_ENCODER = "image_encoder"
 UNET_IP = "unet_ip"
 UNET_CONTROLNET_IP = "unet_controlnet_ip"  # both: ControlNet residual inputs and the image prompt
+IP_MASK = "ip_mask"  # InstantID's region mask on its adapter's branch (unet_controlnet_ip with InstantID only)
+MASK_KEY = "|iid-mask"  # in unet_controlnet_ip's key with InstantID: a re-export does not reuse a graph without it
 
 
 @dataclass(frozen=True)
@@ -249,16 +258,52 @@ class _ImageEncoder(torch.nn.Module):
         return out.image_embeds, out.hidden_states[-2]
 
 
+class _RegionScale:
+    """One adapter's scale with InstantID's region mask at one attention resolution ([B, tokens, 1]): diffusers'
+    IPAdapterAttnProcessor2_0 adds `scale * ip`, which this makes scale · (ip · mask), InstantID's order."""
+
+    def __init__(self, scale, mask):
+        self.scale, self.mask = scale, mask
+
+    def __mul__(self, ip):
+        return self.scale * (ip * self.mask)
+
+    __rmul__ = __mul__
+
+    def __eq__(self, other):  # diffusers skips a branch whose scale == 0; scale 0 here adds exact zeros instead
+        return False
+
+    __hash__ = None
+
+
+def attention_levels(unet) -> list[int]:
+    """The UNet level k (latent ÷ 2^k) of each IP-Adapter processor, in attn_processors order: down_blocks.i at i,
+    the mid block at the last level, up_blocks.j at (levels − 1 − j) (each block but the last ends in a resampler)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    last = len(unet.config.block_out_channels) - 1
+    levels = []
+    for name, p in unet.attn_processors.items():
+        if isinstance(p, IPAdapterAttnProcessor2_0):
+            head, _, rest = name.partition(".")
+            index = int(rest.partition(".")[0]) if head in ("down_blocks", "up_blocks") else 0
+            levels.append(index if head == "down_blocks" else last - index if head == "up_blocks" else last)
+    return levels
+
+
 class _UNetIp(torch.nn.Module):
     """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, residuals…], ip_image_embeds_0…N-1,
-    ip_scale_0…N-1) → out_sample; `residuals` down-block residuals and the mid one when ControlNets feed it."""
+    ip_scale_0…N-1[, ip_mask]) → out_sample; `residuals` down-block residuals and the mid one when ControlNets feed
+    it; `mask_slot` the adapter (InstantID's) whose branch ip_mask multiplies."""
 
-    def __init__(self, unet, added: bool, residuals: int = 0, adapters: int = 1):
+    def __init__(self, unet, added: bool, residuals: int = 0, adapters: int = 1, mask_slot: int | None = None):
         super().__init__()
         self.unet = unet
         self.added = added
         self.residuals = residuals
         self.adapters = adapters
+        self.mask_slot = mask_slot
+        self.levels = attention_levels(unet) if mask_slot is not None else []
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
@@ -269,11 +314,19 @@ class _UNetIp(torch.nn.Module):
             *down, mid = rest[:self.residuals]
             rest = rest[self.residuals:]
             control = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
-        embeds, scales = list(rest[:self.adapters]), list(rest[self.adapters:])
+        embeds, scales = list(rest[:self.adapters]), list(rest[self.adapters:2 * self.adapters])
         processors = [p for p in self.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+        per_processor = [scales] * len(processors)
+        if self.mask_slot is not None:
+            mask, k = rest[2 * self.adapters], self.mask_slot
+            per_processor = []
+            for level in self.levels:  # nearest by 2^level: every 2^level-th row and column, tokens row-major
+                step = 2 ** level
+                tokens = mask[:, :, ::step, ::step].flatten(2).transpose(1, 2)
+                per_processor.append([*scales[:k], _RegionScale(scales[k], tokens), *scales[k + 1:]])
         saved = [p.scale for p in processors]
-        for p in processors:
-            p.scale = scales
+        for p, s in zip(processors, per_processor):
+            p.scale = s
         try:
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=(added or {}) | {"image_embeds": embeds},
                              return_dict=False, **control)[0]
@@ -320,12 +373,24 @@ def unet_ip_spec(pipe, loaded: dict, with_residuals: bool = False) -> ComponentS
         return base.make_inputs(p, shape, dtype) + tuple(torch.randn(*d, generator=g).to(dtype) for d in dims) + \
             tuple(torch.tensor(0.8 - 0.1 * k) for k in range(len(kinds)))  # non-zero: every branch traced
 
+    mask_slot = kinds.index("instantid") if with_residuals and "instantid" in kinds else None
+    masks = (IP_MASK,) if mask_slot is not None else ()
+
+    def make_all(p, shape: Shape, dtype):
+        inputs = make_inputs(p, shape, dtype)
+        if mask_slot is None:
+            return inputs
+        g = torch.Generator().manual_seed(shape.batch * 7 + shape.latent_width)  # 0/1: the branch both kept and cut
+        mask = torch.rand(shape.batch, 1, shape.latent_height, shape.latent_width, generator=g) > 0.4
+        return inputs + (mask.to(dtype),)
+
     axes = base.dynamic_axes | {name: {0: "batch_size", 1: "ip_images" + (f"_{k}" if k else "")}  # each its own count
                                 for k, name in enumerate(embeds)}
+    axes |= {IP_MASK: {0: "batch_size", 2: "height", 3: "width"}} if masks else {}  # the latent's axes
     return ComponentSpec(UNET_CONTROLNET_IP if with_residuals else UNET_IP,
-                         base.input_names + embeds + scales, base.output_names, axes,
-                         lambda p: _UNetIp(unet, added, residuals, len(kinds)), make_inputs, ("timestep", *scales),
-                         owner=lambda p: unet)
+                         base.input_names + embeds + scales + masks, base.output_names, axes,
+                         lambda p: _UNetIp(unet, added, residuals, len(kinds), mask_slot), make_all,
+                         ("timestep", *scales), owner=lambda p: unet)
 
 
 def specs(pipe, loaded: dict, with_residuals: bool) -> dict:
@@ -339,7 +404,9 @@ def specs(pipe, loaded: dict, with_residuals: bool) -> dict:
     if any(a["kind"] != "instantid" for a in loaded["record"]["adapters"]):
         out[UNET_IP] = (unet_ip_spec(pipe, loaded), config, key)
     if with_residuals:
-        out[UNET_CONTROLNET_IP] = (unet_ip_spec(pipe, loaded, with_residuals=True), config, key)
+        masked = any(a["kind"] == "instantid" for a in loaded["record"]["adapters"])  # it takes ip_mask
+        out[UNET_CONTROLNET_IP] = (unet_ip_spec(pipe, loaded, with_residuals=True), config,
+                                   key + (MASK_KEY if masked else ""))
     return out
 
 

@@ -6,7 +6,9 @@
        "alwayson_scripts": {"photomaker": {"args": [{"photomaker_images": [b64, …],
                                                      "photomaker_style_strength": 30}]}}
    `{"args": [{…}]}`, `[{…}]` and the bare `{…}` are alike; `enabled: false` in the object skips it. Photos and a
-   keypoint image are base64 (or data URLs); embeddings, keypoints and ID tokens are nested lists of numbers.
+   keypoint image are base64 (or data URLs) — PuLID's photo as `pulid_id: {"embedding": b64}` (alone: the whole
+   identity from it; with eva_embedding and eva_hidden: its ArcFace part); embeddings, keypoints, ID tokens and InstantID's face box
+   (`instantid_bbox`, with `enhance_face_region: true`) are (nested) lists of numbers.
 2. InstantID as sd-webui-controlnet runs it, two ControlNet-extension units in `alwayson_scripts.controlnet.args`:
    the embedding unit (model "ip-adapter_instant_id_sdxl" or module "instant_id_face_embedding"; `weight` → the
    IP-Adapter scale) and the keypoints unit (model "control_instant_id_sdxl" or module "instant_id_face_keypoints";
