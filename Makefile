@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[export,serve,test]'
+	# PuLID's references for tests/test_pulid_eva.py, without their dependencies (torchvision does not import against
+	# this torch; the tests load the two model files they need from these packages' folders)
+	$(BIN)/python -m pip install --quiet --no-deps consisid-eva-clip==1.0.2 facexlib==0.3.0 einops==0.8.2
 	touch $(STAMP)
 
 demo: $(STAMP)
