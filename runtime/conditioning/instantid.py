@@ -254,10 +254,10 @@ class InstantIdContributor:
     def _residual_mask(self, residual: torch.Tensor) -> torch.Tensor:
         """InstantID's _full pipeline: F.interpolate(M, (h // s, w // s), mode="bilinear"), i.e. at the residual's
         size."""
-        key = (*residual.shape[-2:], residual.device)
+        key = (*residual.shape[-2:], residual.device, residual.dtype)
         if key not in self.resized:
             self.resized[key] = F.interpolate(self.region, size=tuple(residual.shape[-2:]),
-                                              mode="bilinear").to(residual.device)
+                                              mode="bilinear").to(residual.device, residual.dtype)
         return self.resized[key]
 
     def contribute(self, feed, step):
