@@ -129,15 +129,31 @@ _PAGE = 4096  # initializers of a page or more start on a page boundary, where O
 _CHUNK = 64 * 2**20
 
 
+def _attribute_tensors(graph: onnx.GraphProto):
+    """Tensors held by node attributes (Constant values: the TorchScript exporter writes large ones as external data
+    too), subgraphs included."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _attribute_tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _attribute_tensors(sub)
+
+
 def _gather_external(model: onnx.ModelProto, raw_dir: Path, data_path: Path, names: set[str]) -> None:
     """Move into `data_path` every initializer that is external in raw_dir, mapped (`names`) or of SMALL_BYTES or
-    more, streaming the bytes (never more than _CHUNK in memory), and point the graph at the new places."""
+    more, and every attribute tensor that is external there, streaming the bytes (never more than _CHUNK in memory),
+    and point the graph at the new places."""
     from onnx import numpy_helper
 
     from sdrt.export.weights_map import SMALL_BYTES
 
+    external_attributes = [t for t in _attribute_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     with open(data_path, "wb") as out:
-        for tensor in model.graph.initializer:
+        for tensor in [*model.graph.initializer, *external_attributes]:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = {e.key: e.value for e in tensor.external_data}
                 source, start = raw_dir / info["location"], int(info.get("offset", 0))

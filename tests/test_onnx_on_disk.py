@@ -32,7 +32,8 @@ class _Wrapper(torch.nn.Module):
         self.unet = net  # node names carry /unet/…, as the UNet wrappers' do
 
     def forward(self, x, image):
-        return self.unet.proj(x) * self.unet.gain.sum(), self.unet.conv(image)
+        offset = torch.tensor([0.25 * i for i in range(48)])  # a Constant node's value (an attribute tensor)
+        return self.unet.proj(x) * self.unet.gain.sum() + offset, self.unet.conv(image)
 
 
 def _raw(tmp_path, wrapper, inputs, per_tensor_files: bool):
@@ -43,7 +44,7 @@ def _raw(tmp_path, wrapper, inputs, per_tensor_files: bool):
     if per_tensor_files:  # as the TorchScript exporter writes a graph over 2 GB: one file per initializer
         model = onnx.load(str(raw / "model.onnx"))
         onnx.save(model, str(raw / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
-                  size_threshold=0)
+                  size_threshold=0, convert_attribute=True)  # Constant nodes' values too, as torch writes them
     return raw
 
 
@@ -65,6 +66,10 @@ def test_a_large_graph_is_finished_on_disk_like_the_in_memory_path(tmp_path, mon
 
     raw = _raw(tmp_path, wrapper, inputs, True)
     assert len([p for p in raw.iterdir()]) > 3  # the weights really are in files of their own
+    from sdrt.export.onnx_export import _attribute_tensors
+
+    raw_graph = onnx.load(str(raw / "model.onnx"), load_external_data=False).graph
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in _attribute_tensors(raw_graph))
     monkeypatch.setattr(onnx_export, "TWO_GB", 1)
     real_load = onnx.load
 
