@@ -173,7 +173,9 @@ def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds:
         times = _times(engine_dir, names, resolution, calls, backend)
     ms = {n: round(statistics.median(t) * 1000, 2) for n, t in times.items()}
     out = {"engine_dir": str(engine_dir), "resolution": resolution, "batch": 2, "calls": calls, "backend": backend,
-           "rounds_in_fresh_processes": rounds, "median_ms": ms, "machine": machine_info(), "versions": versions(),
+           "rounds_in_fresh_processes": rounds, "median_ms": ms,
+           "calls_ms": {n: [round(x * 1000, 1) for x in t] for n, t in times.items()},
+           "machine": machine_info(), "versions": versions(),
            "load_average_before_after": [load_before, load_average()]}
     if "unet" in ms:
         plain = ms["unet"]
