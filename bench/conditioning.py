@@ -138,12 +138,13 @@ def _torch_times(engine_dir: Path, name: str, resolution: int, calls: int) -> di
 
 def _times_in_processes(engine_dir: Path, names: list[str], resolution: int, calls: int, backend: str,
                         rounds: int) -> dict[str, list]:
-    """Each graph alone in a fresh process (load, warm-up, `calls` calls), graph after graph, `rounds` times."""
+    """Each graph alone in a fresh process (load, warm-up, `calls` calls), graph after graph, `rounds` times, every
+    other round in reverse order (a drifting machine then favours no graph); each graph's calls in round order."""
     import subprocess
 
     times = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in names:
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
             done = subprocess.run([sys.executable, "-m", "sdrt.bench.conditioning", str(engine_dir), "--only", n,
                                    "--resolution", str(resolution), "--calls", str(calls), "--backend", backend],
                                   capture_output=True, text=True)
@@ -189,12 +190,23 @@ def measure(engine_dir: Path, resolution: int, calls: int, backend: str, rounds:
             out["ip_unet_vs_plain"] = round(ms["unet_ip"] / plain, 3)
         if PULID_UNET in ms:
             out["pulid_unet_vs_plain"] = round(ms[PULID_UNET] / plain, 3)
+            if rounds:
+                out["pulid_unet_vs_plain_per_round"] = _per_round(times, PULID_UNET, "unet", calls, rounds)
     if TORCH + "unet" in ms and TORCH + PULID_UNET in ms:
         out["diffusers_pulid_unet_vs_plain"] = round(ms[TORCH + PULID_UNET] / ms[TORCH + "unet"], 3)
+        out["diffusers_pulid_unet_vs_plain_per_round"] = _per_round(times, TORCH + PULID_UNET, TORCH + "unet", calls,
+                                                                    rounds)
         out["diffusers_vs_sdrt_pulid_step"] = round(ms[TORCH + PULID_UNET] / ms[PULID_UNET], 3)
     if PULID_ENCODER in ms:
         out["pulid_encoder_ms_per_identity"] = ms[PULID_ENCODER]  # batch 1; the negative's tokens are constant
     return out
+
+
+def _per_round(times: dict, name: str, base: str, calls: int, rounds: int) -> list[float]:
+    """median(name) / median(base) within each round: the two ran minutes apart, not a whole run apart."""
+    def chunk(n, r):
+        return statistics.median(times[n][r * calls:(r + 1) * calls])
+    return [round(chunk(name, r) / chunk(base, r), 3) for r in range(rounds)]
 
 
 def main(argv=None) -> None:

@@ -52,9 +52,11 @@ def bench(
     conditioning: bool = typer.Option(False, "--conditioning", help="instead: the per-step cost of each ControlNet, "
                                       "the residual UNet, the IP-Adapter UNet and PuLID's UNet against the plain "
                                       "UNet, and PuLID's ID encoder once per identity, for MODEL (an engine directory "
-                                      "exported with them); with --alternate each graph in a fresh process, two "
-                                      "rounds of --runs calls, and --backend ort-cpu,diffusers adds diffusers' UNet, "
+                                      "exported with them); with --alternate each graph in a fresh process, "
+                                      "--rounds rounds of --runs calls, and --backend ort-cpu,diffusers adds diffusers' UNet, "
                                       "plain and with PuLID's processors"),
+    rounds: int = typer.Option(2, min=1, help="with --conditioning --alternate: rounds of fresh processes (each graph "
+                                            "loaded again per round, every other round in reverse order)"),
     lora_rank: int = typer.Option(16, help="with --lora-switch: the rank of the random LoRA on every attention "
                                            "projection"),
     cache_interval: int = typer.Option(1, help="step caching (DeepCache, branch 0) every N steps in every backend "
@@ -83,8 +85,8 @@ def bench(
         ours = [b for b in wanted if b not in DIFFUSERS_BACKENDS]
         argv = [model, "--calls", str(runs), "--backend", ours[0] if ours else "ort-cpu",
                 "--out", str(out or Path("bench/results") / "conditioning")]
-        if alternate:  # full-size graphs that do not fit in memory together: each in a fresh process, two rounds
-            argv += ["--rounds", "2"] + (["--with-diffusers"] if "diffusers" in wanted else [])
+        if alternate:  # full-size graphs that do not fit in memory together: each in a fresh process, --rounds rounds
+            argv += ["--rounds", str(rounds)] + (["--with-diffusers"] if "diffusers" in wanted else [])
         elif "diffusers" in wanted:
             raise typer.BadParameter("--conditioning times diffusers' UNet beside sdrt's graphs with --alternate only "
                                      "(each in a process of its own)")

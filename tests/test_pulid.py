@@ -551,6 +551,7 @@ def test_bench_alternate_times_each_graph_in_its_own_process(pulid_engine, tmp_p
                                         "diffusers:unet_pulid"}
     assert all(v > 0 for v in result["median_ms"].values())
     assert {"pulid_unet_vs_plain", "diffusers_pulid_unet_vs_plain", "diffusers_vs_sdrt_pulid_step"} <= set(result)
+    assert len(result["pulid_unet_vs_plain_per_round"]) == 2 and len(result["calls_ms"]["unet"]) == 2
     refused = run_sdrt("bench", str(engine), "--conditioning", "--backend", "ort-cpu,diffusers", "--runs", "1")
     assert refused.returncode == 2 and "--alternate" in refused.stderr
 
