@@ -4,8 +4,9 @@ The TorchScript-based exporter (dynamo=False) is used: it handles diffusers' UNe
 height and width, as optimum does. Passes: constant folding (in the exporter, then polygraphy's folder,
 which evaluates constant subgraphs with ONNX Runtime) and ONNX shape inference. Graphs over 2 GB keep
 their weights in one external file, `model.onnx_data`, as optimum writes it (finished on disk, never
-loaded whole: _passes_on_disk); so do the UNet (or transformer) and the text encoders at any size, beside their weights_map.json (export/weights_map.py): ONNX Runtime can replace only
-external initializers, which is how LoRAs are applied at load.
+loaded whole: _passes_on_disk); so do the UNet (or transformer) and the text encoders at any size, beside their
+weights_map.json (export/weights_map.py): ONNX Runtime can replace only external initializers, which is how LoRAs
+are applied at load.
 """
 
 from __future__ import annotations
