@@ -62,6 +62,14 @@ UNIT_FIELDS = {
 }
 
 
+def enabled(obj: Mapping, where: str) -> bool:
+    """A unit's or script entry's `enabled` (default true): a boolean, else a 422 naming `where`.enabled."""
+    value = obj.get("enabled", True)
+    if not isinstance(value, bool):
+        raise invalid(f"{where}.enabled", f"must be true or false, not {fields.short(value)}")
+    return value
+
+
 def short_hash(model_dir, name: str) -> str | None:
     sha = controlnet_record(model_dir, name).get("sha256")
     return sha[:8] if isinstance(sha, str) else None
@@ -123,10 +131,7 @@ def control_fields(body: Mapping, ctx: ModelContext, model_dir, init_image: Imag
         if unknown:
             raise invalid(f"{field}.{unknown[0]}", f"is not a ControlNet unit field sdrt knows (unknown: "
                                                    f"{', '.join(unknown)}); it takes {', '.join(UNIT_FIELDS)}")
-        enabled = unit.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise invalid(f"{field}.enabled", f"must be true or false, not {fields.short(enabled)}")
-        if not enabled:
+        if not enabled(unit, field):
             continue
         control, mode = _unit(unit, field, ctx, model_dir, have, init_image, size)
         controls.append(control)

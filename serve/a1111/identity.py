@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from sdrt.runtime.request import InstantId, PhotoMaker, Pulid
 from sdrt.serve import fields
-from sdrt.serve.a1111.controlnet import SCRIPT, UNIT_FIELDS, _fit, _number, _resize_mode
+from sdrt.serve.a1111.controlnet import SCRIPT, UNIT_FIELDS, _fit, _number, _resize_mode, enabled
 from sdrt.serve.errors import invalid
 from sdrt.serve.fields import ModelContext
 
@@ -63,10 +63,7 @@ def script_fields(body: Mapping, ctx: ModelContext, names: dict) -> dict[str, An
         if unknown:
             raise invalid(f"{where}.{unknown[0]}", f"is not a {key} field (unknown: {', '.join(unknown)}); it takes "
                                                    f"{', '.join(allowed)} and enabled")
-        enabled = obj.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise invalid(f"{where}.enabled", f"must be true or false, not {fields.short(enabled)}")
-        if not enabled:
+        if not enabled(obj, where):
             continue
         for name, value in obj.items():
             if name == "enabled" or value is None:
@@ -136,10 +133,7 @@ def instantid_units(body: Mapping, ctx: ModelContext, size, names: dict) -> tupl
             continue
         taken.add(i)
         field = f"{where}[{i}]"
-        enabled = unit.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise invalid(f"{field}.enabled", f"must be true or false, not {fields.short(enabled)}")
-        if not enabled:
+        if not enabled(unit, field):
             continue
         if role in found:
             raise invalid(f"{field}.model", f"is a second InstantID {role} unit; InstantID takes one face: one "
