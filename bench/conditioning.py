@@ -103,16 +103,13 @@ def _torch_module(manifest: dict, name: str):
 
     from diffusers import UNet2DConditionModel
 
-    from sdrt.export.components import split_added_cond
+    from sdrt.export.components import _unet_spec
     from sdrt.export.extras import pulid
 
     unet = UNet2DConditionModel.from_pretrained(Path(manifest["source"]["location"]) / "unet").eval()
-    added = unet.config.addition_embed_type == "text_time"
-    if name == "unet":
-        def plain(sample, timestep, encoder_hidden_states, *rest):
-            extra, _ = split_added_cond(rest, added)
-            return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=extra, return_dict=False)[0]
-        return plain
+    if name == "unet":  # the module the exporter traces for `unet`
+        added = unet.config.addition_embed_type == "text_time"
+        return _unet_spec(added).make_module(SimpleNamespace(unet=unet)).eval()
     source = manifest["pulid"]["source"]
     ids = pulid.id_unet(SimpleNamespace(unet=unet), pulid.read(source, source), source)
     return pulid.unet_spec(None, ids, unet.config.cross_attention_dim).make_module(None).eval()
