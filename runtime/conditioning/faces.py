@@ -70,7 +70,8 @@ def resize_instantid(photo: Image.Image) -> Image.Image:
     return photo.resize([round(ratio * w) // 64 * 64, round(ratio * h) // 64 * 64], Image.BILINEAR)
 
 
-def _rgb(photo: Image.Image, resize: str) -> np.ndarray:
+def pixels_for(photo: Image.Image, resize: str) -> np.ndarray:
+    """The photo as a method reads it (its Rule.resize), uint8 RGB: the pixels its face is found on."""
     if resize == "instantid":
         photo = resize_instantid(photo)
     rgb = np.asarray(photo.convert("RGB"))
@@ -124,7 +125,7 @@ ANALYSERS = Analysers()
 
 def find(app, app_lock, photo: Image.Image, rule: Rule, field: str) -> Face:
     """The face `rule` picks in `photo` through the FaceAnalysis `app`; InvalidRequest(field) when there is none."""
-    rgb = _rgb(photo, rule.resize)
+    rgb = pixels_for(photo, rule.resize)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
     faces, used = [], rule.sizes[0]
     with app_lock:

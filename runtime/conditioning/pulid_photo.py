@@ -79,7 +79,7 @@ def read(photo: Image.Image, record: dict, model_dir, face_models) -> PhotoFace:
                                          "or give eva_embedding and eva_hidden with the photo")
     photo = fields.image("pulid_id.embedding", photo, "RGB")
     face = faces.read(face_models, photo, faces.PULID, "pulid_id.embedding")
-    crop = align(faces._rgb(photo, faces.PULID.resize), face.kps)  # the pixels faces.read found the face on
+    crop = align(faces.pixels_for(photo, faces.PULID.resize), face.kps)  # the pixels faces.read found the face on
     components = (model_dir.manifest or {}).get("components", {})
     graph_hashes = "".join(str(components.get(g, {}).get("sha256")) for g in graphs)
     digest = hashlib.sha256(face.embedding.tobytes() + crop.tobytes() + graph_hashes.encode()).hexdigest()
