@@ -217,6 +217,8 @@ def main(argv=None) -> None:
     parser.add_argument("--with-diffusers", action="store_true", help="with --rounds: diffusers' UNet too")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # one graph's call times (s), for --rounds
     args = parser.parse_args(argv)
+    if args.with_diffusers and not args.rounds:
+        parser.error("--with-diffusers needs --rounds N (torch and ONNX Runtime each in a process of its own)")
     if args.only:
         times = _torch_times(args.engine_dir, args.only, args.resolution, args.calls) if args.only.startswith(TORCH) \
             else _times(args.engine_dir, [args.only], args.resolution, args.calls, args.backend)
